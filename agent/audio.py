@@ -1,0 +1,114 @@
+"""Audio in the one format the pipeline uses: 16 kHz mono float32 in [-1, 1].
+
+Everything else (any rate, channel count, sample format, container) is converted with
+PyAV's resampler, the same code path for files, WebRTC and LiveKit frames.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import av
+import numpy as np
+
+SAMPLE_RATE = 16000
+
+
+class AudioFileError(Exception):
+    """A file that cannot be read as audio; the message names the file."""
+
+
+class Resampler:
+    """Streaming converter from PyAV frames of any layout to 16 kHz mono float32."""
+
+    def __init__(self) -> None:
+        self._resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+
+    def convert(self, frame: av.AudioFrame | None) -> np.ndarray:
+        """Convert one frame; `None` flushes what the resampler still holds."""
+        out = [f.to_ndarray().reshape(-1) for f in self._resampler.resample(frame)]
+        if not out:
+            return np.zeros(0, dtype=np.float32)
+        return np.concatenate(out).astype(np.float32, copy=False)
+
+
+def frame_from_pcm(pcm: np.ndarray, sample_rate: int, layout: str = "mono") -> av.AudioFrame:
+    """Wrap interleaved PCM (int16, uint8, float32 …) in a PyAV frame for conversion."""
+    formats = {np.dtype(np.int16): "s16", np.dtype(np.uint8): "u8", np.dtype(np.int32): "s32",
+               np.dtype(np.float32): "flt", np.dtype(np.float64): "dbl"}
+    fmt = formats.get(pcm.dtype)
+    if fmt is None:
+        raise ValueError(f"unsupported sample dtype {pcm.dtype}")
+    channels = av.AudioLayout(layout).nb_channels
+    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(pcm).reshape(1, -1), format=fmt, layout=layout)
+    frame.sample_rate = sample_rate
+    assert frame.samples * channels == pcm.size
+    return frame
+
+
+def to_mono16k(pcm: np.ndarray, sample_rate: int, layout: str = "mono") -> np.ndarray:
+    """Convert a whole interleaved PCM buffer to 16 kHz mono float32."""
+    resampler = Resampler()
+    head = resampler.convert(frame_from_pcm(pcm, sample_rate, layout))
+    return np.concatenate([head, resampler.convert(None)])
+
+
+def iter_file(path: str | Path, chunk_samples: int = 16000) -> Iterator[np.ndarray]:
+    """Decode any file PyAV can read into 16 kHz mono float32 chunks.
+
+    Raises AudioFileError (naming the file) for a missing, empty, truncated or
+    non-audio file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AudioFileError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise AudioFileError(f"{path}: file is empty")
+    resampler = Resampler()
+    pending: list[np.ndarray] = []
+    pending_len = 0
+    total = 0
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise AudioFileError(f"{path}: contains no audio stream")
+            stream = container.streams.audio[0]
+            for frame in container.decode(stream):
+                pcm = resampler.convert(frame)
+                pending.append(pcm)
+                pending_len += pcm.size
+                while pending_len >= chunk_samples:
+                    buf = np.concatenate(pending)
+                    yield buf[:chunk_samples]
+                    total += chunk_samples
+                    pending, pending_len = [buf[chunk_samples:]], buf.size - chunk_samples
+    except AudioFileError:
+        raise
+    except (av.FFmpegError, ValueError, OSError) as exc:
+        raise AudioFileError(f"{path}: cannot decode audio ({exc})") from None
+    tail = np.concatenate(pending + [resampler.convert(None)])
+    if tail.size:
+        yield tail
+    if total + tail.size == 0:
+        raise AudioFileError(f"{path}: no audio samples decoded (empty or truncated)")
+
+
+def read_file(path: str | Path) -> np.ndarray:
+    """The whole file as one 16 kHz mono float32 array."""
+    return np.concatenate(list(iter_file(path)))
+
+
+def to_wav_bytes(samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:
+    """16-bit PCM WAV, e.g. for the OpenAI-compatible `input_audio` part."""
+    import io
+    import wave
+
+    pcm = (np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2")
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sample_rate)
+        w.writeframes(pcm.tobytes())
+    return buf.getvalue()

@@ -1,0 +1,187 @@
+"""Events (agent → clients) and commands (clients → agent), defined once.
+
+The same JSON goes over the WebRTC data channel, the WebSocket, MQTT, webhooks and
+`voice-agent run --jsonl`. Times are seconds of session audio. Every event carries the
+`session_id` and a per-session, strictly increasing `seq`, stamped by `EventStamper`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+Mode = Literal["chat", "analysis"]
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Event(_Message):
+    session_id: str = ""
+    seq: int = 0
+
+
+class SessionStarted(_Event):
+    type: Literal["session.started"] = "session.started"
+    sample_rate: int = 16000
+    model: str = ""
+    warning: str | None = None
+
+
+class SessionEnded(_Event):
+    type: Literal["session.ended"] = "session.ended"
+    reason: str = "closed"
+
+
+class SpeechStarted(_Event):
+    type: Literal["speech.started"] = "speech.started"
+    t: float
+
+
+class SpeechStopped(_Event):
+    type: Literal["speech.stopped"] = "speech.stopped"
+    t: float
+
+
+class TurnCommitted(_Event):
+    type: Literal["turn.committed"] = "turn.committed"
+    turn_id: str
+    start: float
+    end: float
+    mode: Mode
+    instruction: str | None = None
+
+
+class ResponseStarted(_Event):
+    type: Literal["response.started"] = "response.started"
+    turn_id: str
+
+
+class ResponseDelta(_Event):
+    type: Literal["response.delta"] = "response.delta"
+    turn_id: str
+    text: str
+
+
+class ResponseDone(_Event):
+    type: Literal["response.done"] = "response.done"
+    turn_id: str
+    text: str
+    tokens: int = 0
+    timings: dict[str, float] = Field(default_factory=dict)
+
+
+class ResponseCancelled(_Event):
+    type: Literal["response.cancelled"] = "response.cancelled"
+    turn_id: str
+    reason: str
+
+
+class ToolCall(_Event):
+    type: Literal["tool.call"] = "tool.call"
+    turn_id: str
+    call_id: str
+    name: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+class ToolResult(_Event):
+    type: Literal["tool.result"] = "tool.result"
+    call_id: str
+    ok: bool
+    result: Any = None
+    error: str | None = None
+
+
+class Error(_Event):
+    type: Literal["error"] = "error"
+    code: str
+    message: str
+    turn_id: str | None = None
+
+
+Event = Annotated[
+    Union[
+        SessionStarted,
+        SessionEnded,
+        SpeechStarted,
+        SpeechStopped,
+        TurnCommitted,
+        ResponseStarted,
+        ResponseDelta,
+        ResponseDone,
+        ResponseCancelled,
+        ToolCall,
+        ToolResult,
+        Error,
+    ],
+    Field(discriminator="type"),
+]
+
+
+class InstructionSet(_Message):
+    """Attach an instruction to the next turn: that turn is audio analysis."""
+
+    type: Literal["instruction.set"] = "instruction.set"
+    text: str = Field(max_length=8192)
+
+
+class ResponseCancel(_Message):
+    type: Literal["response.cancel"] = "response.cancel"
+
+
+class SessionUpdate(_Message):
+    type: Literal["session.update"] = "session.update"
+    system_prompt: str | None = None
+    max_new_tokens: int | None = Field(default=None, ge=1, le=4096)
+    min_silence_s: float | None = Field(default=None, ge=0.1, le=5.0)
+
+
+class SessionClose(_Message):
+    type: Literal["session.close"] = "session.close"
+
+
+Command = Annotated[
+    Union[InstructionSet, ResponseCancel, SessionUpdate, SessionClose],
+    Field(discriminator="type"),
+]
+
+EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+COMMAND_ADAPTER: TypeAdapter[Command] = TypeAdapter(Command)
+
+
+def parse_event(data: str | bytes | dict[str, Any]) -> Event:
+    if isinstance(data, dict):
+        return EVENT_ADAPTER.validate_python(data)
+    return EVENT_ADAPTER.validate_json(data)
+
+
+def parse_command(data: str | bytes | dict[str, Any]) -> Command:
+    """Validate a client command; raises pydantic.ValidationError with the reason."""
+    if isinstance(data, dict):
+        return COMMAND_ADAPTER.validate_python(data)
+    return COMMAND_ADAPTER.validate_json(data)
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of every event and command (what `voice-agent schema` prints)."""
+    return {
+        "events": EVENT_ADAPTER.json_schema(),
+        "commands": COMMAND_ADAPTER.json_schema(),
+    }
+
+
+class EventStamper:
+    """Gives one session's events its id and an increasing sequence number."""
+
+    def __init__(self, session_id: str) -> None:
+        self.session_id = session_id
+        self._seq = 0
+
+    def stamp(self, event: _Event) -> _Event:
+        self._seq += 1
+        event.session_id = self.session_id
+        event.seq = self._seq
+        return event

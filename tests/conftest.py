@@ -1,0 +1,22 @@
+import os
+
+# Tests share two cores with everything else: keep torch to one thread per process.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+from tests.speech import Speech, make_speech, two_utterances  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def speech_two() -> Speech:
+    return two_utterances()
+
+
+@pytest.fixture(scope="session")
+def make_speech_fixture():
+    return make_speech
