@@ -75,3 +75,8 @@ class CommandTarget(Protocol):
         Raises KeyError for an unknown session id.
         """
         ...
+
+    def report_error(self, session_id: str | None, code: str, message: str) -> None:
+        """Emit an `error` event on that session (all sessions when None) — e.g. a bad
+        command that arrived over MQTT; the event reaches every subscriber as usual."""
+        ...
