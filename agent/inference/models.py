@@ -1,0 +1,149 @@
+"""Loading Qwen2-Audio: a hub id or directory, or one of the built-in random models.
+
+- `HUB_ID` / `PATH`: the real `from_pretrained` path (bf16 on CUDA) — what users run.
+- `tiny-random`: the real classes with tiny sizes and random weights, built locally once and
+  cached in the user cache dir. Tests and the offline demo use it; its words are gibberish.
+- `random-7b`: the real 7B architecture with random weights, for GPU benchmarks.
+- `auto`: the real model when CUDA is available, otherwise tiny-random (with a warning).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+REAL_MODEL = "Qwen/Qwen2-Audio-7B-Instruct"
+TINY_RANDOM = "tiny-random"
+RANDOM_7B = "random-7b"
+TINY_WARNING = "tiny-random model in use: answers are random gibberish (no GPU / no weights)"
+SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"]
+
+
+class ModelLoadError(Exception):
+    pass
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: Any  # Qwen2AudioForConditionalGeneration
+    processor: Any  # Qwen2AudioProcessor
+    device: str
+    warning: str | None = None
+
+
+def cache_dir() -> Path:
+    from platformdirs import user_cache_dir
+
+    return Path(os.environ.get("VOICE_AGENT_CACHE", user_cache_dir("qwen-voice-agent")))
+
+
+def resolve(name: str) -> tuple[str, str | None]:
+    """`auto` → the concrete model name, plus the warning to show if any."""
+    if name != "auto":
+        return name, TINY_WARNING if name == TINY_RANDOM else None
+    import torch
+
+    if torch.cuda.is_available():
+        return REAL_MODEL, None
+    log.warning("no CUDA device: --model auto falls back to %s. %s", TINY_RANDOM, TINY_WARNING)
+    return TINY_RANDOM, TINY_WARNING
+
+
+def build_processor() -> Any:
+    """A byte-level Qwen2 tokenizer + Whisper features (128 mel) + the instruct chat template."""
+    from transformers import Qwen2AudioProcessor, Qwen2Tokenizer, WhisperFeatureExtractor
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, eos_token="<|endoftext|>",
+                               pad_token="<|endoftext|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
+    tokenizer.padding_side = "left"  # batched prompts need left padding
+    template = Qwen2AudioProcessor.default_chat_template.fget(None)  # the real instruct template
+    return Qwen2AudioProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=128),
+                               tokenizer=tokenizer, chat_template=template)
+
+
+def _config(processor: Any, size: str) -> Any:
+    from transformers import Qwen2AudioConfig
+
+    tok = processor.tokenizer
+    if size == "tiny":
+        audio = dict(encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, d_model=32)
+        text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=4, vocab_size=len(tok))
+    else:  # the published 7B shapes (see shared/qwen2-audio-7b-instruct/config.json)
+        audio = dict(encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120, d_model=1280)
+        text = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                    num_key_value_heads=32, vocab_size=156032)
+    return Qwen2AudioConfig(
+        audio_config=dict(num_mel_bins=128, max_source_positions=1500, **audio),
+        text_config=dict(model_type="qwen2", max_position_embeddings=8192, rope_theta=10000.0,
+                         eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+                         pad_token_id=tok.pad_token_id, **text),
+        audio_token_index=tok.convert_tokens_to_ids("<|AUDIO|>"),
+        vocab_size=text["vocab_size"],
+    )
+
+
+def tiny_random_dir() -> Path:
+    """Build tiny-random once (atomically: parallel test workers may race) and return its dir."""
+    import tempfile
+
+    import torch
+    from transformers import Qwen2AudioForConditionalGeneration
+
+    target = cache_dir() / "tiny-random-v1"
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    processor = build_processor()
+    torch.manual_seed(1234)
+    model = Qwen2AudioForConditionalGeneration(_config(processor, "tiny")).eval()
+    tmp = Path(tempfile.mkdtemp(dir=target.parent))
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # someone else finished first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load(name: str = "auto", device: str | None = None) -> LoadedModel:
+    """Load a model by name, hub id or directory. Raises ModelLoadError with a clear reason."""
+    import torch
+    from transformers import AutoConfig, AutoProcessor, Qwen2AudioForConditionalGeneration
+
+    name, warning = resolve(name)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if name == RANDOM_7B:
+        processor = build_processor()
+        with torch.device(device):
+            model = Qwen2AudioForConditionalGeneration(_config(processor, "7b")).to(dtype).eval()
+        # The byte-level tokenizer is small; the 7B embedding keeps its 156032 rows so the
+        # compute per token is the real model's.
+        return LoadedModel(name, model, processor, device, "random-7b: random weights, for benchmarks")
+    source = str(tiny_random_dir()) if name == TINY_RANDOM else name
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load model {name!r}: {exc}".splitlines()[0]) from None
+    if getattr(config, "model_type", None) != "qwen2_audio":
+        raise ModelLoadError(f"{name!r} is not a Qwen2-Audio model (model_type={config.model_type!r})")
+    try:
+        processor = AutoProcessor.from_pretrained(source)
+        processor.tokenizer.padding_side = "left"
+        model = Qwen2AudioForConditionalGeneration.from_pretrained(source, dtype=dtype).to(device).eval()
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load model {name!r}: {exc}".splitlines()[0]) from None
+    return LoadedModel(name, model, processor, device, warning)
