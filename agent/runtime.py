@@ -1,0 +1,94 @@
+"""What all sessions of one process share: VAD service, inference backend, tools, bus, plugins."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from agent.bus import EventBus
+from agent.config import Settings
+from agent.events import Command, Error
+from agent.inference.base import Backend
+from agent.session import Session
+from agent.tools import Tool, ToolRegistry
+from agent.vad import VADService
+
+if TYPE_CHECKING:
+    from agent.plugin import PluginHost
+
+log = logging.getLogger(__name__)
+
+
+def create_backend(settings: Settings) -> Backend:
+    if settings.backend == "openai":
+        from agent.inference.openai import OpenAIBackend
+
+        return OpenAIBackend(settings.openai_url, settings.openai_model, api_key=settings.openai_api_key)
+    from agent.inference.pool import InferencePool
+
+    return InferencePool(model=settings.model, workers=settings.workers, max_batch=settings.max_batch,
+                         max_queue=settings.max_queue)
+
+
+class AgentRuntime:
+    """Owns the shared services; a `CommandTarget` for plugins and transports."""
+
+    def __init__(self, settings: Settings, *, backend: Backend | None = None,
+                 tools: list[Tool] | None = None, plugin_classes: dict[str, Any] | None = None) -> None:
+        self.settings = settings
+        self.bus = EventBus()
+        self.vad = VADService()
+        self.backend: Backend = backend or create_backend(settings)
+        self.tools = ToolRegistry()
+        self.tools.extend(tools or [])
+        self.sessions: dict[str, Session] = {}
+        self._plugin_classes = plugin_classes
+        self.plugins: PluginHost | None = None
+
+    async def start(self) -> None:
+        """Start everything; raises (InferenceError, ValueError) with a clear message."""
+        if self.settings.plugins or self._plugin_classes:
+            from agent.plugin import PluginContext, PluginHost
+
+            context = PluginContext(bus=self.bus, commands=self, agent_id=self.settings.agent_id)
+            # Configs are validated before anything starts: a typo fails fast.
+            self.plugins = PluginHost.from_config(self.settings.plugins, context, classes=self._plugin_classes)
+        await self.vad.start()
+        await self.backend.start()
+        if self.plugins is not None:
+            await self.plugins.start()
+            self.tools.extend(self.plugins.tools())
+            extra = self.plugins.system_prompt()
+            if extra:
+                base = self.settings.system_prompt or "You are a helpful assistant."
+                self.settings.system_prompt = f"{base}\n\n{extra}"
+
+    async def close(self) -> None:
+        for session in list(self.sessions.values()):
+            await session.close("shutdown")
+        if self.plugins is not None:
+            await self.plugins.stop()
+        await self.backend.close()
+        await self.vad.close()
+
+    def create_session(self, session_id: str | None = None, **options: Any) -> Session:
+        session = Session(self, session_id, **options)
+        self.sessions[session.id] = session
+        session.start()
+        return session
+
+    # ---- CommandTarget ------------------------------------------------------------
+    async def send_command(self, session_id: str | None, command: Command) -> None:
+        targets = list(self.sessions.values()) if session_id is None else [self.sessions[session_id]]
+        for session in targets:
+            await session.handle(command)
+
+    def report_error(self, session_id: str | None, code: str, message: str) -> None:
+        if session_id is None:
+            self.bus.publish(Error(code=code, message=message))  # not tied to a session
+            return
+        session = self.sessions.get(session_id)
+        if session is not None:
+            session.report_error(code, message)
+        else:
+            self.bus.publish(Error(session_id=session_id, code=code, message=f"{message} (unknown session)"))

@@ -1,0 +1,259 @@
+"""One conversation with one speaker: audio in, events out.
+
+    push_audio → VAD stream → TurnDetector → Conversation → Backend → ToolCallParser → events
+
+Transports (WebRTC, WHIP, LiveKit, files) only call `push_audio`, `handle` and `close`;
+everything the session says goes out through the runtime's EventBus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from contextlib import aclosing
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from agent import events as ev
+from agent import turns
+from agent.conversation import Conversation
+from agent.inference.base import GenerationStats, InferenceError
+from agent.tools import ParsedToolCall, TextPiece, ToolCallParser, format_tool_responses
+
+if TYPE_CHECKING:
+    from agent.runtime import AgentRuntime
+
+log = logging.getLogger(__name__)
+CHUNK = 512
+
+
+class Session:
+    def __init__(self, runtime: "AgentRuntime", session_id: str | None = None, *,
+                 instruction: str | None = None, wait_for_responses: bool = False) -> None:
+        """`instruction` applies to every turn (analysis mode throughout);
+        `wait_for_responses` holds the audio input while a response runs — what a file
+        fed faster than real time needs, where barge-in would otherwise cut every answer."""
+        self.runtime = runtime
+        s = runtime.settings
+        self.id = session_id or uuid.uuid4().hex[:12]
+        self._stamper = ev.EventStamper(self.id)
+        self._detector = turns.TurnDetector(s.turns.to_turn_config())
+        self._vad = runtime.vad.open_stream()
+        self.conversation = Conversation(s.system_prompt, s.context_tokens)
+        self.max_new_tokens = s.max_new_tokens
+        self._instruction = instruction
+        self._next_instruction: str | None = None
+        self._wait = wait_for_responses
+        self._pending: list[np.ndarray] = []  # audio the VAD has not scored yet
+        self._pending_len = 0
+        self._turn_n = 0
+        self._speculative: tuple[str, float] | None = None  # (turn_id, end) being prefilled
+        self._response: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()  # audio is processed in order, one push at a time
+        self.closed = False
+        self.last_activity = time.monotonic()
+
+    # ---- events -------------------------------------------------------------------
+    def emit(self, event: ev._Event) -> None:
+        self.runtime.bus.publish(self._stamper.stamp(event))  # type: ignore[arg-type]
+
+    def start(self) -> None:
+        b = self.runtime.backend
+        self.emit(ev.SessionStarted(model=b.model_name, warning=b.warning))
+
+    # ---- audio --------------------------------------------------------------------
+    async def push_audio(self, samples: np.ndarray) -> None:
+        """Feed 16 kHz mono float32 audio of any length."""
+        if self.closed or samples.size == 0:
+            return
+        async with self._lock:
+            self.last_activity = time.monotonic()
+            probs = await self._vad.process(samples)
+            self._pending.append(samples)
+            self._pending_len += samples.size
+            if not probs.size:
+                return
+            buf = np.concatenate(self._pending)
+            used = probs.size * CHUNK
+            self._pending, self._pending_len = [buf[used:]], buf.size - used
+            for i, p in enumerate(probs):
+                for signal in self._detector.feed(buf[i * CHUNK : (i + 1) * CHUNK], float(p)):
+                    await self._on_signal(signal)
+
+    async def finish(self) -> None:
+        """End of input: a turn in progress commits; wait for its response."""
+        async with self._lock:
+            for signal in self._detector.flush():
+                await self._on_signal(signal)
+        await self.wait_idle()
+
+    async def wait_idle(self) -> None:
+        if self._response is not None:
+            await asyncio.shield(self._response)
+
+    async def _on_signal(self, signal: turns.Signal) -> None:
+        backend = self.runtime.backend
+        if isinstance(signal, turns.SpeechStarted):
+            self.emit(ev.SpeechStarted(t=signal.t))
+            if self._response is not None and not self._response.done():
+                self._response.cancel("barge_in")  # the user talks over the answer
+        elif isinstance(signal, turns.SpeechStopped):
+            self.emit(ev.SpeechStopped(t=signal.t))
+        elif isinstance(signal, turns.SilenceBegan):
+            turn_id = self._new_turn_id()
+            self._speculative = (turn_id, signal.t)
+            self.conversation.add_user(signal.audio, self._take_instruction(peek=True))
+            request = self.conversation.request(self.id, turn_id, self.max_new_tokens, self._tools_block())
+            self.conversation.pop_last_user()
+            request.speculative = True
+            await self._guard(backend.prefill(request))
+        elif isinstance(signal, turns.SpeechResumed):
+            if self._speculative is not None:
+                await self._guard(backend.drop(self.id, self._speculative[0]))
+                self._speculative = None
+        elif isinstance(signal, turns.TurnCommitted):
+            await self._commit(signal)
+
+    async def _commit(self, turn: turns.TurnCommitted) -> None:
+        spec, self._speculative = self._speculative, None
+        if spec is not None and spec[1] == turn.end and not turn.split:
+            turn_id = spec[0]  # the speculative prefill is exactly this turn: reuse it
+        else:
+            turn_id = self._new_turn_id()
+            if spec is not None:
+                await self._guard(self.runtime.backend.drop(self.id, spec[0]))
+        instruction = self._take_instruction()
+        self.emit(ev.TurnCommitted(turn_id=turn_id, start=turn.start, end=turn.end,
+                                   mode="analysis" if instruction else "chat", instruction=instruction))
+        if self._response is not None and not self._response.done():
+            self._response.cancel("superseded")
+        self.conversation.add_user(turn.audio, instruction)
+        self._response = asyncio.create_task(self._respond(turn_id, time.monotonic()))
+        if self._wait:
+            await self.wait_idle()
+
+    def _take_instruction(self, peek: bool = False) -> str | None:
+        text = self._next_instruction or self._instruction
+        if not peek:
+            self._next_instruction = None
+        return text
+
+    def _new_turn_id(self) -> str:
+        self._turn_n += 1
+        return f"{self.id}-t{self._turn_n}"
+
+    def _tools_block(self) -> str | None:
+        tools = self.runtime.tools
+        return tools.system_block() if len(tools) else None
+
+    async def _guard(self, coro: object) -> None:
+        """Speculative work is an optimisation: its failure must not affect the turn."""
+        try:
+            await coro  # type: ignore[misc]
+        except Exception as exc:
+            log.debug("speculative step failed: %s", exc)
+
+    # ---- responses ----------------------------------------------------------------
+    async def _respond(self, turn_id: str, committed_at: float) -> None:
+        """Generate the answer; run tool calls and give the model follow-up rounds."""
+        runtime = self.runtime
+        self.emit(ev.ResponseStarted(turn_id=turn_id))
+        said: list[str] = []  # text the user was shown, across rounds
+        stats = GenerationStats()
+        first_token: float | None = None
+        try:
+            for round_n in range(runtime.settings.max_tool_rounds + 1):
+                raw: list[str] = []
+                calls: list[ParsedToolCall] = []
+                parser = ToolCallParser()
+                request = self.conversation.request(self.id, turn_id, self.max_new_tokens, self._tools_block())
+                round_stats = GenerationStats()
+                try:
+                    # aclosing: a cancelled turn closes the stream, which frees the slot.
+                    async with aclosing(runtime.backend.generate(request, round_stats)) as stream:
+                        async for delta in stream:
+                            if first_token is None:
+                                first_token = time.monotonic()
+                            raw.append(delta)
+                            calls += self._show(turn_id, parser.feed(delta), said)
+                    calls += self._show(turn_id, parser.flush(), said)
+                finally:
+                    stats.tokens += round_stats.tokens
+                    stats.reused_tokens += round_stats.reused_tokens
+                    if raw:
+                        self.conversation.add_assistant("".join(raw))
+                if not calls or round_n == runtime.settings.max_tool_rounds:
+                    break
+                outcomes = await runtime.tools.execute(calls, runtime.settings.tool_timeout_s)
+                for outcome in outcomes:
+                    self.emit(ev.ToolResult(call_id=outcome.call_id, ok=outcome.ok,
+                                            result=outcome.result, error=outcome.error))
+                self.conversation.add_tool_results(format_tool_responses(outcomes))
+        except asyncio.CancelledError as exc:
+            reason = exc.args[0] if exc.args else "cancelled"
+            self.emit(ev.ResponseCancelled(turn_id=turn_id, reason=str(reason)))
+            return
+        except InferenceError as exc:
+            self.emit(ev.Error(code=exc.code, message=exc.message, turn_id=turn_id))
+            return
+        except Exception as exc:  # a bug in one turn must not end the session
+            log.exception("response failed")
+            self.emit(ev.Error(code="internal", message=str(exc), turn_id=turn_id))
+            return
+        done = time.monotonic()
+        timings = {"total": done - committed_at, **stats.timings}
+        if first_token is not None:
+            timings["first_token"] = first_token - committed_at
+        self.emit(ev.ResponseDone(turn_id=turn_id, text="".join(said), tokens=stats.tokens, timings=timings))
+
+    def _show(self, turn_id: str, pieces: list[TextPiece | ParsedToolCall], said: list[str]) -> list[ParsedToolCall]:
+        """Text goes to the user as deltas; tool calls are announced and collected."""
+        calls = []
+        for piece in pieces:
+            if isinstance(piece, ParsedToolCall):
+                calls.append(piece)
+                self.emit(ev.ToolCall(turn_id=turn_id, call_id=piece.call_id, name=piece.name or "",
+                                      arguments=piece.arguments or {}))
+            elif piece.text:
+                said.append(piece.text)
+                self.emit(ev.ResponseDelta(turn_id=turn_id, text=piece.text))
+        return calls
+
+    # ---- commands -----------------------------------------------------------------
+    async def handle(self, command: ev.Command) -> None:
+        self.last_activity = time.monotonic()
+        if isinstance(command, ev.InstructionSet):
+            self._next_instruction = command.text or None
+        elif isinstance(command, ev.ResponseCancel):
+            if self._response is not None and not self._response.done():
+                self._response.cancel("client")
+        elif isinstance(command, ev.SessionUpdate):
+            if command.system_prompt is not None:
+                self.conversation.system_prompt = command.system_prompt or None
+            if command.max_new_tokens is not None:
+                self.max_new_tokens = command.max_new_tokens
+            if command.min_silence_s is not None:
+                self._detector.reconfigure(min_silence_s=command.min_silence_s)
+        elif isinstance(command, ev.SessionClose):
+            await self.close("client")
+
+    def report_error(self, code: str, message: str) -> None:
+        self.emit(ev.Error(code=code, message=message))
+
+    async def close(self, reason: str = "closed") -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._response is not None and not self._response.done():
+            self._response.cancel("session_closed")
+            await asyncio.gather(self._response, return_exceptions=True)
+        self._vad.close()
+        try:
+            await self.runtime.backend.forget(self.id)
+        except Exception as exc:
+            log.debug("forget failed: %s", exc)
+        self.emit(ev.SessionEnded(reason=reason))
+        self.runtime.sessions.pop(self.id, None)

@@ -1,0 +1,175 @@
+"""Turn detection: a pure state machine over (32 ms chunk, speech probability) pairs.
+
+No asyncio and no clock: time is the count of samples fed, so it runs the same live and
+from files and tests need no sleeps. The session maps its signals to events.
+
+    idle ──p≥on──▶ onset ──speech ≥ min_speech──▶ speech ──p<off──▶ trailing ──silence ≥ min_silence──▶ commit
+                     │ p<off: a blip, back to idle     ▲                 │
+                     └─────────────────────────────────┴── p≥on: resumed ┘
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from enum import Enum
+
+import numpy as np
+
+from agent.audio import SAMPLE_RATE
+
+
+@dataclass(frozen=True)
+class TurnConfig:
+    threshold: float = 0.5  # speech starts at p ≥ threshold …
+    neg_threshold: float = 0.35  # … and stops at p < neg_threshold (hysteresis)
+    pre_roll_s: float = 0.25  # audio kept before the onset (onsets are detected late)
+    min_speech_s: float = 0.15  # shorter bursts (clicks, coughs) are no speech
+    min_silence_s: float = 0.5  # silence that ends a turn
+    max_turn_s: float = 30.0  # Qwen2-Audio's clip limit: longer speech is split
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.neg_threshold <= self.threshold < 1.0:
+            raise ValueError("need 0 < neg_threshold <= threshold < 1")
+        if self.max_turn_s <= self.min_speech_s or self.max_turn_s > 30.0:
+            raise ValueError("max_turn_s must be in (min_speech_s, 30]")
+
+
+@dataclass(frozen=True)
+class SpeechStarted:
+    t: float
+
+
+@dataclass(frozen=True)
+class SilenceBegan:
+    """Speech may have ended: `audio` is the turn if it commits now (speculative start)."""
+
+    t: float
+    start: float
+    audio: np.ndarray = field(repr=False)
+
+
+@dataclass(frozen=True)
+class SpeechResumed:
+    """Speech went on after SilenceBegan: a speculative start must be dropped."""
+
+    t: float
+
+
+@dataclass(frozen=True)
+class SpeechStopped:
+    t: float
+
+
+@dataclass(frozen=True)
+class TurnCommitted:
+    start: float
+    end: float
+    audio: np.ndarray = field(repr=False)  # exactly the samples of [start, end)
+    split: bool = False  # cut at max_turn_s while speech goes on
+
+
+Signal = SpeechStarted | SilenceBegan | SpeechResumed | SpeechStopped | TurnCommitted
+
+
+class _State(Enum):
+    IDLE = "idle"
+    ONSET = "onset"
+    SPEECH = "speech"
+    TRAILING = "trailing"
+
+
+class TurnDetector:
+    def __init__(self, config: TurnConfig | None = None) -> None:
+        self._configure(config or TurnConfig())
+        self._state = _State.IDLE
+        self._pos = 0  # samples fed so far
+        self._history: list[np.ndarray] = []  # idle: recent chunks for pre-roll; else the turn
+        self._history_len = 0
+        self._turn_start = 0  # sample index of the turn's first kept sample
+        self._onset = 0  # sample index where speech was first seen
+        self._silence_start = 0
+
+    def _configure(self, config: TurnConfig) -> None:
+        self.config = config
+        self._pre_roll = int(config.pre_roll_s * SAMPLE_RATE)
+        self._min_speech = int(config.min_speech_s * SAMPLE_RATE)
+        self._min_silence = int(config.min_silence_s * SAMPLE_RATE)
+        self._max_turn = int(config.max_turn_s * SAMPLE_RATE)
+
+    def reconfigure(self, **changes: float) -> None:
+        """Change settings mid-stream (e.g. min_silence_s from a session.update)."""
+        self._configure(replace(self.config, **changes))
+
+    @property
+    def in_speech(self) -> bool:
+        return self._state in (_State.SPEECH, _State.TRAILING)
+
+    def feed(self, chunk: np.ndarray, prob: float) -> list[Signal]:
+        """Feed one chunk of audio and its speech probability."""
+        c = self.config
+        start, self._pos = self._pos, self._pos + chunk.size
+        out: list[Signal] = []
+        self._history.append(chunk)
+        self._history_len += chunk.size
+        state = self._state
+        if state is _State.IDLE:
+            if prob >= c.threshold:
+                self._state, self._onset = _State.ONSET, start
+                self._turn_start = max(0, start - self._pre_roll)
+            self._trim_pre_roll()
+        elif state is _State.ONSET:
+            if prob < c.neg_threshold:
+                self._state = _State.IDLE
+                self._trim_pre_roll()
+            elif self._pos - self._onset >= self._min_speech:
+                self._state = _State.SPEECH
+                out.append(SpeechStarted(self._onset / SAMPLE_RATE))
+        elif state is _State.SPEECH:
+            if prob < c.neg_threshold:
+                self._state, self._silence_start = _State.TRAILING, start
+                out.append(SilenceBegan(start / SAMPLE_RATE, self._turn_start / SAMPLE_RATE,
+                                        self._audio(self._turn_start, start)))
+        elif state is _State.TRAILING:
+            if prob >= c.threshold:
+                self._state = _State.SPEECH
+                out.append(SpeechResumed(start / SAMPLE_RATE))
+            elif self._pos - self._silence_start >= self._min_silence:
+                out += self._commit(self._silence_start, split=False)
+        if self.in_speech and self._pos - self._turn_start >= self._max_turn:
+            out += self._commit(self._turn_start + self._max_turn, split=True)
+        return out
+
+    def flush(self) -> list[Signal]:
+        """End of stream: a turn in progress commits (trailing silence excluded)."""
+        if not self.in_speech:
+            return []
+        end = self._silence_start if self._state is _State.TRAILING else self._pos
+        return self._commit(end, split=False)
+
+    def _commit(self, end: int, split: bool) -> list[Signal]:
+        audio = self._audio(self._turn_start, end)
+        committed = TurnCommitted(self._turn_start / SAMPLE_RATE, end / SAMPLE_RATE, audio, split)
+        rest = self._audio(end, self._pos)
+        self._history, self._history_len = [rest], rest.size
+        if split and self._state is _State.SPEECH:
+            # Speech goes on: the next turn starts right here, no pre-roll needed.
+            self._turn_start = end
+            return [committed]
+        if split:  # cut during trailing silence: what follows is silence, not a new turn
+            self._state = _State.IDLE
+            return [SpeechStopped(self._silence_start / SAMPLE_RATE), committed]
+        self._state = _State.IDLE
+        self._trim_pre_roll()
+        return [SpeechStopped(end / SAMPLE_RATE), committed]
+
+    def _audio(self, start: int, end: int) -> np.ndarray:
+        """Samples [start, end) out of the kept history (which ends at self._pos)."""
+        buf = np.concatenate(self._history) if len(self._history) != 1 else self._history[0]
+        self._history = [buf]
+        first = self._pos - buf.size
+        return buf[start - first : end - first].copy()
+
+    def _trim_pre_roll(self) -> None:
+        # Keep the oldest chunks only while they can still be pre-roll of a future onset.
+        while self._history and self._history_len - self._history[0].size >= self._pre_roll + 512:
+            self._history_len -= self._history.pop(0).size
