@@ -20,14 +20,31 @@ class AudioFileError(Exception):
 
 
 class Resampler:
-    """Streaming converter from PyAV frames of any layout to 16 kHz mono float32."""
+    """Streaming converter from PyAV frames of any layout to 16 kHz mono float32.
+
+    Channels are averaged here rather than by FFmpeg's downmix, which adds them at -3 dB
+    each: identical left/right channels (what browsers send) would come out 1.4× louder
+    and clip.
+    """
 
     def __init__(self) -> None:
-        self._resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        self._resampler: av.AudioResampler | None = None
+        self._layout: str | None = None
 
     def convert(self, frame: av.AudioFrame | None) -> np.ndarray:
         """Convert one frame; `None` flushes what the resampler still holds."""
-        out = [f.to_ndarray().reshape(-1) for f in self._resampler.resample(frame)]
+        if frame is not None and frame.layout.name != self._layout:
+            head = self.convert(None) if self._resampler is not None else np.zeros(0, np.float32)
+            self._layout = frame.layout.name
+            self._resampler = av.AudioResampler(format="fltp", layout=self._layout, rate=SAMPLE_RATE)
+            return np.concatenate([head, self._convert(frame)])
+        if self._resampler is None:
+            return np.zeros(0, dtype=np.float32)
+        return self._convert(frame)
+
+    def _convert(self, frame: av.AudioFrame | None) -> np.ndarray:
+        assert self._resampler is not None
+        out = [f.to_ndarray().mean(axis=0) for f in self._resampler.resample(frame)]
         if not out:
             return np.zeros(0, dtype=np.float32)
         return np.concatenate(out).astype(np.float32, copy=False)
@@ -69,11 +86,13 @@ def iter_file(path: str | Path, chunk_samples: int = 16000) -> Iterator[np.ndarr
     pending: list[np.ndarray] = []
     pending_len = 0
     total = 0
+    expected: float | None = None
     try:
         with av.open(str(path)) as container:
             if not container.streams.audio:
                 raise AudioFileError(f"{path}: contains no audio stream")
             stream = container.streams.audio[0]
+            expected = _wav_header_seconds(path)
             for frame in container.decode(stream):
                 pcm = resampler.convert(frame)
                 pending.append(pcm)
@@ -90,8 +109,25 @@ def iter_file(path: str | Path, chunk_samples: int = 16000) -> Iterator[np.ndarr
     tail = np.concatenate(pending + [resampler.convert(None)])
     if tail.size:
         yield tail
-    if total + tail.size == 0:
+    decoded = total + tail.size
+    if decoded == 0:
         raise AudioFileError(f"{path}: no audio samples decoded (empty or truncated)")
+    if expected is not None and decoded / SAMPLE_RATE < expected - 0.1:
+        # Decoders stop quietly at a cut-off end; the header knows how long it should be.
+        raise AudioFileError(f"{path}: truncated: header says {expected:.2f} s, "
+                             f"only {decoded / SAMPLE_RATE:.2f} s could be decoded")
+
+
+def _wav_header_seconds(path: Path) -> float | None:
+    """Length a PCM WAV header declares (FFmpeg estimates it from the file size instead,
+    so a cut-off WAV would otherwise decode quietly short)."""
+    import wave
+
+    try:
+        with wave.open(str(path), "rb") as w:
+            return w.getnframes() / w.getframerate()
+    except (wave.Error, EOFError, OSError, ZeroDivisionError):
+        return None
 
 
 def read_file(path: str | Path) -> np.ndarray:
