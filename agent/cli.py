@@ -46,13 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_cli_settings(args: argparse.Namespace) -> Any:
+def load_cli_settings(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> Any:
     from agent.config import load_settings
 
-    overrides: dict[str, Any] = {
+    overrides: dict[str, Any] = {**(defaults or {})}
+    overrides |= {k: v for k, v in {
         "model": args.model, "backend": args.backend, "openai_url": args.openai_url,
         "max_new_tokens": args.max_new_tokens, "system_prompt": args.system_prompt,
-    }
+    }.items() if v is not None}
     settings = load_settings(args.config, **overrides)
     if getattr(args, "host", None) is not None:
         settings.server.host = args.host
@@ -61,7 +62,9 @@ def load_cli_settings(args: argparse.Namespace) -> Any:
     return settings
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, tools: Sequence[Any] = (), system_prompt: str | None = None,
+         defaults: dict[str, Any] | None = None) -> int:
+    """The `voice-agent` command; `agent.Agent.cli()` calls it with its own tools and prompt."""
     args = build_parser().parse_args(argv)
     if args.command == "schema":
         from agent.events import json_schema
@@ -77,17 +80,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     from agent.config import ConfigError
 
     try:
-        settings = load_cli_settings(args)
+        settings = load_cli_settings(args, {"system_prompt": system_prompt, **(defaults or {})})
     except ConfigError as exc:
         print(f"voice-agent: {exc}", file=sys.stderr)
         return 2
     if args.command == "run":
         from agent.filerun import run_files
 
-        return asyncio.run(run_files(settings, args.files, instruction=args.instruction, jsonl=args.jsonl))
+        return asyncio.run(run_files(settings, args.files, instruction=args.instruction, jsonl=args.jsonl,
+                                     runtime_options={"tools": list(tools)}))
     from agent.server.app import serve
 
-    return asyncio.run(serve(settings))
+    return asyncio.run(serve(settings, runtime_options={"tools": list(tools)}))
 
 
 if __name__ == "__main__":
