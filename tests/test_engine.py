@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import numpy as np
@@ -18,8 +19,20 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def loaded() -> models.LoadedModel:
-    torch.manual_seed(0)
-    return models.load(models.TINY_RANDOM)
+    """tiny-random with its language-model weights scaled ×10.
+
+    Freshly initialised weights (std 0.02) give near-uniform attention: the next token then
+    depends almost only on the last one, and a wrong position, mask or cache would go
+    unnoticed. Sharpened, the output depends on the whole context (checked: feeding wrong
+    position ids makes the batched-vs-generate test fail)."""
+    base = models.load(models.TINY_RANDOM)
+    model = copy.deepcopy(base.model)
+    with torch.no_grad():
+        for name, param in model.model.language_model.named_parameters():
+            if param.dim() == 2 and "embed" not in name:
+                param.mul_(10.0)
+        model.model.multi_modal_projector.linear.weight.mul_(10.0)
+    return models.LoadedModel("tiny-random-sharp", model, base.processor, base.device)
 
 
 def noise(seconds: float, seed: int) -> np.ndarray:

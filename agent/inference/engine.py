@@ -391,7 +391,7 @@ class Engine:
             attention_mask=torch.ones(1, total, dtype=torch.long, device=self.device),  # past + new
             position_ids=torch.arange(past, total, device=self.device)[None],
             use_cache=True, **{self._cache_kw: cache}, **kwargs)
-        logits = self.model.lm_head(out.last_hidden_state[:, -1])
+        logits = self._suppress_eos(self.model.lm_head(out.last_hidden_state[:, -1]), [seq])
         seq.kv = [(layer.keys, layer.values) for layer in cache.layers]
         return int(logits.argmax(-1)[0])
 
@@ -456,7 +456,8 @@ class Engine:
         mask = torch.cat([self._mask, torch.ones(b, 1, dtype=torch.long, device=self.device)], dim=1)
         res = self.model.model(input_ids=ids, attention_mask=mask, position_ids=self._pos[:, None],
                                use_cache=True, **{self._cache_kw: self._cache})
-        tokens = self.model.lm_head(res.last_hidden_state[:, -1]).argmax(-1).tolist()
+        logits = self._suppress_eos(self.model.lm_head(res.last_hidden_state[:, -1]), self._batch)
+        tokens = logits.argmax(-1).tolist()
         self._mask, self._pos = mask, self._pos + 1
         done: list[int] = []
         for i, (seq, token) in enumerate(zip(self._batch, tokens)):
@@ -470,9 +471,15 @@ class Engine:
         if done:
             self._remove(done)
 
+    def _suppress_eos(self, logits: torch.Tensor, seqs: list[_Seq]) -> torch.Tensor:
+        """`min_new_tokens` as generate does it: EOS cannot win before that many tokens."""
+        rows = [i for i, s in enumerate(seqs) if len(s.generated) < s.min_new_tokens]
+        if rows:
+            logits[torch.tensor(rows)[:, None], torch.tensor(sorted(self.eos_ids))[None]] = float("-inf")
+        return logits
+
     def _finished(self, seq: _Seq, token: int) -> bool:
-        n = len(seq.generated)
-        return n >= seq.req.max_new_tokens or (token in self.eos_ids and n > seq.min_new_tokens)
+        return len(seq.generated) >= seq.req.max_new_tokens or token in self.eos_ids
 
     def _finish(self, seq: _Seq, token: int) -> Output:
         text = "" if token in self.eos_ids else seq.detok.push(token)
