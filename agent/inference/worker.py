@@ -1,0 +1,71 @@
+"""The body of one inference worker process (started by `InferencePool` with `spawn`).
+
+It loads the model, then loops: take every command waiting in `inbox`, run one engine
+step, put that step's outputs on `outbox` as one message. Messages in:
+("submit", request_id, GenerationRequest) · ("cancel", request_id) ·
+("drop_turn", session_id, turn_id) · ("forget", session_id) · ("stop",).
+Messages out: ("ready", model_name, warning, pid) · ("load_error", message) ·
+("out", [Output, …]).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+IDLE_POLL_S = 0.5  # how often an idle worker checks that its parent still lives
+
+
+def _handle(engine: Any, msg: tuple[Any, ...]) -> bool:
+    """Apply one command; False on stop."""
+    kind = msg[0]
+    if kind == "submit":
+        engine.submit(msg[1], msg[2])
+    elif kind == "cancel":
+        engine.cancel(msg[1])
+    elif kind == "drop_turn":
+        engine.drop_turn(msg[1], msg[2])
+    elif kind == "forget":
+        engine.forget(msg[1])
+    elif kind == "stop":
+        return False
+    return True
+
+
+def worker_main(model: str, device: str | None, max_batch: int, kv_budget_tokens: int,
+                inbox: Any, outbox: Any) -> None:
+    """Process entry point: must stay a module-level function so `spawn` can import it."""
+    parent = os.getppid()
+    try:
+        from agent.inference import models
+        from agent.inference.engine import Engine
+
+        loaded = models.load(model, device)
+        engine = Engine(loaded, max_batch=max_batch, kv_budget_tokens=kv_budget_tokens)
+    except Exception as exc:  # reported to start(); the process then exits
+        outbox.put(("load_error", str(exc) or type(exc).__name__))
+        return
+    outbox.put(("ready", loaded.name, loaded.warning, os.getpid()))
+    running = True
+    while running:
+        msgs: list[tuple[Any, ...]] = []
+        try:
+            # Block only when there is nothing to step; otherwise just drain what arrived.
+            if not engine.has_work:
+                msgs.append(inbox.get(timeout=IDLE_POLL_S))
+            while True:
+                msgs.append(inbox.get_nowait())
+        except queue.Empty:
+            pass
+        if not msgs and os.getppid() != parent:  # orphaned: the pool is gone
+            return
+        for msg in msgs:
+            running = _handle(engine, msg) and running
+        if running and engine.has_work:
+            outputs = engine.step()
+            if outputs:
+                outbox.put(("out", outputs))
