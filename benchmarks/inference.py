@@ -110,6 +110,7 @@ def run_history(loaded: Any, turns: int, tokens: int, seconds: float, repeats: i
                 stats = o.stats if o.finished else stats
         return text, stats
 
+    one("warmup", [{"role": "user", "content": [{"type": "audio", "audio": 0}]}], [_audio(seconds, 999)], 0)
     per_turn: list[list[float]] = [[] for _ in range(turns)]
     reused: list[int] = []
     cold: list[float] = []
@@ -137,11 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="voice-agent bench inference", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny-random")
     parser.add_argument("--sessions", type=int, default=16)
-    parser.add_argument("--tokens", type=int, default=128, help="new tokens per request (EOS ignored)")
+    parser.add_argument("--tokens", type=int, default=256, help="new tokens per request (EOS ignored)")
     parser.add_argument("--audio-seconds", type=float, default=2.0)
     parser.add_argument("--turns", type=int, default=20)
     parser.add_argument("--turn-tokens", type=int, default=24, help="new tokens per turn of the history test")
-    parser.add_argument("--repeats", type=int, default=3, help="history sessions to take the median over")
+    parser.add_argument("--repeats", type=int, default=5, help="history sessions to take the median over")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--json", action="store_true", help="last line: one JSON object")
     args = parser.parse_args(argv)
