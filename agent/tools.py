@@ -1,0 +1,231 @@
+"""Tools the model can call, Qwen2.5 (Hermes) style.
+
+The tool schemas go into the system prompt inside `<tools>…</tools>`; the model answers
+`<tool_call>{"name": …, "arguments": {…}}</tool_call>`; results go back as
+`<tool_response>…</tool_response>` in the next user turn. `ToolCallParser` takes the calls
+out of the streamed text so they never reach `response.delta`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from pydantic import BaseModel, ValidationError, create_model
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+_ids = itertools.count(1)
+
+
+class Tool:
+    """A function the model may call; arguments are validated against its signature."""
+
+    def __init__(self, fn: Callable[..., Any], name: str | None = None, description: str | None = None,
+                 timeout: float | None = None) -> None:
+        self.fn = fn
+        self.name = name or fn.__name__
+        self.description = description or inspect.getdoc(fn) or ""
+        self.timeout = timeout
+        fields: dict[str, Any] = {}
+        for pname, param in inspect.signature(fn).parameters.items():
+            annotation = Any if param.annotation is inspect.Parameter.empty else param.annotation
+            default = ... if param.default is inspect.Parameter.empty else param.default
+            fields[pname] = (annotation, default)
+        self.model: type[BaseModel] = create_model(f"{self.name}_args", **fields)
+        schema = self.model.model_json_schema()
+        schema.pop("title", None)
+        self.parameters = schema
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": "function",
+                "function": {"name": self.name, "description": self.description, "parameters": self.parameters}}
+
+    async def call(self, arguments: dict[str, Any]) -> Any:
+        """Validate and run; raises ValidationError for bad arguments."""
+        args = self.model.model_validate(arguments)
+        kwargs = {k: getattr(args, k) for k in type(args).model_fields}
+        if inspect.iscoroutinefunction(self.fn):
+            return await self.fn(**kwargs)
+        return await asyncio.to_thread(self.fn, **kwargs)  # a blocking tool must not stall the loop
+
+
+def tool(fn: Callable[..., Any] | None = None, *, name: str | None = None, description: str | None = None,
+         timeout: float | None = None) -> Any:
+    """`@tool` or `@tool(name=…, description=…, timeout=…)` on a sync or async function."""
+    if fn is None:
+        return lambda f: Tool(f, name, description, timeout)
+    return Tool(fn, name, description, timeout)
+
+
+@dataclass
+class TextPiece:
+    text: str
+
+
+@dataclass
+class ParsedToolCall:
+    raw: str
+    call_id: str = field(default_factory=lambda: f"call_{next(_ids)}")
+    name: str | None = None
+    arguments: dict[str, Any] | None = None
+    error: str | None = None  # set when the call itself is malformed
+
+    @classmethod
+    def parse(cls, raw: str) -> "ParsedToolCall":
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            return cls(raw, error=f"tool call is not valid JSON: {exc}")
+        if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+            return cls(raw, error='tool call needs {"name": str, "arguments": object}')
+        arguments = data.get("arguments") or {}
+        if isinstance(arguments, str):  # some models double-encode the arguments
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                pass
+        if not isinstance(arguments, dict):
+            return cls(raw, name=data["name"], error="tool call arguments must be a JSON object")
+        return cls(raw, name=data["name"], arguments=arguments)
+
+
+class ToolCallParser:
+    """Streaming: feed text deltas, get text pieces and complete tool calls back.
+
+    Only a possible prefix of `<tool_call>` is held back between deltas; everything else
+    is passed on as soon as it arrives.
+    """
+
+    def __init__(self) -> None:
+        self._buf = ""
+        self._inside = False
+
+    def feed(self, delta: str) -> list[TextPiece | ParsedToolCall]:
+        self._buf += delta
+        out: list[TextPiece | ParsedToolCall] = []
+        while True:
+            if self._inside:
+                end = self._buf.find(CLOSE)
+                if end < 0:
+                    return out
+                out.append(ParsedToolCall.parse(self._buf[:end].strip()))
+                self._buf, self._inside = self._buf[end + len(CLOSE):], False
+                continue
+            start = self._buf.find(OPEN)
+            if start >= 0:
+                if start:
+                    out.append(TextPiece(self._buf[:start]))
+                self._buf, self._inside = self._buf[start + len(OPEN):], True
+                continue
+            keep = _partial_suffix(self._buf, OPEN)
+            if len(self._buf) > keep:
+                out.append(TextPiece(self._buf[: len(self._buf) - keep]))
+                self._buf = self._buf[len(self._buf) - keep:]
+            return out
+
+    def flush(self) -> list[TextPiece | ParsedToolCall]:
+        buf, inside = self._buf, self._inside
+        self._buf, self._inside = "", False
+        if inside:  # the stream ended inside a call: report it, never show it
+            return [ParsedToolCall(buf, error="tool call was not closed with </tool_call>")]
+        return [TextPiece(buf)] if buf else []
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `tag`."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:n]):
+            return n
+    return 0
+
+
+@dataclass
+class ToolOutcome:
+    call_id: str
+    name: str | None
+    ok: bool
+    result: Any = None
+    error: str | None = None
+
+
+class ToolRegistry:
+    def __init__(self) -> None:
+        self._tools: dict[str, Tool] = {}
+
+    def add(self, item: Tool | Callable[..., Any]) -> Tool:
+        t = item if isinstance(item, Tool) else Tool(item)
+        if t.name in self._tools:
+            raise ValueError(f"tool {t.name!r} is registered twice")
+        self._tools[t.name] = t
+        return t
+
+    def extend(self, items: Iterable[Tool | Callable[..., Any]]) -> None:
+        for item in items:
+            self.add(item)
+
+    def get(self, name: str) -> Tool | None:
+        return self._tools.get(name)
+
+    def __len__(self) -> int:
+        return len(self._tools)
+
+    def system_block(self) -> str:
+        """The tool section Qwen2.5's template appends to the system message."""
+        lines = "\n".join(json.dumps(t.schema(), ensure_ascii=False) for t in self._tools.values())
+        return ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+                "You are provided with function signatures within <tools></tools> XML tags:\n"
+                f"<tools>\n{lines}\n</tools>\n\n"
+                "For each function call, return a json object with function name and arguments within "
+                "<tool_call></tool_call> XML tags:\n<tool_call>\n"
+                '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>')
+
+    async def execute(self, calls: list[ParsedToolCall], timeout: float = 10.0) -> list[ToolOutcome]:
+        """Run the calls concurrently; every failure becomes an outcome the model can read."""
+        return list(await asyncio.gather(*(self._run(c, timeout) for c in calls)))
+
+    async def _run(self, call: ParsedToolCall, timeout: float) -> ToolOutcome:
+        def fail(message: str) -> ToolOutcome:
+            return ToolOutcome(call.call_id, call.name, False, error=message)
+
+        if call.error:
+            return fail(call.error)
+        t = self._tools.get(call.name or "")
+        if t is None:
+            return fail(f"unknown tool {call.name!r}; available: {', '.join(self._tools) or 'none'}")
+        try:
+            result = await asyncio.wait_for(t.call(call.arguments or {}), t.timeout or timeout)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            return fail(f"bad arguments for {t.name}: {problems}")
+        except asyncio.TimeoutError:
+            return fail(f"{t.name} timed out after {t.timeout or timeout:g} s")
+        except Exception as exc:
+            return fail(f"{t.name} failed: {type(exc).__name__}: {exc}")
+        return ToolOutcome(call.call_id, t.name, True, result=_jsonable(result))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    try:
+        json.dumps(value)
+        return value
+    except TypeError:
+        return str(value)
+
+
+def format_tool_responses(outcomes: list[ToolOutcome]) -> str:
+    """The next user turn: one <tool_response> per call, in call order."""
+    blocks = []
+    for o in outcomes:
+        body = {"name": o.name, "result": o.result} if o.ok else {"name": o.name, "error": o.error}
+        blocks.append(f"<tool_response>\n{json.dumps(body, ensure_ascii=False)}\n</tool_response>")
+    return "\n".join(blocks)
+
