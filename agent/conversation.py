@@ -70,6 +70,10 @@ class Conversation:
         audio = np.asarray(audio, dtype=np.float32)
         if audio.size == 0:
             raise ValueError("empty turn: no audio")
+        if instruction and len(instruction) > self.context_tokens // 2:
+            # Refused rather than sent: it would crowd out the audio and every earlier turn.
+            raise ValueError(f"instruction of {len(instruction)} characters is over the limit of "
+                             f"{self.context_tokens // 2} (half the context budget)")
         clips = [audio[i : i + MAX_CLIP_SAMPLES] for i in range(0, audio.size, MAX_CLIP_SAMPLES)]
         self._turns.append(("user", clips, instruction))
 

@@ -105,7 +105,10 @@ class Session:
         elif isinstance(signal, turns.SilenceBegan):
             turn_id = self._new_turn_id()
             self._speculative = (turn_id, signal.t)
-            self.conversation.add_user(signal.audio, self._take_instruction(peek=True))
+            try:
+                self.conversation.add_user(signal.audio, self._take_instruction(peek=True))
+            except ValueError:
+                return  # the commit reports it
             request = self.conversation.request(self.id, turn_id, self.max_new_tokens, self._tools_block())
             self.conversation.pop_last_user()
             request.speculative = True
@@ -125,12 +128,18 @@ class Session:
             turn_id = self._new_turn_id()
             if spec is not None:
                 await self._guard(self.runtime.backend.drop(self.id, spec[0]))
+        if self._response is not None and not self._response.done():
+            # Wait for it to stop so its partial answer lands in the history before this turn.
+            self._response.cancel("superseded")
+            await asyncio.gather(self._response, return_exceptions=True)
         instruction = self._take_instruction()
+        try:
+            self.conversation.add_user(turn.audio, instruction)
+        except ValueError as exc:  # e.g. an oversized instruction: this turn fails, the session goes on
+            self.emit(ev.Error(code="bad_request", message=str(exc), turn_id=turn_id))
+            return
         self.emit(ev.TurnCommitted(turn_id=turn_id, start=turn.start, end=turn.end,
                                    mode="analysis" if instruction else "chat", instruction=instruction))
-        if self._response is not None and not self._response.done():
-            self._response.cancel("superseded")
-        self.conversation.add_user(turn.audio, instruction)
         self._response = asyncio.create_task(self._respond(turn_id, time.monotonic()))
         if self._wait:
             await self.wait_idle()

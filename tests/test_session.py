@@ -200,3 +200,20 @@ async def test_custom_tools_example_runs_its_tool(speech_two):
     assert example.LIGHTS == {"hall": True}
     assert results[0].result == "the hall light is on" and results[1].ok and ":" in results[1].result
     assert "You are a friendly home assistant" in backend.requests[0].messages[0]["content"]
+
+
+async def test_oversized_instruction_fails_the_turn_not_the_session(speech_two):
+    with pytest.raises(Exception, match="8192"):
+        ev.parse_command({"type": "instruction.set", "text": "x" * 100_000})  # refused at the door
+    backend = ScriptedBackend(["fine"])
+    runtime = await make_runtime(backend)
+    sub = runtime.bus.subscribe()
+    session = runtime.create_session(instruction="x" * 100_000, wait_for_responses=True)
+    await feed(session, speech_two.samples)
+    await session.finish()
+    await session.close()
+    events = drain(sub)
+    await runtime.close()
+    errors = [e for e in events if isinstance(e, ev.Error)]
+    assert len(errors) == 2 and all(e.code == "bad_request" and "over the limit" in e.message for e in errors)
+    assert backend.requests == [] and isinstance(events[-1], ev.SessionEnded)
