@@ -10,7 +10,7 @@ import logging
 import sys
 from typing import Any, Sequence
 
-BENCHMARKS = ("vad", "inference", "webrtc", "turns")
+BENCHMARKS = ("vad", "inference")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -89,8 +89,12 @@ def main(argv: Sequence[str] | None = None, *, tools: Sequence[Any] = (), system
 
         return asyncio.run(run_files(settings, args.files, instruction=args.instruction, jsonl=args.jsonl,
                                      runtime_options={"tools": list(tools)}))
-    from agent.server.app import serve
-
+    try:
+        from agent.server.app import serve
+    except ImportError:
+        print("voice-agent: serve is not available yet (the HTTP/WebRTC server is not built); "
+              "use `voice-agent run FILE`", file=sys.stderr)
+        return 2
     return asyncio.run(serve(settings, runtime_options={"tools": list(tools)}))
 
 

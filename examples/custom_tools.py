@@ -1,7 +1,6 @@
 """A voice agent with two tools.
 
-    python examples/custom_tools.py serve            # talk to it in the browser playground
-    python examples/custom_tools.py run speech.wav   # or feed it files
+    python examples/custom_tools.py run speech.wav   # feed it audio files (any format)
 """
 
 from datetime import datetime
