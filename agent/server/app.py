@@ -1,0 +1,196 @@
+"""`voice-agent serve`: the aiohttp application and its lifecycle.
+
+Endpoints: `/` playground, `POST /v1/sessions` (WebRTC offer/answer, JSON), `POST /whip` +
+`DELETE /whip/{id}` (RFC 9725), `GET /v1/sessions/{id}/events` (WebSocket), `/healthz`,
+`/metrics`. Every error answer is JSON `{"error": reason}` (WHIP bodies are SDP).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+from agent.config import ServerSettings, Settings
+from agent.runtime import AgentRuntime
+from agent.server import routes
+from agent.server.metrics import Metrics
+from agent.server.routes import MANAGER, SETTINGS, WEBSOCKETS, error
+from agent.server.webrtc import PeerManager, is_loopback, use_loopback_candidates
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+RUNTIME: web.AppKey[AgentRuntime] = web.AppKey("runtime", AgentRuntime)
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+PUBLIC = {"/healthz"}
+QUERY_TOKEN_OK = "GET"  # browsers cannot set headers on page loads and WebSockets
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        reasons = {404: f"no such endpoint: {request.path}",
+                   405: f"method {request.method} is not allowed on {request.path}",
+                   413: "request body too large"}
+        reason = reasons.get(exc.status) or exc.text or exc.reason
+        return error(exc.status, reason)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # a bug must answer 500, not drop the connection
+        log.exception("%s %s failed", request.method, request.path)
+        return error(500, f"internal error: {type(exc).__name__}")
+
+
+def cors_middleware(settings: ServerSettings) -> Any:
+    allowed = set(settings.cors_origins)
+
+    def allow(origin: str | None) -> bool:
+        return origin is not None and ("*" in allowed or origin in allowed)
+
+    @web.middleware
+    async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        if request.method == "OPTIONS":
+            if "Access-Control-Request-Method" in request.headers and not allow(origin):
+                return error(403, f"origin {origin} is not allowed (server.cors_origins)")
+            response: web.StreamResponse = web.Response(status=204, headers={
+                "Allow": "GET, POST, DELETE, PATCH, OPTIONS",
+                "Accept-Post": "application/sdp, application/json"})
+        else:
+            response = await handler(request)
+        if allow(origin) and not response.prepared:
+            response.headers["Access-Control-Allow-Origin"] = origin or "*"
+            response.headers["Vary"] = "Origin"
+            response.headers["Access-Control-Expose-Headers"] = "Location, Link"
+            if request.method == "OPTIONS":
+                response.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, PATCH, OPTIONS"
+                response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+                response.headers["Access-Control-Max-Age"] = "600"
+        return response
+
+    return cors
+
+
+def auth_middleware(token: str | None) -> Any:
+    @web.middleware
+    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if token is None or request.path in PUBLIC or request.method == "OPTIONS":
+            return await handler(request)
+        header = request.headers.get("Authorization", "")
+        given: str | None = header[7:].strip() if header[:7].lower() == "bearer " else None
+        if given is None and request.method == QUERY_TOKEN_OK:
+            given = request.query.get("token")
+        challenge = {"WWW-Authenticate": 'Bearer realm="voice-agent"'}
+        if not given:
+            return error(401, "missing bearer token: send 'Authorization: Bearer <token>'", **challenge)
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            return error(401, "invalid bearer token", **challenge)
+        return await handler(request)
+
+    return auth
+
+
+async def healthz(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME]
+    return web.json_response({"status": "ok", "sessions": len(request.app[MANAGER].peers),
+                              "model": getattr(runtime.backend, "model_name", "")})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body, content_type = request.app[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def index(request: web.Request) -> web.StreamResponse:
+    return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+def create_app(runtime: AgentRuntime, settings: Settings | ServerSettings) -> web.Application:
+    """The server for a started (or soon started) runtime; closing the runtime is the caller's job."""
+    server = settings.server if isinstance(settings, Settings) else settings
+    app = web.Application(client_max_size=server.max_body_bytes,
+                          middlewares=[json_errors, cors_middleware(server), auth_middleware(server.token)])
+    manager = PeerManager(runtime, server)
+    app[RUNTIME] = runtime
+    app[SETTINGS] = server
+    app[MANAGER] = manager
+    app[WEBSOCKETS] = set()
+    app[METRICS] = stats = Metrics(runtime, lambda: len(manager.peers))
+    manager.on_dropped = stats.audio_dropped.inc
+    runtime.bus.add_listener(stats.on_event)
+
+    app.router.add_get("/", index)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/v1/sessions", routes.create_session)
+    app.router.add_get("/v1/sessions/{id}/events", routes.session_events)
+    app.router.add_post("/whip", routes.whip_post)
+    app.router.add_delete("/whip/{id}", routes.whip_delete)
+    app.router.add_patch("/whip/{id}", routes.whip_patch)
+
+    async def on_shutdown(app: web.Application) -> None:
+        await manager.close_all("shutdown")
+        for ws in list(app[WEBSOCKETS]):
+            await ws.close()
+
+    app.on_shutdown.append(on_shutdown)
+    return app
+
+
+async def serve(settings: Settings, runtime_options: dict[str, Any] | None = None) -> int:
+    """Run until SIGINT/SIGTERM; 0 on a clean stop, 2 when something cannot start."""
+    server = settings.server
+    try:
+        runtime = AgentRuntime(settings, **(runtime_options or {}))
+        await runtime.start()
+    except Exception as exc:
+        print(f"voice-agent: cannot start the runtime: {exc}", file=sys.stderr)
+        if "runtime" in locals():
+            await _quietly(runtime.close())
+        return 2
+    if not server.ice_servers and is_loopback(server.host):
+        use_loopback_candidates()  # no STUN and a loopback site: keep ICE on 127.0.0.1 too
+    runner = web.AppRunner(create_app(runtime, settings), handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, server.host, server.port)
+        await site.start()
+    except OSError as exc:
+        print(f"voice-agent: cannot listen on {server.host}:{server.port}: {exc.strerror or exc}", file=sys.stderr)
+        await runner.cleanup()
+        await _quietly(runtime.close())
+        return 2
+    port = runner.addresses[0][1] if runner.addresses else server.port
+    print(f"voice-agent: serving on http://{server.host}:{port}/ (model {runtime.backend.model_name})",
+          file=sys.stderr, flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await runner.cleanup()
+        await _quietly(runtime.close())
+    return 0
+
+
+async def _quietly(coro: Awaitable[Any]) -> None:
+    try:
+        await coro
+    except Exception as exc:
+        log.warning("shutdown step failed: %s", exc)

@@ -1,0 +1,68 @@
+"""Prometheus metrics, one CollectorRegistry per app (several apps may share a process)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from agent import events as ev
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    def __init__(self, runtime: Any, active_sessions: Callable[[], int]) -> None:
+        self.runtime = runtime
+        self._active = active_sessions
+        r = self.registry = CollectorRegistry()
+        self.sessions_active = Gauge("voice_agent_sessions_active", "Sessions open on this server", registry=r)
+        self.sessions_started = Counter("voice_agent_sessions_started", "Sessions started", registry=r)
+        self.sessions_ended = Counter("voice_agent_sessions_ended", "Sessions ended", ["reason"], registry=r)
+        self.turns = Counter("voice_agent_turns_committed", "Turns committed", ["mode"], registry=r)
+        self.responses = Counter("voice_agent_responses", "Responses finished", ["outcome"], registry=r)
+        self.tool_calls = Counter("voice_agent_tool_calls", "Tool calls announced by the model", registry=r)
+        self.errors = Counter("voice_agent_errors", "Error events", ["code"], registry=r)
+        self.audio_dropped = Counter("voice_agent_audio_frames_dropped",
+                                     "Audio frames dropped because a session fell behind", registry=r)
+        self.vad_batch = Gauge("voice_agent_vad_batch_size", "Streams per VAD tick", ["stat"], registry=r)
+        self.queue_depth = Gauge("voice_agent_inference_queue_depth", "Inference requests in flight", registry=r)
+        self.first_token = Histogram("voice_agent_first_token_seconds", "Turn commit to first token",
+                                     buckets=LATENCY_BUCKETS, registry=r)
+        self.response_total = Histogram("voice_agent_response_seconds", "Turn commit to response done",
+                                        buckets=LATENCY_BUCKETS, registry=r)
+
+    def on_event(self, event: ev.Event) -> None:
+        """Bus listener: synchronous and cheap."""
+        if isinstance(event, ev.SessionStarted):
+            self.sessions_started.inc()
+        elif isinstance(event, ev.SessionEnded):
+            self.sessions_ended.labels(event.reason).inc()
+        elif isinstance(event, ev.TurnCommitted):
+            self.turns.labels(event.mode).inc()
+        elif isinstance(event, ev.ResponseDone):
+            self.responses.labels("done").inc()
+            if "first_token" in event.timings:
+                self.first_token.observe(event.timings["first_token"])
+            if "total" in event.timings:
+                self.response_total.observe(event.timings["total"])
+        elif isinstance(event, ev.ResponseCancelled):
+            self.responses.labels("cancelled").inc()
+        elif isinstance(event, ev.ToolCall):
+            self.tool_calls.inc()
+        elif isinstance(event, ev.Error):
+            self.errors.labels(event.code).inc()
+            if event.turn_id is not None:
+                self.responses.labels("error").inc()
+
+    def render(self) -> tuple[bytes, str]:
+        """Gauges that mirror other objects are read at scrape time."""
+        self.sessions_active.set(self._active())
+        stats = getattr(getattr(self.runtime, "vad", None), "stats", None) or {}
+        for key, stat in (("mean_batch_size", "mean"), ("last_batch_size", "last")):
+            if key in stats:
+                self.vad_batch.labels(stat).set(float(stats[key]))
+        depth = getattr(getattr(self.runtime, "backend", None), "queue_depth", None)
+        if isinstance(depth, (int, float)):
+            self.queue_depth.set(depth)
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

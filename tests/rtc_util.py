@@ -1,0 +1,152 @@
+"""aiortc test clients: loopback-only ICE, real-time audio tracks, the `events` data channel."""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import json
+import time
+from typing import Any
+
+import aiohttp
+import av
+import numpy as np
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+FRAME_S = 0.02
+
+
+def loopback_only(monkeypatch: Any) -> None:
+    """Host candidates on 127.0.0.1 only (no STUN is configured either): nothing leaves the host."""
+    import aioice.ice
+
+    monkeypatch.setattr(aioice.ice, "get_host_addresses", lambda use_ipv4=True, use_ipv6=True: ["127.0.0.1"])
+
+
+class BufferTrack(MediaStreamTrack):
+    """Streams a 16 kHz mono float32 buffer in real time, like a microphone; then silence
+    (so the last turn commits) or, with `loop`, the buffer again."""
+
+    kind = "audio"
+
+    def __init__(self, samples: np.ndarray, rate: int = 16000, loop: bool = False) -> None:
+        super().__init__()
+        self.pcm = (np.clip(samples, -1, 1) * 32767).astype(np.int16)
+        self.rate = rate
+        self.loop = loop
+        self.step = int(rate * FRAME_S)
+        self.pos = 0
+        self._t0: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return not self.loop and self.pos >= self.pcm.size
+
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        pts = self.pos
+        if self._t0 is None:
+            self._t0 = time.monotonic()
+        wait = self._t0 + pts / self.rate - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        start = self.pos % self.pcm.size if self.loop else self.pos
+        chunk = self.pcm[start : start + self.step]
+        if chunk.size < self.step:
+            chunk = np.concatenate([chunk, np.zeros(self.step - chunk.size, np.int16)])
+        self.pos += self.step
+        frame = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = self.rate
+        frame.pts = pts
+        frame.time_base = fractions.Fraction(1, self.rate)
+        return frame
+
+
+class MuteTrack(MediaStreamTrack):
+    """A negotiated microphone that never sends a frame (no-audio timeout tests)."""
+
+    kind = "audio"
+
+    async def recv(self) -> av.AudioFrame:
+        while self.readyState == "live":
+            await asyncio.sleep(0.1)
+        raise MediaStreamError
+
+
+class RtcClient:
+    def __init__(self, pc: RTCPeerConnection, channel: Any) -> None:
+        self.pc = pc
+        self.channel = channel
+        self.session_id = ""
+        self.location: str | None = None
+        self.events: list[dict[str, Any]] = []
+        self._changed = asyncio.Event()
+        channel.on("message", self._on_message)
+
+    def _on_message(self, message: str) -> None:
+        self.events.append(json.loads(message))
+        self._changed.set()
+
+    def of_type(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["type"] == kind]
+
+    async def wait_for(self, kind: str, count: int = 1, timeout: float = 60.0) -> list[dict[str, Any]]:
+        """Events of `kind` once `count` have arrived (the timeout only guards against hangs)."""
+        async def until() -> list[dict[str, Any]]:
+            while len(self.of_type(kind)) < count:
+                self._changed.clear()
+                await self._changed.wait()
+            return self.of_type(kind)
+
+        try:
+            return await asyncio.wait_for(until(), timeout)
+        except asyncio.TimeoutError:
+            seen = [e["type"] for e in self.events]
+            raise AssertionError(f"no {count}× {kind} within {timeout} s; events: {seen}") from None
+
+    def send(self, command: dict[str, Any] | str) -> None:
+        self.channel.send(command if isinstance(command, str) else json.dumps(command))
+
+    async def wait_open(self, timeout: float = 30.0) -> None:
+        async def until() -> None:
+            while self.channel.readyState != "open":
+                await asyncio.sleep(0.02)
+
+        await asyncio.wait_for(until(), timeout)
+
+    async def close(self) -> None:
+        await self.pc.close()
+
+
+async def offer(track: MediaStreamTrack | None, with_channel: bool = True) -> tuple[RTCPeerConnection, Any]:
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    channel = pc.createDataChannel("events") if with_channel else None
+    if track is not None:
+        pc.addTrack(track)
+    await pc.setLocalDescription(await pc.createOffer())
+    return pc, channel
+
+
+async def connect(base_url: str, track: MediaStreamTrack, *, token: str | None = None,
+                  http: aiohttp.ClientSession | None = None) -> RtcClient:
+    """POST /v1/sessions with a fresh offer; the client is connected when this returns."""
+    pc, channel = await offer(track)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    own = http is None
+    http = http or aiohttp.ClientSession()
+    try:
+        async with http.post(f"{base_url}/v1/sessions", headers=headers,
+                             json={"type": "offer", "sdp": pc.localDescription.sdp}) as r:
+            body = await r.json()
+            if r.status != 200:
+                await pc.close()
+                raise AssertionError(f"POST /v1/sessions: {r.status} {body}")
+    finally:
+        if own:
+            await http.close()
+    await pc.setRemoteDescription(RTCSessionDescription(sdp=body["sdp"], type=body["type"]))
+    client = RtcClient(pc, channel)
+    client.session_id = body["session_id"]
+    return client
