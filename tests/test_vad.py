@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import subprocess
 import sys
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from agent.vad import CHUNK, BatchedSilero, VADService
 from tests.speech import Speech, make_speech, two_utterances
 
 TOL = 1e-4
+pytestmark = pytest.mark.timeout(120)  # a service that stops ticking hangs: fail instead
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -27,9 +30,16 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@functools.cache
+def silero_model():
+    with warnings.catch_warnings():  # torch.jit.load is deprecated in torch 2.9+, still works
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return load_silero_vad()
+
+
 def reference_probs(samples: np.ndarray) -> np.ndarray:
     """silero-vad's own stateful single-stream model, chunk by chunk."""
-    model = load_silero_vad()
+    model = silero_model()
     model.reset_states()
     with torch.inference_mode():
         return np.array([float(model(torch.from_numpy(samples[i : i + CHUNK]), 16000))
@@ -117,6 +127,12 @@ async def test_odd_sizes_buffer_correctly(two: Speech):
         ref = reference_probs(s)
         assert got.size == ref.size == s.size // CHUNK
         np.testing.assert_allclose(got, ref, atol=TOL)
+        # The caller may reuse its array as soon as the call is queued.
+        again, mine = service.open_stream(), s[: 40 * CHUNK].copy()
+        call = asyncio.ensure_future(again.process(mine))
+        await asyncio.sleep(0)
+        mine[:] = 0
+        np.testing.assert_allclose(await call, ref[:40], atol=TOL)
         stream.close()
         with pytest.raises(RuntimeError):
             await stream.process(s[:CHUNK])
