@@ -116,6 +116,15 @@ class RtcClient:
 
         await asyncio.wait_for(until(), timeout)
 
+    async def wait_connected(self, timeout: float = 30.0) -> None:
+        async def until() -> None:
+            while self.pc.connectionState != "connected":
+                if self.pc.connectionState in ("failed", "closed"):
+                    raise AssertionError(f"peer connection {self.pc.connectionState}")
+                await asyncio.sleep(0.02)
+
+        await asyncio.wait_for(until(), timeout)
+
     async def close(self) -> None:
         await self.pc.close()
 
@@ -130,8 +139,9 @@ async def offer(track: MediaStreamTrack | None, with_channel: bool = True) -> tu
 
 
 async def connect(base_url: str, track: MediaStreamTrack, *, token: str | None = None,
-                  http: aiohttp.ClientSession | None = None) -> RtcClient:
-    """POST /v1/sessions with a fresh offer; the client is connected when this returns."""
+                  http: aiohttp.ClientSession | None = None, wait: bool = True) -> RtcClient:
+    """POST /v1/sessions with a fresh offer; with `wait`, the client is connected (ICE + DTLS)
+    when this returns."""
     pc, channel = await offer(track)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     own = http is None
@@ -149,4 +159,6 @@ async def connect(base_url: str, track: MediaStreamTrack, *, token: str | None =
     await pc.setRemoteDescription(RTCSessionDescription(sdp=body["sdp"], type=body["type"]))
     client = RtcClient(pc, channel)
     client.session_id = body["session_id"]
+    if wait:
+        await client.wait_connected()
     return client
