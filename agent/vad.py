@@ -221,6 +221,7 @@ class VADService:
         if self._ready:
             self._wakeup.set()
         self._task = asyncio.create_task(self._run(), name="vad-service")
+        self._task.add_done_callback(_log_crash)
 
     async def close(self) -> None:
         """Close every stream and stop ticking; `start()` may run again afterwards."""
@@ -286,3 +287,9 @@ class VADService:
             self._ready.pop(s, None)
             if s._chunks and not s.closed:
                 self._ready[s] = None  # to the back of the line
+
+
+def _log_crash(task: asyncio.Task[None]) -> None:
+    # The tick loop only ends by close(); anything else would leave every stream waiting.
+    if not task.cancelled() and task.exception() is not None:
+        log.error("VAD service stopped", exc_info=task.exception())
