@@ -16,6 +16,7 @@ import time
 import uuid
 from typing import Any, Callable
 
+import av
 import numpy as np
 import pydantic
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
@@ -148,7 +149,11 @@ class Peer:
                 return
             self.frames += 1
             self.last_frame = time.monotonic()
-            samples = resampler.convert(frame)  # type: ignore[arg-type]
+            try:
+                samples = resampler.convert(frame)  # type: ignore[arg-type]
+            except (ValueError, av.FFmpegError) as exc:  # a frame the resampler rejects: skip it
+                log.debug("session %s: bad audio frame: %s", self.id, exc)
+                continue
             if not samples.size:
                 continue
             if self._audio.full():
@@ -159,11 +164,16 @@ class Peer:
 
     async def _feed(self) -> None:
         """Hand queued audio to the session, everything waiting at once."""
-        while True:
-            pieces = [await self._audio.get()]
-            while not self._audio.empty():
-                pieces.append(self._audio.get_nowait())
-            await self.session.push_audio(np.concatenate(pieces) if len(pieces) > 1 else pieces[0])
+        try:
+            while True:
+                pieces = [await self._audio.get()]
+                while not self._audio.empty():
+                    pieces.append(self._audio.get_nowait())
+                await self.session.push_audio(np.concatenate(pieces) if len(pieces) > 1 else pieces[0])
+        except Exception as exc:  # e.g. the VAD service died: end this session, not the server
+            log.exception("session %s: audio pipeline failed", self.id)
+            self.session.report_error("internal", f"audio pipeline failed: {exc}")
+            self.close_soon("error")
 
     # ---- events and commands ------------------------------------------------------
     async def _pump(self, channel: RTCDataChannel) -> None:
@@ -227,7 +237,10 @@ class Peer:
         await asyncio.gather(*tasks, return_exceptions=True)
         for track in self._tracks:
             track.stop()
-        await self.session.close(reason)
+        try:
+            await self.session.close(reason)
+        except Exception:  # the peer must still go away
+            log.exception("session %s: close failed", self.id)
         self._flush_events()
         self._sub.close()
         channel = self._channel
@@ -238,7 +251,10 @@ class Peer:
                     break
                 await asyncio.sleep(0.01)
             await asyncio.sleep(0.05)
-        await self.pc.close()
+        try:
+            await self.pc.close()
+        except Exception as exc:
+            log.debug("session %s: pc.close: %s", self.id, exc)
         # Command tasks end with the session; wait so none outlives the peer.
         rest = [t for t in self._tasks if t is not current]
         await asyncio.gather(*rest, return_exceptions=True)
@@ -257,7 +273,7 @@ async def handle_command(session: Session, message: str | bytes) -> None:
 
 
 class PeerManager:
-    """All live peers of one app; enforces max_sessions (negotiating ones included)."""
+    """All live peers of one app; enforces max_sessions (peers still negotiating count)."""
 
     def __init__(self, runtime: AgentRuntime, settings: ServerSettings,
                  on_dropped: Callable[[int], None] = lambda n: None) -> None:
