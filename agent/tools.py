@@ -9,13 +9,16 @@ out of the streamed text so they never reach `response.delta`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import itertools
 import json
+import re
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from pydantic import BaseModel, ValidationError, create_model
+from pydantic import BaseModel, Field, ValidationError, create_model
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _ids = itertools.count(1)
@@ -26,18 +29,28 @@ class Tool:
 
     def __init__(self, fn: Callable[..., Any], name: str | None = None, description: str | None = None,
                  timeout: float | None = None) -> None:
+        if not callable(fn):
+            raise TypeError(f"@tool needs a function, got {fn!r}")
         self.fn = fn
         self.name = name or fn.__name__
-        self.description = description or inspect.getdoc(fn) or ""
+        summary, arg_docs = _parse_docstring(inspect.getdoc(fn) or "")
+        self.description = description or summary
         self.timeout = timeout
+        functools.update_wrapper(self, fn)  # the decorated name still looks like the function
+        # get_type_hints resolves string annotations (`from __future__ import annotations`).
+        hints = typing.get_type_hints(fn, include_extras=True)
         fields: dict[str, Any] = {}
         for pname, param in inspect.signature(fn).parameters.items():
-            annotation = Any if param.annotation is inspect.Parameter.empty else param.annotation
+            if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                continue  # the model can only pass named JSON fields
+            annotation = hints.get(pname, Any)
             default = ... if param.default is inspect.Parameter.empty else param.default
-            fields[pname] = (annotation, default)
+            fields[pname] = (annotation, Field(default, description=arg_docs.get(pname)))
         self.model: type[BaseModel] = create_model(f"{self.name}_args", **fields)
         schema = self.model.model_json_schema()
         schema.pop("title", None)
+        for prop in schema.get("properties", {}).values():
+            prop.pop("title", None)  # noise in the prompt: the key already names it
         self.parameters = schema
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -47,13 +60,43 @@ class Tool:
         return {"type": "function",
                 "function": {"name": self.name, "description": self.description, "parameters": self.parameters}}
 
-    async def call(self, arguments: dict[str, Any]) -> Any:
-        """Validate and run; raises ValidationError for bad arguments."""
+    def validate(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        """Keyword arguments for the function; raises ValidationError for bad arguments."""
         args = self.model.model_validate(arguments)
-        kwargs = {k: getattr(args, k) for k in type(args).model_fields}
+        return {k: getattr(args, k) for k in type(args).model_fields}
+
+    async def invoke(self, kwargs: dict[str, Any]) -> Any:
         if inspect.iscoroutinefunction(self.fn):
             return await self.fn(**kwargs)
-        return await asyncio.to_thread(self.fn, **kwargs)  # a blocking tool must not stall the loop
+        result = await asyncio.to_thread(self.fn, **kwargs)  # a blocking tool must not stall the loop
+        if inspect.isawaitable(result):  # e.g. a lambda or partial wrapping a coroutine function
+            result = await result
+        return result
+
+    async def call(self, arguments: dict[str, Any]) -> Any:
+        """Validate and run; raises ValidationError for bad arguments."""
+        return await self.invoke(self.validate(arguments))
+
+
+def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
+    """First paragraph as the description; `Args:` entries (Google style) per parameter."""
+    parts = re.split(r"\n\s*(?:Args|Arguments|Parameters):[ \t]*\n", doc, maxsplit=1)
+    summary = parts[0].strip()
+    args: dict[str, str] = {}
+    if len(parts) == 2:
+        indent: int | None = None
+        current = ""
+        for line in parts[1].splitlines():
+            if not line.strip():
+                break  # the Args section ends at a blank line
+            depth = len(line) - len(line.lstrip())
+            m = re.match(r"\s*(\w+)\s*(?:\([^)]*\))?\s*:\s*(.*)", line)
+            if m and (indent is None or depth <= indent):
+                indent, current = depth, m.group(1)
+                args[current] = m.group(2).strip()
+            elif current:  # continuation line
+                args[current] = f"{args[current]} {line.strip()}".strip()
+    return summary, args
 
 
 def tool(fn: Callable[..., Any] | None = None, *, name: str | None = None, description: str | None = None,
@@ -200,12 +243,26 @@ class ToolRegistry:
         if t is None:
             return fail(f"unknown tool {call.name!r}; available: {', '.join(self._tools) or 'none'}")
         try:
-            result = await asyncio.wait_for(t.call(call.arguments or {}), t.timeout or timeout)
+            kwargs = t.validate(call.arguments or {})
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'arguments'}: {e['msg']}"
+                                 for e in exc.errors())
             return fail(f"bad arguments for {t.name}: {problems}")
-        except asyncio.TimeoutError:
-            return fail(f"{t.name} timed out after {t.timeout or timeout:g} s")
+        limit = t.timeout or timeout
+        task = asyncio.ensure_future(t.invoke(kwargs))
+        try:
+            done, _ = await asyncio.wait({task}, timeout=limit)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if not done:
+            # A sync tool keeps its thread until it returns; its result is then dropped.
+            task.cancel()
+            return fail(f"{t.name} timed out after {limit:g} s")
+        try:
+            result = task.result()
+        except asyncio.CancelledError:
+            return fail(f"{t.name} was cancelled")
         except Exception as exc:
             return fail(f"{t.name} failed: {type(exc).__name__}: {exc}")
         return ToolOutcome(call.call_id, t.name, True, result=_jsonable(result))
@@ -217,7 +274,7 @@ def _jsonable(value: Any) -> Any:
     try:
         json.dumps(value)
         return value
-    except TypeError:
+    except (TypeError, ValueError):  # not JSON-serialisable: the model still gets something readable
         return str(value)
 
 

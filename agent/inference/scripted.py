@@ -14,8 +14,13 @@ class ScriptedBackend:
     model_name = "scripted"
     warning: str | None = None
 
-    def __init__(self, outputs: list[str], chunk: int = 3, delay: float = 0.0, default: str = "ok") -> None:
-        self.outputs = list(outputs)  # one per generate call, in order; then `default`
+    def __init__(self, outputs: list[str | BaseException], chunk: int = 3, delay: float = 0.0,
+                 default: str = "ok") -> None:
+        if chunk < 1:
+            raise ValueError(f"chunk must be at least 1, got {chunk}")
+        # One per generate call, in order; then `default`. An exception is raised by that call
+        # (e.g. InferenceError("busy", …)) to test failure paths.
+        self.outputs: list[str | BaseException] = list(outputs)
         self.chunk = chunk
         self.delay = delay
         self.default = default
@@ -32,6 +37,8 @@ class ScriptedBackend:
                        stats: GenerationStats | None = None) -> AsyncIterator[str]:
         self.requests.append(request)
         text = self.outputs.pop(0) if self.outputs else self.default
+        if isinstance(text, BaseException):
+            raise text
         for i in range(0, len(text), self.chunk):
             if self.delay:
                 await asyncio.sleep(self.delay)
