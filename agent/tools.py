@@ -38,14 +38,21 @@ class Tool:
         self.timeout = timeout
         functools.update_wrapper(self, fn)  # the decorated name still looks like the function
         # get_type_hints resolves string annotations (`from __future__ import annotations`).
-        hints = typing.get_type_hints(fn, include_extras=True)
+        try:
+            hints = typing.get_type_hints(fn, include_extras=True)
+        except NameError as exc:
+            raise TypeError(f"tool {self.name!r}: cannot resolve its type hints ({exc}); with "
+                            "`from __future__ import annotations` the types must be importable "
+                            "from the module, not local to a function") from None
         fields: dict[str, Any] = {}
         for pname, param in inspect.signature(fn).parameters.items():
             if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
                 continue  # the model can only pass named JSON fields
             annotation = hints.get(pname, Any)
             default = ... if param.default is inspect.Parameter.empty else param.default
-            fields[pname] = (annotation, Field(default, description=arg_docs.get(pname)))
+            doc = arg_docs.get(pname)
+            # No Field() without a docstring entry: it would hide an Annotated[..., Field(...)].
+            fields[pname] = (annotation, Field(default, description=doc) if doc else default)
         self.model: type[BaseModel] = create_model(f"{self.name}_args", **fields)
         schema = self.model.model_json_schema()
         schema.pop("title", None)

@@ -1,0 +1,212 @@
+"""Home Assistant plugin against a local aiohttp server that speaks the HA API it uses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import WSMsgType, web
+
+from agent.bus import EventBus
+from agent.events import ResponseDone, SpeechStarted, SpeechStopped
+from agent.plugin import PluginContext, PluginHost
+from agent.tools import ParsedToolCall, ToolRegistry
+from plugins.homeassistant import HomeAssistantPlugin
+from tests.mosquitto import Broker, FakeCommands, Observer, free_port, send, until
+
+TOKEN = "long-lived-token"
+
+
+class FakeHA:
+    def __init__(self) -> None:
+        self.states: dict[str, dict[str, Any]] = {
+            "light.kitchen": {"entity_id": "light.kitchen", "state": "off",
+                              "attributes": {"friendly_name": "Kitchen", "brightness": None}},
+            "climate.hall": {"entity_id": "climate.hall", "state": "heat",
+                             "attributes": {"friendly_name": "Hall", "temperature": 19}},
+            "lock.front_door": {"entity_id": "lock.front_door", "state": "locked", "attributes": {}},
+            "switch.fan": {"entity_id": "switch.fan", "state": "off", "attributes": {}},
+        }
+        self.calls: list[tuple[str, str, dict[str, Any]]] = []
+        self.sockets: list[web.WebSocketResponse] = []
+
+    def authorised(self, request: web.Request) -> bool:
+        return request.headers.get("Authorization") == f"Bearer {TOKEN}"
+
+    async def get_states(self, request: web.Request) -> web.Response:
+        if not self.authorised(request):
+            return web.json_response({"message": "unauthorized"}, status=401)
+        return web.json_response(list(self.states.values()))
+
+    async def get_state(self, request: web.Request) -> web.Response:
+        if not self.authorised(request):
+            return web.json_response({"message": "unauthorized"}, status=401)
+        state = self.states.get(request.match_info["entity_id"])
+        return web.json_response(state) if state else web.json_response({"message": "not found"}, status=404)
+
+    async def service(self, request: web.Request) -> web.Response:
+        if not self.authorised(request):
+            return web.json_response({"message": "unauthorized"}, status=401)
+        domain, service = request.match_info["domain"], request.match_info["service"]
+        data = await request.json()
+        self.calls.append((domain, service, data))
+        state = self.states[data["entity_id"]]
+        if service in ("turn_on", "turn_off"):
+            state["state"] = service.removeprefix("turn_")
+        return web.json_response([state])
+
+    async def websocket(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_json({"type": "auth_required", "ha_version": "2025.1.0"})
+        auth = await ws.receive_json()
+        if auth.get("access_token") != TOKEN:
+            await ws.send_json({"type": "auth_invalid", "message": "Invalid access token"})
+            await ws.close()
+            return ws
+        await ws.send_json({"type": "auth_ok", "ha_version": "2025.1.0"})
+        self.sockets.append(ws)
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                data = json.loads(msg.data)
+                await ws.send_json({"id": data["id"], "type": "result", "success": True, "result": None})
+        return ws
+
+    async def push_state(self, entity_id: str, state: str) -> None:
+        self.states[entity_id]["state"] = state
+        for ws in self.sockets:
+            await ws.send_json({"id": 1, "type": "event", "event": {"event_type": "state_changed", "data": {
+                "entity_id": entity_id, "new_state": self.states[entity_id]}}})
+
+
+@pytest.fixture
+async def ha():
+    fake = FakeHA()
+    app = web.Application()
+    app.router.add_get("/api/states", fake.get_states)
+    app.router.add_get("/api/states/{entity_id}", fake.get_state)
+    app.router.add_post("/api/services/{domain}/{service}", fake.service)
+    app.router.add_get("/api/websocket", fake.websocket)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield fake, f"http://127.0.0.1:{port}"
+    for ws in fake.sockets:
+        await ws.close()
+    await runner.cleanup()
+
+
+def make_host(config: dict[str, Any]) -> tuple[EventBus, PluginHost]:
+    bus = EventBus()
+    host = PluginHost.from_config({"homeassistant": config}, PluginContext(bus, FakeCommands(bus), agent_id="den"))
+    return bus, host
+
+
+def calls(*items: tuple[str, dict[str, Any]]) -> list[ParsedToolCall]:
+    return [ParsedToolCall.parse(json.dumps({"name": n, "arguments": a})) for n, a in items]
+
+
+async def test_tools_allowlist_summary_and_websocket(ha) -> None:
+    fake, url = ha
+    _, host = make_host({"url": url, "token": TOKEN, "allow_domains": ["light", "climate"],
+                         "allow_entities": ["switch.fan"]})
+    await host.start()
+    (plugin,) = host.running
+    assert isinstance(plugin, HomeAssistantPlugin)
+    assert set(plugin.states) == {"light.kitchen", "climate.hall", "switch.fan"}  # the lock is not allowed
+    prompt = host.system_prompt() or ""
+    assert "light.kitchen, Kitchen: off" in prompt and "target 19°" in prompt and "lock" not in prompt
+
+    registry = ToolRegistry()
+    registry.extend(host.tools())
+    outcomes = await registry.execute(calls(
+        ("HassTurnOn", {"entity_id": "light.kitchen"}),
+        ("HassLightSet", {"entity_id": "light.kitchen", "brightness_pct": 40}),
+        ("HassClimateSetTemperature", {"entity_id": "climate.hall", "temperature": 21.5}),
+        ("HassTurnOff", {"entity_id": "switch.fan"}),
+        ("HassGetState", {"entity_id": "climate.hall"}),
+        ("HassTurnOn", {"entity_id": "lock.front_door"}),  # not allowed
+        ("HassLightSet", {"entity_id": "switch.fan", "brightness_pct": 10}),  # allowed, wrong domain
+        ("HassLightSet", {"entity_id": "light.kitchen", "brightness_pct": 140}),  # out of range
+    ), timeout=5)
+    assert [o.ok for o in outcomes] == [True] * 5 + [False] * 3, [o.error for o in outcomes]
+    assert outcomes[4].result["state"] == "heat"
+    assert "not in the allowlist" in (outcomes[5].error or "")
+    assert "is a switch" in (outcomes[6].error or "")
+    assert "bad arguments" in (outcomes[7].error or "")
+    assert sorted(fake.calls, key=lambda c: (c[0], c[1])) == [
+        ("climate", "set_temperature", {"entity_id": "climate.hall", "temperature": 21.5}),
+        ("light", "turn_on", {"entity_id": "light.kitchen"}),
+        ("light", "turn_on", {"entity_id": "light.kitchen", "brightness_pct": 40}),
+        ("switch", "turn_off", {"entity_id": "switch.fan"}),
+    ]
+    assert all(c[2]["entity_id"] != "lock.front_door" for c in fake.calls)
+
+    # State changes arrive over the authenticated WebSocket and update the summary.
+    await until(lambda: plugin.ws_ready.is_set() and fake.sockets, what="websocket subscription")
+    await fake.push_state("switch.fan", "on")
+    await fake.push_state("lock.front_door", "unlocked")
+    await until(lambda: plugin.states["switch.fan"]["state"] == "on", what="state_changed")
+    assert "lock.front_door" not in plugin.states
+    await host.stop()
+
+
+async def test_bad_token_and_unreachable_give_error_results(ha, caplog: pytest.LogCaptureFixture) -> None:
+    _, url = ha
+    for config, expected in [({"url": url, "token": "wrong"}, "rejected the access token (401)"),
+                             ({"url": f"http://127.0.0.1:{free_port()}", "token": TOKEN}, "unreachable")]:
+        _, host = make_host({**config, "allow_domains": ["light"], "websocket": False})
+        await host.start()  # logs, does not raise
+        assert expected in caplog.text
+        assert host.system_prompt() is None
+        registry = ToolRegistry()
+        registry.extend(host.tools())
+        (o,) = await registry.execute(calls(("HassTurnOn", {"entity_id": "light.kitchen"})), timeout=5)
+        assert not o.ok and expected in (o.error or "")
+        await host.stop()
+
+
+async def test_mqtt_discovery(ha, tmp_path: Path) -> None:
+    _, url = ha
+    broker = Broker(tmp_path).start()
+    try:
+        bus, host = make_host({"url": url, "token": TOKEN, "allow_domains": ["light"], "websocket": False,
+                               "mqtt": {"port": broker.port}})
+        async with Observer(broker.port, "#").running() as obs:
+            await host.start()
+            (plugin,) = host.running
+            disc = plugin.discovery
+            assert disc is not None
+            await until(lambda: len(obs.on("homeassistant/+/den/+/config")) == 3, what="discovery configs")
+            sensor = obs.json_on("homeassistant/sensor/den/last_response/config")[0]
+            assert sensor["availability_topic"] == "voice_agent/den/ha/availability" and sensor["unique_id"]
+            switch = obs.json_on("homeassistant/switch/den/muted/config")[0]
+            assert switch["command_topic"] == "voice_agent/den/ha/muted/set"
+            assert obs.on("voice_agent/den/ha/availability") == ["online"]
+
+            bus.publish(SpeechStarted(session_id="s", seq=1, t=0.1))
+            bus.publish(SpeechStopped(session_id="s", seq=2, t=1.0))
+            bus.publish(ResponseDone(session_id="s", seq=3, turn_id="t", text="It is sunny."))
+            await until(lambda: obs.on("voice_agent/den/ha/last_response")[-1:] == ["It is sunny."], what="sensor")
+            assert obs.on("voice_agent/den/ha/listening")[-2:] == ["ON", "OFF"]
+
+            await send(broker.port, "voice_agent/den/ha/muted/set", "ON")
+            await until(lambda: disc.muted, what="muted flag")
+            await until(lambda: obs.on("voice_agent/den/ha/muted")[-1:] == ["ON"], what="muted state")
+
+            await send(broker.port, "homeassistant/status", "online")  # HA restarted: announce again
+            await until(lambda: len(obs.on("homeassistant/+/den/+/config")) == 6, what="republished configs")
+            await host.stop()
+            await until(lambda: obs.on("voice_agent/den/ha/availability")[-1:] == ["offline"], what="offline")
+    finally:
+        broker.stop()
+
+
+def test_config_errors() -> None:
+    with pytest.raises(ValueError, match=r"homeassistant.*token"):
+        make_host({"url": "http://127.0.0.1:1"})
+    with pytest.raises(ValueError, match=r"mqtt.prot"):
+        make_host({"url": "http://127.0.0.1:1", "token": "t", "mqtt": {"prot": 1}})
