@@ -16,11 +16,8 @@ setup: system-packages
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[test]"
 
-# The browser playground (`voice-agent serve`) is not in yet: the demo speaks a sentence
-# with espeak-ng and runs the live pipeline over it.
 demo: setup
-	espeak-ng -v en-us -s 150 -w demo.wav "Hello agent. Please turn on the kitchen light."
-	voice-agent run --model auto demo.wav
+	voice-agent serve --model auto --host 127.0.0.1 --port 8080
 
 test: setup
 	$(PYTHON) -m pytest -q -p no:cacheprovider

@@ -10,7 +10,7 @@ import logging
 import sys
 from typing import Any, Sequence
 
-BENCHMARKS = ("vad", "inference")
+BENCHMARKS = ("vad", "inference", "webrtc")
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -48,11 +48,7 @@ class AgentRuntime:
     async def start(self) -> None:
         """Start everything; raises (InferenceError, ValueError) with a clear message."""
         if self.settings.plugins or self._plugin_classes:
-            try:
-                from agent.plugin import PluginContext, PluginHost
-            except ImportError:
-                raise ValueError("plugins are configured but the plugin host is not built yet "
-                                 f"(configured: {', '.join(self.settings.plugins)})") from None
+            from agent.plugin import PluginContext, PluginHost
 
             context = PluginContext(bus=self.bus, commands=self, agent_id=self.settings.agent_id)
             # Configs are validated before anything starts: a typo fails fast.

@@ -1,6 +1,7 @@
 """A voice agent with two tools.
 
-    python examples/custom_tools.py run speech.wav   # feed it audio files (any format)
+    python examples/custom_tools.py serve            # talk to it in the browser playground
+    python examples/custom_tools.py run speech.wav   # or feed it audio files
 """
 
 from datetime import datetime
