@@ -3,17 +3,37 @@
 Messages use the chat-template shape; an audio part is {"type": "audio", "audio": i} with
 `i` an index into the request's audio list. `render_prompt` yields exactly the text the
 instruct model's template (`processor.apply_chat_template`) produces.
+
+Token counts. `Conversation.token_count` counts a prompt without running the processor on
+audio: each `<|AUDIO|>` expands to `audio_token_count(samples)` tokens (the processor's own
+formula), text is counted with the model's tokenizer when one is given, else as UTF-8 bytes
+after NFC (one token per byte, one per special token). The byte count is exact for the
+byte-level tiny-random tokenizer and an upper bound for any byte-level BPE (Qwen's), so a
+conversation without a tokenizer stays within budget, just conservatively.
+
+Long instructions. An instruction of more than half the context budget is refused by
+`add_user` with a ValueError (the session reports it as that turn's error and goes on): the
+current turn is never dropped, so an oversized one could only overflow the model's context.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import re
+import unicodedata
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
 
 if TYPE_CHECKING:
     from agent.inference.base import GenerationRequest
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 AUDIO_PLACEHOLDER = "<|audio_bos|><|AUDIO|><|audio_eos|>"
+SAMPLE_RATE = 16000
+MAX_CLIP_SAMPLES = 30 * SAMPLE_RATE  # the processor pads/truncates every clip to 30 s
+_HOP = 160  # Whisper feature hop: one mel frame per 10 ms
+_SPECIAL = re.compile("|".join(re.escape(t) for t in (
+    "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>", "<|endoftext|>")))
 
 
 def render_prompt(messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
@@ -41,77 +61,155 @@ def render_prompt(messages: list[dict[str, Any]], add_generation_prompt: bool = 
     return "".join(out)
 
 
-MAX_CLIP_SAMPLES = 30 * 16000  # the processor pads/truncates every clip to 30 s
-_TEXT_TOKENS_PER_CHAR = 1.0  # byte-level upper bound for the budget; real BPE is ~4× fewer
-
-
 def audio_token_count(n_samples: int) -> int:
-    """Tokens one <|AUDIO|> expands to: the processor's own formula on mel frames."""
-    frames = min(n_samples, MAX_CLIP_SAMPLES) // 160  # hop length 160
-    return (((frames - 1) // 2 + 1) - 2) // 2 + 1 if frames else 0
+    """Tokens one <|AUDIO|> expands to for a clip of `n_samples` (≤ 750).
+
+    The processor's formula on the feature attention mask, whose length is one frame per
+    started 10 ms hop (ceil, not floor) of the clip truncated to 30 s.
+    """
+    frames = -(-min(n_samples, MAX_CLIP_SAMPLES) // _HOP)
+    return max(0, (((frames - 1) // 2 + 1) - 2) // 2 + 1) if frames > 0 else 0
+
+
+def split_clips(audio: np.ndarray) -> list[np.ndarray]:
+    """Cut audio into equal parts of ≤ 30 s; equal, so no tail is too short to encode."""
+    parts = -(-audio.size // MAX_CLIP_SAMPLES)
+    size = -(-audio.size // parts)
+    return [audio[i : i + size] for i in range(0, audio.size, size)]
 
 
 class Conversation:
     """One session's history: user audio (± instruction), assistant text, tool results.
 
-    A user turn with an instruction is audio analysis; without one, voice chat. Audio over
-    30 s is split into several audio parts (the processor would silently truncate it).
+    A user turn with an instruction is audio analysis; without one, voice chat (there is no
+    system-prompt switch). Audio over 30 s is split into several audio parts (the processor
+    would silently truncate it). The assistant's raw text, `<tool_call>` blocks included,
+    stays in its message; tool results are a user turn of `<tool_response>` blocks.
+
+    `request()` keeps prompt + `max_new_tokens` within `context_tokens` by dropping the
+    oldest whole turns (a user turn with its replies and tool rounds), never the current one.
+    History that can no longer fit any prompt is freed, so long sessions do not hold all
+    their audio. `tokenizer` (optional, a Hugging Face tokenizer) makes counts exact.
     """
 
-    def __init__(self, system_prompt: str | None = None, context_tokens: int = 6000) -> None:
+    def __init__(self, system_prompt: str | None = None, context_tokens: int = 6000,
+                 tokenizer: Any = None) -> None:
         self.system_prompt = system_prompt
         self.context_tokens = context_tokens
-        # Each entry: ("user", [audio clips], instruction) | ("assistant", text) | ("tool", text)
-        self._turns: list[tuple[Any, ...]] = []
+        self.tokenizer = tokenizer
+        # ("user", [clips], instruction | None) | ("assistant", text) | ("tool", text)
+        self._entries: list[tuple[Any, ...]] = []
+        self._last_audios: list[np.ndarray] = []
 
-    def add_user(self, audio: Any, instruction: str | None = None) -> None:
-        import numpy as np
-
-        audio = np.asarray(audio, dtype=np.float32)
-        if audio.size == 0:
+    # ---- history --------------------------------------------------------------------
+    def add_user(self, audio: np.ndarray, instruction: str | None = None) -> None:
+        """A user turn; raises ValueError for no audio or an oversized instruction."""
+        clip = np.array(audio, dtype=np.float32)  # a copy: callers may reuse their buffers
+        if clip.ndim != 1:
+            raise ValueError(f"a turn's audio must be mono (1-D), got shape {clip.shape}")
+        if clip.size == 0:
             raise ValueError("empty turn: no audio")
-        if instruction and len(instruction) > self.context_tokens // 2:
-            # Refused rather than sent: it would crowd out the audio and every earlier turn.
-            raise ValueError(f"instruction of {len(instruction)} characters is over the limit of "
-                             f"{self.context_tokens // 2} (half the context budget)")
-        clips = [audio[i : i + MAX_CLIP_SAMPLES] for i in range(0, audio.size, MAX_CLIP_SAMPLES)]
-        self._turns.append(("user", clips, instruction))
+        if instruction:
+            limit = self.context_tokens // 2
+            n = self._text_tokens(instruction)
+            if n > limit:
+                raise ValueError(f"instruction of {n} tokens is over the limit of {limit} "
+                                 f"(half the context budget of {self.context_tokens} tokens)")
+        self._entries.append(("user", split_clips(clip), instruction or None))
 
     def add_assistant(self, text: str) -> None:
-        self._turns.append(("assistant", text))
+        self._entries.append(("assistant", text))
 
     def add_tool_results(self, text: str) -> None:
-        self._turns.append(("tool", text))
+        self._entries.append(("tool", text))
 
     def pop_last_user(self) -> None:
-        for i in range(len(self._turns) - 1, -1, -1):
-            if self._turns[i][0] == "user":
-                del self._turns[i:]
+        """Drop the last user turn and whatever followed it (uncommitted or cancelled)."""
+        for i in range(len(self._entries) - 1, -1, -1):
+            if self._entries[i][0] == "user":
+                del self._entries[i:]
                 return
 
-    def _cost(self, entry: tuple[Any, ...]) -> int:
-        if entry[0] == "user":
-            return sum(audio_token_count(c.size) + 8 for c in entry[1]) + len(entry[2] or "") + 6
-        return len(entry[1]) + 6
+    # ---- prompts --------------------------------------------------------------------
+    def system_message(self, tools_block: str | None = None) -> str | None:
+        """The system text, or None to let the template insert its default."""
+        if tools_block:
+            base = self.system_prompt if self.system_prompt is not None else DEFAULT_SYSTEM
+            return f"{base}\n\n{tools_block}" if base else tools_block
+        return self.system_prompt
 
     def request(self, session_id: str, turn_id: str, max_new_tokens: int = 256,
-                tools_block: str | None = None) -> "GenerationRequest":
+                tools_block: str | None = None) -> GenerationRequest:
+        """The prompt for the current (last) user turn and its tool rounds, within budget."""
         from agent.inference.base import GenerationRequest
 
-        system = "\n\n".join(p for p in (self.system_prompt, tools_block) if p) or None
-        # The budget drops the oldest whole exchanges, never the current (last) user turn.
-        starts = [i for i, t in enumerate(self._turns) if t[0] == "user"]
-        budget = self.context_tokens - max_new_tokens - len(system or DEFAULT_SYSTEM)
-        first = starts[-1] if starts else 0
-        for start in reversed(starts):
-            if sum(self._cost(t) for t in self._turns[start:]) > budget and start != first:
-                break
-            first = start
+        starts = self._turn_starts()
+        if not starts or self._entries[starts[-1]][0] != "user":
+            raise ValueError("no user turn to answer")
+        system = self.system_message(tools_block)
+        budget = self.context_tokens - max_new_tokens
+
+        def cost(k: int) -> int:
+            return self.token_count(*self._render(system, starts[k]))
+
+        # Binary search for the oldest turn that still fits: the count only grows with
+        # each older turn included. The current turn (index -1) is always kept.
+        lo, hi = 0, len(starts) - 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if cost(mid) <= budget:
+                hi = mid
+            else:
+                lo = mid + 1
+        messages, audios = self._render(system, starts[lo])
+        if lo > 0:
+            self._forget_before(starts, lo)
+        self._last_audios = audios
+        return GenerationRequest(session_id, turn_id, messages, audios, max_new_tokens)
+
+    def token_count(self, messages: list[dict[str, Any]],
+                    audios: Sequence[np.ndarray] | None = None) -> int:
+        """Prompt length in tokens, audio tokens expanded, as the processor would make it.
+
+        `audios` is the list the audio parts index (a request's `audios`); by default the
+        audios of this conversation's latest `request()`.
+        """
+        audios = self._last_audios if audios is None else audios
+        n = self._text_tokens(render_prompt(messages))
+        for message in messages:
+            if isinstance(message["content"], str):
+                continue
+            for part in message["content"]:
+                if part["type"] == "audio":
+                    index = part["audio"]
+                    if not 0 <= index < len(audios):
+                        raise ValueError(f"audio part refers to missing audio {index}")
+                    n += audio_token_count(len(audios[index])) - 1  # the placeholder expands
+        return n
+
+    # ---- internals ------------------------------------------------------------------
+    def _text_tokens(self, text: str) -> int:
+        if self.tokenizer is not None:
+            return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        n, pos = 0, 0
+        for match in _SPECIAL.finditer(text):
+            n += len(unicodedata.normalize("NFC", text[pos : match.start()]).encode()) + 1
+            pos = match.end()
+        return n + len(unicodedata.normalize("NFC", text[pos:]).encode())
+
+    def _turn_starts(self) -> list[int]:
+        """Where each whole turn begins: every user audio turn (and any leading replies)."""
+        starts = [i for i, e in enumerate(self._entries) if e[0] == "user"]
+        if self._entries and (not starts or starts[0] != 0):
+            starts.insert(0, 0)
+        return starts
+
+    def _render(self, system: str | None, first: int) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
         messages: list[dict[str, Any]] = []
-        if system:
+        if system is not None:
             messages.append({"role": "system", "content": system})
-        audios: list[Any] = []
-        for entry in self._turns[first:]:
+        audios: list[np.ndarray] = []
+        for entry in self._entries[first:]:
             if entry[0] == "user":
                 parts: list[dict[str, Any]] = []
                 for clip in entry[1]:
@@ -124,4 +222,23 @@ class Conversation:
                 messages.append({"role": "assistant", "content": entry[1]})
             else:
                 messages.append({"role": "user", "content": [{"type": "text", "text": entry[1]}]})
-        return GenerationRequest(session_id, turn_id, messages, audios, max_new_tokens)
+        return messages, audios
+
+    def _forget_before(self, starts: list[int], k: int) -> None:
+        """Free the turns that no later prompt can reach: turn j is unreachable once it and
+        the later history (the current turn aside) fill the whole budget on their own."""
+
+        def unreachable(j: int) -> bool:
+            messages, clips = self._render("", starts[j])  # "": the smallest system message
+            history = messages[: 1 + starts[-1] - starts[j]]
+            return self.token_count(history, clips) >= self.context_tokens
+
+        lo, hi = -1, k - 1  # the newest unreachable turn, if any, is in [0, k-1]
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if unreachable(mid):
+                lo = mid
+            else:
+                hi = mid - 1
+        if lo >= 0:
+            del self._entries[: starts[lo + 1]]
