@@ -1,16 +1,12 @@
 """The `openai` backend against a local server that speaks vLLM's chat-completions wire format."""
 
 import asyncio
-import base64
 import io
-import json
 import socket
-import wave
+from contextlib import aclosing
 
 import numpy as np
 import pytest
-from aiohttp import web
-from aiohttp.client_exceptions import ClientConnectionResetError
 
 from agent import events as ev
 from agent.config import load_settings
@@ -18,57 +14,28 @@ from agent.conversation import Conversation
 from agent.filerun import run_files
 from agent.inference.base import GenerationStats, InferenceError
 from agent.inference.openai import OpenAIBackend
+from tests.fake_openai import MODEL, FakeOpenAI
 
-
-class FakeVLLM:
-    """Validates requests like vLLM would and streams scripted SSE deltas."""
-
-    def __init__(self, pieces=("Hel", "lo", " there"), status=200, stall_after=None):
-        self.pieces, self.status, self.stall_after = list(pieces), status, stall_after
-        self.requests: list[dict] = []
-        self.disconnected = asyncio.Event()
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        self.requests.append(body)
-        if self.status != 200:
-            return web.json_response({"error": {"message": "model is overloaded"}}, status=self.status)
-        assert body["stream"] is True and body["model"] == "Qwen/Qwen2-Audio-7B-Instruct"
-        for message in body["messages"]:
-            for part in message["content"] if isinstance(message["content"], list) else []:
-                if part["type"] == "input_audio":
-                    with wave.open(io.BytesIO(base64.b64decode(part["input_audio"]["data"]))) as w:
-                        assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (16000, 1, 2)
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        try:
-            for i, piece in enumerate(self.pieces):
-                while self.stall_after is not None and i >= self.stall_after:
-                    await resp.write(b": still thinking\n\n")  # SSE comment; fails once the client left
-                    await asyncio.sleep(0.05)
-                chunk = {"choices": [{"index": 0, "delta": {"content": piece}}]}
-                await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
-            usage = {"choices": [], "usage": {"prompt_tokens": 42, "completion_tokens": len(self.pieces)}}
-            await resp.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
-        except (ConnectionResetError, ClientConnectionResetError, asyncio.CancelledError):
-            self.disconnected.set()
-            raise
-        return resp
+SR = 16000
+GUARD = 20  # seconds: a hang fails the test instead of stalling the run (not a timing assert)
 
 
 @pytest.fixture
 async def fake():
-    server = FakeVLLM()
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", server.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    server.url = f"http://127.0.0.1:{port}/v1"
-    yield server
-    await runner.cleanup()
+    async with FakeOpenAI() as server:
+        yield server
+
+
+@pytest.fixture
+async def backend(fake):
+    b = OpenAIBackend(fake.url, MODEL)
+    await b.start()
+    yield b
+    await b.close()
+
+
+def noise(seconds, seed=0):
+    return (np.random.default_rng(seed).uniform(-0.5, 0.5, int(seconds * SR))).astype(np.float32)
 
 
 def request_for(audio, instruction=None):
@@ -78,55 +45,177 @@ def request_for(audio, instruction=None):
 
 
 async def collect(backend, request, stats=None):
+    return await asyncio.wait_for(_collect(backend, request, stats), GUARD)
+
+
+async def _collect(backend, request, stats):
     return [piece async for piece in backend.generate(request, stats)]
 
 
-async def test_streams_deltas_and_sends_the_audio_and_instruction(fake, speech_two):
-    backend = OpenAIBackend(fake.url, "Qwen/Qwen2-Audio-7B-Instruct")
-    await backend.start()
+async def test_streams_deltas_in_order_and_fills_stats(fake, backend):
     stats = GenerationStats()
-    pieces = await collect(backend, request_for(speech_two.samples, "Transcribe it."), stats)
-    await backend.close()
-    assert pieces == ["Hel", "lo", " there"] and stats.tokens == 3 and stats.prompt_tokens == 42
+    pieces = await collect(backend, request_for(noise(1.0)), stats)
+    assert pieces == ["Hel", "lo", " there"] and "".join(pieces) == "Hello there"
+    assert stats.tokens == 3 and stats.prompt_tokens == 42  # from the server's usage chunk
+    assert set(stats.timings) == {"ttft", "total"} and stats.timings["ttft"] <= stats.timings["total"]
+    body = fake.requests[0]
+    assert body["stream"] is True and body["model"] == MODEL and body["max_tokens"] == 16
+    assert fake.rejected == [] and fake.completed == 1 and backend.queue_depth == 0
+
+
+async def test_without_usage_tokens_are_counted_from_deltas(fake, backend):
+    fake.usage, fake.pieces = False, ["a", "b", "c", "d"]
+    stats = GenerationStats()
+    assert await collect(backend, request_for(noise(0.5)), stats) == ["a", "b", "c", "d"]
+    assert stats.tokens == 4 and stats.prompt_tokens == 0
+
+
+async def test_audio_arrives_as_the_same_samples_and_the_instruction_as_text(fake, backend):
+    audio = noise(1.7, seed=3)
+    await collect(backend, request_for(audio, "Transcribe it."))
     content = fake.requests[0]["messages"][-1]["content"]
+    assert [p["type"] for p in content] == ["input_audio", "text"]
     assert content[-1] == {"type": "text", "text": "Transcribe it."}
-    with wave.open(io.BytesIO(base64.b64decode(content[0]["input_audio"]["data"]))) as w:
-        sent = np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32) / 32767
-    np.testing.assert_allclose(sent, speech_two.samples, atol=1 / 16000)
+    (sent,) = fake.audios[0]
+    assert sent.size == audio.size
+    np.testing.assert_allclose(sent, audio, atol=1.5 / 32767)  # int16 quantization only
 
 
-async def test_cancel_mid_stream_closes_the_server_stream(fake, speech_two):
+async def test_chat_history_and_long_audio_map_to_parts(fake, backend):
+    conv = Conversation("Be brief.")
+    conv.add_user(noise(1.0, 1))  # voice chat: audio only
+    conv.add_assistant('<tool_call>\n{"name": "t", "arguments": {}}\n</tool_call>')
+    conv.add_tool_results("<tool_response>\n1\n</tool_response>")
+    conv.add_assistant("One.")
+    long = noise(45.0, 2)
+    conv.add_user(long)  # over 30 s: two audio parts
+    await collect(backend, conv.request("s", "t"))
+    messages = fake.requests[0]["messages"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert messages[0]["content"] == "Be brief." and messages[4]["content"] == "One."
+    assert [p["type"] for p in messages[1]["content"]] == ["input_audio"]
+    assert messages[3]["content"] == [{"type": "text", "text": "<tool_response>\n1\n</tool_response>"}]
+    assert [p["type"] for p in messages[5]["content"]] == ["input_audio", "input_audio"]
+    np.testing.assert_allclose(np.concatenate(fake.audios[0][1:]), long, atol=1.5 / 32767)
+
+
+async def test_api_key_is_sent_as_bearer(fake):
+    b = OpenAIBackend(fake.url, MODEL, api_key="sk-test")
+    await b.start()
+    await collect(b, request_for(noise(0.3)))
+    await b.close()
+    assert fake.headers[0]["Authorization"] == "Bearer sk-test"
+
+
+async def test_aclose_mid_stream_closes_the_server_stream(fake, backend):
     fake.stall_after = 1
-    backend = OpenAIBackend(fake.url, "Qwen/Qwen2-Audio-7B-Instruct")
-    await backend.start()
-    stream = backend.generate(request_for(speech_two.samples))
-    assert await stream.__anext__() == "Hel"
+    stream = backend.generate(request_for(noise(1.0)))
+    assert await asyncio.wait_for(stream.__anext__(), GUARD) == "Hel"
     await stream.aclose()  # what a barge-in does
-    await asyncio.wait_for(fake.disconnected.wait(), 10)
-    await backend.close()
+    await asyncio.wait_for(fake.disconnected.wait(), GUARD)
+    assert fake.completed == 0 and backend.queue_depth == 0
 
 
-@pytest.mark.parametrize("status,code", [(500, "backend_error"), (503, "busy"), (429, "busy")])
-async def test_http_errors_map_to_clear_codes(fake, speech_two, status, code):
+async def test_break_and_task_cancel_close_the_server_stream(fake, backend):
+    fake.stall_after = 1
+    async with aclosing(backend.generate(request_for(noise(1.0)))) as stream:
+        async for _ in stream:
+            break
+    await asyncio.wait_for(fake.disconnected.wait(), GUARD)
+    fake.disconnected.clear()
+
+    first = asyncio.Event()
+
+    async def consume():
+        async with aclosing(backend.generate(request_for(noise(1.0)))) as s:
+            async for _ in s:
+                first.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(first.wait(), GUARD)
+    task.cancel()  # waiting on the stalled stream
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.wait_for(fake.disconnected.wait(), GUARD)
+    assert fake.completed == 0 and backend.queue_depth == 0
+
+
+@pytest.mark.parametrize("status,code", [(500, "backend_error"), (503, "busy"), (429, "busy"), (404, "backend_error")])
+async def test_http_errors_map_to_clear_codes(fake, backend, status, code):
     fake.status = status
-    backend = OpenAIBackend(fake.url, "Qwen/Qwen2-Audio-7B-Instruct")
-    await backend.start()
     with pytest.raises(InferenceError) as info:
-        await collect(backend, request_for(speech_two.samples))
-    await backend.close()
-    assert info.value.code == code and str(status) in info.value.message and "overloaded" in info.value.message
+        await collect(backend, request_for(noise(0.5)))
+    assert info.value.code == code
+    assert str(status) in info.value.message and "overloaded" in info.value.message
+    assert fake.url in info.value.message
 
 
-async def test_dead_endpoint_is_backend_unavailable(speech_two):
+async def test_a_request_the_server_rejects_reports_its_reason(fake):
+    b = OpenAIBackend(fake.url, "some/other-model")
+    await b.start()
+    with pytest.raises(InferenceError) as info:
+        await collect(b, request_for(noise(0.5)))
+    await b.close()
+    assert info.value.code == "backend_error" and "400" in info.value.message
+    assert "some/other-model` does not exist" in info.value.message and len(fake.rejected) == 1
+
+
+async def test_error_chunk_mid_stream_is_backend_error(fake, backend):
+    fake.error_after = 1
+    got: list[str] = []
+    with pytest.raises(InferenceError) as info:
+        async for piece in backend.generate(request_for(noise(0.5))):
+            got.append(piece)
+    assert got == ["Hel"] and info.value.code == "backend_error" and "engine crashed" in info.value.message
+
+
+async def test_dead_endpoint_is_backend_unavailable():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nothing listens there
-    backend = OpenAIBackend(f"http://127.0.0.1:{port}/v1", "m", timeout=10)
-    await backend.start()
+    b = OpenAIBackend(f"http://127.0.0.1:{port}/v1", MODEL, timeout=GUARD, connect_timeout=GUARD)
+    await b.start()
     with pytest.raises(InferenceError) as info:
-        await collect(backend, request_for(speech_two.samples))
-    await backend.close()
-    assert info.value.code == "backend_unavailable" and str(port) in info.value.message
+        await collect(b, request_for(noise(0.5)))  # refused at once; the guard catches a hang
+    await b.close()
+    assert info.value.code == "backend_unavailable"
+    assert f"http://127.0.0.1:{port}/v1/chat/completions" in info.value.message
+
+
+async def test_silent_server_times_out_as_backend_unavailable():
+    with socket.socket() as listener:  # accepts connections (backlog) but never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        port = listener.getsockname()[1]
+        b = OpenAIBackend(f"http://127.0.0.1:{port}/v1", MODEL, timeout=0.3)
+        await b.start()
+        with pytest.raises(InferenceError) as info:
+            await collect(b, request_for(noise(0.5)))
+        await b.close()
+    assert info.value.code == "backend_unavailable" and "timeout" in info.value.message
+    assert str(port) in info.value.message
+
+
+async def test_unknown_host_is_backend_unavailable():
+    b = OpenAIBackend("http://no-such-host.invalid:8000/v1", MODEL, connect_timeout=5)
+    await b.start()
+    with pytest.raises(InferenceError) as info:
+        await collect(b, request_for(noise(0.5)))
+    await b.close()
+    assert info.value.code == "backend_unavailable" and "no-such-host.invalid" in info.value.message
+
+
+async def test_misuse_is_reported_clearly():
+    with pytest.raises(ValueError, match="http"):
+        OpenAIBackend("127.0.0.1:8000/v1", MODEL)
+    b = OpenAIBackend("http://127.0.0.1:8000/v1", MODEL)
+    with pytest.raises(InferenceError, match="not started") as info:
+        await collect(b, request_for(noise(0.5)))
+    assert info.value.code == "backend_unavailable"
+    assert (b.name, b.model_name, b.warning) == ("openai", MODEL, None)
+    await b.prefill(request_for(noise(0.5)))  # no-ops by design
+    await b.drop("s1", "t1")
+    await b.forget("s1")
 
 
 async def test_file_run_through_the_openai_backend(fake, speech_two):
@@ -140,3 +229,4 @@ async def test_file_run_through_the_openai_backend(fake, speech_two):
     second = fake.requests[1]["messages"]
     assert [m["role"] for m in second] == ["user", "assistant", "user"]
     assert second[1]["content"] == "Hello there"
+    assert fake.rejected == []

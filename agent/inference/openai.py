@@ -1,12 +1,21 @@
 """Backend for any OpenAI-compatible chat-completions server that serves Qwen2-Audio.
 
 This is how users scale past one machine: vLLM replicas (or tensor parallel) behind it,
-the agent processes stateless per session.
+the agent processes stateless per session. Serve the model, then point the agent at it:
 
     vllm serve Qwen/Qwen2-Audio-7B-Instruct --limit-mm-per-prompt '{"audio": 5}'
-    voice-agent serve --backend openai --openai-url http://127.0.0.1:8000/v1
+    voice-agent serve --backend openai --openai-url http://host:8000/v1
+    voice-agent run talk.wav --backend openai --openai-url http://host:8000/v1
 
-Audio goes as `input_audio` parts (base64 16 kHz WAV); the reply streams as SSE.
+`--limit-mm-per-prompt` caps the audio parts of one prompt: the whole conversation's clips
+(a turn over 30 s is several) count, so raise it for long sessions.
+
+Wire format: audio goes as `{"type": "input_audio", "input_audio": {"data": <base64 16 kHz
+mono WAV>, "format": "wav"}}` parts, text as `{"type": "text"}` parts; `"stream": true`
+answers with SSE lines `data: {json}` carrying `choices[0].delta.content`, ending
+`data: [DONE]`. Errors become `InferenceError`: unreachable / timed out →
+`backend_unavailable`, HTTP 429/503 → `busy`, any other HTTP error or a broken stream →
+`backend_error`, each message naming the URL.
 """
 
 from __future__ import annotations
@@ -14,9 +23,11 @@ from __future__ import annotations
 import base64
 import json
 import time
+from contextlib import aclosing
 from typing import Any, AsyncIterator
 
 import aiohttp
+from yarl import URL
 
 from agent.audio import to_wav_bytes
 from agent.inference.base import GenerationRequest, GenerationStats, InferenceError
@@ -36,31 +47,47 @@ def to_openai_messages(request: GenerationRequest) -> list[dict[str, Any]]:
                 wav = to_wav_bytes(request.audios[part["audio"]])
                 parts.append({"type": "input_audio",
                               "input_audio": {"data": base64.b64encode(wav).decode("ascii"), "format": "wav"}})
-            else:
+            elif part["type"] == "text":
                 parts.append({"type": "text", "text": part["text"]})
         out.append({"role": message["role"], "content": parts})
     return out
 
 
 class OpenAIBackend:
+    """Streams answers from `{base_url}/chat/completions`; holds no per-session state.
+
+    `timeout` is the longest wait for the next bytes of an answer (not a cap on its whole
+    length, which a long answer may exceed); `connect_timeout` bounds reaching the server.
+    """
+
     name = "openai"
     warning: str | None = None
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 60.0,
                  connect_timeout: float = 5.0) -> None:
-        self.base_url = base_url.rstrip("/")
+        url = URL(base_url.rstrip("/"))
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError(f"OpenAI backend URL must be http(s)://host[:port]/v1, got {base_url!r}")
+        self.base_url = str(url)
         self.model_name = model
         self._api_key = api_key
-        self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
+        # `connect` covers DNS and the TCP/TLS handshake; no `total`: answers stream for long.
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=timeout)
         self._http: aiohttp.ClientSession | None = None
+        self._in_flight = 0
 
     @property
     def queue_depth(self) -> int:
-        return 0  # the server queues; we hold nothing
+        """Requests this process has in flight (the server keeps its own queue)."""
+        return self._in_flight
 
     async def start(self) -> None:
-        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
-        self._http = aiohttp.ClientSession(headers=headers, timeout=self._timeout)
+        if self._http is None:
+            headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+            # No client-side connection cap: the server queues, a cap would only hide waiting
+            # (and count against `connect_timeout`).
+            self._http = aiohttp.ClientSession(headers=headers, timeout=self._timeout,
+                                               connector=aiohttp.TCPConnector(limit=0))
 
     async def close(self) -> None:
         if self._http is not None:
@@ -69,65 +96,109 @@ class OpenAIBackend:
 
     async def generate(self, request: GenerationRequest,
                        stats: GenerationStats | None = None) -> AsyncIterator[str]:
+        """Stream the answer's text deltas. Closing the iterator closes the HTTP stream,
+        which is how vLLM learns to stop generating."""
         if self._http is None:
-            raise InferenceError("backend_unavailable", "OpenAI backend not started")
-        if not request.audios:
-            raise InferenceError("bad_request", "empty turn: no audio")
+            raise InferenceError("backend_unavailable", f"OpenAI backend for {self.base_url} is not started")
         url = f"{self.base_url}/chat/completions"
+        # Greedy, like the local engine, so both backends answer alike.
         body = {"model": self.model_name, "messages": to_openai_messages(request), "stream": True,
                 "max_tokens": request.max_new_tokens, "temperature": 0.0,
                 "stream_options": {"include_usage": True}}
         start = time.monotonic()
         deltas = 0
+        self._in_flight += 1
         try:
-            # Leaving this block early (cancel, aclose) closes the response: the server sees
-            # the client go and stops generating.
             async with self._http.post(url, json=body) as response:
-                if response.status in (429, 503):
-                    raise InferenceError("busy", f"{url}: HTTP {response.status}: {await _reason(response)}")
-                if response.status >= 400:
-                    raise InferenceError("backend_error", f"{url}: HTTP {response.status}: {await _reason(response)}")
-                async for raw in response.content:
-                    line = raw.decode("utf-8", "replace").strip()
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
-                    chunk = json.loads(data)
-                    if stats is not None and chunk.get("usage"):
-                        stats.tokens = int(chunk["usage"].get("completion_tokens") or deltas)
-                        stats.prompt_tokens = int(chunk["usage"].get("prompt_tokens") or 0)
-                    for choice in chunk.get("choices") or []:
-                        text = (choice.get("delta") or {}).get("content")
-                        if text:
+                done = False
+                try:
+                    await _check_status(url, response)
+                    async with aclosing(_sse_deltas(url, response)) as events:
+                        async for text, usage in events:
+                            if usage:
+                                if stats is not None:
+                                    stats.tokens = int(usage.get("completion_tokens") or 0)
+                                    stats.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+                                continue
                             if deltas == 0 and stats is not None:
                                 stats.timings["ttft"] = time.monotonic() - start
                             deltas += 1
                             yield text
+                    done = True
+                finally:
+                    if not done:
+                        # Early exit (aclose, cancel, error): drop the connection rather than
+                        # return it to the pool, so the server sees the client leave and stops.
+                        response.close()
+        except TimeoutError:
+            raise InferenceError("backend_unavailable", f"{url}: no answer within the timeout") from None
         except aiohttp.ClientConnectionError as exc:
             raise InferenceError("backend_unavailable", f"cannot reach {url}: {exc}") from None
-        except TimeoutError:
-            raise InferenceError("backend_unavailable", f"{url}: timed out") from None
-        except (json.JSONDecodeError, UnicodeError) as exc:
-            raise InferenceError("backend_error", f"{url}: malformed stream: {exc}") from None
+        except aiohttp.ClientError as exc:  # e.g. a payload cut off mid-stream
+            raise InferenceError("backend_error", f"{url}: {type(exc).__name__}: {exc}") from None
+        finally:
+            self._in_flight -= 1
         if stats is not None:
             stats.tokens = stats.tokens or deltas
             stats.timings["total"] = time.monotonic() - start
 
     async def prefill(self, request: GenerationRequest) -> None:
-        """The server does its own prefix caching (vLLM: --enable-prefix-caching)."""
+        """Nothing to do here: the server does its own prefix caching (vLLM:
+        --enable-prefix-caching), and a speculative request would cost a full answer."""
 
-    async def drop(self, session_id: str, turn_id: str) -> None: ...
+    async def drop(self, session_id: str, turn_id: str) -> None:
+        """No speculative state to drop."""
 
-    async def forget(self, session_id: str) -> None: ...
+    async def forget(self, session_id: str) -> None:
+        """No per-session state: every request carries the whole conversation."""
+
+
+async def _check_status(url: str, response: aiohttp.ClientResponse) -> None:
+    if response.status < 400:
+        return
+    code = "busy" if response.status in (429, 503) else "backend_error"
+    raise InferenceError(code, f"{url}: HTTP {response.status}: {await _reason(response)}")
+
+
+async def _sse_deltas(url: str, response: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """(text, {}) per content delta and ("", usage) for a usage chunk, until [DONE]."""
+    finished = False
+    async for raw in response.content:
+        line = raw.decode("utf-8", "replace").strip()
+        if not line.startswith("data:"):
+            continue  # blank separators, `: keep-alive` comments, event names
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        try:
+            chunk = json.loads(data)
+        except json.JSONDecodeError:
+            raise InferenceError("backend_error", f"{url}: malformed stream line {data[:200]!r}") from None
+        if not isinstance(chunk, dict):
+            raise InferenceError("backend_error", f"{url}: malformed stream line {data[:200]!r}")
+        if chunk.get("error"):  # vLLM reports failures after the 200 as an error chunk
+            error = chunk["error"]
+            message = error.get("message", error) if isinstance(error, dict) else error
+            raise InferenceError("backend_error", f"{url}: {message}")
+        for choice in chunk.get("choices") or []:
+            text = (choice.get("delta") or {}).get("content")
+            if text:
+                yield text, {}
+            finished = finished or bool(choice.get("finish_reason"))
+        if chunk.get("usage"):
+            yield "", chunk["usage"]
+    if not finished:
+        raise InferenceError("backend_error", f"{url}: the stream ended before the answer did")
 
 
 async def _reason(response: aiohttp.ClientResponse) -> str:
-    text = (await response.text())[:500]
+    """The server's own error message (OpenAI/vLLM: {"error": {"message": …}})."""
+    text = (await response.text(errors="replace"))[:500]
     try:
         data = json.loads(text)
-        error = data.get("error", data)
-        return str(error.get("message", error) if isinstance(error, dict) else error)
-    except (json.JSONDecodeError, AttributeError):
-        return text or response.reason or ""
+    except json.JSONDecodeError:
+        return text.strip() or response.reason or ""
+    error = data.get("error", data) if isinstance(data, dict) else data
+    if isinstance(error, dict):
+        return str(error.get("message") or error.get("detail") or error)
+    return str(error)
