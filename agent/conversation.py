@@ -68,7 +68,7 @@ def audio_token_count(n_samples: int) -> int:
     started 10 ms hop (ceil, not floor) of the clip truncated to 30 s.
     """
     frames = -(-min(n_samples, MAX_CLIP_SAMPLES) // _HOP)
-    return max(0, (((frames - 1) // 2 + 1) - 2) // 2 + 1) if frames > 0 else 0
+    return (((frames - 1) // 2 + 1) - 2) // 2 + 1 if frames > 0 else 0
 
 
 def split_clips(audio: np.ndarray) -> list[np.ndarray]:
@@ -109,6 +109,8 @@ class Conversation:
             raise ValueError(f"a turn's audio must be mono (1-D), got shape {clip.shape}")
         if clip.size == 0:
             raise ValueError("empty turn: no audio")
+        if not np.isfinite(clip).all():
+            raise ValueError("a turn's audio holds NaN or infinite samples")
         if instruction:
             limit = self.context_tokens // 2
             n = self._text_tokens(instruction)

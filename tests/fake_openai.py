@@ -7,7 +7,8 @@ gets vLLM's 400 error shape and is listed in `rejected`, so tests see what was w
 
 Knobs (plain attributes, change them between requests): `pieces`, `status` (fail with that
 HTTP status), `stall_after` (stop after that many pieces and keep the stream open until the
-client leaves), `usage` (send a usage chunk), `error_after` (an error chunk mid-stream).
+client leaves), `usage` (send a usage chunk), `error_after` (an error chunk mid-stream),
+`end_after` (end the HTTP response after that many pieces, without finish or [DONE]).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class FakeOpenAI:
         self.error_message = "model is overloaded"
         self.stall_after: int | None = None
         self.error_after: int | None = None
+        self.end_after: int | None = None
         self.usage = True
         self.requests: list[dict[str, Any]] = []  # accepted bodies
         self.audios: list[list[np.ndarray]] = []  # decoded audio of each accepted request
@@ -135,6 +137,8 @@ class FakeOpenAI:
                     while True:  # an SSE comment per tick: the write fails once the client left
                         await resp.write(b": still thinking\n\n")
                         await asyncio.sleep(0.02)
+                if i == self.end_after:
+                    return resp
                 if i == self.error_after:
                     await _event(resp, {"error": {"message": "engine crashed", "code": 500}})
                     return resp

@@ -224,6 +224,8 @@ def test_bad_turns_are_refused_clearly():
     conv = Conversation()
     with pytest.raises(ValueError, match="empty turn"):
         conv.add_user(np.zeros(0, np.float32))
+    with pytest.raises(ValueError, match="NaN"):
+        conv.add_user(np.array([0.0, np.nan] * 800, np.float32))
     with pytest.raises(ValueError, match="mono"):
         conv.add_user(np.zeros((2, 1600), np.float32))
     with pytest.raises(ValueError, match="no user turn"):

@@ -169,6 +169,15 @@ async def test_error_chunk_mid_stream_is_backend_error(fake, backend):
     assert got == ["Hel"] and info.value.code == "backend_error" and "engine crashed" in info.value.message
 
 
+async def test_stream_ending_before_the_answer_is_backend_error(fake, backend):
+    fake.end_after = 2  # the connection ends cleanly, but with no finish_reason and no [DONE]
+    got: list[str] = []
+    with pytest.raises(InferenceError) as info:
+        async for piece in backend.generate(request_for(noise(0.5))):
+            got.append(piece)
+    assert got == ["Hel", "lo"] and info.value.code == "backend_error" and "ended" in info.value.message
+
+
 async def test_dead_endpoint_is_backend_unavailable():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
