@@ -22,12 +22,12 @@ from agent import turns
 from agent.conversation import Conversation
 from agent.inference.base import GenerationStats, InferenceError
 from agent.tools import ParsedToolCall, TextPiece, ToolCallParser, format_tool_responses
+from agent.vad import CHUNK
 
 if TYPE_CHECKING:
     from agent.runtime import AgentRuntime
 
 log = logging.getLogger(__name__)
-CHUNK = 512
 
 
 class Session:
@@ -48,7 +48,6 @@ class Session:
         self._next_instruction: str | None = None
         self._wait = wait_for_responses
         self._pending: list[np.ndarray] = []  # audio the VAD has not scored yet
-        self._pending_len = 0
         self._turn_n = 0
         self._speculative: tuple[str, float] | None = None  # (turn_id, end) being prefilled
         self._response: asyncio.Task[None] | None = None
@@ -73,12 +72,11 @@ class Session:
             self.last_activity = time.monotonic()
             probs = await self._vad.process(samples)
             self._pending.append(samples)
-            self._pending_len += samples.size
             if not probs.size:
                 return
             buf = np.concatenate(self._pending)
             used = probs.size * CHUNK
-            self._pending, self._pending_len = [buf[used:]], buf.size - used
+            self._pending = [buf[used:]]
             for i, p in enumerate(probs):
                 for signal in self._detector.feed(buf[i * CHUNK : (i + 1) * CHUNK], float(p)):
                     await self._on_signal(signal)
