@@ -7,96 +7,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import WSMsgType, web
 
 from agent.bus import EventBus
 from agent.events import ResponseDone, SpeechStarted, SpeechStopped
 from agent.plugin import PluginContext, PluginHost
 from agent.tools import ParsedToolCall, ToolRegistry
 from plugins.homeassistant import HomeAssistantPlugin
+from tests.fake_homeassistant import TOKEN, running_fake_ha
 from tests.mosquitto import Broker, FakeCommands, Observer, free_port, send, until
-
-TOKEN = "long-lived-token"
-
-
-class FakeHA:
-    def __init__(self) -> None:
-        self.states: dict[str, dict[str, Any]] = {
-            "light.kitchen": {"entity_id": "light.kitchen", "state": "off",
-                              "attributes": {"friendly_name": "Kitchen", "brightness": None}},
-            "climate.hall": {"entity_id": "climate.hall", "state": "heat",
-                             "attributes": {"friendly_name": "Hall", "temperature": 19}},
-            "lock.front_door": {"entity_id": "lock.front_door", "state": "locked", "attributes": {}},
-            "switch.fan": {"entity_id": "switch.fan", "state": "off", "attributes": {}},
-        }
-        self.calls: list[tuple[str, str, dict[str, Any]]] = []
-        self.sockets: list[web.WebSocketResponse] = []
-
-    def authorised(self, request: web.Request) -> bool:
-        return request.headers.get("Authorization") == f"Bearer {TOKEN}"
-
-    async def get_states(self, request: web.Request) -> web.Response:
-        if not self.authorised(request):
-            return web.json_response({"message": "unauthorized"}, status=401)
-        return web.json_response(list(self.states.values()))
-
-    async def get_state(self, request: web.Request) -> web.Response:
-        if not self.authorised(request):
-            return web.json_response({"message": "unauthorized"}, status=401)
-        state = self.states.get(request.match_info["entity_id"])
-        return web.json_response(state) if state else web.json_response({"message": "not found"}, status=404)
-
-    async def service(self, request: web.Request) -> web.Response:
-        if not self.authorised(request):
-            return web.json_response({"message": "unauthorized"}, status=401)
-        domain, service = request.match_info["domain"], request.match_info["service"]
-        data = await request.json()
-        self.calls.append((domain, service, data))
-        state = self.states[data["entity_id"]]
-        if service in ("turn_on", "turn_off"):
-            state["state"] = service.removeprefix("turn_")
-        return web.json_response([state])
-
-    async def websocket(self, request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        await ws.send_json({"type": "auth_required", "ha_version": "2025.1.0"})
-        auth = await ws.receive_json()
-        if auth.get("access_token") != TOKEN:
-            await ws.send_json({"type": "auth_invalid", "message": "Invalid access token"})
-            await ws.close()
-            return ws
-        await ws.send_json({"type": "auth_ok", "ha_version": "2025.1.0"})
-        self.sockets.append(ws)
-        async for msg in ws:
-            if msg.type == WSMsgType.TEXT:
-                data = json.loads(msg.data)
-                await ws.send_json({"id": data["id"], "type": "result", "success": True, "result": None})
-        return ws
-
-    async def push_state(self, entity_id: str, state: str) -> None:
-        self.states[entity_id]["state"] = state
-        for ws in self.sockets:
-            await ws.send_json({"id": 1, "type": "event", "event": {"event_type": "state_changed", "data": {
-                "entity_id": entity_id, "new_state": self.states[entity_id]}}})
 
 
 @pytest.fixture
 async def ha():
-    fake = FakeHA()
-    app = web.Application()
-    app.router.add_get("/api/states", fake.get_states)
-    app.router.add_get("/api/states/{entity_id}", fake.get_state)
-    app.router.add_post("/api/services/{domain}/{service}", fake.service)
-    app.router.add_get("/api/websocket", fake.websocket)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    yield fake, f"http://127.0.0.1:{port}"
-    for ws in fake.sockets:
-        await ws.close()
-    await runner.cleanup()
+    async with running_fake_ha() as served:
+        yield served
 
 
 def make_host(config: dict[str, Any]) -> tuple[EventBus, PluginHost]:
