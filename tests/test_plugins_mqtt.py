@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 from pathlib import Path
 
 import pytest
@@ -171,3 +172,24 @@ def test_config_errors_are_clear() -> None:
     with pytest.raises(ValueError, match=r"hostname"):
         PluginHost.from_config({"mqtt": {"hostname": "x"}}, ctx)  # typo'd key
     assert asyncio.iscoroutinefunction(MqttPlugin.on_event)
+
+
+@pytest.mark.slow
+async def test_voice_agent_run_publishes_every_event(broker: Broker, tmp_path: Path, speech_two) -> None:
+    """`voice-agent run --config` with the plugin: the whole event stream of a file reaches the
+    broker, in order, before the command exits."""
+    config = tmp_path / "agent.yaml"
+    config.write_text(f"agent_id: den\nplugins:\n  mqtt: {{host: 127.0.0.1, port: {broker.port}}}\n")
+    async with Observer(broker.port, "voice_agent/den/#").running() as obs:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agent.cli", "run", "--config", str(config), "--model", "tiny-random",
+            "--max-new-tokens", "4", "--jsonl", str(speech_two.path),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 240)
+        assert proc.returncode == 0, err.decode()
+        printed = [json.loads(line) for line in out.decode().splitlines()]
+        session_id = printed[0]["session_id"]
+        topic = f"voice_agent/den/sessions/{session_id}/events"
+        await until(lambda: len(obs.on(topic)) == len(printed), what="every event on the broker")
+    assert obs.json_on(topic) == printed
+    assert [e["type"] for e in printed].count("response.done") == 2
