@@ -1,7 +1,7 @@
 # Fresh machine: `make demo` (playground) or `make test` (the whole suite, what CI runs).
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip
-APT_PACKAGES = espeak-ng sox mosquitto chromium chromium-driver ffmpeg
+APT_PACKAGES = espeak-ng sox mosquitto chromium chromium-driver ffmpeg docker-compose
 
 .PHONY: setup system-packages demo test test-fast bench
 
