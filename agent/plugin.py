@@ -14,13 +14,16 @@ import importlib
 import importlib.metadata
 import logging
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Protocol
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from agent.bus import CommandTarget, EventBus, Subscription
 from agent.events import Event
 from agent.tools import Tool
+
+if TYPE_CHECKING:
+    from agent.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,7 @@ BUILTIN: dict[str, str] = {
     "mqtt": "plugins.mqtt:MqttPlugin",
     "homeassistant": "plugins.homeassistant:HomeAssistantPlugin",
     "webhook": "plugins.webhook:WebhookPlugin",
+    "livekit": "plugins.livekit:LiveKitPlugin",
 }
 
 
@@ -40,11 +44,18 @@ class PluginConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class SessionFactory(Protocol):
+    """What transport plugins (e.g. livekit) open sessions with: the `AgentRuntime`."""
+
+    def create_session(self, session_id: str | None = None, **options: Any) -> "Session": ...
+
+
 @dataclass
 class PluginContext:
     bus: EventBus
     commands: CommandTarget
     agent_id: str = "agent"
+    sessions: SessionFactory | None = None  # None where sessions cannot be created (e.g. tests)
 
 
 class Plugin:

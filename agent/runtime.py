@@ -50,7 +50,7 @@ class AgentRuntime:
         if self.settings.plugins or self._plugin_classes:
             from agent.plugin import PluginContext, PluginHost
 
-            context = PluginContext(bus=self.bus, commands=self, agent_id=self.settings.agent_id)
+            context = PluginContext(bus=self.bus, commands=self, agent_id=self.settings.agent_id, sessions=self)
             # Configs are validated before anything starts: a typo fails fast.
             self.plugins = PluginHost.from_config(self.settings.plugins, context, classes=self._plugin_classes)
         await self.vad.start()

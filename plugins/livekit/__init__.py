@@ -1,0 +1,10 @@
+"""LiveKit room transport (livekit rtc + livekit-api): each participant's audio is a session.
+
+    plugins:
+      livekit: {url: "ws://127.0.0.1:7880", api_key: devkey, api_secret: secret, room: kitchen}
+"""
+
+from plugins.livekit.config import LiveKitConfig
+from plugins.livekit.room import LiveKitPlugin
+
+__all__ = ["LiveKitConfig", "LiveKitPlugin"]

@@ -1,0 +1,252 @@
+"""Room participants ↔ agent sessions, independent of a live LiveKit connection.
+
+`ParticipantRouter` owns "participant identity → (audio pump, session, event sender)". The
+room's event handlers drive it in production; tests call the same methods with local tracks.
+Everything it says goes through `Outbound` — the room's `LocalParticipant` in production
+(whose `publish_data` / `stream_text` have exactly these signatures), a recorder in tests.
+
+Per participant: its session's events go out as JSON data packets (reliable, `events_topic`)
+and each response's text as an `lk.transcription` text stream (the livekit-agents convention:
+`lk.segment_id`, `lk.transcription_final` "false" while streaming, "true" on the close), so
+LiveKit's own client components show the answers; commands come in on `commands_topic`.
+Both are addressed to that participant only: a session is one person's conversation, others
+in the room would otherwise see it, and would have to filter everyone's traffic by session id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Protocol
+
+from livekit import rtc
+from pydantic import ValidationError
+
+from agent import events as ev
+from agent.bus import EventBus, Subscription
+from agent.plugin import SessionFactory
+from agent.session import Session
+from plugins.livekit.audio import AudioPump
+
+log = logging.getLogger(__name__)
+
+TOPIC_TRANSCRIPTION = "lk.transcription"
+ATTR_SEGMENT_ID = "lk.segment_id"
+ATTR_FINAL = "lk.transcription_final"
+
+
+class TextWriter(Protocol):
+    async def write(self, text: str) -> None: ...
+
+    async def aclose(self, *, reason: str = "", attributes: dict[str, str] | None = None) -> None: ...
+
+
+class Outbound(Protocol):
+    async def publish_data(self, payload: bytes | str, *, reliable: bool = True,
+                           destination_identities: list[str] = ..., topic: str = "") -> None: ...
+
+    async def stream_text(self, *, destination_identities: list[str] | None = None, topic: str = "",
+                          attributes: dict[str, str] | None = None) -> Any: ...
+
+
+def session_id_for(identity: str, prefix: str = "lk") -> str:
+    """Recognisable and safe as an MQTT topic level or URL part: `lk-<identity>-<random>`."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", identity)[:48] or "anon"
+    return f"{prefix}-{safe}-{uuid.uuid4().hex[:6]}"
+
+
+class Transcript:
+    """The open `lk.transcription` stream of one participant's current response."""
+
+    def __init__(self, identity: str) -> None:
+        self.identity = identity
+        self.writer: TextWriter | None = None
+        self.turn_id: str | None = None
+
+    async def on_event(self, event: ev.Event, out: Outbound | None) -> None:
+        if isinstance(event, ev.ResponseDelta):
+            if out is None:
+                return
+            if self.writer is None or self.turn_id != event.turn_id:
+                await self.close()
+                self.writer = await out.stream_text(
+                    topic=TOPIC_TRANSCRIPTION, destination_identities=[self.identity],
+                    attributes={ATTR_FINAL: "false", ATTR_SEGMENT_ID: f"SG_{event.turn_id}"})
+                self.turn_id = event.turn_id
+            await self.writer.write(event.text)
+        elif isinstance(event, (ev.ResponseDone, ev.ResponseCancelled, ev.SessionEnded)):
+            await self.close()
+
+    async def close(self) -> None:
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            await writer.aclose(attributes={ATTR_FINAL: "true", ATTR_SEGMENT_ID: f"SG_{self.turn_id}"})
+
+
+@dataclass
+class Participant:
+    identity: str
+    session: Session
+    sub: Subscription
+    transcript: Transcript
+    pump: AudioPump | None = None
+    track_sid: str | None = None  # its audio track, kept after the pump stops (unpublish comes later)
+    sender: asyncio.Task[None] | None = None
+    commands: asyncio.Lock = field(default_factory=asyncio.Lock)  # in arrival order, one at a time
+
+
+class ParticipantRouter:
+    def __init__(self, sessions: SessionFactory, bus: EventBus, *, events_topic: str = "voice-agent.events",
+                 commands_topic: str = "voice-agent.commands", max_queue_s: float = 2.0) -> None:
+        self.sessions = sessions
+        self.bus = bus
+        self.events_topic = events_topic
+        self.commands_topic = commands_topic
+        self.max_queue_s = max_queue_s
+        self.outbound: Outbound | None = None  # None while the room is not connected
+        self.participants: dict[str, Participant] = {}
+        self.unsent = 0  # events published while no room was connected
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=f"livekit-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # ---- participants and tracks ----------------------------------------------------
+    def on_track_subscribed(self, track: rtc.Track, identity: str) -> Session:
+        """A remote audio track: start (or resume) this participant's session."""
+        p = self.participants.get(identity)
+        if p is None or p.session.closed:
+            p = self._open(identity)
+        if p.pump is not None and p.pump.running:
+            if p.pump.track_sid != track.sid:
+                log.info("livekit: %s publishes a second audio track %s; only %s is listened to",
+                         identity, track.sid, p.pump.track_sid)
+            return p.session
+        if p.pump is not None:  # its stream ended (e.g. a reconnect); release it
+            self._spawn(p.pump.aclose(), f"stale-{p.session.id}")
+        p.pump = AudioPump(track, p.session, self.max_queue_s)
+        p.track_sid = track.sid
+        return p.session
+
+    def _open(self, identity: str) -> Participant:
+        session_id = session_id_for(identity)
+        # Subscribe before the session exists so that session.started is not missed.
+        sub = self.bus.subscribe(session_id, maxsize=1024)
+        session = self.sessions.create_session(session_id)
+        p = Participant(identity, session, sub, Transcript(identity))
+        p.sender = self._spawn(self._send_events(p), f"events-{session_id}")
+        self.participants[identity] = p
+        log.info("livekit: %s joined: session %s", identity, session_id)
+        return p
+
+    def on_track_unsubscribed(self, identity: str, track_sid: str) -> None:
+        """Not listening any more (e.g. a reconnect): the session waits for the track to return."""
+        p = self.participants.get(identity)
+        if p is not None and p.pump is not None and p.pump.track_sid == track_sid:
+            pump, p.pump = p.pump, None
+            self._spawn(pump.aclose(), f"unsubscribe-{p.session.id}")
+
+    def on_track_unpublished(self, identity: str, track_sid: str) -> None:
+        p = self.participants.get(identity)
+        if p is not None and p.track_sid == track_sid:
+            self.on_participant_left(identity)
+
+    def on_participant_left(self, identity: str, reason: str = "participant_left") -> asyncio.Task[None] | None:
+        p = self.participants.pop(identity, None)
+        return None if p is None else self._spawn(self._end(p, reason), f"end-{p.session.id}")
+
+    def retain(self, identities: Iterable[str], reason: str = "participant_left") -> None:
+        """After a reconnect: end the sessions of participants who are no longer in the room."""
+        keep = set(identities)
+        for identity in [i for i in self.participants if i not in keep]:
+            self.on_participant_left(identity, reason)
+
+    def detach_all(self) -> None:
+        """The room is gone: stop listening, keep the sessions (their people may come back)."""
+        for p in self.participants.values():
+            if p.pump is not None:
+                self.on_track_unsubscribed(p.identity, p.pump.track_sid)
+
+    async def _end(self, p: Participant, reason: str) -> None:
+        if p.pump is not None:
+            pump, p.pump = p.pump, None
+            await pump.aclose()
+        await p.session.close(reason)
+        if p.sender is not None:  # it stops after publishing session.ended
+            try:
+                await asyncio.wait_for(asyncio.shield(p.sender), 5.0)
+            except asyncio.TimeoutError:
+                p.sender.cancel()
+
+    async def aclose(self, reason: str = "shutdown") -> None:
+        ends = [self.on_participant_left(i, reason) for i in list(self.participants)]
+        await asyncio.gather(*[t for t in ends if t is not None], return_exceptions=True)
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ---- events out -----------------------------------------------------------------
+    async def _send_events(self, p: Participant) -> None:
+        try:
+            while True:
+                event = await p.sub.get()
+                await self._publish(p, event)
+                if isinstance(event, ev.SessionEnded):
+                    break
+        finally:
+            p.sub.close()
+            if self.participants.get(p.identity) is p:  # ended by the client (session.close)
+                self.on_participant_left(p.identity)
+
+    async def _publish(self, p: Participant, event: ev.Event) -> None:
+        out = self.outbound
+        if out is None:
+            self.unsent += 1
+        else:
+            try:
+                await out.publish_data(event.model_dump_json(), reliable=True, topic=self.events_topic,
+                                       destination_identities=[p.identity])
+            except Exception as exc:  # e.g. the room is reconnecting: this event is lost, not the session
+                log.warning("livekit: %s event to %s not sent: %s", event.type, p.identity, exc)
+        try:
+            await p.transcript.on_event(event, out)
+        except Exception as exc:
+            log.warning("livekit: transcription to %s failed: %s", p.identity, exc)
+            p.transcript.writer = None
+
+    # ---- commands in ----------------------------------------------------------------
+    def on_data(self, identity: str | None, topic: str | None, payload: bytes) -> None:
+        if topic != self.commands_topic:
+            return
+        p = self.participants.get(identity) if identity else None
+        if p is None:
+            log.debug("livekit: command from %r, who has no session; ignored", identity)
+            return
+        self._spawn(self._command(p, payload), f"command-{p.session.id}")
+
+    async def _command(self, p: Participant, payload: bytes) -> None:
+        async with p.commands:
+            session = p.session
+            try:
+                command = ev.parse_command(payload.decode())
+            except UnicodeDecodeError:
+                session.report_error("bad_command", "command packet is not UTF-8 JSON")
+                return
+            except ValidationError as exc:
+                problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'command'}: {e['msg']}" for e in exc.errors())
+                session.report_error("bad_command", f"invalid command: {problems}")
+                return
+            if session.closed:
+                return
+            try:
+                await session.handle(command)
+            except Exception as exc:
+                log.exception("livekit: command %s failed", command.type)
+                session.report_error("command_failed", f"{command.type}: {exc}")

@@ -1,0 +1,197 @@
+"""LiveKit room transport: the agent joins a room; each person who speaks there gets a session.
+
+    room events ──▶ ParticipantRouter (participant.py) ──▶ Session.push_audio / handle
+    session events ──▶ data packets on `events_topic` + `lk.transcription` text streams
+
+`start()` joins the room or raises with the URL and the reason (bounded by
+`connect_timeout_s`). Short network drops are the SDK's business (it resumes by itself); a
+full disconnect we did not ask for is answered by joining again with a fresh `rtc.Room`,
+with exponential backoff capped at `reconnect_max_s`, until `stop()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from livekit import rtc
+
+from agent.plugin import Plugin, PluginContext
+from plugins.livekit.config import LiveKitConfig, make_token
+from plugins.livekit.participant import ParticipantRouter
+
+log = logging.getLogger(__name__)
+
+# Full disconnects after which joining again would be wrong: we left, or another process
+# joined with our identity (rejoining would kick it out, and it us, forever).
+NO_REJOIN = {rtc.DisconnectReason.CLIENT_INITIATED, rtc.DisconnectReason.DUPLICATE_IDENTITY}
+
+
+def explain(message: str) -> str:
+    """The SDK's connect error, with a hint at the usual cause."""
+    if "401" in message or "403" in message or "nauthorized" in message:
+        return f"the server rejected the credentials (check api_key/api_secret): {message}"
+    if "refused" in message:
+        return f"nothing accepts connections there (is the LiveKit server running?): {message}"
+    return message
+
+
+class LiveKitPlugin(Plugin):
+    name = "livekit"
+    Config = LiveKitConfig
+    queue_size = 16  # events reach the room through per-session subscriptions, not on_event
+
+    def __init__(self, config: LiveKitConfig, context: PluginContext) -> None:
+        super().__init__(config, context)
+        self.config: LiveKitConfig = config
+        self.identity = config.identity or context.agent_id
+        self.room: rtc.Room | None = None
+        self.router: ParticipantRouter | None = None
+        self.reconnects = 0
+        self._stopping = False
+        self._rejoin: asyncio.Task[None] | None = None
+
+    def where(self) -> str:
+        return f"LiveKit room {self.config.room!r} at {self.config.url}"
+
+    async def start(self) -> None:
+        if self.context.sessions is None:
+            raise RuntimeError("the livekit plugin needs a runtime that creates sessions (PluginContext.sessions)")
+        c = self.config
+        self.router = ParticipantRouter(self.context.sessions, self.context.bus, events_topic=c.events_topic,
+                                        commands_topic=c.commands_topic, max_queue_s=c.max_queue_s)
+        await self._join()
+        log.info("livekit: joined %s as %r", self.where(), self.identity)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._rejoin is not None:
+            self._rejoin.cancel()
+            await asyncio.gather(self._rejoin, return_exceptions=True)
+        if self.router is not None:  # session.ended goes out before the room does
+            await self.router.aclose("shutdown")
+        room, self.room = self.room, None
+        if room is not None:
+            try:
+                await asyncio.wait_for(room.disconnect(), self.config.connect_timeout_s)
+            except Exception as exc:
+                log.warning("livekit: leaving %s: %s", self.where(), exc)
+
+    # ---- connection -----------------------------------------------------------------
+    async def _join(self) -> None:
+        """Join with a fresh Room; raises ConnectionError naming the URL and the reason."""
+        c, router = self.config, self.router
+        assert router is not None
+        room = rtc.Room()
+        self._attach(room)
+        self.room = room  # handlers ignore the events of any other (stale) room
+
+        async def connect() -> None:
+            await room.connect(c.url, make_token(c, self.identity),
+                               rtc.RoomOptions(auto_subscribe=True, connect_timeout=c.connect_timeout_s))
+            if self.room is room:  # before any room event runs: the first session.started goes out
+                router.outbound = room.local_participant
+
+        task = asyncio.ensure_future(connect())
+        try:
+            # shield: on timeout the SDK's connect goes on; `_leave_late` undoes it if it lands.
+            await asyncio.wait_for(asyncio.shield(task), c.connect_timeout_s)
+        except BaseException as exc:
+            if self.room is room:
+                self.room = None
+            task.add_done_callback(lambda t: _leave_late(t, room))
+            if isinstance(exc, asyncio.TimeoutError):
+                raise ConnectionError(f"cannot join {self.where()}: no answer within {c.connect_timeout_s:g} s") from None
+            if isinstance(exc, rtc.ConnectError):
+                raise ConnectionError(f"cannot join {self.where()}: {explain(exc.message)}") from None
+            raise
+
+    def _attach(self, room: rtc.Room) -> None:
+        router = self.router
+        assert router is not None
+
+        def live() -> bool:
+            return room is self.room and not self._stopping
+
+        @room.on("track_subscribed")
+        def _subscribed(track: rtc.Track, pub: rtc.RemoteTrackPublication, participant: rtc.RemoteParticipant) -> None:
+            # Other agents' audio (a TTS bot in the same room) is not a person talking to us.
+            if live() and track.kind == rtc.TrackKind.KIND_AUDIO \
+                    and participant.kind != rtc.ParticipantKind.PARTICIPANT_KIND_AGENT:
+                router.on_track_subscribed(track, participant.identity)
+
+        @room.on("track_unsubscribed")
+        def _unsubscribed(track: rtc.Track, pub: rtc.RemoteTrackPublication, participant: rtc.RemoteParticipant) -> None:
+            if live():
+                router.on_track_unsubscribed(participant.identity, track.sid)
+
+        @room.on("track_unpublished")
+        def _unpublished(pub: rtc.RemoteTrackPublication, participant: rtc.RemoteParticipant) -> None:
+            if live():
+                router.on_track_unpublished(participant.identity, pub.sid)
+
+        @room.on("participant_disconnected")
+        def _left(participant: rtc.RemoteParticipant) -> None:
+            if live():
+                router.on_participant_left(participant.identity)
+
+        @room.on("data_received")
+        def _data(packet: rtc.DataPacket) -> None:
+            if live():
+                identity = packet.participant.identity if packet.participant is not None else None
+                router.on_data(identity, packet.topic, packet.data)
+
+        @room.on("reconnecting")
+        def _reconnecting() -> None:
+            if live():
+                log.warning("livekit: connection to %s interrupted; the SDK is resuming it", self.where())
+
+        @room.on("reconnected")
+        def _reconnected() -> None:
+            if live():
+                log.info("livekit: connection to %s resumed", self.where())
+
+        @room.on("disconnected")
+        def _disconnected(reason: Any) -> None:
+            if not live():
+                return
+            self.room = None
+            router.outbound = None
+            router.detach_all()
+            if reason in NO_REJOIN:
+                log.error("livekit: left %s (%s); not joining again", self.where(), _reason_name(reason))
+                return
+            log.warning("livekit: disconnected from %s (%s); joining again", self.where(), _reason_name(reason))
+            if self._rejoin is None or self._rejoin.done():
+                self._rejoin = asyncio.ensure_future(self._rejoin_loop())
+
+    async def _rejoin_loop(self) -> None:
+        delay = self.config.reconnect_min_s
+        while not self._stopping:
+            await asyncio.sleep(delay)
+            try:
+                await self._join()
+            except ConnectionError as exc:
+                delay = min(delay * 2, self.config.reconnect_max_s)
+                log.warning("livekit: %s; next try in %.1f s", exc, delay)
+                continue
+            self.reconnects += 1
+            room = self.room
+            if room is not None and self.router is not None:  # who left meanwhile is gone for good
+                self.router.retain(room.remote_participants)
+            log.info("livekit: joined %s again", self.where())
+            return
+
+
+def _leave_late(task: asyncio.Future[None], room: rtc.Room) -> None:
+    """A connect that completed after we gave up on it: leave that room again."""
+    if not task.cancelled() and task.exception() is None:
+        asyncio.ensure_future(room.disconnect())
+
+
+def _reason_name(reason: Any) -> str:
+    try:
+        return str(rtc.DisconnectReason.Name(reason))
+    except Exception:
+        return str(reason)
