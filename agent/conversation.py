@@ -112,18 +112,26 @@ class Conversation:
         if not np.isfinite(clip).all():
             raise ValueError("a turn's audio holds NaN or infinite samples")
         if instruction:
-            limit = self.context_tokens // 2
-            n = self._text_tokens(instruction)
-            if n > limit:
-                raise ValueError(f"instruction of {n} tokens is over the limit of {limit} "
-                                 f"(half the context budget of {self.context_tokens} tokens)")
+            self._check_text(instruction)
         self._entries.append(("user", split_clips(clip), instruction or None))
+
+    def add_user_text(self, text: str) -> None:
+        """A typed user turn, no audio (e.g. livekit-agents' `generate_reply(user_input=…)`)."""
+        if not text:
+            raise ValueError("empty turn: no text")
+        self._check_text(text)
+        self._entries.append(("user", [], text))
 
     def add_assistant(self, text: str) -> None:
         self._entries.append(("assistant", text))
 
     def add_tool_results(self, text: str) -> None:
         self._entries.append(("tool", text))
+
+    @property
+    def awaiting_reply(self) -> bool:
+        """The last entry is a user turn or tool results: there is something to answer."""
+        return bool(self._entries) and self._entries[-1][0] in ("user", "tool")
 
     def pop_last_user(self) -> None:
         """Drop the last user turn and whatever followed it (uncommitted or cancelled)."""
@@ -141,14 +149,17 @@ class Conversation:
         return self.system_prompt
 
     def request(self, session_id: str, turn_id: str, max_new_tokens: int = 256,
-                tools_block: str | None = None) -> GenerationRequest:
-        """The prompt for the current (last) user turn and its tool rounds, within budget."""
+                tools_block: str | None = None, instructions: str | None = None) -> GenerationRequest:
+        """The prompt for the current (last) user turn and its tool rounds, within budget.
+        `instructions` are added to the system message of this request only."""
         from agent.inference.base import GenerationRequest
 
         starts = self._turn_starts()
         if not starts or self._entries[starts[-1]][0] != "user":
             raise ValueError("no user turn to answer")
         system = self.system_message(tools_block)
+        if instructions:
+            system = f"{DEFAULT_SYSTEM if system is None else system}\n\n{instructions}"
         budget = self.context_tokens - max_new_tokens
 
         def cost(k: int) -> int:
@@ -190,6 +201,13 @@ class Conversation:
         return n
 
     # ---- internals ------------------------------------------------------------------
+    def _check_text(self, text: str) -> None:
+        limit = self.context_tokens // 2
+        n = self._text_tokens(text)
+        if n > limit:
+            raise ValueError(f"instruction of {n} tokens is over the limit of {limit} "
+                             f"(half the context budget of {self.context_tokens} tokens)")
+
     def _text_tokens(self, text: str) -> int:
         if self.tokenizer is not None:
             return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -32,10 +32,13 @@ log = logging.getLogger(__name__)
 
 class Session:
     def __init__(self, runtime: "AgentRuntime", session_id: str | None = None, *,
-                 instruction: str | None = None, wait_for_responses: bool = False) -> None:
+                 instruction: str | None = None, wait_for_responses: bool = False,
+                 manual_turns: bool = False) -> None:
         """`instruction` applies to every turn (analysis mode throughout);
         `wait_for_responses` holds the audio input while a response runs — what a file
-        fed faster than real time needs, where barge-in would otherwise cut every answer."""
+        fed faster than real time needs, where barge-in would otherwise cut every answer;
+        `manual_turns`: the owner ends turns (`commit()` / `clear()`) and asks for answers
+        (`reply()`) — the VAD still reports speech, its turns are held until `commit()`."""
         self.runtime = runtime
         s = runtime.settings
         self.id = session_id or uuid.uuid4().hex[:12]
@@ -51,6 +54,13 @@ class Session:
         self._turn_n = 0
         self._speculative: tuple[str, float] | None = None  # (turn_id, end) being prefilled
         self._response: asyncio.Task[None] | None = None
+        self.manual_turns = manual_turns
+        self._held: list[turns.TurnCommitted] = []  # manual_turns: speech not committed yet
+        # Hooks for an owner with its own tool runtime (livekit-agents): the tools shown to
+        # the model, and whether their calls end the response instead of being run here (the
+        # owner adds the results to `conversation` and calls `reply()`).
+        self.tools = runtime.tools
+        self.defer_tool_calls = False
         self._lock = asyncio.Lock()  # audio is processed in order, one push at a time
         self.closed = False
         self.last_activity = time.monotonic()
@@ -96,11 +106,13 @@ class Session:
         backend = self.runtime.backend
         if isinstance(signal, turns.SpeechStarted):
             self.emit(ev.SpeechStarted(t=signal.t))
-            if self._response is not None and not self._response.done():
-                self._response.cancel("barge_in")  # the user talks over the answer
+            if not self.manual_turns and self._response is not None and not self._response.done():
+                self._response.cancel("barge_in")  # the user talks over the answer (manual: the owner decides)
         elif isinstance(signal, turns.SpeechStopped):
             self.emit(ev.SpeechStopped(t=signal.t))
         elif isinstance(signal, turns.SilenceBegan):
+            if self.manual_turns:
+                return  # the committed turn will join held parts: no prefill can match it
             turn_id = self._new_turn_id()
             self._speculative = (turn_id, signal.t)
             try:
@@ -116,9 +128,61 @@ class Session:
                 await self._guard(backend.drop(self.id, self._speculative[0]))
                 self._speculative = None
         elif isinstance(signal, turns.TurnCommitted):
-            await self._commit(signal)
+            if self.manual_turns:
+                self._held.append(signal)
+            else:
+                await self._commit(signal)
 
-    async def _commit(self, turn: turns.TurnCommitted) -> None:
+    async def commit(self) -> bool:
+        """End the user's turn now (the owner's turn detection, push-to-talk): speech in
+        progress is cut; with `manual_turns` everything held becomes one user turn, answered
+        only by `reply()`. Returns whether a turn was committed."""
+        async with self._lock:
+            flushed = self._detector.flush()
+            for signal in flushed:
+                await self._on_signal(signal)
+            if not self.manual_turns:
+                return any(isinstance(s, turns.TurnCommitted) for s in flushed)
+            held, self._held = self._held, []
+            if not held:
+                return False
+            audio = np.concatenate([t.audio for t in held])
+            await self._commit(turns.TurnCommitted(held[0].start, held[-1].end, audio), respond=False)
+            return True
+
+    async def clear(self) -> None:
+        """Forget the user's speech not committed yet (held, and the turn in progress)."""
+        async with self._lock:
+            self._held = []
+            for signal in self._detector.flush():
+                if not isinstance(signal, turns.TurnCommitted):
+                    await self._on_signal(signal)  # speech.stopped; the turn itself is dropped
+            if self._speculative is not None:
+                await self._guard(self.runtime.backend.drop(self.id, self._speculative[0]))
+                self._speculative = None
+
+    async def reply(self, instructions: str | None = None) -> str:
+        """Answer now rather than on a committed turn: the pending user turn (audio, typed)
+        or tool results; with nothing pending, `instructions` become a typed user turn.
+        `instructions` join the system prompt of this response only. Returns its turn_id;
+        raises ValueError when there is nothing to answer."""
+        await self._stop_response("superseded")
+        if not self.conversation.awaiting_reply:
+            if not instructions:
+                raise ValueError("nothing to answer: no user turn or tool results pending")
+            self.conversation.add_user_text(instructions)
+            instructions = None
+        turn_id = self._new_turn_id()
+        self._response = asyncio.create_task(self._respond(turn_id, time.monotonic(), instructions))
+        return turn_id
+
+    async def _stop_response(self, reason: str) -> None:
+        if self._response is not None and not self._response.done():
+            # Wait for it to stop so its partial answer lands in the history first.
+            self._response.cancel(reason)
+            await asyncio.gather(self._response, return_exceptions=True)
+
+    async def _commit(self, turn: turns.TurnCommitted, respond: bool = True) -> None:
         spec, self._speculative = self._speculative, None
         if spec is not None and spec[1] == turn.end and not turn.split:
             turn_id = spec[0]  # the speculative prefill is exactly this turn: reuse it
@@ -126,10 +190,7 @@ class Session:
             turn_id = self._new_turn_id()
             if spec is not None:
                 await self._guard(self.runtime.backend.drop(self.id, spec[0]))
-        if self._response is not None and not self._response.done():
-            # Wait for it to stop so its partial answer lands in the history before this turn.
-            self._response.cancel("superseded")
-            await asyncio.gather(self._response, return_exceptions=True)
+        await self._stop_response("superseded")
         instruction = self._take_instruction()
         try:
             self.conversation.add_user(turn.audio, instruction)
@@ -138,6 +199,8 @@ class Session:
             return
         self.emit(ev.TurnCommitted(turn_id=turn_id, start=turn.start, end=turn.end,
                                    mode="analysis" if instruction else "chat", instruction=instruction))
+        if not respond:
+            return
         self._response = asyncio.create_task(self._respond(turn_id, time.monotonic()))
         if self._wait:
             await self.wait_idle()
@@ -153,8 +216,7 @@ class Session:
         return f"{self.id}-t{self._turn_n}"
 
     def _tools_block(self) -> str | None:
-        tools = self.runtime.tools
-        return tools.system_block() if len(tools) else None
+        return self.tools.system_block() if len(self.tools) else None
 
     async def _guard(self, coro: object) -> None:
         """Speculative work is an optimisation: its failure must not affect the turn."""
@@ -164,7 +226,7 @@ class Session:
             log.debug("speculative step failed: %s", exc)
 
     # ---- responses ----------------------------------------------------------------
-    async def _respond(self, turn_id: str, committed_at: float) -> None:
+    async def _respond(self, turn_id: str, committed_at: float, instructions: str | None = None) -> None:
         """Generate the answer; run tool calls and give the model follow-up rounds."""
         runtime = self.runtime
         self.emit(ev.ResponseStarted(turn_id=turn_id))
@@ -176,7 +238,8 @@ class Session:
                 raw: list[str] = []
                 calls: list[ParsedToolCall] = []
                 parser = ToolCallParser()
-                request = self.conversation.request(self.id, turn_id, self.max_new_tokens, self._tools_block())
+                request = self.conversation.request(self.id, turn_id, self.max_new_tokens, self._tools_block(),
+                                                    instructions)
                 round_stats = GenerationStats()
                 try:
                     # aclosing: a cancelled turn closes the stream, which frees the slot.
@@ -192,9 +255,9 @@ class Session:
                     stats.reused_tokens += round_stats.reused_tokens
                     if raw:
                         self.conversation.add_assistant("".join(raw))
-                if not calls or round_n == runtime.settings.max_tool_rounds:
+                if not calls or round_n == runtime.settings.max_tool_rounds or self.defer_tool_calls:
                     break
-                outcomes = await runtime.tools.execute(calls, runtime.settings.tool_timeout_s)
+                outcomes = await self.tools.execute(calls, runtime.settings.tool_timeout_s)
                 for outcome in outcomes:
                     self.emit(ev.ToolResult(call_id=outcome.call_id, ok=outcome.ok,
                                             result=outcome.result, error=outcome.error))

@@ -1,0 +1,364 @@
+"""Qwen2-Audio as a livekit-agents `RealtimeModel` (audio in, text out):
+
+    session = AgentSession(llm=QwenRealtimeModel(model="Qwen/Qwen2-Audio-7B-Instruct"), tts=...)
+
+Each `RealtimeSession` is one of our `Session`s on a shared `AgentRuntime` (batched VAD,
+turn detector, worker pool or OpenAI backend). Our VAD/turn detector is the "server-side"
+turn detection: `speech.started/stopped` → `input_speech_started/stopped`, every response →
+`generation_created` (text only: the AgentSession sends it to its TTS). When livekit-agents
+takes turns itself (`turn_detection="manual"`, or its own VAD/turn detector), the session runs
+with `manual_turns`: `commit_audio()` / `clear_audio()` end or drop the user's turn and
+`generate_reply()` answers it.
+
+Tools: livekit-agents runs them. Their schemas go into the `<tools>` block of the prompt; a
+`<tool_call>` the model writes ends the response as an `llm.FunctionCall` on the
+`function_stream`; AgentActivity executes the `@function_tool` (RunContext, handoffs and the
+`function_tools_executed` event work as with any LLM), hands back `FunctionCallOutput`s
+through `update_chat_ctx` (→ `<tool_response>` in our conversation) and, since
+`auto_tool_reply_generation` is False, calls `generate_reply()` for the follow-up. Running
+them inside our Session instead would bypass all of that.
+
+Qwen2-Audio does not transcribe the user in chat mode (`user_transcription=False`); the chat
+context mirrored here holds the text turns, the answers and the tool items, not the audio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Literal
+
+import numpy as np
+from livekit import rtc
+from livekit.agents import llm, utils
+from livekit.agents.types import NOT_GIVEN, NotGivenOr
+
+from agent import events as ev
+from agent.config import Settings, load_settings
+from agent.runtime import AgentRuntime
+from agent.session import Session
+from agent.tools import Tool, ToolOutcome, ToolRegistry, format_tool_responses
+
+log = logging.getLogger(__name__)
+SAMPLE_RATE = 16000
+_Op = Callable[[Session], Awaitable[None]]  # ordered with the audio: commit, clear, reply, …
+
+
+class QwenRealtimeModel(llm.RealtimeModel):
+    """Build from settings (`model=`, `backend=`, `openai_url=`, … as in `agent.config`; the
+    runtime starts on first use and closes with `aclose()`), or pass `runtime=` to share one
+    already started `AgentRuntime` (one VAD service and worker pool) across many sessions of
+    the same event loop; it stays yours to close."""
+
+    def __init__(self, *, runtime: AgentRuntime | None = None, settings: Settings | None = None,
+                 config: str | None = None, **options: Any) -> None:
+        super().__init__(capabilities=llm.RealtimeCapabilities(
+            message_truncation=False, turn_detection=True, user_transcription=False,
+            auto_tool_reply_generation=False, audio_output=False, manual_function_calls=False,
+            can_disable_turn_detection=True,
+            mutable_chat_context=False,  # items are only added: our history cannot drop them
+            mutable_instructions=True, mutable_tools=True))
+        if runtime is not None and (settings is not None or config or options):
+            raise ValueError("pass either runtime= or settings/options, not both")
+        self._runtime = runtime
+        self._owns_runtime = runtime is None
+        # Validated now: a bad option fails where the model is built, not mid-call.
+        self._settings = runtime.settings if runtime else settings or load_settings(config, **options)
+        self._start: asyncio.Task[AgentRuntime] | None = None
+
+    @property
+    def model(self) -> str:
+        return self._settings.model if self._settings.backend == "transformers" else self._settings.openai_model
+
+    @property
+    def provider(self) -> str:
+        return "qwen-voice-agent"
+
+    async def runtime(self) -> AgentRuntime:
+        """The shared runtime, started on the first call (all callers wait for the same start)."""
+        if not self._owns_runtime:
+            assert self._runtime is not None
+            return self._runtime
+        if self._start is None:
+            self._start = asyncio.create_task(self._create_runtime())
+        elif self._start.get_loop() is not asyncio.get_running_loop():
+            raise RuntimeError("a QwenRealtimeModel's runtime serves one event loop; build one model per loop")
+        return await asyncio.shield(self._start)
+
+    async def _create_runtime(self) -> AgentRuntime:
+        runtime = AgentRuntime(self._settings)
+        await runtime.start()
+        self._runtime = runtime
+        return runtime
+
+    def session(self, *, turn_detection_disabled: bool = False) -> QwenRealtimeSession:
+        return QwenRealtimeSession(self, manual_turns=turn_detection_disabled)
+
+    async def aclose(self) -> None:
+        if self._owns_runtime and self._start is not None:
+            start, self._start = self._start, None
+            if not start.done():
+                start.cancel()
+            await asyncio.gather(start, return_exceptions=True)
+            if self._runtime is not None:
+                runtime, self._runtime = self._runtime, None
+                await runtime.close()
+
+
+@dataclass
+class _Generation:
+    turn_id: str
+    message_id: str = field(default_factory=lambda: utils.shortuuid("msg_"))
+    message_ch: utils.aio.Chan[llm.MessageGeneration] = field(default_factory=utils.aio.Chan)
+    function_ch: utils.aio.Chan[llm.FunctionCall] = field(default_factory=utils.aio.Chan)
+    text_ch: utils.aio.Chan[str] = field(default_factory=utils.aio.Chan)
+    text: list[str] = field(default_factory=list)
+
+    def close(self) -> None:
+        for ch in (self.text_ch, self.function_ch, self.message_ch):
+            ch.close()
+
+
+class QwenRealtimeSession(llm.RealtimeSession):
+    def __init__(self, model: QwenRealtimeModel, *, manual_turns: bool = False) -> None:
+        super().__init__(model)
+        self._model = model
+        self._manual = manual_turns
+        self._chat_ctx = llm.ChatContext.empty()
+        self._tools = llm.ToolContext.empty()
+        self._tool_choice: llm.ToolChoice | None = None
+        self._registry = ToolRegistry()
+        # Audio and state changes in the order livekit made them (a reply after its tool results).
+        self._input: asyncio.Queue[np.ndarray | _Op] = asyncio.Queue()
+        self._session: Session | None = None
+        self._generations: dict[str, _Generation] = {}
+        self._reply_futures: dict[str, asyncio.Future[llm.GenerationCreatedEvent]] = {}
+        self._resampler: rtc.AudioResampler | None = None
+        self._resampler_rate = 0
+        self._main = asyncio.create_task(self._run(), name="QwenRealtimeSession")
+
+    # ---- state -----------------------------------------------------------------------
+    @property
+    def chat_ctx(self) -> llm.ChatContext:
+        return self._chat_ctx.copy()
+
+    @property
+    def tools(self) -> llm.ToolContext:
+        return self._tools.copy()
+
+    async def update_instructions(self, instructions: str) -> None:
+        self._enqueue(lambda s: s.handle(ev.SessionUpdate(system_prompt=instructions)))
+
+    async def update_chat_ctx(self, chat_ctx: llm.ChatContext) -> None:
+        """New items reach our conversation: typed user turns, assistant text, tool results.
+        Removals are ignored (`mutable_chat_context=False`)."""
+        diff = llm.utils.compute_chat_ctx_diff(self._chat_ctx, chat_ctx)
+        added = [item for _, item_id in diff.to_create if (item := chat_ctx.get_by_id(item_id)) is not None]
+        self._chat_ctx = chat_ctx.copy()
+        outputs = [i for i in added if isinstance(i, llm.FunctionCallOutput)]
+
+        async def apply(session: Session) -> None:
+            conv = session.conversation
+            for item in added:
+                if isinstance(item, llm.ChatMessage) and item.text_content:
+                    if item.role == "user":
+                        conv.add_user_text(item.text_content)
+                    elif item.role == "assistant":
+                        conv.add_assistant(item.text_content)
+            if outputs:  # one <tool_response> turn per tool round, in call order
+                conv.add_tool_results(format_tool_responses([
+                    ToolOutcome(o.call_id, o.name, not o.is_error, result=o.output,
+                                error=o.output if o.is_error else None) for o in outputs]))
+
+        if added:
+            self._enqueue(apply)
+
+    async def update_tools(self, tools: list[llm.Tool]) -> None:
+        self._tools = llm.ToolContext(tools)
+        self._registry = _schema_registry(self._tools)
+        self._enqueue(self._apply_tools)
+
+    def update_options(self, *, tool_choice: NotGivenOr[llm.ToolChoice | None] = NOT_GIVEN) -> None:
+        # Qwen has no tool_choice; "none" (e.g. livekit's last tool step) hides the tools.
+        if utils.is_given(tool_choice):
+            self._tool_choice = tool_choice
+            self._enqueue(self._apply_tools)
+
+    async def _apply_tools(self, session: Session) -> None:
+        session.tools = ToolRegistry() if self._tool_choice == "none" else self._registry
+
+    # ---- input -----------------------------------------------------------------------
+    def push_audio(self, frame: rtc.AudioFrame) -> None:
+        """Any rate and channel count → 16 kHz mono float32."""
+        pcm = np.frombuffer(frame.data, dtype=np.int16)
+        if frame.num_channels > 1:
+            pcm = pcm.reshape(-1, frame.num_channels).mean(axis=1).astype(np.int16)
+        if frame.sample_rate != SAMPLE_RATE:
+            if self._resampler is None or self._resampler_rate != frame.sample_rate:
+                self._resampler = rtc.AudioResampler(frame.sample_rate, SAMPLE_RATE, num_channels=1)
+                self._resampler_rate = frame.sample_rate
+            out = self._resampler.push(rtc.AudioFrame(pcm.tobytes(), frame.sample_rate, 1, pcm.size))
+            pcm = np.concatenate([np.frombuffer(f.data, dtype=np.int16) for f in out]) if out else pcm[:0]
+        if pcm.size:
+            self._input.put_nowait(pcm.astype(np.float32) / 32768.0)
+
+    def push_video(self, frame: rtc.VideoFrame) -> None:
+        pass  # audio-only model
+
+    def commit_audio(self) -> None:
+        async def commit(session: Session) -> None:
+            await session.commit()
+
+        self._enqueue(commit)
+
+    def clear_audio(self) -> None:
+        self._enqueue(lambda s: s.clear())
+
+    # ---- responses -------------------------------------------------------------------
+    def generate_reply(self, *, instructions: NotGivenOr[str] = NOT_GIVEN,
+                       tool_choice: NotGivenOr[llm.ToolChoice] = NOT_GIVEN,
+                       tools: NotGivenOr[list[llm.Tool]] = NOT_GIVEN) -> asyncio.Future[llm.GenerationCreatedEvent]:
+        """Answers the pending user turn or tool results; with nothing pending, the
+        instructions are the user's turn (Qwen2-Audio only answers user turns)."""
+        fut: asyncio.Future[llm.GenerationCreatedEvent] = asyncio.get_running_loop().create_future()
+
+        async def reply(session: Session) -> None:
+            if fut.done():  # cancelled by livekit before its turn came
+                return
+            try:
+                turn_id = await session.reply(instructions if utils.is_given(instructions) else None)
+            except ValueError as exc:
+                fut.set_exception(llm.RealtimeError(str(exc)))
+                return
+            # Registered before the response task first runs, so before its response.started.
+            self._reply_futures[turn_id] = fut
+            fut.add_done_callback(lambda f: self.interrupt() if f.cancelled() else None)
+
+        self._enqueue(reply)
+        return fut
+
+    def interrupt(self) -> None:
+        if self._session is not None:  # our response.cancel command path, not queued behind audio
+            asyncio.create_task(self._session.handle(ev.ResponseCancel()))
+
+    def truncate(self, *, message_id: str, modalities: list[Literal["text", "audio"]], audio_end_ms: int,
+                 audio_transcript: NotGivenOr[str] = NOT_GIVEN) -> None:
+        pass  # text only (message_truncation=False): the history keeps what was generated
+
+    async def aclose(self) -> None:
+        self._main.cancel()
+        await asyncio.gather(self._main, return_exceptions=True)
+
+    # ---- internals -------------------------------------------------------------------
+    def _enqueue(self, op: Callable[[Session], Awaitable[Any]]) -> None:
+        self._input.put_nowait(op)  # type: ignore[arg-type]
+
+    async def _run(self) -> None:
+        try:
+            runtime = await self._model.runtime()
+        except Exception as exc:
+            log.exception("the Qwen runtime did not start")
+            self._error(exc, recoverable=False)
+            return
+        session = runtime.create_session(manual_turns=self._manual)
+        session.defer_tool_calls = True  # livekit-agents runs the tools (module docstring)
+        session.tools = self._registry
+        self._session = session
+        sub = runtime.bus.subscribe(session.id, maxsize=65536)
+        pump = asyncio.create_task(self._pump(sub))
+        try:
+            while True:
+                item = await self._input.get()
+                try:
+                    if isinstance(item, np.ndarray):
+                        await session.push_audio(item)
+                    else:
+                        await item(session)
+                except Exception as exc:  # one bad step must not end the call
+                    log.exception("realtime session step failed")
+                    self._error(exc, recoverable=True)
+        finally:
+            await session.close("closed")
+            await asyncio.sleep(0)  # let the pump see session.ended
+            pump.cancel()
+            await asyncio.gather(pump, return_exceptions=True)
+            sub.close()
+            for gen in self._generations.values():
+                gen.close()
+            for fut in self._reply_futures.values():
+                fut.cancel()
+
+    async def _pump(self, sub: Any) -> None:
+        """Our events → livekit's."""
+        async for event in sub:
+            if isinstance(event, ev.SpeechStarted) and not self._manual:
+                self.emit("input_speech_started", llm.InputSpeechStartedEvent())
+            elif isinstance(event, ev.SpeechStopped) and not self._manual:
+                self.emit("input_speech_stopped", llm.InputSpeechStoppedEvent(user_transcription_enabled=False))
+            elif isinstance(event, ev.ResponseStarted):
+                self._start_generation(event.turn_id)
+            elif isinstance(event, ev.ResponseDelta) and (gen := self._generations.get(event.turn_id)):
+                gen.text.append(event.text)
+                gen.text_ch.send_nowait(event.text)
+            elif isinstance(event, ev.ToolCall) and (gen := self._generations.get(event.turn_id)):
+                call = llm.FunctionCall(call_id=event.call_id, name=event.name,
+                                        arguments=json.dumps(event.arguments))
+                self._chat_ctx.items.append(call)
+                gen.function_ch.send_nowait(call)
+            elif isinstance(event, (ev.ResponseDone, ev.ResponseCancelled)):
+                self._end_generation(event.turn_id)
+            elif isinstance(event, ev.Error):
+                self._error(RuntimeError(f"{event.code}: {event.message}"), recoverable=True)
+                if event.turn_id:
+                    self._end_generation(event.turn_id)
+
+    def _start_generation(self, turn_id: str) -> None:
+        gen = self._generations[turn_id] = _Generation(turn_id)
+        modalities: asyncio.Future[list[Literal["text", "audio"]]] = asyncio.get_running_loop().create_future()
+        modalities.set_result(["text"])
+        audio_ch: utils.aio.Chan[rtc.AudioFrame] = utils.aio.Chan()
+        audio_ch.close()  # text only
+        gen.message_ch.send_nowait(llm.MessageGeneration(message_id=gen.message_id, text_stream=gen.text_ch,
+                                                         audio_stream=audio_ch, modalities=modalities))
+        gen.message_ch.close()  # one message per response
+        event = llm.GenerationCreatedEvent(message_stream=gen.message_ch, function_stream=gen.function_ch,
+                                           user_initiated=False, response_id=turn_id)
+        fut = self._reply_futures.pop(turn_id, None)
+        if fut is not None and not fut.done():
+            event.user_initiated = True
+            fut.set_result(event)
+        self.emit("generation_created", event)
+
+    def _end_generation(self, turn_id: str) -> None:
+        gen = self._generations.pop(turn_id, None)
+        if gen is None:
+            return
+        if gen.text:
+            self._chat_ctx.add_message(role="assistant", content="".join(gen.text), id=gen.message_id)
+        gen.close()
+
+    def _error(self, exc: Exception, *, recoverable: bool) -> None:
+        self.emit("error", llm.RealtimeModelError(timestamp=time.time(), label=self._model.label,
+                                                  error=exc, recoverable=recoverable))
+
+
+def _run_by_livekit(**_: Any) -> None:
+    # A schema-only stand-in: with defer_tool_calls our Session never runs tools itself.
+    raise RuntimeError("livekit-agents runs this tool")
+
+
+def _schema_registry(tools: llm.ToolContext) -> ToolRegistry:
+    """The agent's function tools as our prompt's `<tools>` block (schemas made by livekit)."""
+    registry = ToolRegistry()
+    for fn in tools.function_tools.values():
+        if isinstance(fn, llm.RawFunctionTool):
+            schema = dict(fn.info.raw_schema)
+        else:
+            schema = llm.utils.build_legacy_openai_schema(fn)["function"]
+        stub = Tool(_run_by_livekit, name=schema["name"], description=schema.get("description") or "")
+        stub.parameters = schema.get("parameters") or {"type": "object", "properties": {}}
+        registry.add(stub)
+    return registry

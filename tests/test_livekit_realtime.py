@@ -1,0 +1,194 @@
+"""The livekit-agents RealtimeModel adapter: real speech as 48 kHz stereo rtc.AudioFrames
+(what LiveKit delivers), our VAD/turns/backends behind it, livekit-agents' own AgentSession
+in front of it."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+import numpy as np
+import pytest
+from livekit import rtc
+from livekit.agents import Agent, AgentSession, RunContext, function_tool, io, llm
+
+from agent import events as ev
+from agent.config import load_settings
+from agent.inference.scripted import ScriptedBackend
+from agent.runtime import AgentRuntime
+from plugins.livekit.realtime import QwenRealtimeModel, QwenRealtimeSession
+
+ROOT = Path(__file__).resolve().parent.parent
+FIRST = int(3.2 * 16000)  # speech_two: the first utterance and the pause after it
+
+
+def frames_48k_stereo(samples: np.ndarray, ms: int = 10) -> list[rtc.AudioFrame]:
+    pcm = (np.clip(samples, -1, 1) * 32767).astype(np.int16)
+    resampler = rtc.AudioResampler(16000, 48000)
+    out = resampler.push(rtc.AudioFrame(pcm.tobytes(), 16000, 1, pcm.size)) + resampler.flush()
+    up = np.concatenate([np.frombuffer(f.data, dtype=np.int16) for f in out])
+    stereo = np.repeat(up[:, None], 2, axis=1)
+    n = 48 * ms
+    return [rtc.AudioFrame(stereo[i : i + n].tobytes(), 48000, 2, len(stereo[i : i + n]))
+            for i in range(0, len(stereo), n)]
+
+
+async def until(cond: Callable[[], bool], timeout: float = 60) -> None:
+    async with asyncio.timeout(timeout):
+        while not cond():
+            await asyncio.sleep(0.02)
+
+
+async def scripted_runtime(outputs: list[str], **kw: Any) -> tuple[AgentRuntime, ScriptedBackend]:
+    backend = ScriptedBackend(outputs, **kw)
+    runtime = AgentRuntime(load_settings(None, model="tiny-random"), backend=backend)
+    await runtime.start()
+    return runtime, backend
+
+
+class Recorder:
+    """livekit events of one RealtimeSession, generations read to the end."""
+
+    def __init__(self, session: llm.RealtimeSession) -> None:
+        self.kinds: list[str] = []
+        self.generations: list[dict[str, Any]] = []
+        self.errors: list[Any] = []
+        for kind in ("input_speech_started", "input_speech_stopped"):
+            session.on(kind, lambda _e, k=kind: self.kinds.append(k))
+        session.on("generation_created", self._created)
+        session.on("error", self.errors.append)
+
+    def _created(self, event: llm.GenerationCreatedEvent) -> None:
+        self.kinds.append("generation_created")
+        self.generations.append(g := {"event": event, "text": "", "calls": [], "done": False})
+        asyncio.create_task(self._read(event, g))
+
+    async def _read(self, event: llm.GenerationCreatedEvent, g: dict[str, Any]) -> None:
+        async def calls() -> None:
+            async for call in event.function_stream:
+                g["calls"].append(call)
+
+        task = asyncio.create_task(calls())
+        async for message in event.message_stream:
+            assert await message.modalities == ["text"]
+            async for delta in message.text_stream:
+                g["text"] += delta
+        await task
+        g["done"] = True
+
+
+# ---- the Session hooks the adapter uses -----------------------------------------------
+
+async def test_manual_turns_commit_clear_and_reply(speech_two: Any) -> None:
+    runtime, backend = await scripted_runtime(["first answer"])
+    sub = runtime.bus.subscribe()
+    session = runtime.create_session(manual_turns=True)
+    await session.push_audio(speech_two.samples[:FIRST])  # a whole utterance and its silence
+    await session.clear()
+    await session.push_audio(speech_two.samples[FIRST:])
+    assert await session.commit() is True and await session.commit() is False
+    turn_id = await session.reply()
+    await session.wait_idle()
+    with pytest.raises(ValueError, match="nothing to answer"):
+        await session.reply()
+    await runtime.close()
+    events = [sub.queue.get_nowait() for _ in range(sub.queue.qsize())]
+    turns = [e for e in events if isinstance(e, ev.TurnCommitted)]
+    # The cleared first utterance never became a turn; the second did, and only reply() answered it.
+    assert len(turns) == 1 and turns[0].start > 3.5
+    assert [type(e).__name__ for e in events].count("SpeechStarted") == 2
+    assert len(backend.requests) == 1 and backend.prefills == []
+    assert [e.turn_id for e in events if isinstance(e, ev.ResponseDone)] == [turn_id]
+    start, end = speech_two.segments[1]
+    assert abs(backend.requests[0].audios[-1].size / 16000 - (end - start)) < 0.6
+
+
+async def test_reply_with_instructions_and_deferred_tool_calls() -> None:
+    runtime, backend = await scripted_runtime(['Hi! <tool_call>{"name": "set_light", "arguments": {"on": true}}'
+                                               '</tool_call>', "after"])
+    sub = runtime.bus.subscribe()
+    session = runtime.create_session()
+    session.defer_tool_calls = True
+    await session.reply("Greet the user.")  # nothing pending: the instructions are the turn
+    await session.wait_idle()
+    session.conversation.add_tool_results("<tool_response>ok</tool_response>")
+    await session.reply("Be brief.")
+    await session.wait_idle()
+    await runtime.close()
+    events = [sub.queue.get_nowait() for _ in range(sub.queue.qsize())]
+    assert [(e.name, e.arguments) for e in events if isinstance(e, ev.ToolCall)] == [("set_light", {"on": True})]
+    assert not any(isinstance(e, ev.ToolResult) for e in events)  # deferred: nobody ran it here
+    assert [e.text for e in events if isinstance(e, ev.ResponseDone)] == ["Hi! ", "after"]
+    first, second = backend.requests
+    assert first.messages[-1] == {"role": "user", "content": [{"type": "text", "text": "Greet the user."}]}
+    assert second.messages[0]["content"].endswith("\n\nBe brief.") and "Be brief." not in json.dumps(first.messages)
+    assert "<tool_response>ok" in json.dumps(second.messages[-1])
+
+
+# ---- the RealtimeSession, driven directly -----------------------------------------------
+
+async def test_speech_turns_become_generations(speech_two: Any) -> None:
+    runtime, backend = await scripted_runtime(["one answer", "two answer"])
+    model = QwenRealtimeModel(runtime=runtime)
+    session = model.session()
+    rec = Recorder(session)
+    for frame in frames_48k_stereo(speech_two.samples):
+        session.push_audio(frame)
+    await until(lambda: len(rec.generations) == 2 and all(g["done"] for g in rec.generations))
+    await session.aclose()
+    await model.aclose()
+    await runtime.close()
+    assert rec.kinds == ["input_speech_started", "input_speech_stopped", "generation_created"] * 2
+    assert [g["text"] for g in rec.generations] == ["one answer", "two answer"]
+    assert not any(g["event"].user_initiated for g in rec.generations) and not rec.errors
+    # 48 kHz stereo became 16 kHz mono: each turn's audio lies near the spoken segment.
+    for request, (start, end) in zip(backend.requests, speech_two.segments):
+        assert abs(request.audios[-1].size / 16000 - (end - start)) < 0.6
+    assert [m.text_content for m in session.chat_ctx.messages() if m.role == "assistant"] == ["one answer", "two answer"]
+
+
+async def test_interrupt_stops_a_long_generation(speech_two: Any) -> None:
+    long = "word " * 400
+    runtime, _ = await scripted_runtime([long], chunk=2, delay=0.01)
+    sub = runtime.bus.subscribe()
+    model = QwenRealtimeModel(runtime=runtime)
+    session = model.session()
+    rec = Recorder(session)
+    for frame in frames_48k_stereo(speech_two.samples[:FIRST]):
+        session.push_audio(frame)
+    await until(lambda: bool(rec.generations) and len(rec.generations[0]["text"]) > 10)
+    session.interrupt()
+    await until(lambda: rec.generations[0]["done"])
+    await session.aclose()
+    await runtime.close()
+    text = rec.generations[0]["text"]
+    assert long.startswith(text) and len(text) < len(long)
+    events = [sub.queue.get_nowait() for _ in range(sub.queue.qsize())]
+    assert [e.reason for e in events if isinstance(e, ev.ResponseCancelled)] == ["client"]
+
+
+async def test_generate_reply_and_typed_user_input() -> None:
+    runtime, backend = await scripted_runtime(["Hello there.", "It is sunny."])
+    model = QwenRealtimeModel(runtime=runtime)
+    session = model.session()
+    rec = Recorder(session)
+    await session.update_instructions("You are terse.")
+    generation = await session.generate_reply(instructions="Greet the user.")
+    assert generation.user_initiated
+    chat = session.chat_ctx
+    chat.add_message(role="user", content="How is the weather?")  # AgentSession.generate_reply(user_input=…)
+    await session.update_chat_ctx(chat)
+    second = await session.generate_reply()
+    await until(lambda: len(rec.generations) == 2 and all(g["done"] for g in rec.generations))
+    await session.aclose()
+    await runtime.close()
+    assert [g["text"] for g in rec.generations] == ["Hello there.", "It is sunny."]
+    assert rec.generations[1]["event"] is second
+    last = backend.requests[1].messages
+    assert last[0] == {"role": "system", "content": "You are terse."}
+    assert last[1:] == [{"role": "user", "content": [{"type": "text", "text": "Greet the user."}]},
+                        {"role": "assistant", "content": "Hello there."},
+                        {"role": "user", "content": [{"type": "text", "text": "How is the weather?"}]}]
