@@ -192,3 +192,145 @@ async def test_generate_reply_and_typed_user_input() -> None:
     assert last[1:] == [{"role": "user", "content": [{"type": "text", "text": "Greet the user."}]},
                         {"role": "assistant", "content": "Hello there."},
                         {"role": "user", "content": [{"type": "text", "text": "How is the weather?"}]}]
+
+
+async def test_update_tools_puts_livekit_schemas_in_the_prompt() -> None:
+    runtime, backend = await scripted_runtime(["ok", "ok"])
+    session = QwenRealtimeModel(runtime=runtime).session()
+    await session.update_tools([switch])
+    await session.generate_reply(instructions="hi")
+    session.update_options(tool_choice="none")  # what livekit sends at its last tool step
+    await session.generate_reply(instructions="again")
+    await until(lambda: len(backend.requests) == 2)
+    await session.aclose()
+    await runtime.close()
+    system = backend.requests[0].messages[0]["content"]
+    tools = json.loads(system.split("<tools>\n")[1].split("\n</tools>")[0])
+    assert tools["function"]["name"] == "switch" and set(tools["function"]["parameters"]["properties"]) == {"room", "on"}
+    assert tools["function"]["description"].startswith("Switch the light")
+    assert "<tools>" not in json.dumps(backend.requests[1].messages)
+
+
+# ---- livekit-agents' own AgentSession in front of it ------------------------------------
+
+@function_tool
+async def switch(context: RunContext, room: str, on: bool) -> str:
+    """Switch the light in a room on or off."""
+    SWITCHED.append((room, on))
+    return f"the {room} light is {'on' if on else 'off'}"
+
+
+SWITCHED: list[tuple[str, bool]] = []
+
+
+class FrameInput(io.AudioInput):
+    """LiveKit's audio input, from a list of frames, then silence of the line."""
+
+    def __init__(self, frames: list[rtc.AudioFrame]) -> None:
+        super().__init__(label="speech")
+        self._frames = iter(frames)
+
+    async def __anext__(self) -> rtc.AudioFrame:
+        await asyncio.sleep(0.001)  # hand the loop over, as a real track does
+        frame = next(self._frames, None)
+        if frame is None:
+            await asyncio.Event().wait()  # the caller stays on the line
+        return frame  # type: ignore[return-value]
+
+
+class TextCapture(io.TextOutput):
+    def __init__(self) -> None:
+        super().__init__(label="capture", next_in_chain=None)
+        self.text = ""
+
+    async def capture_text(self, text: str) -> None:
+        self.text += text
+
+    def flush(self) -> None:
+        self.text += "|"
+
+
+async def run_agent_session(model: QwenRealtimeModel, agent: Agent, frames: list[rtc.AudioFrame],
+                            done: Callable[[list[tuple[str, Any]]], bool]) -> tuple[list[tuple[str, Any]], str]:
+    session = AgentSession(llm=model)
+    seen: list[tuple[str, Any]] = []
+    for kind in ("function_tools_executed", "conversation_item_added", "error"):
+        session.on(kind, lambda e, k=kind: seen.append((k, e)))
+    session.input.audio = FrameInput(frames)
+    session.output.transcription = text = TextCapture()
+    await session.start(agent=agent)
+    try:
+        await until(lambda: done(seen) and session.agent_state == "listening", timeout=80)
+    finally:
+        await session.aclose()
+    return seen, text.text
+
+
+def answers(seen: list[tuple[str, Any]]) -> list[str]:
+    return [e.item.text_content for k, e in seen
+            if k == "conversation_item_added" and getattr(e.item, "role", None) == "assistant"]
+
+
+async def test_agent_session_runs_its_function_tool_and_speaks_the_answers(speech_two: Any) -> None:
+    SWITCHED.clear()
+    runtime, backend = await scripted_runtime([
+        'Sure. <tool_call>{"name": "switch", "arguments": {"room": "kitchen", "on": true}}</tool_call>',
+        "Done, it is on.", "Sunny."])
+    model = QwenRealtimeModel(runtime=runtime)
+    agent = Agent(instructions="You control the lights.", tools=[switch])
+    seen, text = await run_agent_session(model, agent, frames_48k_stereo(speech_two.samples),
+                                         lambda s: len(answers(s)) == 3)
+    await runtime.close()
+    assert SWITCHED == [("kitchen", True)]  # livekit ran the user's @function_tool
+    executed = [e for k, e in seen if k == "function_tools_executed"]
+    assert len(executed) == 1 and executed[0].function_calls[0].name == "switch"
+    assert executed[0].function_call_outputs[0].output == "the kitchen light is on"
+    assert answers(seen) == ["Sure. ", "Done, it is on.", "Sunny."]
+    assert text == "Sure. |Done, it is on.|Sunny.|"  # what a TTS would have been given
+    assert not [e for k, e in seen if k == "error"]
+    first, follow_up, second = backend.requests
+    assert first.messages[0]["content"].startswith("You control the lights.") and '"switch"' in first.messages[0]["content"]
+    assert "the kitchen light is on" in json.dumps(follow_up.messages[-1])  # the result went back to the model
+    assert [m["content"] for m in second.messages[1:] if m["role"] == "user"][-1] == [{"type": "audio", "audio": 1}]
+
+
+@pytest.mark.slow
+async def test_agent_session_with_the_tiny_random_pool(speech_two: Any) -> None:
+    model = QwenRealtimeModel(model="tiny-random", max_new_tokens=8)
+    runtime = await model.runtime()  # started lazily, once
+    assert await model.runtime() is runtime and model.model == "tiny-random"
+    sub = runtime.bus.subscribe()
+    seen, text = await run_agent_session(
+        model, Agent(instructions="Be brief."), frames_48k_stereo(speech_two.samples[:FIRST]),
+        lambda s: any(isinstance(e, ev.ResponseDone) for e in list(sub.queue._queue)))  # type: ignore[attr-defined]
+    await model.aclose()
+    events = [sub.queue.get_nowait() for _ in range(sub.queue.qsize())]
+    done = [e for e in events if isinstance(e, ev.ResponseDone)]
+    assert [type(e) for e in events if isinstance(e, (ev.SpeechStarted, ev.TurnCommitted))] == [ev.SpeechStarted, ev.TurnCommitted]
+    assert len(done) == 1 and done[0].tokens > 0
+    # The model's own words reached livekit's transcription output, unchanged.
+    assert text == done[0].text + "|" and answers(seen) == ([done[0].text] if done[0].text else [])
+    assert runtime.sessions == {}
+
+
+async def test_example_worker_is_built_from_our_model(speech_two: Any) -> None:
+    spec = importlib.util.spec_from_file_location("livekit_agents_realtime", ROOT / "examples" / "livekit_agents_realtime.py")
+    example = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(example)  # type: ignore[union-attr]
+    options = example.worker_options()
+    assert options.entrypoint_fnc is example.entrypoint and options.prewarm_fnc is example.prewarm
+    proc = type("Proc", (), {"userdata": {}})()
+    example.prewarm(proc)
+    model = proc.userdata["model"]
+    assert isinstance(model, QwenRealtimeModel) and model._start is None  # nothing started yet
+    assert model.capabilities.turn_detection and not model.capabilities.audio_output
+    await model.aclose()
+    # The example's agent and tool, in a real AgentSession (no room here) on a scripted runtime.
+    runtime, backend = await scripted_runtime([
+        '<tool_call>{"name": "set_light", "arguments": {"room": "hall", "on": true}}</tool_call>', "It is on."])
+    seen, _ = await run_agent_session(QwenRealtimeModel(runtime=runtime), example.build_agent(),
+                                      frames_48k_stereo(speech_two.samples[:FIRST]),
+                                      lambda s: answers(s) == ["It is on."])
+    await runtime.close()
+    assert example.LIGHTS == {"hall": True}
+    assert "friendly home assistant" in backend.requests[0].messages[0]["content"]
