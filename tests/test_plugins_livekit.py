@@ -61,6 +61,7 @@ class Recorder:
     def __init__(self) -> None:
         self.packets: list[tuple[str, list[str], bool, bytes]] = []
         self.streams: list[Writer] = []
+        self.texts: list[tuple[str, list[str], str]] = []
 
     async def publish_data(self, payload: bytes | str, *, reliable: bool = True,
                            destination_identities: list[str] = [], topic: str = "") -> None:
@@ -72,6 +73,10 @@ class Recorder:
         writer = Writer(topic, attributes or {}, destination_identities)
         self.streams.append(writer)
         return writer
+
+    async def send_text(self, text: str, *, destination_identities: list[str] | None = None,
+                        topic: str = "") -> None:
+        self.texts.append((topic, list(destination_identities or []), text))
 
     def events(self, identity: str) -> list[dict[str, Any]]:
         out = []
@@ -151,6 +156,12 @@ async def test_speech_in_turns_and_answers_out(room, runtime, speech_two) -> Non
     done = out.of("alice", "response.done")
     assert [d["text"] for d in done] == ["Kitchen light is on.", "Sunny, 21 degrees."]
     assert pump.frames > 0 and pump.dropped_frames == 0
+    # The model got the words at their level: int16 → float32 scaled back to [-1, 1].
+    heard = runtime.backend.requests[0].audios[-1]
+    start, end = speech_two.segments[0]
+    said = speech_two.samples[int(start * 16000) : int(end * 16000)]
+    assert abs(np.abs(heard).max() - np.abs(said).max()) < 0.02
+    assert abs(np.sqrt(np.mean(heard**2)) - np.sqrt(np.mean(said**2))) < 0.2 * np.sqrt(np.mean(said**2))
 
     # One transcription stream per answer, the livekit-agents way, to alice only.
     assert len(out.streams) == 2
@@ -207,6 +218,11 @@ async def test_commands_and_bad_command_packets(room, runtime) -> None:
     await until(lambda: session._next_instruction == "What emotion?", what="the instruction")
     assert not session.closed
 
+    session.report_error("internal", "x" * 20_000)  # too big for one data packet: a text stream
+    await until(lambda: out.texts, what="the big event")
+    topic, dests, text = out.texts[0]
+    assert (topic, dests, json.loads(text)["message"]) == (EVENTS, ["carol"], "x" * 20_000)
+
     router.on_data("carol", COMMANDS, b'{"type": "session.close"}')
     await until(lambda: out.of("carol", "session.ended"), what="session.ended")
     assert out.of("carol", "session.ended")[0]["reason"] == "client"
@@ -231,6 +247,73 @@ async def test_slow_pipeline_drops_oldest_audio(runtime) -> None:
     await pump.aclose()
     assert max(sink.pushed[1:]) <= 0.1 * 16000 + 480  # never more than the cap (plus one frame)
     await mic.aclose()
+
+
+# ---- the room's events drive the router; a full disconnect rejoins -------------------------
+class Someone:
+    def __init__(self, identity: str, kind: int = rtc.ParticipantKind.PARTICIPANT_KIND_STANDARD) -> None:
+        self.identity, self.kind = identity, kind
+
+
+class Pub:
+    def __init__(self, sid: str) -> None:
+        self.sid = sid
+
+
+class JoinedRoom:
+    def __init__(self, *identities: str) -> None:
+        self.remote_participants = {i: Someone(i) for i in identities}
+
+
+async def test_room_events_drive_sessions_and_a_drop_rejoins(runtime) -> None:
+    config = LiveKitConfig.model_validate({"url": f"ws://127.0.0.1:{closed_port()}", **CREDS,
+                                           "reconnect_min_s": 0.05, "reconnect_max_s": 0.1})
+    plugin = LiveKitPlugin(config, PluginContext(runtime.bus, runtime, sessions=runtime))
+    plugin.router = router = ParticipantRouter(runtime, runtime.bus)
+    room = rtc.Room()  # never connected: its events are emitted by hand, as the SDK would
+    plugin._attach(room)
+    plugin.room, router.outbound = room, (out := Recorder())
+    alice, bob, bot = Mic(), Mic(), Mic()
+    room.emit("track_subscribed", alice.track, Pub("TR_a"), Someone("alice"))
+    room.emit("track_subscribed", bob.track, Pub("TR_b"), Someone("bob"))
+    room.emit("track_subscribed", bot.track, Pub("TR_c"), Someone("tts-bot", rtc.ParticipantKind.PARTICIPANT_KIND_AGENT))
+    assert sorted(router.participants) == ["alice", "bob"]  # another agent's voice is not a person
+    room.emit("data_received", rtc.DataPacket(b'{"type": "nope"}', rtc.DataPacketKind.KIND_RELIABLE,
+                                              Someone("alice"), COMMANDS))  # type: ignore[arg-type]
+    await until(lambda: out.of("alice", "error"), what="the bad command's error")
+
+    # A full disconnect we did not ask for: stop listening, keep the sessions, join again.
+    attempts: list[int] = []
+    out2 = Recorder()
+
+    async def join() -> None:
+        attempts.append(len(attempts))
+        if len(attempts) < 3:
+            raise ConnectionError("cannot join: refused")
+        plugin.room, router.outbound = JoinedRoom("alice"), out2  # type: ignore[assignment]
+
+    plugin._join = join  # type: ignore[method-assign]
+    room.emit("disconnected", rtc.DisconnectReason.SIGNAL_CLOSE)
+    assert router.outbound is None and all(p.pump is None for p in router.participants.values())
+    await until(lambda: plugin.reconnects == 1, what="the rejoin")
+    assert len(attempts) == 3  # two failures, backed off, then joined
+    # bob left while we were away: his session ends; alice's goes on in the new room.
+    await until(lambda: out2.of("bob", "session.ended"), what="bob's session.ended")
+    assert "alice" in router.participants and not router.participants["alice"].session.closed
+    room.emit("participant_disconnected", Someone("alice"))  # the old room's events are ignored now
+    assert "alice" in router.participants
+
+    # Our own disconnect (or a duplicate identity) is not answered with a rejoin.
+    for reason in (rtc.DisconnectReason.CLIENT_INITIATED, rtc.DisconnectReason.DUPLICATE_IDENTITY):
+        plugin.room = room2 = rtc.Room()
+        plugin._attach(room2)
+        room2.emit("disconnected", reason)
+        await asyncio.sleep(0.2)
+        assert plugin.reconnects == 1 and len(attempts) == 3
+    await plugin.stop()
+    assert not router.participants and runtime.sessions == {}
+    for mic in (alice, bob, bot):
+        await mic.aclose()
 
 
 # ---- configuration ---------------------------------------------------------------------

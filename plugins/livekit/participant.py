@@ -34,6 +34,9 @@ from plugins.livekit.audio import AudioPump
 log = logging.getLogger(__name__)
 
 TOPIC_TRANSCRIPTION = "lk.transcription"
+# LiveKit's limit for one reliable data packet is about 15 KiB; a bigger event (a very long
+# response.done) goes as a text stream on the same topic, which the SDK chunks.
+MAX_PACKET = 15_000
 ATTR_SEGMENT_ID = "lk.segment_id"
 ATTR_FINAL = "lk.transcription_final"
 
@@ -50,6 +53,9 @@ class Outbound(Protocol):
 
     async def stream_text(self, *, destination_identities: list[str] | None = None, topic: str = "",
                           attributes: dict[str, str] | None = None) -> Any: ...
+
+    async def send_text(self, text: str, *, destination_identities: list[str] | None = None,
+                        topic: str = "") -> Any: ...
 
 
 def session_id_for(identity: str, prefix: str = "lk") -> str:
@@ -210,9 +216,13 @@ class ParticipantRouter:
         if out is None:
             self.unsent += 1
         else:
+            data = event.model_dump_json()
             try:
-                await out.publish_data(event.model_dump_json(), reliable=True, topic=self.events_topic,
-                                       destination_identities=[p.identity])
+                if len(data.encode()) <= MAX_PACKET:
+                    await out.publish_data(data, reliable=True, topic=self.events_topic,
+                                           destination_identities=[p.identity])
+                else:
+                    await out.send_text(data, topic=self.events_topic, destination_identities=[p.identity])
             except Exception as exc:  # e.g. the room is reconnecting: this event is lost, not the session
                 log.warning("livekit: %s event to %s not sent: %s", event.type, p.identity, exc)
         try:
