@@ -48,7 +48,9 @@ COPY agent ./agent
 COPY plugins ./plugins
 COPY benchmarks ./benchmarks
 COPY examples ./examples
-RUN pip install ".[${EXTRAS}]"
+RUN pip install ".[${EXTRAS}]" \
+ && voice-agent schema > /dev/null \
+ && python -c "import torch, av, aiortc, aiomqtt, livekit.rtc, agent.server.app"
 # A default configuration; docker-compose.yml mounts deploy/agent.yaml over it.
 COPY deploy/agent.yaml /etc/voice-agent/config.yaml
 
