@@ -43,6 +43,7 @@ class AudioPump:
         self._queued = 0  # samples in _buf
         self._ready = asyncio.Event()
         self._ended = False  # the stream is over: the feeder drains and stops
+        self._closing: asyncio.Future[None] | None = None
         self._stream = rtc.AudioStream(track, sample_rate=SAMPLE_RATE, num_channels=1)
         self._reader = asyncio.create_task(self._read(), name=f"livekit-read-{session.id}")
         self._feeder = asyncio.create_task(self._feed(), name=f"livekit-feed-{session.id}")
@@ -87,7 +88,7 @@ class AudioPump:
         except Exception as exc:  # e.g. the VAD service died: end this session, not the room
             log.exception("livekit: session %s: audio pipeline failed", session.id)
             session.report_error("internal", f"audio pipeline failed: {exc}")
-            asyncio.ensure_future(session.close("error"))
+            self._closing = asyncio.ensure_future(session.close("error"))  # keep a reference
 
     async def aclose(self, timeout: float = 2.0) -> None:
         """Stop reading; what was already received still reaches the session (bounded wait)."""

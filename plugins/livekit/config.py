@@ -19,7 +19,7 @@ class LiveKitConfig(PluginConfig):
     api_key: str = Field(min_length=1)
     api_secret: SecretStr  # SecretStr: never shows up in logs or config dumps
     room: str = Field(min_length=1)
-    identity: str | None = None  # default: the agent's id
+    identity: str | None = Field(None, min_length=1)  # default: the agent's id
     events_topic: str = Field(EVENTS_TOPIC, min_length=1)
     commands_topic: str = Field(COMMANDS_TOPIC, min_length=1)
     connect_timeout_s: float = Field(10.0, gt=0)  # start() gives up after this long

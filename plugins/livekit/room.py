@@ -184,10 +184,15 @@ class LiveKitPlugin(Plugin):
             return
 
 
+_leaving: set[asyncio.Future[None]] = set()  # references, so these tasks are not collected mid-way
+
+
 def _leave_late(task: asyncio.Future[None], room: rtc.Room) -> None:
     """A connect that completed after we gave up on it: leave that room again."""
     if not task.cancelled() and task.exception() is None:
-        asyncio.ensure_future(room.disconnect())
+        leave = asyncio.ensure_future(room.disconnect())
+        _leaving.add(leave)
+        leave.add_done_callback(_leaving.discard)
 
 
 def _reason_name(reason: Any) -> str:
