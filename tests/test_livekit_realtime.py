@@ -8,12 +8,13 @@ import asyncio
 import importlib.util
 import json
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, Callable
 
 import numpy as np
 import pytest
 from livekit import rtc
 from livekit.agents import Agent, AgentSession, RunContext, function_tool, io, llm
+from livekit.agents.voice.turn import TurnHandlingOptions
 
 from agent import events as ev
 from agent.config import load_settings
@@ -25,14 +26,14 @@ ROOT = Path(__file__).resolve().parent.parent
 FIRST = int(3.2 * 16000)  # speech_two: the first utterance and the pause after it
 
 
-def frames_48k_stereo(samples: np.ndarray, ms: int = 10) -> list[rtc.AudioFrame]:
+def frames_48k_stereo(samples: np.ndarray, ms: int = 10, channels: int = 2) -> list[rtc.AudioFrame]:
     pcm = (np.clip(samples, -1, 1) * 32767).astype(np.int16)
     resampler = rtc.AudioResampler(16000, 48000)
     out = resampler.push(rtc.AudioFrame(pcm.tobytes(), 16000, 1, pcm.size)) + resampler.flush()
     up = np.concatenate([np.frombuffer(f.data, dtype=np.int16) for f in out])
-    stereo = np.repeat(up[:, None], 2, axis=1)
+    stereo = np.repeat(up[:, None], channels, axis=1)
     n = 48 * ms
-    return [rtc.AudioFrame(stereo[i : i + n].tobytes(), 48000, 2, len(stereo[i : i + n]))
+    return [rtc.AudioFrame(stereo[i : i + n].tobytes(), 48000, channels, len(stereo[i : i + n]))
             for i in range(0, len(stereo), n)]
 
 
@@ -292,6 +293,30 @@ async def test_agent_session_runs_its_function_tool_and_speaks_the_answers(speec
     assert first.messages[0]["content"].startswith("You control the lights.") and '"switch"' in first.messages[0]["content"]
     assert "the kitchen light is on" in json.dumps(follow_up.messages[-1])  # the result went back to the model
     assert [m["content"] for m in second.messages[1:] if m["role"] == "user"][-1] == [{"type": "audio", "audio": 1}]
+
+
+async def test_manual_turn_detection_commits_on_commit_user_turn(speech_two: Any) -> None:
+    runtime, backend = await scripted_runtime(["both heard"])
+    sub = runtime.bus.subscribe()
+    session = AgentSession(llm=QwenRealtimeModel(runtime=runtime),
+                           turn_handling=TurnHandlingOptions(turn_detection="manual"))
+    seen: list[tuple[str, Any]] = []
+    session.on("conversation_item_added", lambda e: seen.append(("conversation_item_added", e)))
+    session.input.audio = FrameInput(frames_48k_stereo(speech_two.samples, channels=1))
+    await session.start(agent=Agent(instructions="Listen."))
+    rt_session = session._activity.realtime_llm_session  # type: ignore[union-attr]
+    assert isinstance(rt_session, QwenRealtimeSession) and rt_session._manual  # livekit took the turns
+    await until(lambda: sum(isinstance(e, ev.SpeechStopped) for e in list(sub.queue._queue)) == 2)  # type: ignore[attr-defined]
+    assert backend.requests == []  # pauses end no turn: livekit decides
+    session.commit_user_turn()  # push-to-talk released: commit_audio() + generate_reply()
+    await until(lambda: answers(seen) == ["both heard"])
+    await session.aclose()
+    await runtime.close()
+    events = [sub.queue.get_nowait() for _ in range(sub.queue.qsize())]
+    turns = [e for e in events if isinstance(e, ev.TurnCommitted)]
+    (_, first_end), (second_start, _) = speech_two.segments
+    assert len(turns) == 1 and turns[0].start < first_end and turns[0].end > second_start  # both, one turn
+    assert len(backend.requests) == 1
 
 
 @pytest.mark.slow
