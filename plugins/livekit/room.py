@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import Any
 
 from livekit import rtc
@@ -26,6 +27,8 @@ log = logging.getLogger(__name__)
 # Full disconnects after which joining again would be wrong: we left, or another process
 # joined with our identity (rejoining would kick it out, and it us, forever).
 NO_REJOIN = {rtc.DisconnectReason.CLIENT_INITIATED, rtc.DisconnectReason.DUPLICATE_IDENTITY}
+
+REJECTED = re.compile(r"\b4\d\d\b")  # the server answered 401/403/404…: trying again will not help
 
 
 def explain(message: str) -> str:
@@ -80,7 +83,33 @@ class LiveKitPlugin(Plugin):
 
     # ---- connection -----------------------------------------------------------------
     async def _join(self) -> None:
-        """Join with a fresh Room; raises ConnectionError naming the URL and the reason."""
+        """Join with a fresh Room; raises ConnectionError naming the URL and the reason.
+
+        A server that is not up yet (refused, no answer) is tried again until
+        `connect_timeout_s` is spent — in a compose file the agent may start first; a server
+        that rejects us (4xx: bad credentials) is not."""
+        loop = asyncio.get_running_loop()
+        budget = self.config.connect_timeout_s
+        deadline = loop.time() + budget
+        pause, last = 0.25, None
+        while True:
+            try:
+                await self._attempt(deadline - loop.time())
+                return
+            except asyncio.TimeoutError:
+                reason = f"{explain(last)} (kept trying for {budget:g} s)" if last else f"no answer within {budget:g} s"
+                raise ConnectionError(f"cannot join {self.where()}: {reason}") from None
+            except rtc.ConnectError as exc:
+                last = exc.message
+                if REJECTED.search(last):
+                    raise ConnectionError(f"cannot join {self.where()}: {explain(last)}") from None
+                if deadline - loop.time() <= pause:
+                    raise ConnectionError(f"cannot join {self.where()}: {explain(last)} (kept trying for {budget:g} s)") from None
+                log.debug("livekit: %s: %s; trying again", self.where(), last)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 2.0)
+
+    async def _attempt(self, timeout: float) -> None:
         c, router = self.config, self.router
         assert router is not None
         room = rtc.Room()
@@ -89,22 +118,18 @@ class LiveKitPlugin(Plugin):
 
         async def connect() -> None:
             await room.connect(c.url, make_token(c, self.identity),
-                               rtc.RoomOptions(auto_subscribe=True, connect_timeout=c.connect_timeout_s))
+                               rtc.RoomOptions(auto_subscribe=True, connect_timeout=max(timeout, 0.1)))
             if self.room is room:  # before any room event runs: the first session.started goes out
                 router.outbound = room.local_participant
 
         task = asyncio.ensure_future(connect())
         try:
             # shield: on timeout the SDK's connect goes on; `_leave_late` undoes it if it lands.
-            await asyncio.wait_for(asyncio.shield(task), c.connect_timeout_s)
-        except BaseException as exc:
+            await asyncio.wait_for(asyncio.shield(task), timeout)
+        except BaseException:  # timeout, connect error, or start() cancelled
             if self.room is room:
                 self.room = None
             task.add_done_callback(lambda t: _leave_late(t, room))
-            if isinstance(exc, asyncio.TimeoutError):
-                raise ConnectionError(f"cannot join {self.where()}: no answer within {c.connect_timeout_s:g} s") from None
-            if isinstance(exc, rtc.ConnectError):
-                raise ConnectionError(f"cannot join {self.where()}: {explain(exc.message)}") from None
             raise
 
     def _attach(self, room: rtc.Room) -> None:
