@@ -177,6 +177,8 @@ async def test_generate_reply_and_typed_user_input() -> None:
     session = model.session()
     rec = Recorder(session)
     await session.update_instructions("You are terse.")
+    with pytest.raises(llm.RealtimeError, match="nothing to answer"):
+        await session.generate_reply()  # no user turn yet, no instructions to make one
     generation = await session.generate_reply(instructions="Greet the user.")
     assert generation.user_initiated
     chat = session.chat_ctx
@@ -193,6 +195,17 @@ async def test_generate_reply_and_typed_user_input() -> None:
     assert last[1:] == [{"role": "user", "content": [{"type": "text", "text": "Greet the user."}]},
                         {"role": "assistant", "content": "Hello there."},
                         {"role": "user", "content": [{"type": "text", "text": "How is the weather?"}]}]
+
+
+async def test_a_runtime_that_cannot_start_fails_replies_and_reports() -> None:
+    model = QwenRealtimeModel(model="/no/such/model")
+    session = model.session()
+    rec = Recorder(session)
+    with pytest.raises(llm.RealtimeError, match="/no/such/model"):
+        await session.generate_reply(instructions="hi")
+    await session.aclose()
+    await model.aclose()
+    assert len(rec.errors) == 1 and not rec.errors[0].recoverable
 
 
 async def test_update_tools_puts_livekit_schemas_in_the_prompt() -> None:

@@ -135,7 +135,8 @@ class QwenRealtimeSession(llm.RealtimeSession):
         self._input: asyncio.Queue[np.ndarray | _Op] = asyncio.Queue()
         self._session: Session | None = None
         self._generations: dict[str, _Generation] = {}
-        self._reply_futures: dict[str, asyncio.Future[llm.GenerationCreatedEvent]] = {}
+        self._reply_futures: dict[str, asyncio.Future[llm.GenerationCreatedEvent]] = {}  # by turn_id
+        self._unanswered: set[asyncio.Future[llm.GenerationCreatedEvent]] = set()  # failed if we end
         self._resampler: rtc.AudioResampler | None = None
         self._resampler_rate = 0
         self._main = asyncio.create_task(self._run(), name="QwenRealtimeSession")
@@ -224,6 +225,8 @@ class QwenRealtimeSession(llm.RealtimeSession):
         """Answers the pending user turn or tool results; with nothing pending, the
         instructions are the user's turn (Qwen2-Audio only answers user turns)."""
         fut: asyncio.Future[llm.GenerationCreatedEvent] = asyncio.get_running_loop().create_future()
+        self._unanswered.add(fut)
+        fut.add_done_callback(self._unanswered.discard)
 
         async def reply(session: Session) -> None:
             if fut.done():  # cancelled by livekit before its turn came
@@ -262,6 +265,7 @@ class QwenRealtimeSession(llm.RealtimeSession):
         except Exception as exc:
             log.exception("the Qwen runtime did not start")
             self._error(exc, recoverable=False)
+            self._fail_replies(f"the Qwen runtime did not start: {exc}")
             return
         session = runtime.create_session(manual_turns=self._manual)
         session.defer_tool_calls = True  # livekit-agents runs the tools (module docstring)
@@ -288,8 +292,12 @@ class QwenRealtimeSession(llm.RealtimeSession):
             sub.close()
             for gen in self._generations.values():
                 gen.close()
-            for fut in self._reply_futures.values():
-                fut.cancel()
+            self._fail_replies("the realtime session is closed")
+
+    def _fail_replies(self, message: str) -> None:
+        for fut in list(self._unanswered):
+            if not fut.done():
+                fut.set_exception(llm.RealtimeError(message))
 
     async def _pump(self, sub: Any) -> None:
         """Our events → livekit's."""
@@ -327,7 +335,9 @@ class QwenRealtimeSession(llm.RealtimeSession):
         event = llm.GenerationCreatedEvent(message_stream=gen.message_ch, function_stream=gen.function_ch,
                                            user_initiated=False, response_id=turn_id)
         fut = self._reply_futures.pop(turn_id, None)
-        if fut is not None and not fut.done():
+        if fut is not None:
+            if fut.done():  # livekit gave up on this reply and interrupt() stops it: nobody reads it
+                return
             event.user_initiated = True
             fut.set_result(event)
         self.emit("generation_created", event)
