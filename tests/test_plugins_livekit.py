@@ -345,6 +345,32 @@ def test_config_defaults_and_token() -> None:
     assert claims.video.room == "kitchen" and claims.video.room_join and claims.video.can_publish_data
 
 
+def test_the_room_participant_takes_our_calls() -> None:
+    """In production the outbound side is rtc.LocalParticipant: our calls must bind to it."""
+    import inspect
+
+    calls = [(rtc.LocalParticipant.publish_data, ("{}",), {"reliable": True, "topic": EVENTS, "destination_identities": ["a"]}),
+             (rtc.LocalParticipant.stream_text, (), {"topic": TOPIC_TRANSCRIPTION, "destination_identities": ["a"],
+                                                     "attributes": {ATTR_FINAL: "false"}}),
+             (rtc.LocalParticipant.send_text, ("{}",), {"topic": EVENTS, "destination_identities": ["a"]}),
+             (rtc.TextStreamWriter.write, ("hi",), {}),
+             (rtc.TextStreamWriter.aclose, (), {"attributes": {ATTR_FINAL: "true"}})]
+    for fn, args, kwargs in calls:
+        inspect.signature(fn).bind(object(), *args, **kwargs)
+
+
+def test_the_compose_config_is_valid() -> None:
+    import yaml
+
+    path = ROOT / "deploy" / "agent.yaml"
+    if not path.exists():
+        pytest.skip("no deploy/agent.yaml")
+    block = (yaml.safe_load(path.read_text()).get("plugins") or {}).get("livekit")
+    if block is None:
+        pytest.skip("deploy/agent.yaml has no livekit block")
+    LiveKitConfig.model_validate(block)
+
+
 # ---- joining fails clearly, never hangs -------------------------------------------------
 def closed_port() -> int:
     with socket.socket() as s:
