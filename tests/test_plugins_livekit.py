@@ -226,6 +226,8 @@ async def test_commands_and_bad_command_packets(room, runtime) -> None:
     await until(lambda: out.of("carol", "session.ended"), what="session.ended")
     assert out.of("carol", "session.ended")[0]["reason"] == "client"
     await until(lambda: "carol" not in router.participants, what="carol forgotten")
+    again = router.on_track_subscribed(mic.track, "carol")  # her track again: a new session
+    assert again.id != session.id and not again.closed and router.participants["carol"].pump.running
     await mic.aclose()
 
 

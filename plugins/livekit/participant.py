@@ -127,7 +127,10 @@ class ParticipantRouter:
     def on_track_subscribed(self, track: rtc.Track, identity: str) -> Session:
         """A remote audio track: start (or resume) this participant's session."""
         p = self.participants.get(identity)
-        if p is None or p.session.closed:
+        if p is not None and p.session.closed:  # ended meanwhile (session.close): release it, start anew
+            self.on_participant_left(identity)
+            p = None
+        if p is None:
             p = self._open(identity)
         if p.pump is not None and p.pump.running:
             if p.pump.track_sid != track.sid:
