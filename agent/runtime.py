@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.bus import EventBus
 from agent.config import Settings
+from agent.conversation import DEFAULT_SYSTEM
 from agent.events import Command, Error
 from agent.inference.base import Backend
 from agent.session import Session
@@ -58,10 +59,15 @@ class AgentRuntime:
         if self.plugins is not None:
             await self.plugins.start()
             self.tools.extend(self.plugins.tools())
-            extra = self.plugins.system_prompt()
-            if extra:
-                base = self.settings.system_prompt or "You are a helpful assistant."
-                self.settings.system_prompt = f"{base}\n\n{extra}"
+
+    def system_prompt(self) -> str | None:
+        """The configured prompt plus what plugins add now (e.g. Home Assistant's current
+        states). Read when a session starts: a running session keeps its prompt, so the KV
+        cache of its history stays valid."""
+        extra = self.plugins.system_prompt() if self.plugins is not None else None
+        if not extra:
+            return self.settings.system_prompt
+        return f"{self.settings.system_prompt or DEFAULT_SYSTEM}\n\n{extra}"
 
     async def close(self) -> None:
         for session in list(self.sessions.values()):

@@ -52,7 +52,7 @@ class FakeHA:
         self.calls.append((domain, service, data))
         state = self.states[data["entity_id"]]
         if service in ("turn_on", "turn_off"):
-            state["state"] = service.removeprefix("turn_")
+            await self.push_state(data["entity_id"], service.removeprefix("turn_"))  # as HA does
         return web.json_response([state])
 
     async def websocket(self, request: web.Request) -> web.WebSocketResponse:
@@ -74,7 +74,7 @@ class FakeHA:
 
     async def push_state(self, entity_id: str, state: str) -> None:
         self.states[entity_id]["state"] = state
-        for ws in self.sockets:
+        for ws in [ws for ws in self.sockets if not ws.closed]:
             await ws.send_json({"id": 1, "type": "event", "event": {"event_type": "state_changed", "data": {
                 "entity_id": entity_id, "new_state": self.states[entity_id]}}})
 

@@ -14,7 +14,7 @@ import pytest
 from agent import events as ev
 from agent.inference.scripted import ScriptedBackend
 from tests.fake_homeassistant import TOKEN, running_fake_ha
-from tests.mosquitto import free_port
+from tests.mosquitto import free_port, until
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "home_assistant.py"
 TURN_ON = '<tool_call>{"name": "HassTurnOn", "arguments": {"entity_id": "light.kitchen"}}</tool_call>'
@@ -57,6 +57,29 @@ async def test_spoken_command_turns_on_the_light(one_utterance):
     assert "voice of this house" in system and "light.kitchen, Kitchen: off" in system
     assert '"HassTurnOn"' in system and "lock.front_door" not in system
     assert "light.turn_on done for light.kitchen" in str(backend.requests[1].messages[-1]["content"])  # the result went back
+
+
+async def test_a_new_session_sees_the_house_as_it_is_now(one_utterance):
+    """States that changed after start (HA's state_changed events) reach the next session's
+    prompt, so the model is not told that a light it just switched on is off."""
+    example = load_example()
+    async with running_fake_ha() as (fake, url):
+        runtime = example.home_assistant_agent(url, TOKEN).runtime(backend=ScriptedBackend([TURN_ON, "Done."]))
+        await runtime.start()
+        try:
+            (plugin,) = runtime.plugins.running
+            await until(lambda: plugin.ws_ready.is_set() and fake.sockets, what="websocket subscription")
+            first = runtime.create_session(wait_for_responses=True)
+            assert "light.kitchen, Kitchen: off" in first.conversation.system_prompt
+            await first.push_audio(one_utterance.samples)
+            await first.finish()
+            await until(lambda: plugin.states["light.kitchen"]["state"] == "on", what="state_changed")
+            second = runtime.create_session()
+            assert "light.kitchen, Kitchen: on" in second.conversation.system_prompt
+            assert "voice of this house" in second.conversation.system_prompt
+            assert "light.kitchen, Kitchen: off" in first.conversation.system_prompt  # its cache stays valid
+        finally:
+            await runtime.close()
 
 
 @pytest.mark.parametrize("failure", ["bad_token", "unreachable"])
