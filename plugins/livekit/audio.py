@@ -73,18 +73,17 @@ class AudioPump:
     async def _feed(self) -> None:
         session = self.session
         try:
-            while True:
-                await self._ready.wait()
-                self._ready.clear()
-                if self._buf:
-                    pieces = list(self._buf)
-                    self._buf.clear()
-                    self._queued = 0
-                    await session.push_audio(pieces[0] if len(pieces) == 1 else np.concatenate(pieces))
-                elif self._ended:
-                    return
-                if session.closed:
-                    return
+            while not session.closed:
+                if not self._buf:
+                    if self._ended:  # checked only when drained: the last frames still go in
+                        return
+                    await self._ready.wait()
+                    self._ready.clear()
+                    continue
+                pieces = list(self._buf)
+                self._buf.clear()
+                self._queued = 0
+                await session.push_audio(pieces[0] if len(pieces) == 1 else np.concatenate(pieces))
         except Exception as exc:  # e.g. the VAD service died: end this session, not the room
             log.exception("livekit: session %s: audio pipeline failed", session.id)
             session.report_error("internal", f"audio pipeline failed: {exc}")
