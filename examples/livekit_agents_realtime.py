@@ -1,12 +1,17 @@
 """A livekit-agents worker whose brain is Qwen2-Audio, through our pipeline.
 
-    export LIVEKIT_URL=wss://… LIVEKIT_API_KEY=… LIVEKIT_API_SECRET=…
+    vllm serve Qwen/Qwen2-Audio-7B-Instruct --limit-mm-per-prompt '{"audio": 5}' --enable-prefix-caching
+    export LIVEKIT_URL=wss://… LIVEKIT_API_KEY=… LIVEKIT_API_SECRET=… QWEN_OPENAI_URL=http://127.0.0.1:8000/v1
     python examples/livekit_agents_realtime.py dev
 
 The model hears the caller's audio directly (no STT) and answers in text; give the session
 a TTS plugin (`tts=`) to speak the answers, without one they reach the room as text
-(transcription stream). `VOICE_AGENT_*` settings apply (`VOICE_AGENT_BACKEND=openai`,
-`VOICE_AGENT_OPENAI_URL=…` to use a vLLM server instead of the local worker pool).
+(transcription stream).
+
+livekit-agents runs every job (room) in a process of its own, so the 7B model lives in one
+shared vLLM server (our `openai` backend), not in each job process; the worker keeps the
+VAD, turns and the conversation. Workers scale out: each registers with the LiveKit server,
+which dispatches rooms across them.
 """
 
 from __future__ import annotations
@@ -38,12 +43,13 @@ def build_agent() -> Agent:
 
 
 def build_model() -> QwenRealtimeModel:
-    return QwenRealtimeModel(model=os.environ.get("VOICE_AGENT_MODEL", "Qwen/Qwen2-Audio-7B-Instruct"))
+    return QwenRealtimeModel(backend="openai",
+                             openai_url=os.environ.get("QWEN_OPENAI_URL", "http://127.0.0.1:8000/v1"))
 
 
 def prewarm(proc: JobProcess) -> None:
-    # One model per worker process: its runtime (VAD + inference pool) starts with the first
-    # job and serves every later job of this process, which keeps one event loop.
+    # Settings are validated here, while the process waits for a job; the runtime (VAD and
+    # the vLLM client) starts with the job.
     proc.userdata["model"] = build_model()
 
 

@@ -361,6 +361,7 @@ async def test_example_worker_is_built_from_our_model(speech_two: Any) -> None:
     example.prewarm(proc)
     model = proc.userdata["model"]
     assert isinstance(model, QwenRealtimeModel) and model._start is None  # nothing started yet
+    assert model._settings.backend == "openai"  # one shared vLLM server, not a 7B model per job process
     assert model.capabilities.turn_detection and not model.capabilities.audio_output
     await model.aclose()
     # The example's agent and tool, in a real AgentSession (no room here) on a scripted runtime.
