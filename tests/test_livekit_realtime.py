@@ -373,3 +373,28 @@ async def test_example_worker_is_built_from_our_model(speech_two: Any) -> None:
     await runtime.close()
     assert example.LIGHTS == {"hall": True}
     assert "friendly home assistant" in backend.requests[0].messages[0]["content"]
+
+
+async def test_audio_waiting_for_a_stalled_pipeline_is_capped(speech_two: Any) -> None:
+    from plugins.livekit import realtime
+
+    gate = asyncio.Event()
+    runtime, _ = await scripted_runtime(["ok"])
+
+    class Stalled(QwenRealtimeModel):
+        async def runtime(self) -> AgentRuntime:  # the runtime takes long to come up
+            await gate.wait()
+            return runtime
+
+    model = Stalled(runtime=runtime)
+    rt_session = model.session()
+    frames = frames_48k_stereo(np.tile(speech_two.samples, 6))  # ~40 s of audio, nobody consuming
+    for frame in frames:
+        rt_session.push_audio(frame)
+    cap = realtime.MAX_QUEUED_S * 16000
+    assert rt_session._queued_samples <= cap and rt_session.dropped_samples > 0
+    assert rt_session._queued_samples + rt_session.dropped_samples >= 6 * speech_two.samples.size - 16000
+    gate.set()  # once the pipeline runs, what was kept is consumed
+    await until(lambda: rt_session._queued_samples == 0)
+    await rt_session.aclose()
+    await runtime.close()

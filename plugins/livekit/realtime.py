@@ -44,6 +44,7 @@ from agent.tools import Tool, ToolOutcome, ToolRegistry, format_tool_responses
 
 log = logging.getLogger(__name__)
 SAMPLE_RATE = 16000
+MAX_QUEUED_S = 30.0  # audio waiting for the pipeline (e.g. while the model loads); beyond it new frames are dropped, counted
 _Op = Callable[[Session], Awaitable[None]]  # ordered with the audio: commit, clear, reply, …
 
 
@@ -133,6 +134,9 @@ class QwenRealtimeSession(llm.RealtimeSession):
         self._registry = ToolRegistry()
         # Audio and state changes in the order livekit made them (a reply after its tool results).
         self._input: asyncio.Queue[np.ndarray | _Op] = asyncio.Queue()
+        self._queued_samples = 0  # audio in _input: capped, so a stalled pipeline cannot pile it up
+        self.dropped_samples = 0
+        self._tasks: set[asyncio.Task[Any]] = set()  # fire-and-forget, referenced until done
         self._session: Session | None = None
         self._generations: dict[str, _Generation] = {}
         self._reply_futures: dict[str, asyncio.Future[llm.GenerationCreatedEvent]] = {}  # by turn_id
@@ -203,8 +207,15 @@ class QwenRealtimeSession(llm.RealtimeSession):
                 self._resampler_rate = frame.sample_rate
             out = self._resampler.push(rtc.AudioFrame(pcm.tobytes(), frame.sample_rate, 1, pcm.size))
             pcm = np.concatenate([np.frombuffer(f.data, dtype=np.int16) for f in out]) if out else pcm[:0]
-        if pcm.size:
-            self._input.put_nowait(pcm.astype(np.float32) / 32768.0)
+        if not pcm.size:
+            return
+        if self._queued_samples + pcm.size > MAX_QUEUED_S * SAMPLE_RATE:
+            if not self.dropped_samples:
+                log.warning("realtime session: the pipeline is %.0f s behind; dropping audio", MAX_QUEUED_S)
+            self.dropped_samples += pcm.size
+            return
+        self._queued_samples += pcm.size
+        self._input.put_nowait(pcm.astype(np.float32) / 32768.0)
 
     def push_video(self, frame: rtc.VideoFrame) -> None:
         pass  # audio-only model
@@ -245,7 +256,9 @@ class QwenRealtimeSession(llm.RealtimeSession):
 
     def interrupt(self) -> None:
         if self._session is not None:  # our response.cancel command path, not queued behind audio
-            asyncio.create_task(self._session.handle(ev.ResponseCancel()))
+            task = asyncio.create_task(self._session.handle(ev.ResponseCancel()))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     def truncate(self, *, message_id: str, modalities: list[Literal["text", "audio"]], audio_end_ms: int,
                  audio_transcript: NotGivenOr[str] = NOT_GIVEN) -> None:
@@ -278,6 +291,7 @@ class QwenRealtimeSession(llm.RealtimeSession):
                 item = await self._input.get()
                 try:
                     if isinstance(item, np.ndarray):
+                        self._queued_samples -= item.size
                         await session.push_audio(item)
                     else:
                         await item(session)
