@@ -398,3 +398,33 @@ async def test_audio_waiting_for_a_stalled_pipeline_is_capped(speech_two: Any) -
     await until(lambda: rt_session._queued_samples == 0)
     await rt_session.aclose()
     await runtime.close()
+
+
+@pytest.mark.slow
+async def test_interrupt_stops_the_tiny_random_model(speech_two: Any) -> None:
+    model = QwenRealtimeModel(model="tiny-random", max_new_tokens=2000)
+    runtime = await model.runtime()
+    backend = runtime.backend
+    generate, prefill = backend.generate, backend.prefill
+
+    def long_answer(request: Any) -> Any:
+        request.extra["min_new_tokens"] = request.max_new_tokens  # random weights: no early EOS
+        return request
+
+    backend.generate = lambda request, stats=None: generate(long_answer(request), stats)  # type: ignore[method-assign]
+    backend.prefill = lambda request: prefill(long_answer(request))  # type: ignore[method-assign]
+    sub = runtime.bus.subscribe()
+    session = model.session()
+    rec = Recorder(session)
+    for frame in frames_48k_stereo(speech_two.samples[:FIRST]):
+        session.push_audio(frame)
+    await until(lambda: bool(rec.generations) and len(rec.generations[0]["text"]) > 0)
+    session.interrupt()
+    await until(lambda: rec.generations[0]["done"])  # the text stream ended
+    await session.aclose()
+    await model.aclose()
+    events = [sub.queue.get_nowait() for _ in range(sub.queue.qsize())]
+    cancelled = [e for e in events if isinstance(e, ev.ResponseCancelled)]
+    assert [e.reason for e in cancelled] == ["client"] and not any(isinstance(e, ev.ResponseDone) for e in events)
+    deltas = "".join(e.text for e in events if isinstance(e, ev.ResponseDelta))
+    assert rec.generations[0]["text"] == deltas  # livekit got every word the model said, and no more
