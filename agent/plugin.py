@@ -200,6 +200,10 @@ class PluginHost:
         except Exception as exc:
             log.error("plugin %s failed to stop cleanly: %s: %s", plugin.name, type(exc).__name__, exc)
 
+    def status(self) -> dict[str, str]:
+        """Plugin name → "running" or "failed" (the reason is in the log, not here: /healthz is public)."""
+        return {**{p.name: "running" for p in self.running}, **{name: "failed" for name in self.failed}}
+
     def tools(self) -> list[Tool]:
         out: list[Tool] = []
         for plugin in self.running:

@@ -271,3 +271,21 @@ async def test_a_session_that_falls_behind_drops_oldest_audio(server: Server, mo
         assert "voice_agent_audio_frames_dropped_total 0.0" not in await r.text()
     await client.close()
     await until(lambda: not server.runtime.sessions)
+
+
+async def test_healthz_shows_which_plugins_run(http: aiohttp.ClientSession) -> None:
+    from tests.test_plugins_host import CLASSES
+
+    rt = AgentRuntime(load_settings(None, model="tiny-random", plugins={"echo": {}, "broken": {}}),
+                      backend=ScriptedBackend([]), plugin_classes=CLASSES)
+    await rt.start()
+    srv = await start_server(rt, token="s3cret")
+    try:
+        async with http.get(f"{srv.url}/healthz") as r:  # public: names and states, not the reasons
+            assert r.status == 200
+            body = await r.json()
+        assert body["status"] == "ok" and body["plugins"] == {"echo": "running", "broken": "failed"}
+        assert "no device" not in json.dumps(body)
+    finally:
+        await srv.runner.cleanup()
+        await rt.close()

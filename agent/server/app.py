@@ -104,8 +104,11 @@ def auth_middleware(token: str | None) -> Any:
 
 async def healthz(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
+    # A failed plugin does not make the agent unhealthy (it still answers); it is shown here so
+    # an operator sees it without reading the log.
+    plugins = runtime.plugins.status() if runtime.plugins is not None else {}
     return web.json_response({"status": "ok", "sessions": len(request.app[MANAGER].peers),
-                              "model": getattr(runtime.backend, "model_name", "")})
+                              "model": getattr(runtime.backend, "model_name", ""), "plugins": plugins})
 
 
 async def metrics(request: web.Request) -> web.Response:
