@@ -124,9 +124,7 @@ class Session:
             request.speculative = True
             await self._guard(backend.prefill(request))
         elif isinstance(signal, turns.SpeechResumed):
-            if self._speculative is not None:
-                await self._guard(backend.drop(self.id, self._speculative[0]))
-                self._speculative = None
+            await self._drop_speculative()
         elif isinstance(signal, turns.TurnCommitted):
             if self.manual_turns:
                 self._held.append(signal)
@@ -157,9 +155,7 @@ class Session:
             for signal in self._detector.flush():
                 if not isinstance(signal, turns.TurnCommitted):
                     await self._on_signal(signal)  # speech.stopped; the turn itself is dropped
-            if self._speculative is not None:
-                await self._guard(self.runtime.backend.drop(self.id, self._speculative[0]))
-                self._speculative = None
+            await self._drop_speculative()
 
     async def reply(self, instructions: str | None = None) -> str:
         """Answer now rather than on a committed turn: the pending user turn (audio, typed)
@@ -183,13 +179,13 @@ class Session:
             await asyncio.gather(self._response, return_exceptions=True)
 
     async def _commit(self, turn: turns.TurnCommitted, respond: bool = True) -> None:
-        spec, self._speculative = self._speculative, None
+        spec = self._speculative
         if spec is not None and spec[1] == turn.end and not turn.split:
             turn_id = spec[0]  # the speculative prefill is exactly this turn: reuse it
+            self._speculative = None
         else:
+            await self._drop_speculative()
             turn_id = self._new_turn_id()
-            if spec is not None:
-                await self._guard(self.runtime.backend.drop(self.id, spec[0]))
         await self._stop_response("superseded")
         instruction = self._take_instruction()
         try:
@@ -214,6 +210,16 @@ class Session:
     def _new_turn_id(self) -> str:
         self._turn_n += 1
         return f"{self.id}-t{self._turn_n}"
+
+    async def _drop_speculative(self) -> None:
+        """Discard the speculative prefill; its number goes to the next turn, so the turn ids
+        users see count 1, 2, 3 (the backend has dropped it before that id is used again)."""
+        spec, self._speculative = self._speculative, None
+        if spec is None:
+            return
+        await self._guard(self.runtime.backend.drop(self.id, spec[0]))
+        if spec[0] == f"{self.id}-t{self._turn_n}":
+            self._turn_n -= 1
 
     def _tools_block(self) -> str | None:
         return self.tools.system_block() if len(self.tools) else None
