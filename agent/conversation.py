@@ -148,6 +148,11 @@ class Conversation:
             return f"{base}\n\n{tools_block}" if base else tools_block
         return self.system_prompt
 
+    def system_tokens(self, tools_block: str | None = None) -> int:
+        """What the system message costs in every prompt (0: the template's default)."""
+        system = self.system_message(tools_block)
+        return 0 if system is None else self._text_tokens(system)
+
     def request(self, session_id: str, turn_id: str, max_new_tokens: int = 256,
                 tools_block: str | None = None, instructions: str | None = None) -> GenerationRequest:
         """The prompt for the current (last) user turn and its tool rounds, within budget.

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.bus import EventBus
 from agent.config import Settings
-from agent.conversation import DEFAULT_SYSTEM
+from agent.conversation import DEFAULT_SYSTEM, Conversation
 from agent.events import Command, Error
 from agent.inference.base import Backend
 from agent.session import Session
@@ -59,6 +59,18 @@ class AgentRuntime:
         if self.plugins is not None:
             await self.plugins.start()
             self.tools.extend(self.plugins.tools())
+        self._check_prompt_budget()
+
+    def _check_prompt_budget(self) -> None:
+        """Say so when the system prompt and tool schemas (e.g. many Home Assistant entities)
+        leave little room for history: the oldest turns are then dropped almost at once."""
+        probe = Conversation(self.system_prompt(), self.settings.context_tokens,
+                             tokenizer=getattr(self.backend, "tokenizer", None))
+        n = probe.system_tokens(self.tools.system_block() if len(self.tools) else None)
+        if n > self.settings.context_tokens // 2:
+            log.warning("the system prompt and tool schemas take %d of the %d context tokens: little "
+                        "conversation history will fit; raise context_tokens or trim the prompt, tools "
+                        "or entities", n, self.settings.context_tokens)
 
     def system_prompt(self) -> str | None:
         """The configured prompt plus what plugins add now (e.g. Home Assistant's current

@@ -45,7 +45,8 @@ class Session:
         self._stamper = ev.EventStamper(self.id)
         self._detector = turns.TurnDetector(s.turns.to_turn_config())
         self._vad = runtime.vad.open_stream()
-        self.conversation = Conversation(runtime.system_prompt(), s.context_tokens)
+        self.conversation = Conversation(runtime.system_prompt(), s.context_tokens,
+                                         tokenizer=getattr(runtime.backend, "tokenizer", None))
         self.max_new_tokens = s.max_new_tokens
         self._instruction = instruction
         self._next_instruction: str | None = None

@@ -73,6 +73,19 @@ async def test_concurrent_sessions_stream_like_engine(pool: InferencePool) -> No
     assert pool.queue_depth == 0
 
 
+async def test_the_agent_process_counts_with_the_model_tokenizer(pool: InferencePool, tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """Sessions budget their prompts with the worker model's own tokenizer, loaded from disk."""
+    text = "<|im_start|>user\nTurn on the kitchen light, then dim it to 40 %.<|im_end|>\n"
+    reference = models.load(models.TINY_RANDOM).processor.tokenizer
+    assert pool.tokenizer is not None
+    assert pool.tokenizer(text)["input_ids"] == reference(text)["input_ids"]
+    # No tokenizer files: bytes are counted (a safe over-estimate), and the log says why.
+    assert models.load_tokenizer(str(tmp_path)) is None
+    assert models.load_tokenizer("Qwen/Qwen2-Audio-7B-Instruct" + "-not-downloaded") is None
+    assert "counted as bytes" in caplog.text
+
+
 async def test_cancel_mid_stream(pool: InferencePool) -> None:
     stats = GenerationStats()
     it = pool.generate(req("c", 1.0, 20, max_new_tokens=400, min_new_tokens=400), stats)

@@ -4,6 +4,7 @@ import asyncio
 import importlib.util
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -219,3 +220,16 @@ async def test_oversized_instruction_fails_the_turn_not_the_session(speech_two):
     errors = [e for e in events if isinstance(e, ev.Error)]
     assert len(errors) == 2 and all(e.code == "bad_request" and "over the limit" in e.message for e in errors)
     assert backend.requests == [] and isinstance(events[-1], ev.SessionEnded)
+
+
+async def test_a_system_prompt_that_crowds_out_history_is_reported(caplog):
+    small = await make_runtime(ScriptedBackend([]), [set_light])
+    await small.close()
+    assert "context tokens" not in caplog.text
+    runtime = AgentRuntime(load_settings(None, model="tiny-random", context_tokens=1000,
+                                         system_prompt="You know these devices: " + "lamp " * 200),
+                           backend=ScriptedBackend([]), tools=[set_light])
+    await runtime.start()
+    await runtime.close()
+    (taken,) = re.findall(r"take (\d+) of the 1000 context tokens", caplog.text)
+    assert int(taken) > 1000

@@ -51,6 +51,7 @@ class Backend(Protocol):
     name: str
     model_name: str
     warning: str | None  # e.g. "tiny-random: answers are gibberish"
+    tokenizer: Any  # the model's text tokenizer once started, for exact budgets; None: count bytes
 
     async def start(self) -> None: ...
 

@@ -118,6 +118,25 @@ def tiny_random_dir() -> Path:
     return target
 
 
+def load_tokenizer(name: str) -> Any | None:
+    """The model's text tokenizer, for exact prompt budgets in the agent process (the model
+    itself lives in workers or a server). Only files already on disk are read: a worker that
+    loaded the model, or a prior download, put them there. None when there are none — text is
+    then counted as bytes, which over-estimates Qwen's tokens about 4× (safe, but history is
+    dropped sooner) — or for random-7b, whose byte-level tokenizer makes bytes exact."""
+    if name == RANDOM_7B:
+        return None
+    from transformers import AutoTokenizer
+
+    source = str(tiny_random_dir()) if name == TINY_RANDOM else name
+    try:
+        return AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except Exception as exc:
+        log.warning("no tokenizer files for %s on this machine (%s); prompt text is counted as bytes, "
+                    "which keeps less history than fits", name, str(exc).splitlines()[0])
+        return None
+
+
 def load(name: str = "auto", device: str | None = None) -> LoadedModel:
     """Load a model by name, hub id or directory. Raises ModelLoadError with a clear reason."""
     import torch

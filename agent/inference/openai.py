@@ -20,6 +20,7 @@ answers with SSE lines `data: {json}` carrying `choices[0].delta.content`, endin
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -70,6 +71,7 @@ class OpenAIBackend:
             raise ValueError(f"OpenAI backend URL must be http(s)://host[:port]/v1, got {base_url!r}")
         self.base_url = str(url)
         self.model_name = model
+        self.tokenizer: Any = None
         self._api_key = api_key
         # `connect` covers DNS and the TCP/TLS handshake; no `total`: answers stream for long.
         self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=timeout)
@@ -82,6 +84,10 @@ class OpenAIBackend:
         return self._in_flight
 
     async def start(self) -> None:
+        if self.tokenizer is None:  # from the local HF cache or a directory, if it is there
+            from agent.inference.models import load_tokenizer
+
+            self.tokenizer = await asyncio.to_thread(load_tokenizer, self.model_name)
         if self._http is None:
             headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
             # No client-side connection cap: the server queues, a cap would only hide waiting

@@ -50,6 +50,7 @@ class InferencePool:
                  start_timeout: float = 600.0) -> None:
         self.model = model
         self.model_name = model
+        self.tokenizer: Any = None  # loaded in this process at start(), for exact prompt budgets
         self.warning: str | None = None
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -95,6 +96,9 @@ class InferencePool:
             await self.close()
             raise InferenceError("model_load", f"model {self.model!r} did not load in {self.start_timeout:.0f} s")
         self.model_name, self.warning, _ = results[0]
+        from agent.inference.models import load_tokenizer
+
+        self.tokenizer = await asyncio.to_thread(load_tokenizer, self.model_name)
 
     def _spawn(self, index: int, device: str | None) -> _Worker:
         assert self._loop is not None

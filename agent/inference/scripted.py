@@ -13,6 +13,7 @@ class ScriptedBackend:
     name = "scripted"
     model_name = "scripted"
     warning: str | None = None
+    tokenizer = None
 
     def __init__(self, outputs: list[str | BaseException], chunk: int = 3, delay: float = 0.0,
                  default: str = "ok") -> None:
