@@ -63,7 +63,8 @@ class HomeAssistantPlugin(Plugin):
             # The agent still starts: tools answer with this error until HA is back.
             log.error("homeassistant: cannot read states: %s", exc)
         if self.config.websocket:
-            self._watch = asyncio.create_task(self.client.watch(self._on_state, self.ws_ready.set))
+            self._watch = asyncio.create_task(self.client.watch(self._on_state, self.ws_ready.set,
+                                                                on_removed=self._on_removed))
 
     async def refresh(self) -> None:
         states = await self.client.states()
@@ -74,6 +75,9 @@ class HomeAssistantPlugin(Plugin):
         entity_id = state.get("entity_id")
         if isinstance(entity_id, str) and self.allowed(entity_id):
             self.states[entity_id] = state
+
+    def _on_removed(self, entity_id: str) -> None:
+        self.states.pop(entity_id, None)
 
     async def stop(self) -> None:
         if self._watch is not None:
@@ -113,6 +117,10 @@ class HomeAssistantPlugin(Plugin):
         return domain
 
     async def _service(self, domain: str, service: str, data: dict[str, Any]) -> str:
+        if data["entity_id"] not in self.states:
+            # HA answers 200 (and does nothing) to a service call on an entity it does not have:
+            # ask for an unknown one first, so the model hears "no such entity" instead of "done".
+            self._on_state(await self.client.state(data["entity_id"]))
         await self.client.call_service(domain, service, data)
         return f"{domain}.{service} done for {data['entity_id']}"
 
