@@ -154,7 +154,8 @@ def install(cache: Path = CACHE) -> tuple[Path, float | None]:
         pip = subprocess.run([str(venv / "bin" / "pip"), "install", "--no-compile", "--disable-pip-version-check",
                               "-c", str(constraints), *REQUIREMENTS], capture_output=True, text=True)
         if pip.returncode != 0:
-            raise InstallError(f"pip install {' '.join(REQUIREMENTS)} failed:\n{pip.stdout[-3000:]}{pip.stderr[-3000:]}")
+            raise InstallError(f"pip install {' '.join(REQUIREMENTS)} failed:\n"
+                               f"{pip.stdout[-3000:]}{pip.stderr[-3000:]}")
         done.write_text(HA_VERSION)
         return venv, time.monotonic() - started
 
