@@ -134,3 +134,34 @@ def test_config_errors() -> None:
         make_host({"url": "http://127.0.0.1:1"})
     with pytest.raises(ValueError, match=r"mqtt.prot"):
         make_host({"url": "http://127.0.0.1:1", "token": "t", "mqtt": {"prot": 1}})
+
+
+async def test_states_are_read_again_after_the_websocket_comes_back(ha) -> None:
+    fake, url = ha
+    _, host = make_host({"url": url, "token": TOKEN, "allow_domains": ["switch"]})
+    await host.start()
+    (plugin,) = host.running
+    await until(lambda: plugin.ws_ready.is_set() and fake.sockets, what="websocket subscription")
+    plugin.ws_ready.clear()
+    fake.states["switch.fan"]["state"] = "on"  # changes while the connection is down: no event
+    for ws in list(fake.sockets):
+        await ws.close()
+    fake.sockets.clear()
+    await until(lambda: plugin.ws_ready.is_set() and fake.sockets, what="resubscription")
+    assert plugin.states["switch.fan"]["state"] == "on"
+    await host.stop()
+
+
+async def test_tool_schemas_name_the_allowlist_not_every_entity(ha) -> None:
+    fake, url = ha
+    for i in range(50):
+        fake.states[f"light.l{i}"] = {"entity_id": f"light.l{i}", "state": "off", "attributes": {}}
+    _, host = make_host({"url": url, "token": TOKEN, "allow_domains": ["light"], "allow_entities": ["switch.fan"],
+                         "websocket": False})
+    await host.start()
+    registry = ToolRegistry()
+    registry.extend(host.tools())
+    block = registry.system_block()
+    assert "light.l49" not in block and block.count("allowed: light.*, switch.fan") == 5
+    assert "(and 12 more)" in (host.system_prompt() or "")  # 52 allowed, 40 shown: the summary is capped too
+    await host.stop()

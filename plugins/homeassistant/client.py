@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import aiohttp
 
@@ -70,9 +70,13 @@ class HomeAssistantClient:
     async def call_service(self, domain: str, service: str, data: dict[str, Any]) -> Any:
         return await self._request("POST", f"/api/services/{domain}/{service}", json=data)
 
-    async def watch(self, on_state: Callable[[dict[str, Any]], None], on_ready: Callable[[], None] | None = None,
+    async def watch(self, on_state: Callable[[dict[str, Any]], None],
+                    on_ready: Callable[[], Awaitable[None]] | None = None,
                     backoff_max: float = 30.0, on_removed: Callable[[str], None] | None = None) -> None:
-        """Follow `state_changed` events over the WebSocket API forever, reconnecting."""
+        """Follow `state_changed` events over the WebSocket API forever, reconnecting.
+
+        `on_ready` is awaited after each (re)subscription, before any event is handed on: a
+        snapshot taken there (REST) is then only ever followed by newer changes."""
         backoff = 0.5
         while True:
             try:
@@ -86,7 +90,7 @@ class HomeAssistantClient:
             backoff = min(backoff_max, backoff * 2)
 
     async def _watch_once(self, on_state: Callable[[dict[str, Any]], None],
-                          on_ready: Callable[[], None] | None,
+                          on_ready: Callable[[], Awaitable[None]] | None,
                           on_removed: Callable[[str], None] | None = None) -> None:
         ws_url = self.url.replace("http", "ws", 1) + "/api/websocket"
         async with self.http.ws_connect(ws_url, heartbeat=30) as ws:
@@ -103,7 +107,7 @@ class HomeAssistantClient:
             if subscribed.get("id") != 1 or not subscribed.get("success"):
                 raise HomeAssistantError(f"websocket subscription failed: {subscribed.get('error', subscribed)}")
             if on_ready is not None:
-                on_ready()
+                await on_ready()
             async for msg in ws:
                 if msg.type != aiohttp.WSMsgType.TEXT:
                     break

@@ -63,7 +63,7 @@ class HomeAssistantPlugin(Plugin):
             # The agent still starts: tools answer with this error until HA is back.
             log.error("homeassistant: cannot read states: %s", exc)
         if self.config.websocket:
-            self._watch = asyncio.create_task(self.client.watch(self._on_state, self.ws_ready.set,
+            self._watch = asyncio.create_task(self.client.watch(self._on_state, self._on_subscribed,
                                                                 on_removed=self._on_removed))
 
     async def refresh(self) -> None:
@@ -75,6 +75,15 @@ class HomeAssistantPlugin(Plugin):
         entity_id = state.get("entity_id")
         if isinstance(entity_id, str) and self.allowed(entity_id):
             self.states[entity_id] = state
+
+    async def _on_subscribed(self) -> None:
+        """Each (re)subscription: read every state again, so what changed while the WebSocket
+        was down (or while HA was unreachable at start) is not missing from the mirror."""
+        try:
+            await self.refresh()
+        except HomeAssistantError as exc:
+            log.warning("homeassistant: cannot re-read states: %s", exc)
+        self.ws_ready.set()
 
     def _on_removed(self, entity_id: str) -> None:
         self.states.pop(entity_id, None)
@@ -125,8 +134,10 @@ class HomeAssistantPlugin(Plugin):
         return f"{domain}.{service} done for {data['entity_id']}"
 
     def tools(self) -> list[Tool]:
-        known = ", ".join(sorted(self.states)) or "none known yet"
-        entity_doc = f"Entity id. Allowed: {known}"
+        # The allowlist, not every entity: the ids and states are in the system prompt already,
+        # and five copies of a long list in the tool schemas would crowd out the history.
+        allowed = ", ".join([f"{d}.*" for d in self.config.allow_domains] + self.config.allow_entities)
+        entity_doc = f"Entity id such as light.kitchen (allowed: {allowed or 'none'})"
         EntityId = Annotated[str, Field(description=entity_doc)]
 
         async def HassTurnOn(entity_id: EntityId) -> str:
