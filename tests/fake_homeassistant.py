@@ -50,7 +50,9 @@ class FakeHA:
         domain, service = request.match_info["domain"], request.match_info["service"]
         data = await request.json()
         self.calls.append((domain, service, data))
-        state = self.states[data["entity_id"]]
+        state = self.states.get(data["entity_id"])
+        if state is None:
+            return web.json_response([])  # as real Home Assistant: 200, and nothing is done
         if service in ("turn_on", "turn_off"):
             await self.push_state(data["entity_id"], service.removeprefix("turn_"))  # as HA does
         return web.json_response([state])

@@ -165,3 +165,15 @@ async def test_tool_schemas_name_the_allowlist_not_every_entity(ha) -> None:
     assert "light.l49" not in block and block.count("allowed: light.*, switch.fan") == 5
     assert "(and 12 more)" in (host.system_prompt() or "")  # 52 allowed, 40 shown: the summary is capped too
     await host.stop()
+
+
+async def test_an_unknown_entity_is_an_error_not_done(ha) -> None:
+    fake, url = ha
+    _, host = make_host({"url": url, "token": TOKEN, "allow_domains": ["light"], "websocket": False})
+    await host.start()
+    registry = ToolRegistry()
+    registry.extend(host.tools())
+    (o,) = await registry.execute(calls(("HassTurnOn", {"entity_id": "light.cellar"})), timeout=5)
+    assert not o.ok and "no entity light.cellar" in (o.error or "")
+    assert fake.calls == []  # HA would have answered 200 and done nothing
+    await host.stop()
