@@ -10,6 +10,9 @@ already 16 kHz, pushed straight into sessions at the same pace. "senders" runs o
 capture side (sources and tracks, nobody listening): that part is a remote client's work in
 production, so livekit − senders approximates what the server pays for the room transport.
 CPU is getrusage(RUSAGE_SELF) — every thread, the SDK's native ones included — over wall time.
+The SDK (1.1.x) hands every FFI audio event to every AudioStream in the process (and, while
+it waits, to every capture_frame), each filtering in Python: the cost per participant of both
+livekit paths grows with the participant count, which the direct path's does not.
 
     voice-agent bench livekit [--participants 1,4,16] [--seconds 10] [--json]
 """
