@@ -151,19 +151,24 @@ async def test_speech_turns_become_generations(speech_two: Any) -> None:
     assert [m.text_content for m in session.chat_ctx.messages() if m.role == "assistant"] == ["one answer", "two answer"]
 
 
+async def interrupt_the_first_answer(model: QwenRealtimeModel, samples: np.ndarray) -> Recorder:
+    """Speak, let the answer start, interrupt it; returns once its text stream has ended."""
+    session = model.session()
+    rec = Recorder(session)
+    for frame in frames_48k_stereo(samples):
+        session.push_audio(frame)
+    await until(lambda: bool(rec.generations) and len(rec.generations[0]["text"]) > 0)
+    session.interrupt()
+    await until(lambda: rec.generations[0]["done"])
+    await session.aclose()
+    return rec
+
+
 async def test_interrupt_stops_a_long_generation(speech_two: Any) -> None:
     long = "word " * 400
     runtime, _ = await scripted_runtime([long], chunk=2, delay=0.01)
     sub = runtime.bus.subscribe()
-    model = QwenRealtimeModel(runtime=runtime)
-    session = model.session()
-    rec = Recorder(session)
-    for frame in frames_48k_stereo(speech_two.samples[:FIRST]):
-        session.push_audio(frame)
-    await until(lambda: bool(rec.generations) and len(rec.generations[0]["text"]) > 10)
-    session.interrupt()
-    await until(lambda: rec.generations[0]["done"])
-    await session.aclose()
+    rec = await interrupt_the_first_answer(QwenRealtimeModel(runtime=runtime), speech_two.samples[:FIRST])
     await runtime.close()
     text = rec.generations[0]["text"]
     assert long.startswith(text) and len(text) < len(long)
@@ -414,14 +419,7 @@ async def test_interrupt_stops_the_tiny_random_model(speech_two: Any) -> None:
     backend.generate = lambda request, stats=None: generate(long_answer(request), stats)  # type: ignore[method-assign]
     backend.prefill = lambda request: prefill(long_answer(request))  # type: ignore[method-assign]
     sub = runtime.bus.subscribe()
-    session = model.session()
-    rec = Recorder(session)
-    for frame in frames_48k_stereo(speech_two.samples[:FIRST]):
-        session.push_audio(frame)
-    await until(lambda: bool(rec.generations) and len(rec.generations[0]["text"]) > 0)
-    session.interrupt()
-    await until(lambda: rec.generations[0]["done"])  # the text stream ended
-    await session.aclose()
+    rec = await interrupt_the_first_answer(model, speech_two.samples[:FIRST])
     await model.aclose()
     events = [sub.queue.get_nowait() for _ in range(sub.queue.qsize())]
     cancelled = [e for e in events if isinstance(e, ev.ResponseCancelled)]
