@@ -67,6 +67,11 @@ class Plugin:
         self.config = config
         self.context = context
 
+    def start_timeout_s(self) -> float | None:
+        """How long `start()` may take when its config says so (e.g. a connect timeout);
+        None: the host's default. The host waits for the longer of the two."""
+        return None
+
     async def start(self) -> None:
         """Connect; raising here disables this plugin only."""
 
@@ -158,7 +163,7 @@ class PluginHost:
             # Subscribe before start so that no event published meanwhile is missed.
             sub = self.context.bus.subscribe(maxsize=plugin.queue_size)
             try:
-                await asyncio.wait_for(plugin.start(), self.start_timeout)
+                await asyncio.wait_for(plugin.start(), max(self.start_timeout, plugin.start_timeout_s() or 0))
             except Exception as exc:
                 sub.close()
                 reason = "start timed out" if isinstance(exc, asyncio.TimeoutError) else f"{type(exc).__name__}: {exc}"

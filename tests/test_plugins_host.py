@@ -126,3 +126,19 @@ async def test_hanging_start_times_out() -> None:
     host = PluginHost.from_config({"hangs": {}}, context(), classes={"hangs": Hangs}, start_timeout=0.05)
     await host.start()
     assert host.running == [] and host.failed == {"hangs": "start timed out"}
+
+
+async def test_a_plugin_may_ask_for_a_longer_start() -> None:
+    class SlowConnect(Plugin):
+        name = "slow"
+
+        def start_timeout_s(self) -> float:
+            return 0.5  # e.g. its config's connect timeout
+
+        async def start(self) -> None:
+            await asyncio.sleep(0.1)  # longer than the host's default below, within its own
+
+    host = PluginHost.from_config({"slow": {}}, context(), classes={"slow": SlowConnect}, start_timeout=0.01)
+    await host.start()
+    assert [p.name for p in host.running] == ["slow"] and host.failed == {}
+    await host.stop()

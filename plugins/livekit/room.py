@@ -55,6 +55,10 @@ class LiveKitPlugin(Plugin):
         self._stopping = False
         self._rejoin: asyncio.Task[None] | None = None
 
+    def start_timeout_s(self) -> float:
+        # Our own bounded join (with its clearer message) ends first; leaving a late room takes a little more.
+        return self.config.connect_timeout_s + 5.0
+
     def where(self) -> str:
         return f"LiveKit room {self.config.room!r} at {self.config.url}"
 
