@@ -125,6 +125,15 @@ class Conversation:
     def add_assistant(self, text: str) -> None:
         self._entries.append(("assistant", text))
 
+    def truncate_last_answer(self, heard: str) -> bool:
+        """The user got only `heard` of the last answer (its speech was cut by a barge-in): the
+        history keeps that much, so the model knows what was said. False when the last entry
+        is not an answer."""
+        if not self._entries or self._entries[-1][0] != "assistant":
+            return False
+        self._entries[-1] = ("assistant", heard)
+        return True
+
     def add_tool_results(self, text: str) -> None:
         self._entries.append(("tool", text))
 

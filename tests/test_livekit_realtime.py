@@ -426,3 +426,29 @@ async def test_interrupt_stops_the_tiny_random_model(speech_two: Any) -> None:
     assert [e.reason for e in cancelled] == ["client"] and not any(isinstance(e, ev.ResponseDone) for e in events)
     deltas = "".join(e.text for e in events if isinstance(e, ev.ResponseDelta))
     assert rec.generations[0]["text"] == deltas  # livekit got every word the model said, and no more
+
+
+async def test_truncate_keeps_what_the_user_heard_of_an_interrupted_answer(speech_two: Any) -> None:
+    long = "word " * 400
+    runtime, backend = await scripted_runtime([long, "next answer"], chunk=2, delay=0.01)
+    session = QwenRealtimeModel(runtime=runtime).session()
+    assert session._model.capabilities.message_truncation
+    rec = Recorder(session)
+    for frame in frames_48k_stereo(speech_two.samples[:FIRST]):
+        session.push_audio(frame)
+    await until(lambda: bool(rec.generations) and len(rec.generations[0]["text"]) > 20)
+    session.interrupt()  # barge-in: livekit stops the speech, then says how much was played
+    await until(lambda: rec.generations[0]["done"])
+    (answer,) = [m for m in session.chat_ctx.messages() if m.role == "assistant"]
+    session.truncate(message_id="msg_not_the_latest", modalities=["text"], audio_end_ms=900,
+                     audio_transcript="ignored")
+    session.truncate(message_id=answer.id, modalities=["text"], audio_end_ms=900, audio_transcript="word word")
+    for frame in frames_48k_stereo(speech_two.samples[FIRST:]):
+        session.push_audio(frame)
+    await until(lambda: len(rec.generations) == 2 and rec.generations[1]["done"])
+    await session.aclose()
+    await runtime.close()
+    history = backend.requests[1].messages
+    assert [m["content"] for m in history if m["role"] == "assistant"] == ["word word"]
+    assert [m.text_content for m in session.chat_ctx.messages() if m.role == "assistant"] == ["word word",
+                                                                                              "next answer"]

@@ -57,7 +57,7 @@ class QwenRealtimeModel(llm.RealtimeModel):
     def __init__(self, *, runtime: AgentRuntime | None = None, settings: Settings | None = None,
                  config: str | None = None, **options: Any) -> None:
         super().__init__(capabilities=llm.RealtimeCapabilities(
-            message_truncation=False, turn_detection=True, user_transcription=False,
+            message_truncation=True, turn_detection=True, user_transcription=False,
             auto_tool_reply_generation=False, audio_output=False, manual_function_calls=False,
             can_disable_turn_detection=True,
             mutable_chat_context=False,  # items are only added: our history cannot drop them
@@ -142,6 +142,8 @@ class QwenRealtimeSession(llm.RealtimeSession):
         self._reply_futures: dict[str, asyncio.Future[llm.GenerationCreatedEvent]] = {}  # by turn_id
         self._unanswered: set[asyncio.Future[llm.GenerationCreatedEvent]] = set()  # failed if we end
         self._resampler: rtc.AudioResampler | None = None
+        self._latest_message_id: str | None = None  # truncate() applies to this answer only,
+        self._latest_called_tools = False  # and not when it called tools
         self._resampler_rate = 0
         self._main = asyncio.create_task(self._run(), name="QwenRealtimeSession")
 
@@ -262,7 +264,22 @@ class QwenRealtimeSession(llm.RealtimeSession):
 
     def truncate(self, *, message_id: str, modalities: list[Literal["text", "audio"]], audio_end_ms: int,
                  audio_transcript: NotGivenOr[str] = NOT_GIVEN) -> None:
-        pass  # text only (message_truncation=False): the history keeps what was generated
+        """livekit-agents cut the speech of an answer (barge-in): `audio_transcript` is what the
+        user heard, and our history keeps just that. Only the latest answer, and not one that
+        called tools (its call and the tool's output must stay paired)."""
+        if not utils.is_given(audio_transcript) or message_id != self._latest_message_id \
+                or self._latest_called_tools:
+            return
+        heard = audio_transcript
+
+        async def apply(session: Session) -> None:
+            await session.wait_idle()  # the interrupted response puts its text in first
+            session.conversation.truncate_last_answer(heard)
+
+        self._enqueue(apply)
+        item = self._chat_ctx.get_by_id(message_id)
+        if isinstance(item, llm.ChatMessage):
+            item.content = [heard]
 
     async def aclose(self) -> None:
         self._main.cancel()
@@ -329,6 +346,7 @@ class QwenRealtimeSession(llm.RealtimeSession):
                 call = llm.FunctionCall(call_id=event.call_id, name=event.name,
                                         arguments=json.dumps(event.arguments))
                 self._chat_ctx.items.append(call)
+                self._latest_called_tools |= gen.message_id == self._latest_message_id
                 gen.function_ch.send_nowait(call)
             elif isinstance(event, (ev.ResponseDone, ev.ResponseCancelled)):
                 self._end_generation(event.turn_id)
@@ -339,6 +357,7 @@ class QwenRealtimeSession(llm.RealtimeSession):
 
     def _start_generation(self, turn_id: str) -> None:
         gen = self._generations[turn_id] = _Generation(turn_id)
+        self._latest_message_id, self._latest_called_tools = gen.message_id, False
         modalities: asyncio.Future[list[Literal["text", "audio"]]] = asyncio.get_running_loop().create_future()
         modalities.set_result(["text"])
         audio_ch: utils.aio.Chan[rtc.AudioFrame] = utils.aio.Chan()
