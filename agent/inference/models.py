@@ -132,7 +132,7 @@ def load_tokenizer(name: str) -> Any | None:
     try:
         return AutoTokenizer.from_pretrained(source, local_files_only=True)
     except Exception as exc:
-        hint = "" if Path(name).exists() else f" (`hf download {name} --include '*.json' '*.txt'` fetches them)"
+        hint = "" if Path(name).exists() else f" (`hf download {name} --include '*.json' --include '*.txt'` fetches them)"
         log.warning("no tokenizer files for %s on this machine (%s); prompt text is counted as bytes, "
                     "which keeps less history than fits%s", name, str(exc).splitlines()[0], hint)
         return None
