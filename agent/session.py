@@ -94,9 +94,7 @@ class Session:
 
     async def finish(self) -> None:
         """End of input: a turn in progress commits; wait for its response."""
-        async with self._lock:
-            for signal in self._detector.flush():
-                await self._on_signal(signal)
+        await self.commit()
         await self.wait_idle()
 
     async def wait_idle(self) -> None:
@@ -210,6 +208,9 @@ class Session:
 
     def _new_turn_id(self) -> str:
         self._turn_n += 1
+        return self._last_turn_id()
+
+    def _last_turn_id(self) -> str:
         return f"{self.id}-t{self._turn_n}"
 
     async def _drop_speculative(self) -> None:
@@ -219,7 +220,7 @@ class Session:
         if spec is None:
             return
         await self._guard(self.runtime.backend.drop(self.id, spec[0]))
-        if spec[0] == f"{self.id}-t{self._turn_n}":
+        if spec[0] == self._last_turn_id():
             self._turn_n -= 1
 
     def _tools_block(self) -> str | None:
