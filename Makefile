@@ -1,30 +1,55 @@
 # Fresh machine: `make demo` (playground) or `make test` (the whole suite, what CI runs).
+# Everything runs from a virtual environment of its own in the checkout, `.venv/`: stock
+# Debian/Ubuntu python3 refuses `pip install` into the system (PEP 668). Activate it with
+# `. .venv/bin/activate` to use `voice-agent` by hand.
+#
+# Stamp files under .venv/ make re-runs cheap: apt runs again only when APT_PACKAGES change,
+# pip only when pyproject.toml changes.
 PYTHON ?= python3
-PIP = $(PYTHON) -m pip
-APT_PACKAGES = espeak-ng sox mosquitto chromium chromium-driver ffmpeg docker-compose
+VENV = .venv
+PY = $(VENV)/bin/python
+APT_PACKAGES = espeak-ng sox mosquitto chromium chromium-driver ffmpeg docker-compose python3-venv
+# apt as root, or through sudo for a normal user; nothing else runs as root.
+SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup system-packages demo test test-fast bench
+.PHONY: setup demo test test-fast lint bench
 
-system-packages:
+$(VENV)/.apt-stamp: Makefile
+	@mkdir -p $(VENV)
 	@if command -v apt-get >/dev/null; then \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $(APT_PACKAGES); \
+	  missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	  if [ -n "$$missing" ]; then \
+	    $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	  fi; \
 	fi
+	@touch $@
+
+$(PY): $(VENV)/.apt-stamp
+	$(PYTHON) -m venv $(VENV)
+	@touch $@
 
 # torch first, pinned: an unpinned torch requirement would pull a multi-GB CUDA build.
-setup: system-packages
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[test]"
+$(VENV)/.pip-stamp: $(PY) pyproject.toml
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	@touch $@
+
+setup: $(VENV)/.pip-stamp
 
 demo: setup
-	voice-agent serve --model auto --host 127.0.0.1 --port 8080
+	$(VENV)/bin/voice-agent serve --model auto --host 127.0.0.1 --port 8080
 
-test: setup
-	$(PYTHON) -m pytest -q -p no:cacheprovider
+lint: setup
+	$(VENV)/bin/ruff check agent plugins benchmarks examples tests
+	$(VENV)/bin/mypy
 
-test-fast:
-	$(PYTHON) -m pytest -q -m "not slow"
+test: lint
+	$(PY) -m pytest -q -p no:cacheprovider
 
-bench:
-	voice-agent bench vad
-	voice-agent bench inference
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+bench: setup
+	$(VENV)/bin/voice-agent bench vad
+	$(VENV)/bin/voice-agent bench inference

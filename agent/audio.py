@@ -12,7 +12,9 @@ from typing import Iterator
 import av
 import numpy as np
 
-SAMPLE_RATE = 16000
+from agent.model.qwen2_audio import SAMPLE_RATE
+
+__all__ = ["SAMPLE_RATE", "AudioFileError", "Resampler", "read_file"]
 
 
 class AudioFileError(Exception):
@@ -133,18 +135,3 @@ def _wav_header_seconds(path: Path) -> float | None:
 def read_file(path: str | Path) -> np.ndarray:
     """The whole file as one 16 kHz mono float32 array."""
     return np.concatenate(list(iter_file(path)))
-
-
-def to_wav_bytes(samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:
-    """16-bit PCM WAV, e.g. for the OpenAI-compatible `input_audio` part."""
-    import io
-    import wave
-
-    pcm = (np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2")
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(sample_rate)
-        w.writeframes(pcm.tobytes())
-    return buf.getvalue()

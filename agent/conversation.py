@@ -1,8 +1,8 @@
 """A session's history and the prompts it renders for Qwen2-Audio.
 
 Messages use the chat-template shape; an audio part is {"type": "audio", "audio": i} with
-`i` an index into the request's audio list. `render_prompt` yields exactly the text the
-instruct model's template (`processor.apply_chat_template`) produces.
+`i` an index into the request's audio list. The format itself (template, audio tokens) lives in
+`agent.model.qwen2_audio`.
 
 Token counts. `Conversation.token_count` counts a prompt without running the processor on
 audio: each `<|AUDIO|>` expands to `audio_token_count(samples)` tokens (the processor's own
@@ -18,65 +18,16 @@ current turn is never dropped, so an oversized one could only overflow the model
 
 from __future__ import annotations
 
-import re
 import unicodedata
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from agent.model.qwen2_audio import (AUDIO_PLACEHOLDER, DEFAULT_SYSTEM, MAX_CLIP_SAMPLES, SAMPLE_RATE, SPECIAL_RE,
+                                      audio_token_count, render_prompt, split_clips)
+
 if TYPE_CHECKING:
     from agent.inference.base import GenerationRequest
-
-DEFAULT_SYSTEM = "You are a helpful assistant."
-AUDIO_PLACEHOLDER = "<|audio_bos|><|AUDIO|><|audio_eos|>"
-SAMPLE_RATE = 16000
-MAX_CLIP_SAMPLES = 30 * SAMPLE_RATE  # the processor pads/truncates every clip to 30 s
-_HOP = 160  # Whisper feature hop: one mel frame per 10 ms
-_SPECIAL = re.compile("|".join(re.escape(t) for t in (
-    "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>", "<|endoftext|>")))
-
-
-def render_prompt(messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-    """The instruct template, rendered without jinja: system default, audios numbered
-    "Audio N:" across the whole conversation."""
-    out: list[str] = []
-    audio_n = 0
-    for i, message in enumerate(messages):
-        if i == 0 and message["role"] != "system":
-            out.append(f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n")
-        out.append(f"<|im_start|>{message['role']}\n")
-        content = message["content"]
-        if isinstance(content, str):
-            out.append(f"{content}<|im_end|>\n")
-            continue
-        for part in content:
-            if part["type"] == "audio":
-                audio_n += 1
-                out.append(f"Audio {audio_n}: {AUDIO_PLACEHOLDER}\n")
-            elif part["type"] == "text":
-                out.append(part["text"])
-        out.append("<|im_end|>\n")
-    if add_generation_prompt:
-        out.append("<|im_start|>assistant\n")
-    return "".join(out)
-
-
-def audio_token_count(n_samples: int) -> int:
-    """Tokens one <|AUDIO|> expands to for a clip of `n_samples` (≤ 750).
-
-    The processor's formula on the feature attention mask, whose length is one frame per
-    started 10 ms hop (ceil, not floor) of the clip truncated to 30 s.
-    """
-    frames = -(-min(n_samples, MAX_CLIP_SAMPLES) // _HOP)
-    return (((frames - 1) // 2 + 1) - 2) // 2 + 1 if frames > 0 else 0
-
-
-def split_clips(audio: np.ndarray) -> list[np.ndarray]:
-    """Cut audio into equal parts of ≤ 30 s; equal, so no tail is too short to encode."""
-    parts = -(-audio.size // MAX_CLIP_SAMPLES)
-    size = -(-audio.size // parts)
-    return [audio[i : i + size] for i in range(0, audio.size, size)]
-
 
 class Conversation:
     """One session's history: user audio (± instruction), assistant text, tool results.
@@ -226,7 +177,7 @@ class Conversation:
         if self.tokenizer is not None:
             return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         n, pos = 0, 0
-        for match in _SPECIAL.finditer(text):
+        for match in SPECIAL_RE.finditer(text):
             n += len(unicodedata.normalize("NFC", text[pos : match.start()]).encode()) + 1
             pos = match.end()
         return n + len(unicodedata.normalize("NFC", text[pos:]).encode())

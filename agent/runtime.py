@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from agent.bus import EventBus
+from agent.bus import EventBus, Subscription
 from agent.config import Settings
-from agent.conversation import DEFAULT_SYSTEM, Conversation
+from agent.conversation import Conversation
+from agent.model.qwen2_audio import DEFAULT_SYSTEM
 from agent.events import Command, Error
 from agent.inference.base import Backend
 from agent.session import Session
@@ -88,6 +89,16 @@ class AgentRuntime:
             await self.plugins.stop()
         await self.backend.close()
         await self.vad.close()
+
+    def open_session(self, session_id: str | None = None, *, queue_size: int = 1024,
+                     **options: Any) -> tuple[Session, Subscription]:
+        """A new session and the stream of its events, `session.started` first: the
+        subscription exists before the session does, so no event can be missed."""
+        import uuid
+
+        session_id = session_id or uuid.uuid4().hex[:12]
+        events = self.bus.subscribe(session_id, maxsize=queue_size)
+        return self.create_session(session_id, **options), events
 
     def create_session(self, session_id: str | None = None, **options: Any) -> Session:
         session = Session(self, session_id, **options)

@@ -20,7 +20,9 @@ from typing import Any, Callable, Iterable
 
 from pydantic import BaseModel, Field, ValidationError, create_model
 
-OPEN, CLOSE = "<tool_call>", "</tool_call>"
+from agent.model.qwen2_audio import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, tool_responses_text, tools_system_block
+
+OPEN, CLOSE = TOOL_CALL_OPEN, TOOL_CALL_CLOSE
 _ids = itertools.count(1)
 
 
@@ -227,14 +229,8 @@ class ToolRegistry:
         return len(self._tools)
 
     def system_block(self) -> str:
-        """The tool section Qwen2.5's template appends to the system message."""
-        lines = "\n".join(json.dumps(t.schema(), ensure_ascii=False) for t in self._tools.values())
-        return ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-                "You are provided with function signatures within <tools></tools> XML tags:\n"
-                f"<tools>\n{lines}\n</tools>\n\n"
-                "For each function call, return a json object with function name and arguments within "
-                "<tool_call></tool_call> XML tags:\n<tool_call>\n"
-                '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>')
+        """The `<tools>` section of the system message."""
+        return tools_system_block([t.schema() for t in self._tools.values()])
 
     async def execute(self, calls: list[ParsedToolCall], timeout: float = 10.0) -> list[ToolOutcome]:
         """Run the calls concurrently; every failure becomes an outcome the model can read."""
@@ -287,9 +283,5 @@ def _jsonable(value: Any) -> Any:
 
 def format_tool_responses(outcomes: list[ToolOutcome]) -> str:
     """The next user turn: one <tool_response> per call, in call order."""
-    blocks = []
-    for o in outcomes:
-        body = {"name": o.name, "result": o.result} if o.ok else {"name": o.name, "error": o.error}
-        blocks.append(f"<tool_response>\n{json.dumps(body, ensure_ascii=False)}\n</tool_response>")
-    return "\n".join(blocks)
-
+    return tool_responses_text([{"name": o.name, "result": o.result} if o.ok else {"name": o.name, "error": o.error}
+                                for o in outcomes])

@@ -15,7 +15,7 @@ from enum import Enum
 
 import numpy as np
 
-from agent.audio import SAMPLE_RATE
+from agent.model.qwen2_audio import SAMPLE_RATE
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from agent.model.qwen2_audio import SAMPLE_RATE
+
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16000
 CHUNK = 512  # samples at 16 kHz (32 ms): the only chunk size Silero takes at 16 kHz
 CONTEXT = 64  # samples of the previous chunk the model sees before each chunk
 

@@ -43,7 +43,7 @@ def run_sequential(loaded: Any, requests: list[Any]) -> dict[str, Any]:
     import torch
     from transformers.generation.streamers import BaseStreamer
 
-    from agent.conversation import render_prompt
+    from agent.model.qwen2_audio import render_prompt
 
     class FirstToken(BaseStreamer):
         def __init__(self) -> None:

@@ -4,7 +4,8 @@ and its token counts are the processor's own."""
 import numpy as np
 import pytest
 
-from agent.conversation import MAX_CLIP_SAMPLES, Conversation, audio_token_count, render_prompt
+from agent.conversation import Conversation
+from agent.model.qwen2_audio import MAX_CLIP_SAMPLES, audio_token_count, render_prompt
 from agent.inference import models
 
 SR = 16000

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from agent.conversation import render_prompt
+from agent.model.qwen2_audio import render_prompt
 from agent.inference import models
 from agent.inference.base import GenerationRequest
 from agent.inference.engine import Detokenizer, Engine, Output

@@ -20,12 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from agent.conversation import render_prompt
 from agent.inference.base import GenerationRequest, GenerationStats, InferenceError
 from agent.inference.models import LoadedModel
+from agent.model.qwen2_audio import EOS_TOKENS, SAMPLE_RATE, render_prompt
 
-SAMPLE_RATE = 16000
-EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [1, heads, len, head_dim]
 
 

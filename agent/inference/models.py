@@ -15,13 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.model.qwen2_audio import SPECIAL_TOKENS
+
 log = logging.getLogger(__name__)
 
 REAL_MODEL = "Qwen/Qwen2-Audio-7B-Instruct"
 TINY_RANDOM = "tiny-random"
 RANDOM_7B = "random-7b"
 TINY_WARNING = "tiny-random model in use: answers are random gibberish (no GPU / no weights)"
-SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"]
 
 
 class ModelLoadError(Exception):

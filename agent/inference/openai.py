@@ -30,28 +30,8 @@ from typing import Any, AsyncIterator
 import aiohttp
 from yarl import URL
 
-from agent.audio import to_wav_bytes
 from agent.inference.base import GenerationRequest, GenerationStats, InferenceError
-
-
-def to_openai_messages(request: GenerationRequest) -> list[dict[str, Any]]:
-    """Our messages → chat-completions messages, audio parts inlined as base64 WAV."""
-    out: list[dict[str, Any]] = []
-    for message in request.messages:
-        content = message["content"]
-        if isinstance(content, str):
-            out.append({"role": message["role"], "content": content})
-            continue
-        parts: list[dict[str, Any]] = []
-        for part in content:
-            if part["type"] == "audio":
-                wav = to_wav_bytes(request.audios[part["audio"]])
-                parts.append({"type": "input_audio",
-                              "input_audio": {"data": base64.b64encode(wav).decode("ascii"), "format": "wav"}})
-            elif part["type"] == "text":
-                parts.append({"type": "text", "text": part["text"]})
-        out.append({"role": message["role"], "content": parts})
-    return out
+from agent.model.qwen2_audio import to_openai_messages
 
 
 class OpenAIBackend:
@@ -108,7 +88,7 @@ class OpenAIBackend:
             raise InferenceError("backend_unavailable", f"OpenAI backend for {self.base_url} is not started")
         url = f"{self.base_url}/chat/completions"
         # Greedy, like the local engine, so both backends answer alike.
-        body = {"model": self.model_name, "messages": to_openai_messages(request), "stream": True,
+        body = {"model": self.model_name, "messages": to_openai_messages(request.messages, request.audios), "stream": True,
                 "max_tokens": request.max_new_tokens, "temperature": 0.0,
                 "stream_options": {"include_usage": True}}
         start = time.monotonic()
