@@ -180,11 +180,17 @@ def test_second_turn_reuses_history(loaded: models.LoadedModel) -> None:
 
 
 def test_cache_budget_evicts_lru(loaded: models.LoadedModel) -> None:
-    engine = Engine(loaded, kv_budget_tokens=120)
-    run(engine, {0: [("x", request([user(0)], [noise(1.0, 12)], 5, session="x"))]})
-    assert engine.cached_tokens > 0
-    run(engine, {0: [("y", request([user(0)], [noise(1.0, 13)], 5, session="y"))]})
-    assert set(engine._sessions) == {"y"} and engine.cached_tokens <= 120
+    x = request([user(0)], [noise(1.0, 12)], 5, session="x")
+    n = len(Engine(loaded).build_prompt(x).ids)
+    # room for one running request (its row + one layer of re-pack copy, tiny-random has 2
+    # layers) and a little more: not for a second session's history beside it
+    budget = (n + 5) * 3 // 2 + 10
+    engine = Engine(loaded, kv_budget_tokens=budget)
+    run(engine, {0: [("x", x)]})
+    assert engine.cached_tokens == n + 4  # prompt + answer, all but the last token
+    out = run(engine, {0: [("y", request([user(0)], [noise(1.0, 13)], 5, session="y"))]})
+    assert out["y"][-1].error is None
+    assert set(engine._sessions) == {"y"} and engine.cached_tokens <= budget
     engine.forget("y")
     assert engine.cached_tokens == 0
 

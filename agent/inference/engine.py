@@ -1,30 +1,50 @@
 """A synchronous continuous-batching engine over one loaded Qwen2-Audio model.
 
 Pure and single-threaded (no asyncio, no processes): a worker process drives it with
-`submit` / `cancel` / `step`. Each `step` admits queued requests (one prefill each, reusing
-the session's cached KV of earlier turns), then runs ONE batched greedy decode step over
-every running request. Requests of different lengths share one left-padded DynamicCache
-with an attention mask and explicit position ids; it is re-packed only when membership
-changes.
+`submit` / `cancel` / `step`. Each `step`:
+
+1. admits queued requests while batch slots and the KV budget allow (evicting other
+   sessions' cached history, least recently used first, then held speculative prefills);
+2. runs at most `prefill_chunk_tokens` of prefill (audio encoder included) over the admitted
+   requests, oldest first, each in chunks on its own cache, reusing the session's cached
+   KV of earlier turns: a long prompt never stalls the running streams for more than a chunk;
+3. runs ONE batched greedy decode step over every running request. Requests of different
+   lengths share one left-padded DynamicCache with an attention mask and explicit position
+   ids, re-packed layer by layer when members join.
+
+KV accounting (`kv_projected`) counts every cache: session histories, held speculative
+prefills and the batch at its largest: every running or admitted request as a row of the
+longest row's prompt + max_new_tokens (left padding included), plus one layer of re-pack
+copy. An admitted request's own prefill cache fits inside its future row: the join frees it
+layer by layer as it copies it in. A CUDA
+out-of-memory rolls the step back, frees cached history and retries; a request that still
+cannot fit fails alone (`out_of_memory`).
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 import time
-import zlib
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from agent.inference import encoder, memory
 from agent.inference.base import GenerationRequest, GenerationStats, InferenceError
 from agent.inference.models import LoadedModel
-from agent.model.qwen2_audio import EOS_TOKENS, SAMPLE_RATE, render_prompt
+from agent.inference.prompts import Detokenizer, Prompt, RequestError, build_prompt, lcp
+from agent.model.qwen2_audio import EOS_TOKENS
+
+__all__ = ["Detokenizer", "Engine", "Output", "RequestError"]
+
+log = logging.getLogger(__name__)
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [1, heads, len, head_dim]
+OOM = torch.OutOfMemoryError
 
 
 @dataclass
@@ -41,21 +61,6 @@ class Output:
         return InferenceError(*self.error) if self.error else None
 
 
-class RequestError(Exception):
-    """A request the engine refuses (bad audio, empty turn); it never hurts other requests."""
-
-    def __init__(self, message: str, code: str = "bad_request") -> None:
-        super().__init__(message)
-        self.code = code
-
-
-@dataclass
-class Prompt:
-    ids: list[int]  # expanded: one id per audio token
-    spans: list[tuple[int, int, str]]  # audio token spans [start, end) with the audio's hash
-    audios: list[np.ndarray]  # in the order of `spans`
-
-
 @dataclass
 class _SessionCache:
     ids: list[int]  # exactly the tokens the KV covers
@@ -63,36 +68,7 @@ class _SessionCache:
     kv: KV
 
 
-class Detokenizer:
-    """Incremental decoding that never emits half a multi-byte character.
-
-    Decodes all ids each time: one tokenizer call per token (its fixed cost dominates at
-    answer lengths), and byte-level BPE decoding is prefix-stable."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.text = ""  # emitted so far
-        self.read = 0  # ids covered by `text`
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        return self._emit(final=False)
-
-    def flush(self) -> str:
-        return self._emit(final=True)
-
-    def _emit(self, final: bool) -> str:
-        cur = self.tokenizer.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        # A trailing U+FFFD is an incomplete UTF-8 sequence: wait for its other bytes (at
-        # most 4 per character, so give up waiting beyond that: the bytes are invalid).
-        if not final and cur.endswith("\ufffd") and len(self.ids) - self.read < 4:
-            return ""
-        delta, self.text, self.read = cur[len(self.text):], cur, len(self.ids)
-        return delta
-
-
-@dataclass
+@dataclass(eq=False)  # identity: requests are found in queues by `in`/`remove`
 class _Seq:
     rid: str
     req: GenerationRequest
@@ -101,54 +77,73 @@ class _Seq:
     stats: GenerationStats = field(default_factory=GenerationStats)
     prompt: Prompt | None = None
     generated: list[int] = field(default_factory=list)
-    kv: KV | None = None  # own cache until it joins the batch
+    kv: KV | None = None  # own cache after the prefill, until it joins the batch (or is held)
     t_first: float | None = None
     min_new_tokens: int = 0
+    # chunked prefill, from admission to the first token
+    t_admit: float = 0.0
+    reuse: _SessionCache | None = None  # the session's history taken at admission
+    past: int = 0  # tokens in `cache`
+    cache: Any = None  # DynamicCache being filled
+    embeds: torch.Tensor | None = None  # inputs of the whole new suffix [1, n, hidden]
+    done: int = 0  # rows of `embeds` prefilled
 
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.req.session_id, self.req.turn_id
 
-def audio_hash(audio: np.ndarray) -> str:
-    """Identity of an audio clip for history reuse. Hashed on every turn for the whole
-    history, so a fast checksum (crc32 + adler32 + length, ~10x faster than blake2b)."""
-    data = memoryview(np.ascontiguousarray(audio)).cast("B")
-    return f"{audio.size}:{zlib.crc32(data):08x}{zlib.adler32(data):08x}"
-
-
-def _lcp(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    if n == 0:
-        return 0
-    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
-    return int(diff[0]) if diff.size else n
+    def final_tokens(self) -> int:
+        """The most KV this request can reach: its prompt plus every token it may generate."""
+        assert self.prompt is not None
+        return len(self.prompt.ids) + (0 if self.req.speculative else self.req.max_new_tokens)
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, max_batch: int = 16, kv_budget_tokens: int = 32768,
-                 feature_cache: int = 64) -> None:
+    def __init__(self, loaded: LoadedModel, max_batch: int = 16, kv_budget_tokens: int | None = None,
+                 gpu_memory_utilization: float = 0.9, prefill_chunk_tokens: int = 512,
+                 encoder_padded: bool = False, feature_cache_bytes: int = 32 * 1024**2,
+                 memory_info: tuple[int, int] | None = None) -> None:
+        """`memory_info` (free, total bytes) replaces the device's own figures (tests)."""
         self.model = loaded.model
         self.processor = loaded.processor
         self.tokenizer = loaded.processor.tokenizer
         self.device = torch.device(loaded.device)
         self.max_batch = max_batch
-        self.kv_budget_tokens = kv_budget_tokens
+        self.prefill_chunk_tokens = max(1, prefill_chunk_tokens)
+        self.encoder_padded = encoder_padded
         self.audio_token_id = int(self.processor.audio_token_id)
         self.eos_ids = {int(self.tokenizer.convert_tokens_to_ids(t)) for t in EOS_TOKENS}
         self.eos_ids.discard(self.tokenizer.unk_token_id)
+        self._lm = self.model.model.language_model
+        self._embed = self._lm.get_input_embeddings()
         # transformers 5.x renamed `past_key_values` to `cache` (older 5.x releases lack it).
-        params = inspect.signature(self.model.model.forward).parameters
+        params = inspect.signature(self._lm.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        text_config = self.model.config.text_config
+        self.layers = int(text_config.num_hidden_layers)
+        per_token = memory.bytes_per_token(text_config, torch.finfo(self.model.dtype).bits // 8)
+        reserve = self._profile_step() if self.device.type == "cuda" and memory_info is None else 0
+        free, total = memory_info or memory.device_memory(str(loaded.device))
+        self.budget = memory.plan(per_token=per_token, device=str(loaded.device), free=free, total=total,
+                                  utilization=gpu_memory_utilization, reserve=reserve, tokens=kv_budget_tokens)
         self._pending: deque[_Seq] = deque()
+        self._prefilling: list[_Seq] = []
         self._held: dict[str, _Seq] = {}  # speculative prefills waiting for their commit
         self._batch: list[_Seq] = []
         self._cache: Any = None  # batched DynamicCache of `_batch`, left-padded
         self._mask: torch.Tensor | None = None  # [B, T] 1 = real token
         self._pos: torch.Tensor | None = None  # [B] next position = tokens in cache
         self._sessions: OrderedDict[str, _SessionCache] = OrderedDict()  # LRU order
-        self._features: OrderedDict[str, tuple[torch.Tensor, torch.Tensor, int]] = OrderedDict()
-        self._feature_cache = feature_cache
-        self._token_counts: dict[str, int] = {}
+        self._features: OrderedDict[str, tuple[torch.Tensor, int]] = OrderedDict()  # LRU, by bytes
+        self._feature_bytes, self.feature_cache_bytes = 0, feature_cache_bytes
         self._outbox: list[Output] = []
+        self.oom_events = 0
 
     # ---- public API -------------------------------------------------------------------
+
+    @property
+    def kv_budget_tokens(self) -> int:
+        return self.budget.tokens
 
     @property
     def running(self) -> int:
@@ -156,7 +151,7 @@ class Engine:
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + len(self._prefilling)
 
     @property
     def held(self) -> int:
@@ -168,195 +163,174 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        return bool(self._pending or self._batch or self._outbox)
+        return bool(self._pending or self._prefilling or self._batch or self._outbox)
+
+    def info(self) -> dict[str, Any]:
+        return {"kv_budget_tokens": self.budget.tokens, "kv_budget_bytes": self.budget.bytes,
+                "kv_bytes_per_token": self.budget.bytes_per_token, "device": self.budget.device}
+
+    def kv_projected(self, extra: _Seq | None = None) -> int:
+        """KV tokens the engine may hold at once with what it has admitted (+ `extra`)."""
+        admitted = self._prefilling + ([extra] if extra is not None else [])
+        total = self.cached_tokens + sum(len(s.prompt.ids) for s in self._held.values() if s.prompt)
+        total += sum(len(s.prompt.ids) for s in admitted if s.prompt and s.req.speculative)
+        rows = self._batch + [s for s in admitted if not s.req.speculative]
+        if rows:
+            widest = len(rows) * max(s.final_tokens() for s in rows)
+            total += widest + -(-widest // self.layers)  # + one layer of re-pack copy
+        return total
 
     def submit(self, request_id: str, request: GenerationRequest) -> None:
         seq = _Seq(request_id, request, Detokenizer(self.tokenizer), time.perf_counter())
         seq.min_new_tokens = int(request.extra.get("min_new_tokens", 0))
+        if request.speculative:  # at most one per session: the newer replaces the older
+            self._drop_speculative(lambda s: s.req.session_id == request.session_id)
         self._pending.append(seq)
 
     def cancel(self, request_id: str) -> None:
         """Drop a request wherever it is; a running one leaves the batch right now."""
-        for seq in list(self._pending):
-            if seq.rid == request_id:
-                self._pending.remove(seq)
-                self._outbox.append(self._error(seq, "cancelled", "request cancelled"))
+        for seq in [s for s in (*self._pending, *self._prefilling) if s.rid == request_id]:
+            self._discard(seq)
+            self._outbox.append(self._error(seq, "cancelled", "request cancelled"))
         for i, seq in enumerate(self._batch):
             if seq.rid == request_id:
                 self._save_session(seq, i)
                 self._remove([i])
+                self._trim_sessions()
                 self._outbox.append(self._error(seq, "cancelled", "request cancelled"))
                 break
-        self.drop(request_id)
+        self._held.pop(request_id, None)
 
     def drop(self, request_id: str) -> None:
-        """Discard a speculative prefill (held or still queued)."""
-        self._held.pop(request_id, None)
-        for seq in list(self._pending):
-            if seq.rid == request_id and seq.req.speculative:
-                self._pending.remove(seq)
+        """Discard a speculative prefill (held, queued or prefilling)."""
+        self._drop_speculative(lambda s: s.rid == request_id)
 
     def drop_turn(self, session_id: str, turn_id: str) -> None:
-        for rid, seq in list(self._held.items()):
-            if seq.req.session_id == session_id and seq.req.turn_id == turn_id:
-                del self._held[rid]
-        for seq in list(self._pending):
-            if seq.req.speculative and (seq.req.session_id, seq.req.turn_id) == (session_id, turn_id):
-                self._pending.remove(seq)
+        self._drop_speculative(lambda s: s.key == (session_id, turn_id))
 
     def forget(self, session_id: str) -> None:
         self._sessions.pop(session_id, None)
-        for rid, seq in list(self._held.items()):
-            if seq.req.session_id == session_id:
-                del self._held[rid]
+        self._drop_speculative(lambda s: s.req.session_id == session_id)
 
     @torch.inference_mode()
     def step(self) -> list[Output]:
         out, self._outbox = self._outbox, []
         joining: list[_Seq] = []
-        while self._pending and len(self._batch) + len(joining) < self.max_batch:
-            seq = self._pending.popleft()
-            try:
-                if self._prefill(seq, out):
-                    joining.append(seq)
-            except RequestError as exc:
-                out.append(self._error(seq, exc.code, str(exc)))
-            except Exception as exc:  # a broken request must not take the engine down
-                out.append(self._error(seq, "inference_failed", f"{type(exc).__name__}: {exc}"))
+        self._admit(out, joining)
+        self._prefill_chunks(out, joining)
         if joining:
-            self._join(joining)
+            self._join_guarded(joining, out)
         if self._batch:
             try:
-                self._decode(out)
+                self._decode_guarded(out)
             except Exception as exc:
                 for seq in self._batch:
                     out.append(self._error(seq, "inference_failed", f"{type(exc).__name__}: {exc}"))
                 self._batch, self._cache, self._mask, self._pos = [], None, None, None
         return out
 
-    # ---- prompt -------------------------------------------------------------------------
-
     def build_prompt(self, request: GenerationRequest) -> Prompt:
-        """Render the template and expand each audio placeholder to its token count."""
-        messages = request.messages
-        if not messages:
-            raise RequestError("request has no messages")
-        last = messages[-1]
-        content = last.get("content")
-        empty = (not content.strip()) if isinstance(content, str) else not any(
-            p.get("type") == "audio" or (p.get("type") == "text" and p.get("text", "").strip())
-            for p in (content or []))
-        if last.get("role") != "user" or empty:
-            raise RequestError("the last turn is empty: nothing to answer")
-        ordered: list[np.ndarray] = []
-        for message in messages:
-            if isinstance(message.get("content"), str):
+        return build_prompt(self.tokenizer, self.audio_token_id, request)
+
+    # ---- admission ----------------------------------------------------------------------
+
+    def _admit(self, out: list[Output], joining: list[_Seq]) -> None:
+        """Queued requests become prefilling ones, in order, while slots and memory allow."""
+        while self._pending:
+            seq = self._pending[0]
+            slots = len(self._batch) + len(joining) + sum(not s.req.speculative for s in self._prefilling)
+            if not seq.req.speculative and slots >= self.max_batch:
+                return
+            try:
+                if seq.prompt is None:
+                    seq.prompt = self.build_prompt(seq.req)
+                    seq.stats.prompt_tokens = len(seq.prompt.ids)
+                    if seq.req.max_new_tokens < 1:
+                        raise RequestError("max_new_tokens must be at least 1")
+            except RequestError as exc:
+                self._pending.popleft()
+                out.append(self._error(seq, exc.code, str(exc)))
                 continue
-            for part in message.get("content") or []:
-                if part.get("type") != "audio":
-                    continue
-                index = part.get("audio")
-                if not isinstance(index, int) or not 0 <= index < len(request.audios):
-                    raise RequestError(f"audio part refers to missing audio {index!r}")
-                audio = np.ascontiguousarray(request.audios[index], dtype=np.float32)
-                if audio.ndim != 1 or audio.size == 0:
-                    raise RequestError(f"audio {index} is empty or not mono (shape {audio.shape})")
-                if not np.isfinite(audio).all():
-                    raise RequestError(f"audio {index} holds NaN or infinite samples")
-                ordered.append(audio)
-        base = self.tokenizer(render_prompt(messages), add_special_tokens=False)["input_ids"]
-        ids: list[int] = []
-        spans: list[tuple[int, int, str]] = []
-        for token in base:
-            if token != self.audio_token_id:
-                ids.append(token)
+            if not seq.req.speculative and self._adopt_speculative(seq, out, joining):
+                self._pending.popleft()
                 continue
-            audio = ordered[len(spans)]
-            digest = audio_hash(audio)
-            n = self._audio_tokens(audio, digest)
-            if n < 2:  # one token would trip the model's legacy (unexpanded) merge path
-                raise RequestError(f"audio {len(spans)} is too short ({audio.size} samples)")
-            spans.append((len(ids), len(ids) + n, digest))
-            ids.extend([self.audio_token_id] * n)
-        if len(spans) != len(ordered):
-            raise RequestError("audio placeholders and audio parts do not match")
-        return Prompt(ids, spans, ordered)
+            if not self._make_room(seq):
+                if self._batch or self._prefilling or joining:
+                    return  # wait for running requests to finish and free theirs
+                self._pending.popleft()
+                out.append(self._error(seq, "out_of_memory", (
+                    f"the request needs {seq.final_tokens()} tokens of KV cache; the budget is "
+                    f"{self.budget.tokens} ({self.budget.describe()})")))
+                continue
+            self._pending.popleft()
+            seq.t_admit = time.perf_counter()
+            seq.stats.timings["queue"] = seq.t_admit - seq.t_submit
+            seq.reuse, seq.past = self._take_history(seq)
+            seq.stats.reused_tokens = seq.past
+            self._prefilling.append(seq)
 
-    def _audio_tokens(self, audio: np.ndarray, digest: str) -> int:
-        if digest not in self._token_counts:
-            if len(self._token_counts) > 4096:
-                self._token_counts.clear()
-            self._token_counts[digest] = self._audio_features(audio, digest)[2]
-        return self._token_counts[digest]
+    def _adopt_speculative(self, seq: _Seq, out: list[Output], joining: list[_Seq]) -> bool:
+        """The committed turn continues its own speculative prefill when the prompts match
+        (held: first token ready; still prefilling: takes over its progress). Any other
+        speculation of the session is stale now."""
+        assert seq.prompt is not None
+        for rid, held in list(self._held.items()):
+            if held.req.session_id != seq.req.session_id:
+                continue
+            del self._held[rid]
+            if held.key == seq.key and held.prompt is not None and held.prompt.ids == seq.prompt.ids \
+                    and held.prompt.spans == seq.prompt.spans and held.kv is not None:
+                seq.t_admit = time.perf_counter()
+                seq.stats.timings["queue"] = seq.t_admit - seq.t_submit
+                seq.stats.reused_tokens = len(seq.prompt.ids)
+                seq.stats.timings["speculative_prefill"] = held.stats.timings.get("prefill", 0.0)
+                seq.kv = held.kv
+                self._ready(seq, held.generated[0], out, joining)
+                return True
+        for i, spec in enumerate(self._prefilling):
+            if spec.req.speculative and spec.req.session_id == seq.req.session_id:
+                if spec.key == seq.key and spec.prompt is not None and spec.prompt.ids == seq.prompt.ids \
+                        and spec.prompt.spans == seq.prompt.spans:
+                    for name in ("t_admit", "reuse", "past", "cache", "embeds", "done"):
+                        setattr(seq, name, getattr(spec, name))
+                    seq.stats.timings["queue"] = seq.t_admit - seq.t_submit
+                    seq.stats.reused_tokens = spec.stats.reused_tokens
+                    self._prefilling[i] = seq
+                    return True
+                self._discard(spec)
+                break
+        self._drop_speculative(lambda s: s.req.session_id == seq.req.session_id and s in self._pending)
+        return False
 
-    def _audio_features(self, audio: np.ndarray, digest: str) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Features exactly as the processor makes them (padded to 30 s), LRU-cached by hash."""
-        hit = self._features.get(digest)
-        if hit is not None:
-            self._features.move_to_end(digest)
-            return hit
-        fe = self.processor.feature_extractor([audio], sampling_rate=SAMPLE_RATE, return_attention_mask=True,
-                                              padding="max_length", return_tensors="pt")
-        mask = fe["attention_mask"][0]
-        _, n = self.model.model.audio_tower._get_feat_extract_output_lengths(mask.sum())
-        hit = (fe["input_features"][0], mask, int(n))
-        self._features[digest] = hit
-        while len(self._features) > self._feature_cache:
-            self._features.popitem(last=False)
-        return hit
-
-    # ---- prefill ------------------------------------------------------------------------
-
-    def _prefill(self, seq: _Seq, out: list[Output]) -> bool:
-        """Prefill `seq` and emit its first token; True when it should join the batch."""
-        req = seq.req
-        if req.max_new_tokens < 1:
-            raise RequestError("max_new_tokens must be at least 1")
-        t0 = time.perf_counter()
-        seq.stats.timings["queue"] = t0 - seq.t_submit
-        seq.prompt = prompt = self.build_prompt(req)
-        seq.stats.prompt_tokens = len(prompt.ids)
-        held = self._take_held(req)
-        if req.speculative:
-            self.drop_turn(req.session_id, req.turn_id)
-        if held is not None and held.prompt is not None and held.prompt.ids == prompt.ids \
-                and held.prompt.spans == prompt.spans and held.kv is not None:
-            # The speculative prefill already covers this exact prompt: continue from it.
-            seq.kv, first = held.kv, held.generated[0]
-            seq.stats.reused_tokens = len(prompt.ids)
-            seq.stats.timings["speculative_prefill"] = held.stats.timings.get("prefill", 0.0)
-        else:
-            first = self._run_prefill(seq, prompt)
-        t1 = time.perf_counter()
-        seq.stats.timings["prefill"] = t1 - t0
-        seq.generated = [first]
-        if req.speculative:  # hold: no decoding until the final request commits
-            self._held[seq.rid] = seq
-            seq.stats.timings["total"] = t1 - seq.t_submit
-            out.append(Output(seq.rid, "", True, seq.stats))
+    def _make_room(self, seq: _Seq) -> bool:
+        """Fit `seq` in the KV budget, evicting other sessions' history (LRU) and then held
+        speculative prefills (oldest first) as needed."""
+        budget = self.budget.tokens
+        own = seq.req.session_id
+        while self.kv_projected(seq) > budget:
+            victim = next((sid for sid in self._sessions if sid != own), None)
+            if victim is not None:
+                del self._sessions[victim]
+                continue
+            held = next((rid for rid, h in self._held.items() if h.key != seq.key), None)
+            if held is not None:
+                del self._held[held]
+                continue
+            if own in self._sessions:  # its own history too, as a last resort
+                del self._sessions[own]
+                continue
             return False
-        seq.t_first = t1
-        seq.stats.timings["ttft"] = t1 - seq.t_submit
-        if self._finished(seq, first):
-            self._save_session(seq, None)
-            out.append(self._finish(seq, first))
-            return False
-        out.append(Output(seq.rid, seq.detok.push(first), token_ids=[first]))
         return True
 
-    def _take_held(self, req: GenerationRequest) -> _Seq | None:
-        for rid, seq in list(self._held.items()):
-            if seq.req.session_id == req.session_id and seq.req.turn_id == req.turn_id:
-                return self._held.pop(rid)
-        return None
-
-    def _reusable(self, session_id: str, prompt: Prompt) -> tuple[int, _SessionCache | None]:
-        """Longest cached prefix that does not cut through an audio span (or change an audio)."""
-        entry = self._sessions.get(session_id)
+    def _take_history(self, seq: _Seq) -> tuple[_SessionCache | None, int]:
+        """The session's cached KV, taken out of the LRU: the longest prefix of the prompt it
+        covers that does not cut through an audio span (or change an audio)."""
+        prompt = seq.prompt
+        assert prompt is not None
+        entry = self._sessions.pop(seq.req.session_id, None)
         if entry is None:
-            return 0, None
-        self._sessions.move_to_end(session_id)
-        n = min(_lcp(entry.ids, prompt.ids), len(prompt.ids) - 1)  # keep ≥1 token for logits
+            return None, 0
+        n = min(lcp(entry.ids, prompt.ids), len(prompt.ids) - 1)  # keep ≥1 token for logits
         cached = set(entry.spans)
         for span in prompt.spans:
             start, end, _ = span
@@ -365,61 +339,252 @@ class Engine:
             if end > n or span not in cached:
                 n = start
                 break
-        return n, (entry if n > 0 else None)
+        return (entry, n) if n > 0 else (None, 0)
 
-    def _run_prefill(self, seq: _Seq, prompt: Prompt) -> int:
+    # ---- prefill ------------------------------------------------------------------------
+
+    def _prefill_chunks(self, out: list[Output], joining: list[_Seq]) -> None:
+        """At most `prefill_chunk_tokens` of prefill work this step, oldest request first."""
+        budget = self.prefill_chunk_tokens
+        while budget > 0 and self._prefilling:
+            seq = self._prefilling[0]
+            try:
+                if seq.embeds is None:
+                    budget -= self._with_oom_retry(lambda: self._start_prefill(seq), lambda: None)
+                    continue
+                n = min(budget, seq.embeds.shape[1] - seq.done)
+                past = seq.past
+                hidden = self._with_oom_retry(lambda: self._chunk(seq, n), lambda: _crop(seq.cache, past))
+                budget -= n
+                if seq.done < seq.embeds.shape[1]:
+                    continue
+                logits = self._suppress_eos(self.model.lm_head(hidden), [seq])
+                self._prefilling.pop(0)
+                seq.kv = [(layer.keys, layer.values) for layer in seq.cache.layers]
+                seq.cache = seq.embeds = None
+                self._ready(seq, int(logits.argmax(-1)[0]), out, joining)
+            except (RequestError, OOM, Exception) as exc:  # a broken request never takes the engine down
+                self._discard(seq)
+                if isinstance(exc, RequestError):
+                    out.append(self._error(seq, exc.code, str(exc)))
+                elif isinstance(exc, OOM):
+                    out.append(self._error(seq, "out_of_memory", f"out of device memory in its prefill: {exc}"))
+                else:
+                    out.append(self._error(seq, "inference_failed", f"{type(exc).__name__}: {exc}"))
+
+    def _start_prefill(self, seq: _Seq) -> int:
+        """Embed the new suffix (text + audio through the encoder); returns the encoder work
+        in audio tokens, charged to this step's prefill budget."""
         from transformers import DynamicCache
 
-        past, entry = self._reusable(seq.req.session_id, prompt)
-        seq.stats.reused_tokens = past
-        if entry is not None:
-            cache = DynamicCache(ddp_cache_data=[(k[:, :, :past], v[:, :, :past]) for k, v in entry.kv])
+        prompt = seq.prompt
+        assert prompt is not None
+        past = seq.past
+        if seq.reuse is not None:
+            seq.cache = DynamicCache(ddp_cache_data=[(k[:, :, :past], v[:, :, :past]) for k, v in seq.reuse.kv])
         else:
-            cache = DynamicCache()
-        new_ids = prompt.ids[past:]
-        kwargs: dict[str, Any] = {}
-        # Only the audios whose placeholders lie in the new suffix: the model scatters features
-        # into positions where input_ids == audio_token_id, in order.
-        new_audio = [(a, span[2]) for a, span in zip(prompt.audios, prompt.spans) if span[0] >= past]
-        if new_audio:
-            feats = [self._audio_features(a, h) for a, h in new_audio]
-            kwargs["input_features"] = torch.stack([f[0] for f in feats]).to(self.device, self.model.dtype)
-            kwargs["feature_attention_mask"] = torch.stack([f[1] for f in feats]).to(self.device)
-        total = past + len(new_ids)
-        out = self.model.model(
-            input_ids=torch.tensor([new_ids], device=self.device),
-            attention_mask=torch.ones(1, total, dtype=torch.long, device=self.device),  # past + new
-            position_ids=torch.arange(past, total, device=self.device)[None],
-            use_cache=True, **{self._cache_kw: cache}, **kwargs)
-        logits = self._suppress_eos(self.model.lm_head(out.last_hidden_state[:, -1]), [seq])
-        seq.kv = [(layer.keys, layer.values) for layer in cache.layers]
-        return int(logits.argmax(-1)[0])
+            seq.cache = DynamicCache()
+        ids = torch.tensor([prompt.ids[past:]], device=self.device)
+        embeds = self._embed(ids)
+        new = [(a, span) for a, span in zip(prompt.audios, prompt.spans) if span[0] >= past]
+        if new:
+            t0 = time.perf_counter()
+            feats = [self._audio_features(a, span[2]) for a, span in new]
+            clips = encoder.encode(self.model, [f for f, _ in feats], [v for _, v in feats], self.encoder_padded)
+            audio = torch.cat(clips).to(embeds.dtype)
+            where = (ids == self.audio_token_id)[..., None]
+            if int(where.sum()) != audio.shape[0]:
+                raise RequestError(f"{int(where.sum())} audio tokens but {audio.shape[0]} audio embeddings")
+            embeds = embeds.masked_scatter(where, audio)
+            seq.stats.timings["encoder"] = time.perf_counter() - t0
+        seq.embeds, seq.done = embeds, 0
+        return sum(span[1] - span[0] for _, span in new)
+
+    def _chunk(self, seq: _Seq, n: int) -> torch.Tensor:
+        """Prefill the next `n` tokens of `seq` on its own cache; the last position's hidden state."""
+        assert seq.embeds is not None
+        total = seq.past + n
+        res = self._lm(inputs_embeds=seq.embeds[:, seq.done:seq.done + n],
+                       attention_mask=torch.ones(1, total, dtype=torch.long, device=self.device),
+                       position_ids=torch.arange(seq.past, total, device=self.device)[None],
+                       use_cache=True, **{self._cache_kw: seq.cache})
+        seq.past, seq.done = total, seq.done + n
+        seq.reuse = None  # the cache now owns copies of the history it needed
+        return res.last_hidden_state[:, -1]
+
+    def _audio_features(self, audio: np.ndarray, digest: str) -> tuple[torch.Tensor, int]:
+        """(log-mel, valid frames) at the clip's real length (or padded), LRU-cached by bytes."""
+        hit = self._features.get(digest)
+        if hit is not None:
+            self._features.move_to_end(digest)
+            return hit
+        feats, valid, _ = encoder.features(self.processor.feature_extractor, audio, self.encoder_padded)
+        hit = self._features[digest] = (feats, valid)
+        self._feature_bytes += feats.nbytes
+        while self._feature_bytes > self.feature_cache_bytes and self._features:
+            old, _ = self._features.popitem(last=False)
+            self._feature_bytes -= old.nbytes
+        return hit
+
+    def _ready(self, seq: _Seq, first: int, out: list[Output], joining: list[_Seq]) -> None:
+        """The prefill is done and gave `first`: hold it, finish it, or let it join."""
+        t1 = time.perf_counter()
+        seq.stats.timings["prefill"] = t1 - seq.t_admit
+        seq.generated = [first]
+        if seq.req.speculative:  # hold: no decoding until the final request commits
+            self._held[seq.rid] = seq
+            seq.stats.timings["total"] = t1 - seq.t_submit
+            out.append(Output(seq.rid, "", True, seq.stats))
+            return
+        seq.t_first = t1
+        seq.stats.timings["ttft"] = t1 - seq.t_submit
+        if self._finished(seq, first):
+            self._save_session(seq, None)
+            self._trim_sessions()
+            out.append(self._finish(seq, first))
+            return
+        out.append(Output(seq.rid, seq.detok.push(first), token_ids=[first]))
+        joining.append(seq)
+
+    def _discard(self, seq: _Seq) -> None:
+        """Take a queued or prefilling request out; its session keeps its history."""
+        if seq in self._pending:
+            self._pending.remove(seq)
+        if seq in self._prefilling:
+            self._prefilling.remove(seq)
+        if seq.reuse is not None and seq.req.session_id not in self._sessions:
+            self._sessions[seq.req.session_id] = seq.reuse
+        seq.reuse = seq.cache = seq.embeds = seq.kv = None
+
+    def _drop_speculative(self, match: Callable[[_Seq], bool]) -> None:
+        for rid, seq in list(self._held.items()):
+            if match(seq):
+                del self._held[rid]
+        for seq in [s for s in (*self._pending, *self._prefilling) if s.req.speculative and match(s)]:
+            self._discard(seq)
+
+    # ---- out of memory ------------------------------------------------------------------
+
+    def _with_oom_retry(self, run: Callable[[], Any], rollback: Callable[[], None]) -> Any:
+        """Run; on out-of-memory roll back, free cached history and retry while anything
+        can be freed. The last OOM propagates: the caller fails only its own request."""
+        while True:
+            try:
+                return run()
+            except OOM:
+                rollback()
+                self.oom_events += 1
+                if not self._relieve():
+                    raise
+
+    def _relieve(self) -> bool:
+        """Free the least recently used half of the session caches, else every held
+        speculative prefill. False when nothing was left to free."""
+        freed = False
+        if self._sessions:
+            for _ in range(max(1, len(self._sessions) // 2)):
+                self._sessions.popitem(last=False)
+            freed = True
+        elif self._held:
+            self._held.clear()
+            freed = True
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        log.warning("out of memory: freed cached history (%s)", "retrying" if freed else "nothing left to free")
+        return freed
+
+    def _join_guarded(self, seqs: list[_Seq], out: list[Output]) -> None:
+        try:
+            self._with_oom_retry(lambda: self._join(seqs), lambda: None)
+        except OOM as exc:
+            for seq in seqs:
+                seq.kv = None
+                out.append(self._error(seq, "out_of_memory", f"out of device memory joining the batch: {exc}"))
+
+    def _decode_guarded(self, out: list[Output]) -> None:
+        while self._batch:
+            assert self._mask is not None
+            width = self._mask.shape[1]
+            try:
+                self._with_oom_retry(lambda: self._decode(out), lambda: _crop(self._cache, width))
+                return
+            except OOM as exc:  # nothing left to free: the newest request fails alone
+                i = max(range(len(self._batch)), key=lambda j: self._batch[j].t_admit)
+                seq = self._batch[i]
+                self._remove([i])
+                out.append(self._error(seq, "out_of_memory", f"out of device memory while decoding: {exc}"))
+
+    def _profile_step(self) -> int:
+        """Peak activation bytes of one engine step (30 s clip + a full prefill chunk after 2k
+        tokens of history), measured on the device: the budget leaves room for it."""
+        from transformers import DynamicCache
+
+        dev = self.device
+        torch.cuda.synchronize(dev)
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        try:
+            with torch.inference_mode():
+                feats, valid, _ = encoder.features(self.processor.feature_extractor, np.zeros(480000, np.float32))
+                encoder.encode(self.model, [feats], [valid])
+                cfg = self.model.config.text_config
+                heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+                dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+                past, n = 2048, self.prefill_chunk_tokens
+
+                def zeros(t: int) -> torch.Tensor:
+                    return torch.zeros(1, heads, t, dim, dtype=self.model.dtype, device=dev)
+
+                cache = DynamicCache(ddp_cache_data=[(zeros(past), zeros(past)) for _ in range(self.layers)])
+                base = torch.cuda.memory_allocated(dev)  # the history is KV, not activations
+                torch.cuda.reset_peak_memory_stats(dev)
+                kv_bytes = 2 * self.layers * zeros(n).nbytes  # what the chunk adds to the cache
+                res = self._lm(inputs_embeds=self._embed(torch.zeros(1, n, dtype=torch.long, device=dev)),
+                               attention_mask=torch.ones(1, past + n, dtype=torch.long, device=dev),
+                               position_ids=torch.arange(past, past + n, device=dev)[None],
+                               use_cache=True, **{self._cache_kw: cache})
+                self.model.lm_head(res.last_hidden_state[:, -1])
+                del res, cache
+            return max(0, torch.cuda.max_memory_allocated(dev) - base - kv_bytes)
+        finally:
+            torch.cuda.empty_cache()
 
     # ---- batched decode -----------------------------------------------------------------
 
     def _join(self, seqs: list[_Seq]) -> None:
-        """Re-pack: the new rows join the left-padded batch cache."""
+        """Re-pack: the new rows join the left-padded batch cache, one layer at a time so the
+        copy never holds more than one extra layer of the batch."""
         from transformers import DynamicCache
 
         lengths = [s.kv[0][0].shape[2] for s in seqs]  # type: ignore[index]
         old_t = 0 if self._mask is None else self._mask.shape[1]
         t = max([old_t, *lengths])
+        b = len(self._batch)
 
         def lpad(x: torch.Tensor, n: int) -> torch.Tensor:
             return torch.nn.functional.pad(x, (0, 0, n, 0)) if n else x
 
-        layers: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for li in range(len(seqs[0].kv)):  # type: ignore[arg-type]
-            ks, vs = [], []
-            if self._cache is not None:
-                layer = self._cache.layers[li]
-                ks.append(lpad(layer.keys, t - old_t))
-                vs.append(lpad(layer.values, t - old_t))
-            for s, n in zip(seqs, lengths):
-                k, v = s.kv[li]  # type: ignore[index]
-                ks.append(lpad(k, t - n))
-                vs.append(lpad(v, t - n))
-            layers.append((torch.cat(ks), torch.cat(vs)))
+        if self._cache is None:
+            self._cache = DynamicCache(ddp_cache_data=[
+                (torch.cat([lpad(s.kv[li][0], t - n) for s, n in zip(seqs, lengths)]),  # type: ignore[index]
+                 torch.cat([lpad(s.kv[li][1], t - n) for s, n in zip(seqs, lengths)]))  # type: ignore[index]
+                for li in range(self.layers)])
+        else:
+            done = 0
+            try:
+                for li, layer in enumerate(self._cache.layers):
+                    layer.keys = torch.cat([lpad(layer.keys, t - old_t)]
+                                           + [lpad(s.kv[li][0], t - n) for s, n in zip(seqs, lengths)])  # type: ignore[index]
+                    layer.values = torch.cat([lpad(layer.values, t - old_t)]
+                                             + [lpad(s.kv[li][1], t - n) for s, n in zip(seqs, lengths)])  # type: ignore[index]
+                    done = li + 1
+                for s in seqs:  # their own caches are in the batch now
+                    s.kv = None
+            except OOM:  # undo the layers already re-packed, then let the caller retry or fail
+                for layer in self._cache.layers[:done]:
+                    layer.keys = layer.keys[:b, :, t - old_t:]
+                    layer.values = layer.values[:b, :, t - old_t:]
+                raise
         masks = [] if self._mask is None else [torch.nn.functional.pad(self._mask, (t - old_t, 0))]
         for n in lengths:
             row = torch.zeros(1, t, dtype=torch.long, device=self.device)
@@ -427,7 +592,6 @@ class Engine:
             masks.append(row)
         pos = [] if self._pos is None else [self._pos]
         pos.append(torch.tensor(lengths, dtype=torch.long, device=self.device))
-        self._cache = DynamicCache(ddp_cache_data=layers)
         self._mask, self._pos = torch.cat(masks), torch.cat(pos)
         for s in seqs:
             s.kv = None
@@ -454,8 +618,8 @@ class Engine:
         b = len(self._batch)
         ids = torch.tensor([[s.generated[-1]] for s in self._batch], device=self.device)
         mask = torch.cat([self._mask, torch.ones(b, 1, dtype=torch.long, device=self.device)], dim=1)
-        res = self.model.model(input_ids=ids, attention_mask=mask, position_ids=self._pos[:, None],
-                               use_cache=True, **{self._cache_kw: self._cache})
+        res = self._lm(inputs_embeds=self._embed(ids), attention_mask=mask, position_ids=self._pos[:, None],
+                       use_cache=True, **{self._cache_kw: self._cache})
         logits = self._suppress_eos(self.model.lm_head(res.last_hidden_state[:, -1]), self._batch)
         tokens = logits.argmax(-1).tolist()
         self._mask, self._pos = mask, self._pos + 1
@@ -470,6 +634,7 @@ class Engine:
                 out.append(Output(seq.rid, seq.detok.push(token), token_ids=[token]))
         if done:
             self._remove(done)
+            self._trim_sessions()
 
     def _suppress_eos(self, logits: torch.Tensor, seqs: list[_Seq]) -> torch.Tensor:
         """`min_new_tokens` as generate does it: EOS cannot win before that many tokens."""
@@ -497,7 +662,7 @@ class Engine:
 
     def _save_session(self, seq: _Seq, row: int | None) -> None:
         """Keep the KV of prompt + generated tokens (all but the last, never fed) for the
-        session's next turn, LRU-evicting other sessions beyond the token budget."""
+        session's next turn, LRU-evicting other sessions while over the KV budget."""
         if seq.prompt is None:
             return
         if row is None:
@@ -513,10 +678,19 @@ class Engine:
         ids = ids[:kv[0][0].shape[2]]
         sid = seq.req.session_id
         self._sessions.pop(sid, None)
-        if len(ids) > self.kv_budget_tokens:
-            return
         self._sessions[sid] = _SessionCache(ids, seq.prompt.spans, kv)
-        total = self.cached_tokens
-        while total > self.kv_budget_tokens:
-            _, evicted = self._sessions.popitem(last=False)
-            total -= len(evicted.ids)
+
+    def _trim_sessions(self) -> None:
+        """LRU-evict session histories while over the KV budget (the newest last)."""
+        while self._sessions and self.kv_projected() > self.budget.tokens:
+            self._sessions.popitem(last=False)
+
+
+def _crop(cache: Any, width: int) -> None:
+    """Undo a forward that failed half-way: layers it extended go back to `width` tokens."""
+    if cache is None:
+        return
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is not None and layer.keys.shape[-2] > width:
+            layer.keys = layer.keys[..., :width, :]
+            layer.values = layer.values[..., :width, :]

@@ -1,0 +1,102 @@
+"""How many tokens of KV cache one worker may hold, from the device's memory and the model.
+
+CUDA (as vLLM's `gpu_memory_utilization`): the worker may use `utilization` of the device's
+total memory (a fraction ≤ 1) or that many bytes (> 1). What is already in use after loading
+(weights, CUDA context, other processes) and the peak activations of one engine step
+(measured by a profiling run) come off; the rest holds KV at
+layers × KV heads × head dim × 2 (keys, values) × dtype size per token.
+
+CPU: `tokens` (the `kv_budget_tokens` setting) or 32768, capped at half the memory available
+at start. Either way an explicit `tokens` setting caps the result; a budget derived from
+memory that cannot hold one full 30 s turn fails the start with the figures.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+GIB = 1024**3
+CPU_DEFAULT_TOKENS = 32768
+CPU_MEMORY_SHARE = 0.5  # of the RAM available at start
+MIN_TOKENS = 1024  # one 30 s clip (750 audio tokens) plus prompt and answer
+CUDA_HEADROOM = 256 * 1024**2  # allocator fragmentation, cuBLAS workspaces
+
+
+class KVBudgetError(Exception):
+    """The model leaves no room for a KV cache on this device; the message gives the figures."""
+
+
+@dataclass(frozen=True)
+class KVBudget:
+    tokens: int
+    bytes_per_token: int
+    device: str
+
+    @property
+    def bytes(self) -> int:
+        return self.tokens * self.bytes_per_token
+
+    def describe(self) -> str:
+        return f"kv budget: {self.tokens} tokens ({self.bytes / GIB:.2f} GiB) on {self.device}"
+
+
+def bytes_per_token(text_config: Any, dtype_size: int) -> int:
+    """KV bytes per token of the language model: layers × KV heads × head dim × 2 × dtype."""
+    heads = text_config.num_attention_heads
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+    return int(text_config.num_hidden_layers * kv_heads * head_dim * 2 * dtype_size)
+
+
+def plan(*, per_token: int, device: str, free: int, total: int, utilization: float = 0.9,
+         reserve: int = 0, tokens: int | None = None) -> KVBudget:
+    """The budget from memory figures (bytes): `free`/`total` of the device (CUDA) or of RAM
+    (CPU, `free` = available), `reserve` = peak activations of a step. Pure, for tests."""
+    if not device.startswith("cuda"):
+        allowed = int(free * CPU_MEMORY_SHARE) // per_token
+        want = tokens if tokens is not None else CPU_DEFAULT_TOKENS
+        if allowed < min(want, MIN_TOKENS):
+            raise KVBudgetError(f"no room for a KV cache on {device}: {free / GIB:.2f} GiB of RAM available, "
+                                f"{CPU_MEMORY_SHARE:.0%} of it holds {allowed} tokens at {per_token} bytes "
+                                f"each; at least {MIN_TOKENS} are needed")
+        if tokens is None and allowed < want:
+            log.warning("kv budget: %d tokens fit in %.0f%% of the %.2f GiB of RAM available (wanted %d)",
+                        allowed, CPU_MEMORY_SHARE * 100, free / GIB, want)
+        return KVBudget(min(want, allowed), per_token, device)
+    limit = int(utilization * total) if utilization <= 1 else int(utilization)
+    used = total - free  # weights, CUDA context, other processes
+    room = limit - used - reserve - CUDA_HEADROOM
+    fit = max(room, 0) // per_token
+    if fit < MIN_TOKENS:
+        raise KVBudgetError(
+            f"no room for a KV cache on {device}: of {total / GIB:.2f} GiB, {limit / GIB:.2f} GiB may be used "
+            f"(gpu_memory_utilization={utilization:g}); {used / GIB:.2f} GiB are in use after loading the model "
+            f"(weights, CUDA context, other processes) and a step's activations need {reserve / GIB:.2f} GiB "
+            f"+ {CUDA_HEADROOM / GIB:.2f} GiB headroom, leaving {max(room, 0) / GIB:.2f} GiB = {fit} tokens at "
+            f"{per_token / 1024**2:.2f} MiB each; at least {MIN_TOKENS} tokens are needed. Raise "
+            f"gpu_memory_utilization, free the GPU, or use a GPU with more memory")
+    if tokens is not None and tokens > fit:
+        log.warning("kv_budget_tokens=%d does not fit on %s: using %d", tokens, device, fit)
+    return KVBudget(fit if tokens is None else min(tokens, fit), per_token, device)
+
+
+def device_memory(device: str) -> tuple[int, int]:
+    """(free, total) bytes: the CUDA device's, or RAM available/total on the CPU."""
+    if device.startswith("cuda"):
+        import torch
+
+        free, total = torch.cuda.mem_get_info(torch.device(device))
+        return int(free), int(total)
+    import os
+
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:  # MemAvailable counts reclaimable page cache, as `free` does
+        with open("/proc/meminfo") as f:
+            info = {k: v for k, _, v in (line.partition(":") for line in f)}
+        return int(info["MemAvailable"].split()[0]) * 1024, total
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"), total

@@ -1,0 +1,123 @@
+"""Requests → token ids for the engine: the template rendered, each audio expanded to its tokens.
+
+Also the engine's text side: incremental detokenizing, audio identity for history reuse.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from agent.inference.base import GenerationRequest
+from agent.model.qwen2_audio import audio_token_count, render_prompt
+
+
+class RequestError(Exception):
+    """A request the engine refuses (bad audio, empty turn); it never hurts other requests."""
+
+    def __init__(self, message: str, code: str = "bad_request") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Prompt:
+    ids: list[int]  # expanded: one id per audio token
+    spans: list[tuple[int, int, str]]  # audio token spans [start, end) with the audio's hash
+    audios: list[np.ndarray]  # in the order of `spans`
+
+
+def audio_hash(audio: np.ndarray) -> str:
+    """Identity of an audio clip for history reuse. Hashed on every turn for the whole
+    history, so a fast checksum (crc32 + adler32 + length, ~10x faster than blake2b)."""
+    data = memoryview(np.ascontiguousarray(audio)).cast("B")
+    return f"{audio.size}:{zlib.crc32(data):08x}{zlib.adler32(data):08x}"
+
+
+def lcp(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if diff.size else n
+
+
+def build_prompt(tokenizer: Any, audio_token_id: int, request: GenerationRequest) -> Prompt:
+    """Render the template and expand each audio placeholder to its token count (the
+    processor's formula, without running the feature extractor)."""
+    messages = request.messages
+    if not messages:
+        raise RequestError("request has no messages")
+    last = messages[-1]
+    content = last.get("content")
+    empty = (not content.strip()) if isinstance(content, str) else not any(
+        p.get("type") == "audio" or (p.get("type") == "text" and p.get("text", "").strip())
+        for p in (content or []))
+    if last.get("role") != "user" or empty:
+        raise RequestError("the last turn is empty: nothing to answer")
+    ordered: list[np.ndarray] = []
+    for message in messages:
+        if isinstance(message.get("content"), str):
+            continue
+        for part in message.get("content") or []:
+            if part.get("type") != "audio":
+                continue
+            index = part.get("audio")
+            if not isinstance(index, int) or not 0 <= index < len(request.audios):
+                raise RequestError(f"audio part refers to missing audio {index!r}")
+            audio = np.ascontiguousarray(request.audios[index], dtype=np.float32)
+            if audio.ndim != 1 or audio.size == 0:
+                raise RequestError(f"audio {index} is empty or not mono (shape {audio.shape})")
+            if not np.isfinite(audio).all():
+                raise RequestError(f"audio {index} holds NaN or infinite samples")
+            ordered.append(audio)
+    base = tokenizer(render_prompt(messages), add_special_tokens=False)["input_ids"]
+    ids: list[int] = []
+    spans: list[tuple[int, int, str]] = []
+    for token in base:
+        if token != audio_token_id:
+            ids.append(token)
+            continue
+        if len(spans) >= len(ordered):
+            raise RequestError("audio placeholders and audio parts do not match")
+        audio = ordered[len(spans)]
+        n = audio_token_count(audio.size)
+        if n < 2:  # one token would trip the model's legacy (unexpanded) merge path
+            raise RequestError(f"audio {len(spans)} is too short ({audio.size} samples)")
+        spans.append((len(ids), len(ids) + n, audio_hash(audio)))
+        ids.extend([audio_token_id] * n)
+    if len(spans) != len(ordered):
+        raise RequestError("audio placeholders and audio parts do not match")
+    return Prompt(ids, spans, ordered)
+
+
+class Detokenizer:
+    """Incremental decoding that never emits half a multi-byte character.
+
+    Decodes all ids each time: one tokenizer call per token (its fixed cost dominates at
+    answer lengths), and byte-level BPE decoding is prefix-stable."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""  # emitted so far
+        self.read = 0  # ids covered by `text`
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        return self._emit(final=False)
+
+    def flush(self) -> str:
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
+        cur = self.tokenizer.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        # A trailing U+FFFD is an incomplete UTF-8 sequence: wait for its other bytes (at
+        # most 4 per character, so give up waiting beyond that: the bytes are invalid).
+        if not final and cur.endswith("\ufffd") and len(self.ids) - self.read < 4:
+            return ""
+        delta, self.text, self.read = cur[len(self.text):], cur, len(self.ids)
+        return delta
