@@ -9,8 +9,6 @@ dropping the key mask up to 2e-2, never below 9e-5 on these clips.
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
@@ -19,6 +17,7 @@ from agent.inference import encoder, models
 from agent.inference.base import GenerationRequest
 from agent.inference.engine import Engine
 from agent.model.qwen2_audio import audio_token_count, render_prompt
+from tests.test_engine import sharpened
 
 torch.set_num_threads(1)
 
@@ -28,16 +27,8 @@ ATOL = 2e-6
 
 @pytest.fixture(scope="module")
 def loaded() -> models.LoadedModel:
-    """tiny-random with sharpened language-model weights (see tests/test_engine.py): greedy
-    tokens then depend on the audio embeddings, so a wrong embedding changes them."""
-    base = models.load(models.TINY_RANDOM)
-    model = copy.deepcopy(base.model)
-    with torch.no_grad():
-        for name, param in model.model.language_model.named_parameters():
-            if param.dim() == 2 and "embed" not in name:
-                param.mul_(10.0)
-        model.model.multi_modal_projector.linear.weight.mul_(10.0)
-    return models.LoadedModel("tiny-random-sharp", model, base.processor, base.device)
+    """tiny-random with sharpened language-model weights: greedy tokens depend on the audio."""
+    return sharpened()
 
 
 def clip(seconds: float, seed: int) -> np.ndarray:
@@ -70,13 +61,14 @@ def test_real_length_embeddings_equal_padded(loaded: models.LoadedModel, seconds
 
 def test_batched_clips_of_different_lengths(loaded: models.LoadedModel) -> None:
     """Several clips in one encoder call (one request with several new audios) pad to the
-    longest and mask per clip: each equals its own padded-path embedding."""
+    longest and mask per clip (in groups of at most 30 s of frames): each equals its own
+    padded-path embedding."""
     fe = loaded.processor.feature_extractor
-    audios = [clip(s, i) for i, s in enumerate((0.7, 6.1, 2.0))]
+    audios = [clip(s, i) for i, s in enumerate((0.7, 6.1, 2.0, 25.0, 3.3))]  # 25 s: a group of its own
     with torch.inference_mode():
         real = [encoder.features(fe, a) for a in audios]
         together = encoder.encode(loaded.model, [f for f, _, _ in real], [v for _, v, _ in real])
-        for a, got in zip(audios, together):
+        for a, got in zip(audios, together, strict=True):
             f, v, _ = encoder.features(fe, a, padded=True)
             torch.testing.assert_close(got, encoder.encode(loaded.model, [f], [v], padded=True)[0], rtol=0, atol=ATOL)
 

@@ -9,16 +9,20 @@ import numpy as np
 import pytest
 import torch
 
-from agent.model.qwen2_audio import render_prompt
 from agent.inference import models
 from agent.inference.base import GenerationRequest
 from agent.inference.engine import Detokenizer, Engine, Output
+from agent.model.qwen2_audio import render_prompt
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
 def loaded() -> models.LoadedModel:
+    return sharpened()
+
+
+def sharpened() -> models.LoadedModel:
     """tiny-random with its language-model weights scaled ×10.
 
     Freshly initialised weights (std 0.02) give near-uniform attention: the next token then

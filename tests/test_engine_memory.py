@@ -9,10 +9,15 @@ import torch
 
 from agent.inference import memory, models
 from agent.inference.engine import Engine, Output
-from tests.test_engine import loaded, noise, reference, request, run, tokens, user  # noqa: F401 (fixture)
+from tests.test_engine import noise, reference, request, run, sharpened, tokens, user
 
 torch.set_num_threads(1)
 MIB, GIB = 1024**2, 1024**3
+
+
+@pytest.fixture(scope="module")
+def loaded() -> models.LoadedModel:
+    return sharpened()
 
 
 # ---- the budget ------------------------------------------------------------------------
@@ -20,7 +25,7 @@ MIB, GIB = 1024**2, 1024**3
 def test_budget_from_an_injected_ram_figure(loaded: models.LoadedModel) -> None:
     per_token = 2 * 4 * 16 * 2 * 4  # tiny-random: 2 layers × 4 KV heads × 16 × (K, V) × fp32
     assert Engine(loaded, memory_info=(64 * GIB, 128 * GIB)).budget.bytes_per_token == per_token
-    assert Engine(loaded, memory_info=(64 * GIB, 128 * GIB)).kv_budget_tokens == memory.CPU_DEFAULT_TOKENS
+    assert Engine(loaded, memory_info=(64 * GIB, 128 * GIB)).kv_budget_tokens == memory.CPU_DEFAULT_BYTES // per_token
     # half of 8 MiB available holds 4096 tokens of 1 KiB: less than the default
     assert Engine(loaded, memory_info=(8 * MIB, 128 * GIB)).kv_budget_tokens == 4096
     assert Engine(loaded, kv_budget_tokens=2000, memory_info=(8 * MIB, 128 * GIB)).kv_budget_tokens == 2000

@@ -7,8 +7,9 @@ A session hands a `GenerationRequest` (its whole conversation, audio included) t
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 

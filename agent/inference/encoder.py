@@ -51,7 +51,24 @@ def features(feature_extractor: Any, audio: np.ndarray, padded: bool = False) ->
 
 
 def encode(model: Any, feats: list[torch.Tensor], valid: list[int], padded: bool = False) -> list[torch.Tensor]:
-    """Audio embeddings (already projected to the LM's width), one [tokens, hidden] per clip."""
+    """Audio embeddings (already projected to the LM's width), one [tokens, hidden] per clip.
+
+    Clips go through in groups of at most 30 s of padded frames per call: re-encoding a long
+    history at once would otherwise allocate attention for every clip together (the worker's
+    peak memory, and what the KV budget's activation reserve was measured on)."""
+    out: list[torch.Tensor] = []
+    start = 0
+    while start < len(feats):
+        end, width = start, 0
+        while end < len(feats) and (end == start or (end + 1 - start) * max(width, feats[end].shape[-1]) <= MAX_MEL_FRAMES):
+            width = max(width, feats[end].shape[-1])
+            end += 1
+        out += _encode_group(model, feats[start:end], valid[start:end], padded)
+        start = end
+    return out
+
+
+def _encode_group(model: Any, feats: list[torch.Tensor], valid: list[int], padded: bool) -> list[torch.Tensor]:
     tower = model.model.audio_tower
     device, dtype = tower.conv1.weight.device, tower.conv1.weight.dtype
     width = max(f.shape[-1] for f in feats)

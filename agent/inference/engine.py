@@ -27,8 +27,10 @@ import inspect
 import logging
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
@@ -350,11 +352,10 @@ class Engine:
             seq = self._prefilling[0]
             try:
                 if seq.embeds is None:
-                    budget -= self._with_oom_retry(lambda: self._start_prefill(seq), lambda: None)
+                    budget -= self._with_oom_retry(partial(self._start_prefill, seq), _nothing)
                     continue
                 n = min(budget, seq.embeds.shape[1] - seq.done)
-                past = seq.past
-                hidden = self._with_oom_retry(lambda: self._chunk(seq, n), lambda: _crop(seq.cache, past))
+                hidden = self._with_oom_retry(partial(self._chunk, seq, n), partial(_crop, seq.cache, seq.past))
                 budget -= n
                 if seq.done < seq.embeds.shape[1]:
                     continue
@@ -386,7 +387,7 @@ class Engine:
             seq.cache = DynamicCache()
         ids = torch.tensor([prompt.ids[past:]], device=self.device)
         embeds = self._embed(ids)
-        new = [(a, span) for a, span in zip(prompt.audios, prompt.spans) if span[0] >= past]
+        new = [(a, span) for a, span in zip(prompt.audios, prompt.spans, strict=True) if span[0] >= past]
         if new:
             t0 = time.perf_counter()
             feats = [self._audio_features(a, span[2]) for a, span in new]
@@ -422,7 +423,7 @@ class Engine:
         hit = self._features[digest] = (feats, valid)
         self._feature_bytes += feats.nbytes
         while self._feature_bytes > self.feature_cache_bytes and self._features:
-            old, _ = self._features.popitem(last=False)
+            _, (old, _) = self._features.popitem(last=False)
             self._feature_bytes -= old.nbytes
         return hit
 
@@ -495,7 +496,7 @@ class Engine:
 
     def _join_guarded(self, seqs: list[_Seq], out: list[Output]) -> None:
         try:
-            self._with_oom_retry(lambda: self._join(seqs), lambda: None)
+            self._with_oom_retry(partial(self._join, seqs), _nothing)
         except OOM as exc:
             for seq in seqs:
                 seq.kv = None
@@ -506,7 +507,7 @@ class Engine:
             assert self._mask is not None
             width = self._mask.shape[1]
             try:
-                self._with_oom_retry(lambda: self._decode(out), lambda: _crop(self._cache, width))
+                self._with_oom_retry(partial(self._decode, out), partial(_crop, self._cache, width))
                 return
             except OOM as exc:  # nothing left to free: the newest request fails alone
                 i = max(range(len(self._batch)), key=lambda j: self._batch[j].t_admit)
@@ -566,17 +567,17 @@ class Engine:
 
         if self._cache is None:
             self._cache = DynamicCache(ddp_cache_data=[
-                (torch.cat([lpad(s.kv[li][0], t - n) for s, n in zip(seqs, lengths)]),  # type: ignore[index]
-                 torch.cat([lpad(s.kv[li][1], t - n) for s, n in zip(seqs, lengths)]))  # type: ignore[index]
+                (torch.cat([lpad(s.kv[li][0], t - n) for s, n in zip(seqs, lengths, strict=True)]),  # type: ignore[index]
+                 torch.cat([lpad(s.kv[li][1], t - n) for s, n in zip(seqs, lengths, strict=True)]))  # type: ignore[index]
                 for li in range(self.layers)])
         else:
             done = 0
             try:
                 for li, layer in enumerate(self._cache.layers):
                     layer.keys = torch.cat([lpad(layer.keys, t - old_t)]
-                                           + [lpad(s.kv[li][0], t - n) for s, n in zip(seqs, lengths)])  # type: ignore[index]
+                                           + [lpad(s.kv[li][0], t - n) for s, n in zip(seqs, lengths, strict=True)])  # type: ignore[index]
                     layer.values = torch.cat([lpad(layer.values, t - old_t)]
-                                             + [lpad(s.kv[li][1], t - n) for s, n in zip(seqs, lengths)])  # type: ignore[index]
+                                             + [lpad(s.kv[li][1], t - n) for s, n in zip(seqs, lengths, strict=True)])  # type: ignore[index]
                     done = li + 1
                 for s in seqs:  # their own caches are in the batch now
                     s.kv = None
@@ -624,7 +625,7 @@ class Engine:
         tokens = logits.argmax(-1).tolist()
         self._mask, self._pos = mask, self._pos + 1
         done: list[int] = []
-        for i, (seq, token) in enumerate(zip(self._batch, tokens)):
+        for i, (seq, token) in enumerate(zip(self._batch, tokens, strict=True)):
             seq.generated.append(int(token))
             if self._finished(seq, token):
                 self._save_session(seq, i)
@@ -684,6 +685,10 @@ class Engine:
         """LRU-evict session histories while over the KV budget (the newest last)."""
         while self._sessions and self.kv_projected() > self.budget.tokens:
             self._sessions.popitem(last=False)
+
+
+def _nothing() -> None:
+    pass
 
 
 def _crop(cache: Any, width: int) -> None:

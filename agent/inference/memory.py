@@ -6,8 +6,8 @@ total memory (a fraction ≤ 1) or that many bytes (> 1). What is already in use
 (measured by a profiling run) come off; the rest holds KV at
 layers × KV heads × head dim × 2 (keys, values) × dtype size per token.
 
-CPU: `tokens` (the `kv_budget_tokens` setting) or 32768, capped at half the memory available
-at start. Either way an explicit `tokens` setting caps the result; a budget derived from
+CPU: `tokens` (the `kv_budget_tokens` setting) or 1 GiB worth (vLLM's CPU backend reserves
+4 GiB), capped at half the memory available at start. Either way an explicit `tokens` setting caps the result; a budget derived from
 memory that cannot hold one full 30 s turn fails the start with the figures.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 GIB = 1024**3
-CPU_DEFAULT_TOKENS = 32768
+CPU_DEFAULT_BYTES = 1 * GIB
 CPU_MEMORY_SHARE = 0.5  # of the RAM available at start
 MIN_TOKENS = 1024  # one 30 s clip (750 audio tokens) plus prompt and answer
 CUDA_HEADROOM = 256 * 1024**2  # allocator fragmentation, cuBLAS workspaces
@@ -58,7 +58,7 @@ def plan(*, per_token: int, device: str, free: int, total: int, utilization: flo
     (CPU, `free` = available), `reserve` = peak activations of a step. Pure, for tests."""
     if not device.startswith("cuda"):
         allowed = int(free * CPU_MEMORY_SHARE) // per_token
-        want = tokens if tokens is not None else CPU_DEFAULT_TOKENS
+        want = tokens if tokens is not None else CPU_DEFAULT_BYTES // per_token
         if allowed < min(want, MIN_TOKENS):
             raise KVBudgetError(f"no room for a KV cache on {device}: {free / GIB:.2f} GiB of RAM available, "
                                 f"{CPU_MEMORY_SHARE:.0%} of it holds {allowed} tokens at {per_token} bytes "

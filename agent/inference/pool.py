@@ -5,6 +5,14 @@ clean. Each worker has its own pair of mp queues: a worker killed mid-write can 
 break its own pipes, never another worker's. A reader thread per worker hands outputs to
 the event loop (`call_soon_threadsafe`), which routes them to per-request asyncio queues.
 A session sticks to one worker while it lives, since its KV cache is there.
+
+Faults. A worker that dies, live or still loading, is restarted: at once the first time,
+then with exponential backoff while replacements keep dying before they load. Its requests
+fail with `worker_died`. New requests go to a live worker, else wait on one that is loading
+(they fail with `worker_died` if it dies too), else fail at once with `backend_unavailable`.
+`healthy` is False while no worker is live. A turn after a single kill waits for the
+replacement's start: process spawn and imports, then the model load (seconds for
+tiny-random, the weights' read time for a real model).
 """
 
 from __future__ import annotations
@@ -15,8 +23,10 @@ import itertools
 import logging
 import queue
 import threading
+import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
 
 from agent.inference.base import GenerationRequest, GenerationStats, InferenceError
 from agent.inference.engine import Output
@@ -26,6 +36,7 @@ log = logging.getLogger(__name__)
 
 READER_POLL_S = 0.2  # how soon a dead worker is noticed
 STOP_GRACE_S = 5.0
+STABLE_S = 30.0  # a worker live this long has recovered: the backoff starts over
 
 
 @dataclass
@@ -35,10 +46,16 @@ class _Worker:
     process: Any
     inbox: Any
     outbox: Any
-    ready: asyncio.Future[tuple[str, str | None, int]]
+    ready: asyncio.Future[tuple[Any, ...]]
     inflight: set[str] = field(default_factory=set)
-    stopping: bool = False
+    stopping: bool = False  # being closed on purpose
     live: bool = False  # loaded and not dead
+    dead: bool = False  # exited; a replacement is scheduled
+    failures: int = 0  # deaths in a row without staying live for STABLE_S
+    live_since: float = 0.0
+    restart_at: float = 0.0  # when dead: the replacement's scheduled start (monotonic)
+    info: dict[str, Any] = field(default_factory=dict)  # the engine's: KV budget, device
+    stats: dict[str, Any] = field(default_factory=dict)  # the latest step's: KV in use
     reader: threading.Thread | None = None
 
 
@@ -46,26 +63,74 @@ class InferencePool:
     name = "local"
 
     def __init__(self, model: str = "auto", workers: int | None = None, max_batch: int = 16,
-                 max_queue: int = 64, device: str | None = None, kv_budget_tokens: int = 32768,
-                 start_timeout: float = 600.0) -> None:
+                 max_queue: int = 64, device: str | None = None, kv_budget_tokens: int | None = None,
+                 gpu_memory_utilization: float = 0.9, prefill_chunk_tokens: int = 512,
+                 encoder_padded: bool = False, start_timeout: float = 600.0,
+                 restart_backoff_s: tuple[float, float] = (1.0, 30.0)) -> None:
         self.model = model
         self.model_name = model
         self.tokenizer: Any = None  # loaded in this process at start(), for exact prompt budgets
         self.warning: str | None = None
         self.max_batch = max_batch
         self.max_queue = max_queue
-        self.kv_budget_tokens = kv_budget_tokens
+        self.engine_options: dict[str, Any] = {
+            "max_batch": max_batch, "kv_budget_tokens": kv_budget_tokens,
+            "gpu_memory_utilization": gpu_memory_utilization, "prefill_chunk_tokens": prefill_chunk_tokens,
+            "encoder_padded": encoder_padded}
         self.start_timeout = start_timeout
+        self.restart_backoff_s = restart_backoff_s
         self._workers_wanted = workers
         self._device = device
         self._workers: list[_Worker] = []
         self._requests: dict[str, asyncio.Queue[Output | InferenceError]] = {}
+        self._specs: dict[str, tuple[int, str, str]] = {}  # speculative rid → (worker, session, turn)
         self._sessions: dict[str, int] = {}  # session → worker index
         self._ids = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ctx: Any = None
+        self._started = False
         self._closing = False
+        self._timers: dict[int, asyncio.TimerHandle] = {}  # worker index → scheduled restart
         self.restarts = 0
+        self.speculative_skipped = 0  # prefills not started: queue full or no live worker
+
+    # ---- state --------------------------------------------------------------------------
+
+    @property
+    def healthy(self) -> bool:
+        """At least one worker is loaded and running."""
+        return self._started and not self._closing and any(w.live for w in self._workers)
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests submitted and not finished (all workers)."""
+        return len(self._requests)
+
+    @property
+    def speculative_in_flight(self) -> int:
+        return len(self._specs)
+
+    @property
+    def pids(self) -> list[int]:
+        return [w.process.pid for w in self._workers if not w.dead]
+
+    def _live_info(self, key: str, source: str = "info") -> int | None:
+        values = [getattr(w, source).get(key) for w in self._workers if w.live]
+        return sum(v for v in values if v is not None) if values else None
+
+    @property
+    def kv_budget_tokens(self) -> int | None:
+        """KV budget of the live workers together, as each computed it from its device."""
+        return self._live_info("kv_budget_tokens")
+
+    @property
+    def kv_budget_bytes(self) -> int | None:
+        return self._live_info("kv_budget_bytes")
+
+    @property
+    def kv_used_tokens(self) -> int | None:
+        """KV the live workers hold or have reserved for admitted requests (at their last step)."""
+        return self._live_info("kv_tokens", "stats")
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -92,10 +157,11 @@ class InferencePool:
         except InferenceError:
             await self.close()
             raise
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await self.close()
-            raise InferenceError("model_load", f"model {self.model!r} did not load in {self.start_timeout:.0f} s")
-        self.model_name, self.warning, _ = results[0]
+            raise InferenceError("model_load", f"model {self.model!r} did not load in {self.start_timeout:.0f} s") from None
+        self._started = True
+        self.model_name, self.warning = results[0][0], results[0][1]
         from agent.inference.models import load_tokenizer
 
         self.tokenizer = await asyncio.to_thread(load_tokenizer, self.model_name)
@@ -105,7 +171,7 @@ class InferencePool:
         inbox, outbox = self._ctx.Queue(), self._ctx.Queue()
         process = self._ctx.Process(
             target=worker_main, name=f"inference-worker-{index}", daemon=True,
-            args=(self.model, device, self.max_batch, self.kv_budget_tokens, inbox, outbox))
+            args=(self.model, device, self.engine_options, inbox, outbox))
         process.start()
         worker = _Worker(index, device, process, inbox, outbox, self._loop.create_future())
         # a failure nobody awaits (a replacement's, a second worker's) must not warn "never retrieved"
@@ -117,12 +183,14 @@ class InferencePool:
 
     async def close(self) -> None:
         self._closing = True
+        for timer in self._timers.values():
+            timer.cancel()
         workers, self._workers = self._workers, []
         for w in workers:
             w.stopping = True
             self._send(w, ("stop",))
         await asyncio.gather(*(asyncio.to_thread(self._reap, w) for w in workers))
-        for rid, q in list(self._requests.items()):
+        for q in list(self._requests.values()):
             q.put_nowait(InferenceError("closed", "the inference pool was closed"))
 
     @staticmethod
@@ -134,7 +202,7 @@ class InferencePool:
         if w.process.is_alive():
             w.process.kill()
             w.process.join()
-        if w.reader is not None:
+        if w.reader is not None and w.reader is not threading.current_thread():
             w.reader.join(2 * READER_POLL_S + 1)
         for q in (w.inbox, w.outbox):
             q.cancel_join_thread()  # never block interpreter exit on a dead pipe
@@ -166,33 +234,56 @@ class InferencePool:
     def _on_message(self, w: _Worker, msg: tuple[Any, ...]) -> None:
         kind = msg[0]
         if kind == "out":
+            w.stats = msg[2] if len(msg) > 2 else w.stats
             for out in msg[1]:
                 q = self._requests.get(out.request_id)
                 if q is not None:
                     q.put_nowait(out)
+                elif out.finished:
+                    self._specs.pop(out.request_id, None)  # held (or refused): no longer queued
         elif kind == "ready":
-            w.live = True
+            w.live, w.live_since = True, time.monotonic()
+            w.info = msg[4] if len(msg) > 4 else {}
+            if "kv_budget_tokens" in w.info:
+                log.info("worker %d: kv budget: %d tokens (%.2f GiB) on %s", w.index, w.info["kv_budget_tokens"],
+                         w.info["kv_budget_bytes"] / 1024**3, w.info["device"])
             if not w.ready.done():
-                w.ready.set_result((msg[1], msg[2], msg[3]))
+                w.ready.set_result(msg[1:])
         elif kind == "load_error":
-            w.stopping = True
+            log.error("inference worker %d failed to load: %s", w.index, msg[1])
             if not w.ready.done():
                 w.ready.set_exception(InferenceError("model_load", msg[1]))
-            self._fail(w, InferenceError("worker_died", f"worker {w.index} failed to reload: {msg[1]}"))
+            self._fail(w, InferenceError("worker_died", f"inference worker {w.index} failed to load: {msg[1]}"))
         elif kind == "exit":
             self._on_exit(w, msg[1])
 
     def _on_exit(self, w: _Worker, code: Any) -> None:
-        was_live, w.live = w.live, False
+        was_live, w.live, w.dead = w.live, False, True
         if not w.ready.done():
             w.ready.set_exception(InferenceError("model_load", f"worker {w.index} exited while loading (exit {code})"))
         self._fail(w, InferenceError("worker_died", f"inference worker {w.index} died (exit {code})"))
-        if self._closing or w.stopping or w not in self._workers or not was_live:
+        if self._closing or w.stopping or w not in self._workers or not self._started:
+            return  # closing, or start() reports it
+        if was_live and time.monotonic() - w.live_since >= STABLE_S:
+            w.failures = 0
+        w.failures += 1
+        base, most = self.restart_backoff_s
+        delay = 0.0 if w.failures == 1 else min(most, base * 2 ** (w.failures - 2))
+        log.warning("inference worker %d died %s (exit %s): restarting in %.1f s (failure %d in a row)",
+                    w.index, "while serving" if was_live else "before it loaded", code, delay, w.failures)
+        assert self._loop is not None
+        self._loop.run_in_executor(None, self._reap, w)
+        w.restart_at = time.monotonic() + delay
+        self._timers[w.index] = self._loop.call_later(delay, self._respawn, w)
+
+    def _respawn(self, old: _Worker) -> None:
+        self._timers.pop(old.index, None)
+        if self._closing or old not in self._workers:
             return
-        log.warning("inference worker %d died (exit %s): restarting", w.index, code)
+        new = self._spawn(old.index, old.device)
+        new.failures = old.failures
+        self._workers[self._workers.index(old)] = new
         self.restarts += 1
-        asyncio.get_running_loop().run_in_executor(None, self._reap, w)
-        self._workers[self._workers.index(w)] = self._spawn(w.index, w.device)
 
     def _fail(self, w: _Worker, error: InferenceError) -> None:
         for rid in list(w.inflight):
@@ -200,17 +291,11 @@ class InferencePool:
             if q is not None:
                 q.put_nowait(error)
         w.inflight.clear()
+        for rid, spec in list(self._specs.items()):
+            if spec[0] == w.index:
+                del self._specs[rid]
 
     # ---- requests -----------------------------------------------------------------------
-
-    @property
-    def queue_depth(self) -> int:
-        """Requests submitted and not finished (all workers)."""
-        return len(self._requests)
-
-    @property
-    def pids(self) -> list[int]:
-        return [w.process.pid for w in self._workers]
 
     def _send(self, w: _Worker, msg: tuple[Any, ...]) -> None:
         try:
@@ -219,26 +304,36 @@ class InferencePool:
             pass
 
     def _route(self, session_id: str) -> _Worker:
-        usable = [w for w in self._workers if not w.stopping]
-        if not usable:
-            raise InferenceError("unavailable", "no inference worker is running")
-        index = self._sessions.get(session_id)
-        for w in usable:
-            if w.index == index:
+        """The session's worker if live, else the least busy live one, else one loading."""
+        live = [w for w in self._workers if w.live and not w.stopping]
+        for w in live:
+            if w.index == self._sessions.get(session_id):
                 return w
-        w = min(usable, key=lambda w: len(w.inflight))
+        loading = [w for w in self._workers if not w.live and not w.dead and not w.stopping]
+        candidates = live or loading
+        if not candidates:
+            waits = [w.restart_at - time.monotonic() for w in self._workers if w.dead]
+            when = f"; next restart in {max(0.0, min(waits)):.1f} s" if waits else ""
+            raise InferenceError("backend_unavailable", f"no inference worker is running{when}")
+        w = min(candidates, key=lambda w: len(w.inflight))
         self._sessions[session_id] = w.index
         return w
 
+    def _check_running(self) -> None:
+        if self._loop is None or self._closing:
+            raise InferenceError("backend_unavailable", "the inference pool is not running")
+        if asyncio.get_running_loop() is not self._loop:  # outputs are routed to start()'s loop
+            raise InferenceError("backend_unavailable", "generate() must run on the event loop that called start()")
+
     async def generate(self, request: GenerationRequest,
                        stats: GenerationStats | None = None) -> AsyncIterator[str]:
-        if self._loop is None or self._closing:
-            raise InferenceError("unavailable", "the inference pool is not running")
-        if asyncio.get_running_loop() is not self._loop:  # outputs are routed to start()'s loop
-            raise InferenceError("unavailable", "generate() must run on the event loop that called start()")
+        self._check_running()
         if len(self._requests) >= self.max_queue:  # backpressure: refuse now, never queue unboundedly
             raise InferenceError("busy", f"{len(self._requests)} requests in flight (max_queue={self.max_queue})")
         w = self._route(request.session_id)
+        for rid, spec in list(self._specs.items()):  # the engine adopts or drops the session's speculation
+            if spec[1] == request.session_id:
+                del self._specs[rid]
         rid = f"{request.session_id}/{request.turn_id}/{next(self._ids)}"
         q: asyncio.Queue[Output | InferenceError] = asyncio.Queue()
         self._requests[rid] = q
@@ -270,21 +365,45 @@ class InferencePool:
                 self._send(w, ("cancel", rid))
 
     async def prefill(self, request: GenerationRequest) -> None:
-        """Speculative prefill: the worker prefills and holds; fire and forget."""
+        """Speculative prefill: the worker prefills and holds; fire and forget. One per
+        session (a newer one replaces the older), and within `max_queue` with the requests."""
         if self._loop is None or self._closing:
             return
-        w = self._route(request.session_id)
+        mine = [rid for rid, spec in self._specs.items() if spec[1] == request.session_id]
+        if len(self._requests) + len(self._specs) - len(mine) >= self.max_queue:
+            self.speculative_skipped += 1
+            log.debug("speculative prefill of %s skipped: %d requests in flight (max_queue=%d)",
+                      request.session_id, len(self._requests) + len(self._specs), self.max_queue)
+            return
+        live = [w for w in self._workers if w.live and w.index == self._sessions.get(request.session_id)]
+        try:
+            w = live[0] if live else self._route(request.session_id)
+        except InferenceError:
+            self.speculative_skipped += 1
+            return
+        if not w.live:  # a loading worker: the commit will come before its load ends
+            self.speculative_skipped += 1
+            return
+        for old in mine:  # the worker replaces it with this one
+            del self._specs[old]
         rid = f"{request.session_id}/{request.turn_id}/spec{next(self._ids)}"
+        self._specs[rid] = (w.index, request.session_id, request.turn_id)
         self._send(w, ("submit", rid, dataclasses.replace(request, speculative=True)))
 
     async def drop(self, session_id: str, turn_id: str) -> None:
+        for rid, spec in list(self._specs.items()):
+            if spec[1:] == (session_id, turn_id):
+                del self._specs[rid]
         index = self._sessions.get(session_id)
         for w in self._workers:
-            if w.index == index:
+            if w.index == index and w.live:
                 self._send(w, ("drop_turn", session_id, turn_id))
 
     async def forget(self, session_id: str) -> None:
+        for rid, spec in list(self._specs.items()):
+            if spec[1] == session_id:
+                del self._specs[rid]
         index = self._sessions.pop(session_id, None)
         for w in self._workers:
-            if w.index == index:
+            if w.index == index and w.live:
                 self._send(w, ("forget", session_id))

@@ -33,7 +33,7 @@ class Prompt:
 def audio_hash(audio: np.ndarray) -> str:
     """Identity of an audio clip for history reuse. Hashed on every turn for the whole
     history, so a fast checksum (crc32 + adler32 + length, ~10x faster than blake2b)."""
-    data = memoryview(np.ascontiguousarray(audio)).cast("B")
+    data = np.ascontiguousarray(audio).data.cast("B")
     return f"{audio.size}:{zlib.crc32(data):08x}{zlib.adler32(data):08x}"
 
 

@@ -4,12 +4,18 @@ It loads the model, then loops: take every command waiting in `inbox`, run one e
 step, put that step's outputs on `outbox` as one message. Messages in:
 ("submit", request_id, GenerationRequest) · ("cancel", request_id) ·
 ("drop_turn", session_id, turn_id) · ("forget", session_id) · ("stop",).
-Messages out: ("ready", model_name, warning, pid) · ("load_error", message) ·
-("out", [Output, …]).
+Messages out: ("ready", model_name, warning, pid, engine info: KV budget…) ·
+("load_error", message) · ("out", [Output, …], {"kv_tokens": …, "cached_tokens": …}).
+
+Memory: when the engine goes idle the worker hands freed heap back to the OS
+(`malloc_trim`). glibc otherwise keeps the high-water mark of large transients (feature and
+encoder batches of a re-prefilled history), which showed as RSS growing in steps under an
+audio flood.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import queue
@@ -36,26 +42,38 @@ def _handle(engine: Any, msg: tuple[Any, ...]) -> bool:
     return True
 
 
-def worker_main(model: str, device: str | None, max_batch: int, kv_budget_tokens: int,
-                inbox: Any, outbox: Any) -> None:
-    """Process entry point: must stay a module-level function so `spawn` can import it."""
+def _trimmer() -> Any:
+    """glibc's malloc_trim, or a no-op elsewhere (musl, macOS)."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return lambda pad: 0
+
+
+def worker_main(model: str, device: str | None, options: dict[str, Any], inbox: Any, outbox: Any) -> None:
+    """Process entry point: must stay a module-level function so `spawn` can import it.
+    `options` are the Engine's keyword arguments (max_batch, kv_budget_tokens, …)."""
     parent = os.getppid()
     try:
         from agent.inference import models
         from agent.inference.engine import Engine
 
         loaded = models.load(model, device)
-        engine = Engine(loaded, max_batch=max_batch, kv_budget_tokens=kv_budget_tokens)
+        engine = Engine(loaded, **options)
     except Exception as exc:  # reported to start(); the process then exits
         outbox.put(("load_error", str(exc) or type(exc).__name__))
         return
-    outbox.put(("ready", loaded.name, loaded.warning, os.getpid()))
-    running = True
+    outbox.put(("ready", loaded.name, loaded.warning, os.getpid(), engine.info()))
+    trim = _trimmer()
+    running, busy = True, False
     while running:
         msgs: list[tuple[Any, ...]] = []
         try:
             # Block only when there is nothing to step; otherwise just drain what arrived.
             if not engine.has_work:
+                if busy:  # just went idle: give freed heap back
+                    trim(0)
+                    busy = False
                 msgs.append(inbox.get(timeout=IDLE_POLL_S))
             while True:
                 msgs.append(inbox.get_nowait())
@@ -66,6 +84,8 @@ def worker_main(model: str, device: str | None, max_batch: int, kv_budget_tokens
         for msg in msgs:
             running = _handle(engine, msg) and running
         if running and engine.has_work:
+            busy = True
             outputs = engine.step()
             if outputs:
-                outbox.put(("out", outputs))
+                outbox.put(("out", outputs, {"kv_tokens": engine.kv_projected(),
+                                             "cached_tokens": engine.cached_tokens, "oom_events": engine.oom_events}))
