@@ -55,6 +55,12 @@ class Settings(BaseSettings):
     workers: int | None = Field(None, ge=1)
     max_batch: int = Field(16, ge=1, le=256)
     max_queue: int = Field(64, ge=1)
+    # Inference memory (local backend): the share of each GPU a worker may use, as a fraction
+    # (≤ 1) or in bytes (> 1), vLLM's meaning; the KV budget is what the model leaves of it.
+    gpu_memory_utilization: float = Field(0.9, gt=0)
+    kv_budget_tokens: int | None = Field(None, ge=1)  # caps it (CPU: the budget, default 1 GiB worth)
+    prefill_chunk_tokens: int = Field(512, ge=16)  # prefill per engine step: running streams never wait longer
+    encoder_padded: bool = False  # run the audio encoder on the 30 s pad, as transformers does (slower)
     system_prompt: str | None = None
     max_new_tokens: int = Field(256, ge=1, le=4096)
     context_tokens: int = Field(6000, ge=512)

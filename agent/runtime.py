@@ -29,7 +29,9 @@ def create_backend(settings: Settings) -> Backend:
     from agent.inference.pool import InferencePool
 
     return InferencePool(model=settings.model, workers=settings.workers, max_batch=settings.max_batch,
-                         max_queue=settings.max_queue)
+                         max_queue=settings.max_queue, kv_budget_tokens=settings.kv_budget_tokens,
+                         gpu_memory_utilization=settings.gpu_memory_utilization,
+                         prefill_chunk_tokens=settings.prefill_chunk_tokens, encoder_padded=settings.encoder_padded)
 
 
 class AgentRuntime:

@@ -107,8 +107,10 @@ async def healthz(request: web.Request) -> web.Response:
     # A failed plugin does not make the agent unhealthy (it still answers); it is shown here so
     # an operator sees it without reading the log.
     plugins = runtime.plugins.status() if runtime.plugins is not None else {}
-    return web.json_response({"status": "ok", "sessions": len(request.app[MANAGER].peers),
-                              "model": getattr(runtime.backend, "model_name", ""), "plugins": plugins})
+    healthy = getattr(runtime.backend, "healthy", True)  # False: no inference worker is running
+    return web.json_response({"status": "ok" if healthy else "unavailable", "sessions": len(request.app[MANAGER].peers),
+                              "model": getattr(runtime.backend, "model_name", ""), "plugins": plugins},
+                             status=200 if healthy else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -27,6 +27,8 @@ class Metrics:
                                      "Audio frames dropped because a session fell behind", registry=r)
         self.vad_batch = Gauge("voice_agent_vad_batch_size", "Streams per VAD tick", ["stat"], registry=r)
         self.queue_depth = Gauge("voice_agent_inference_queue_depth", "Inference requests in flight", registry=r)
+        self.kv = Gauge("voice_agent_kv_cache", "KV cache of the inference workers: budget and use",
+                        ["stat"], registry=r)
         self.first_token = Histogram("voice_agent_first_token_seconds", "Turn commit to first token",
                                      buckets=LATENCY_BUCKETS, registry=r)
         self.response_total = Histogram("voice_agent_response_seconds", "Turn commit to response done",
@@ -65,4 +67,9 @@ class Metrics:
         depth = getattr(getattr(self.runtime, "backend", None), "queue_depth", None)
         if isinstance(depth, (int, float)):
             self.queue_depth.set(depth)
+        for stat, attr in (("budget_tokens", "kv_budget_tokens"), ("budget_bytes", "kv_budget_bytes"),
+                           ("used_tokens", "kv_used_tokens")):
+            value = getattr(getattr(self.runtime, "backend", None), attr, None)
+            if isinstance(value, (int, float)):
+                self.kv.labels(stat).set(value)
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
