@@ -83,7 +83,7 @@ async def test_serve_runs_until_sigterm(tmp_path: Any) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "VOICE_AGENT_SERVER__TOKEN": "tok"}
-    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "serve", "--model", "tiny-random",
+    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "serve", "-v", "--model", "tiny-random",
                              "--port", str(port)], env=env, stderr=subprocess.PIPE, text=True)
     try:
         async with aiohttp.ClientSession() as http:
@@ -100,11 +100,17 @@ async def test_serve_runs_until_sigterm(tmp_path: Any) -> None:
             async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
                 assert r.status == 401
             async with http.get(f"http://127.0.0.1:{port}/metrics", headers={"Authorization": "Bearer tok"}) as r:
-                assert "voice_agent_sessions_active 0.0" in await r.text()
+                metrics = await r.text()
+            assert "voice_agent_sessions_active 0.0" in metrics
+            # the KV budget each worker computed from its memory and the model, exported and logged
+            budget = next(line for line in metrics.splitlines()
+                          if line.startswith('voice_agent_kv_cache{stat="budget_tokens"}'))
+            assert float(budget.split()[-1]) > 0
         proc.send_signal(signal.SIGTERM)
         _, err = await asyncio.to_thread(proc.communicate, timeout=60)
         assert proc.returncode == 0, err
         assert f"serving on http://127.0.0.1:{port}/" in err
+        assert f"kv budget: {int(float(budget.split()[-1]))} tokens (" in err and "GiB) on cpu" in err
     finally:
         if proc.poll() is None:
             proc.kill()
