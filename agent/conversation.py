@@ -11,6 +11,13 @@ after NFC (one token per byte, one per special token). The byte count is exact f
 byte-level tiny-random tokenizer and an upper bound for any byte-level BPE (Qwen's), so a
 conversation without a tokenizer stays within budget, just conservatively.
 
+Counting is incremental: a prompt's tokens are the sum of its messages' (the template puts
+special tokens between messages, where tokenizers split), so each history entry is counted
+once and `request()` only adds numbers. The one part that depends on the window is the
+"Audio N:" numbering: an entry is counted as if its audios were numbered from 1, and each
+extra digit of the real numbers adds one token (Qwen splits digits one by one; checked
+against the tokenizer once, else every count renders the whole prompt).
+
 Long instructions. An instruction of more than half the context budget is refused by
 `add_user` with a ValueError (the session reports it as that turn's error and goes on): the
 current turn is never dropped, so an oversized one could only overflow the model's context.
@@ -19,15 +26,38 @@ current turn is never dropped, so an oversized one could only overflow the model
 from __future__ import annotations
 
 import unicodedata
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from agent.model.qwen2_audio import (AUDIO_PLACEHOLDER, DEFAULT_SYSTEM, MAX_CLIP_SAMPLES, SAMPLE_RATE, SPECIAL_RE,
-                                      audio_token_count, render_prompt, split_clips)
+from agent.model.qwen2_audio import (
+    DEFAULT_SYSTEM,
+    SPECIAL_RE,
+    audio_token_count,
+    render_prompt,
+    split_clips,
+)
 
 if TYPE_CHECKING:
     from agent.inference.base import GenerationRequest
+
+
+def _system(text: str) -> dict[str, Any]:
+    return {"role": "system", "content": text}
+
+
+def _clips(entry: tuple[Any, ...]) -> int:
+    return len(entry[1]) if entry[0] == "user" else 0
+
+
+def _extra_digits(audios: int) -> int:
+    """Tokens "Audio 1:" … "Audio N:" take beyond one digit each: Σ (digits(n) − 1)."""
+    extra, width, start = 0, 2, 10
+    while start <= audios:
+        extra += (min(audios, start * 10 - 1) - start + 1) * (width - 1)
+        width, start = width + 1, start * 10
+    return extra
 
 class Conversation:
     """One session's history: user audio (± instruction), assistant text, tool results.
@@ -50,6 +80,9 @@ class Conversation:
         self.tokenizer = tokenizer
         # ("user", [clips], instruction | None) | ("assistant", text) | ("tool", text)
         self._entries: list[tuple[Any, ...]] = []
+        self._costs: list[int | None] = []  # per entry, counted once (see `_entry_cost`)
+        self._text_costs: dict[str, int] = {}  # system messages and template pieces
+        self._digits_split: bool | None = None  # the tokenizer gives each digit its own token
         self._last_audios: list[np.ndarray] = []
 
     # ---- history --------------------------------------------------------------------
@@ -64,17 +97,17 @@ class Conversation:
             raise ValueError("a turn's audio holds NaN or infinite samples")
         if instruction:
             self._check_text(instruction)
-        self._entries.append(("user", split_clips(clip), instruction or None))
+        self._append(("user", split_clips(clip), instruction or None))
 
     def add_user_text(self, text: str) -> None:
         """A typed user turn, no audio (e.g. livekit-agents' `generate_reply(user_input=…)`)."""
         if not text:
             raise ValueError("empty turn: no text")
         self._check_text(text)
-        self._entries.append(("user", [], text))
+        self._append(("user", [], text))
 
     def add_assistant(self, text: str) -> None:
-        self._entries.append(("assistant", text))
+        self._append(("assistant", text))
 
     def truncate_last_answer(self, heard: str) -> bool:
         """The user got only `heard` of the last answer (its speech was cut by a barge-in): the
@@ -83,10 +116,11 @@ class Conversation:
         if not self._entries or self._entries[-1][0] != "assistant":
             return False
         self._entries[-1] = ("assistant", heard)
+        self._costs[-1] = None
         return True
 
     def add_tool_results(self, text: str) -> None:
-        self._entries.append(("tool", text))
+        self._append(("tool", text))
 
     @property
     def awaiting_reply(self) -> bool:
@@ -98,6 +132,7 @@ class Conversation:
         for i in range(len(self._entries) - 1, -1, -1):
             if self._entries[i][0] == "user":
                 del self._entries[i:]
+                del self._costs[i:]
                 return
 
     # ---- prompts --------------------------------------------------------------------
@@ -128,7 +163,7 @@ class Conversation:
         budget = self.context_tokens - max_new_tokens
 
         def cost(k: int) -> int:
-            return self.token_count(*self._render(system, starts[k]))
+            return self._window_cost(system, starts[k], len(self._entries))
 
         # Binary search for the oldest turn that still fits: the count only grows with
         # each older turn included. The current turn (index -1) is always kept.
@@ -189,12 +224,13 @@ class Conversation:
             starts.insert(0, 0)
         return starts
 
-    def _render(self, system: str | None, first: int) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
+    def _render(self, system: str | None, first: int,
+                end: int | None = None) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
         messages: list[dict[str, Any]] = []
         if system is not None:
             messages.append({"role": "system", "content": system})
         audios: list[np.ndarray] = []
-        for entry in self._entries[first:]:
+        for entry in self._entries[first:end]:
             if entry[0] == "user":
                 parts: list[dict[str, Any]] = []
                 for clip in entry[1]:
@@ -213,10 +249,8 @@ class Conversation:
         """Free the turns that no later prompt can reach: turn j is unreachable once it and
         the later history (the current turn aside) fill the whole budget on their own."""
 
-        def unreachable(j: int) -> bool:
-            messages, clips = self._render("", starts[j])  # "": the smallest system message
-            history = messages[: 1 + starts[-1] - starts[j]]
-            return self.token_count(history, clips) >= self.context_tokens
+        def unreachable(j: int) -> bool:  # "": the smallest system message
+            return self._window_cost("", starts[j], starts[-1]) >= self.context_tokens
 
         lo, hi = -1, k - 1  # the newest unreachable turn, if any, is in [0, k-1]
         while lo < hi:
@@ -227,3 +261,51 @@ class Conversation:
                 hi = mid - 1
         if lo >= 0:
             del self._entries[: starts[lo + 1]]
+            del self._costs[: starts[lo + 1]]
+
+    # ---- incremental counting -------------------------------------------------------
+    def _append(self, entry: tuple[Any, ...]) -> None:
+        self._entries.append(entry)
+        self._costs.append(None)
+
+    def _window_cost(self, system: str | None, first: int, end: int) -> int:
+        """`token_count` of the prompt of entries [first, end) under `system`, from counts
+        kept per entry."""
+        if not self._splits_digits():
+            return self.token_count(*self._render(system, first, end))
+        n = self._cached_text(render_prompt([_system(DEFAULT_SYSTEM if system is None else system)], False))
+        n += self._generation_prompt_cost()
+        for i in range(first, end):
+            n += self._entry_cost(i)
+        return n + _extra_digits(sum(_clips(e) for e in self._entries[first:end]))
+
+    def _entry_cost(self, i: int) -> int:
+        """Tokens of entry i's message, audio placeholders expanded, with its audios
+        numbered as if from 1 and one digit each."""
+        cost = self._costs[i]
+        if cost is None:
+            messages, audios = self._render("", i, i + 1)  # the empty system message, then entry i
+            empty = self._cached_text(render_prompt([_system("")], False))
+            cost = self._text_tokens(render_prompt(messages, False)) - empty - _extra_digits(len(audios))
+            cost += sum(audio_token_count(len(a)) - 1 for a in audios)
+            self._costs[i] = cost
+        return cost
+
+    def _generation_prompt_cost(self) -> int:
+        base = render_prompt([_system("")], False)
+        return self._cached_text(render_prompt([_system("")], True)) - self._cached_text(base)
+
+    def _cached_text(self, text: str) -> int:
+        n = self._text_costs.get(text)
+        if n is None:
+            if len(self._text_costs) > 16:  # system prompts of a few configurations
+                self._text_costs.clear()
+            n = self._text_costs[text] = self._text_tokens(text)
+        return n
+
+    def _splits_digits(self) -> bool:
+        """Each digit of "Audio N:" one token (bytes: always; Qwen's tokenizer: yes)."""
+        if self._digits_split is None:
+            one, ten, hundred = (self._text_tokens(f"Audio {n}: ") for n in (1, 10, 100))
+            self._digits_split = ten - one == 1 and hundred - one == 2
+        return self._digits_split

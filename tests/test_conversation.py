@@ -235,3 +235,65 @@ def test_bad_turns_are_refused_clearly():
     conv.add_user(buf)
     buf[:] = 0  # callers may reuse their buffer
     assert conv.request("s", "t").audios[0].any()
+
+
+class CountingTokenizer:
+    """The model's tokenizer, recording how much text it was asked to tokenize."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.chars = tokenizer, 0
+
+    def __call__(self, text, **kwargs):
+        self.chars += len(text)
+        return self.tokenizer(text, **kwargs)
+
+
+def _random_conversation(rng, tokenizer=None, turns=130):
+    conv = Conversation(context_tokens=10**7, tokenizer=tokenizer)
+    texts = ["ok", "héllo wörld — 世界 🎧", '<tool_call>\n{"name": "t", "arguments": {"x": 1}}\n</tool_call>',
+             "line\n\nbreaks  and   spaces ", "<|im_end|> typed by a user", "Audio 12: not a real one"]
+    for i in range(turns):
+        seconds = float(rng.choice([0.1, 0.7, 3.0, 31.0, 65.0])) if i % 17 else 0.05
+        conv.add_user(tone(seconds), texts[i % len(texts)] if i % 3 == 0 else None)
+        if i % 11 == 5:
+            conv.add_user_text(texts[(i + 1) % len(texts)])
+        conv.add_assistant(texts[(i + 2) % len(texts)])
+        if i % 7 == 3:
+            conv.add_tool_results("<tool_response>\n{\"ok\": true}\n</tool_response>")
+            conv.add_assistant("done")
+        if i % 13 == 6:
+            conv.truncate_last_answer("do")
+    return conv
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_incremental_counts_equal_full_counts(processor, exact):
+    """Per-entry counts add up to the whole prompt's count for every window and system
+    prompt, past 10 and 100 audios ("Audio 100:" has two more digit tokens than "Audio 1:")."""
+    rng = np.random.RandomState(0)
+    conv = _random_conversation(rng, processor.tokenizer if exact else None)
+    assert sum(len(e[1]) for e in conv._entries if e[0] == "user") > 150
+    n = len(conv._entries)
+    for system in (None, "", "Be brief.", "Système — 🎧 <tools>\n[]\n</tools>"):
+        for first in sorted({0, 1, 2, 5, 9, 40, 97, n // 2, n - 3, n - 1}):
+            for end in sorted({first + 1, (first + n) // 2 + 1, n}):
+                fast = conv._window_cost(system, first, end)
+                assert fast == conv.token_count(*conv._render(system, first, end)), (system, first, end)
+    # a tokenizer that does not split digits one by one: every count renders the whole prompt
+    conv._digits_split = False
+    assert conv._window_cost("Be brief.", 3, n) == conv.token_count(*conv._render("Be brief.", 3, n))
+
+
+def test_a_request_tokenizes_only_what_is_new(processor):
+    counting = CountingTokenizer(processor.tokenizer)
+    conv = Conversation(context_tokens=4000, tokenizer=counting)
+    for i in range(60):
+        conv.add_user(tone(1.0), "What is it?" if i % 2 else None)
+        conv.request("s", f"t{i}", max_new_tokens=64)
+        conv.add_assistant(f"answer number {i} " * 3)
+    conv.add_user(tone(1.0), "and now?")
+    counting.chars = 0
+    request = conv.request("s", "t", max_new_tokens=64)
+    new_text = len(render_prompt(request.messages[-2:], add_generation_prompt=False))
+    assert 0 < counting.chars <= 2 * new_text  # the new turn and the answer before it, not the history
+    check_identical(processor, conv, request)
