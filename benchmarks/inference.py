@@ -1,201 +1,345 @@
-"""Inference benchmark, measured side by side in one run.
+"""Inference under a realistic load, measured where the caller receives the tokens.
 
-1. N concurrent sessions through the continuous-batching engine vs the same requests one
-   after another with plain `model.generate` (all requests arrive at t=0 in both modes):
-   aggregate tokens/s and p50/p95 time to first token.
-2. A multi-turn session through the engine: time to first token of the last turn over the
-   first (history KV reuse), plus the last turn prefilled cold for contrast.
+Workload (seeded): N sessions start at random times within `--spread` seconds; each says
+`--turns` turns of 1–10 s of audio, waits for the whole answer (random length, EOS
+suppressed so every mode does the same work), pauses at random, and speaks again, with its
+history (earlier audio and answers) in every prompt, as a voice chat does. The same requests,
+in the same closed loop with the same pauses, go through:
 
-Token counts are fixed (EOS suppressed until max_new_tokens) so every mode does the same work.
-`voice-agent bench inference` calls `main(argv)`.
+- the service path: `InferencePool.generate` (worker process, continuous batching, chunked
+  prefill, history KV reuse, encoder at real length); timed in the caller as deltas arrive;
+- one-at-a-time `model.generate` (processor + generate, the padded encoder, full prefill);
+- static batches of `model.generate`: wait until `--static-batch` turns are waiting or the
+  oldest has waited `--static-wait` s, then one padded batch until its longest answer.
+
+Also: the audio encoder on a 5 s clip at real length and padded to 30 s, and a 20-turn
+session through the pool (delivered TTFT of turn 20 over turn 1). `voice-agent bench
+inference` calls `main(argv)`; `--json` prints one JSON object last, with the same keys
+whatever the options (null when not measured).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import statistics
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-
-def _audio(seconds: float, seed: int) -> np.ndarray:
-    return (np.random.RandomState(seed).randn(int(16000 * seconds)) * 0.1).astype(np.float32)
-
-
-def _percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q))
+KEYS = ("workload", "delivered_ttft_p50_s", "delivered_ttft_p95_s", "itl_p50_s", "itl_p95_s", "tokens_per_s",
+        "speedup_vs_sequential", "speedup_vs_static_batch", "encoder_ms_5s", "encoder_ms_30s",
+        "kv_budget_tokens", "turn20_over_turn1")
 
 
-def _requests(sessions: int, tokens: int, seconds: float) -> list[Any]:
+@dataclass
+class Turn:
+    audio_s: float
+    tokens: int
+    think_s: float  # pause after the answer
+
+
+@dataclass
+class Session:
+    start_s: float
+    turns: list[Turn]
+    requests: list[Any] = field(default_factory=list)  # as sent through the pool, for the baselines
+
+
+@dataclass
+class Result:
+    ttft: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def workload(args: argparse.Namespace) -> list[Session]:
+    rng = np.random.default_rng(args.seed)
+    return [Session(float(rng.uniform(0, args.spread)),
+                    [Turn(float(rng.uniform(*args.audio)), int(rng.integers(args.answer[0], args.answer[1] + 1)),
+                          float(rng.uniform(*args.think))) for _ in range(args.turns)])
+            for _ in range(args.sessions)]
+
+
+def speech_like(seconds: float, seed: int) -> np.ndarray:
+    t = np.arange(int(16000 * seconds)) / 16000
+    rng = np.random.default_rng(seed)
+    return (0.2 * np.sin(2 * np.pi * 180 * t * (1 + 0.3 * np.sin(3 * t))) + 0.05 * rng.standard_normal(t.size)).astype(
+        np.float32)
+
+
+def pct(values: list[float], q: float) -> float | None:
+    return float(np.percentile(np.asarray(values), q)) if values else None
+
+
+def rounded(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+# ---- the service path --------------------------------------------------------------------
+
+async def _turn(pool: Any, request: Any, result: Result | None) -> str:
+    from agent.inference.base import GenerationStats
+
+    stats = GenerationStats()
+    t0 = time.perf_counter()
+    arrivals, text = [], []
+    async for delta in pool.generate(request, stats):
+        arrivals.append(time.perf_counter())
+        text.append(delta)
+    if result is not None and arrivals:
+        result.ttft.append(arrivals[0] - t0)
+        result.itl.extend(b - a for a, b in zip(arrivals, arrivals[1:], strict=False))
+        result.tokens += stats.tokens
+    return "".join(text)
+
+
+def _request(sid: str, k: int, messages: list[dict[str, Any]], audios: list[np.ndarray], tokens: int) -> Any:
     from agent.inference.base import GenerationRequest
 
-    return [GenerationRequest(f"bench{i}", "1", [{"role": "user", "content": [{"type": "audio", "audio": 0}]}],
-                              [_audio(seconds * (0.75 + 0.5 * (i % 3) / 2), i)], tokens,
-                              extra={"min_new_tokens": tokens})
-            for i in range(sessions)]
+    return GenerationRequest(sid, f"t{k}", [dict(m) for m in messages], list(audios), tokens,
+                             extra={"min_new_tokens": tokens})
 
 
-def run_sequential(loaded: Any, requests: list[Any]) -> dict[str, Any]:
-    """Plain transformers: processor + `generate`, one request after another."""
+async def run_pool(pool: Any, sessions: list[Session]) -> Result:
+    """Every session in its own task: commit a turn, read the answer as it streams, pause."""
+    result = Result()
+
+    async def one(index: int, session: Session) -> None:
+        await asyncio.sleep(session.start_s)
+        messages: list[dict[str, Any]] = []
+        audios: list[np.ndarray] = []
+        for k, turn in enumerate(session.turns):
+            audios.append(speech_like(turn.audio_s, 1000 * index + k))
+            messages.append({"role": "user", "content": [{"type": "audio", "audio": len(audios) - 1}]})
+            request = _request(f"bench{index}", k, messages, audios, turn.tokens)
+            session.requests.append(request)
+            messages.append({"role": "assistant", "content": await _turn(pool, request, result)})
+            await asyncio.sleep(turn.think_s)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(i, s) for i, s in enumerate(sessions)))
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+async def run_history(pool: Any, turns: int, tokens: int, seconds: float, repeats: int) -> list[float]:
+    """Delivered TTFT of turn `turns` over turn 1 of one voice chat, one ratio per repeat."""
+    ratios = []
+    for rep in range(repeats):
+        messages: list[dict[str, Any]] = []
+        audios: list[np.ndarray] = []
+        ttft: list[float] = []
+        for k in range(turns):
+            audios.append(speech_like(seconds, 90000 + 100 * rep + k))
+            messages.append({"role": "user", "content": [{"type": "audio", "audio": k}]})
+            result = Result()
+            answer = await _turn(pool, _request(f"hist{rep}", k, messages, audios, tokens), result)
+            ttft.append(result.ttft[0])
+            messages.append({"role": "assistant", "content": answer})
+        ratios.append(ttft[-1] / ttft[0])
+    return ratios
+
+
+# ---- the baselines: plain transformers ------------------------------------------------------
+
+class _FirstToken:
+    """A generate streamer that notes when the first new tokens come out (its second call)."""
+
+    def __init__(self) -> None:
+        self.calls, self.at = 0, 0.0
+
+    def put(self, value: Any) -> None:
+        self.calls += 1
+        if self.calls == 2:
+            self.at = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+def _generate(loaded: Any, requests: list[Any]) -> tuple[float, float]:
+    """One padded batch of `generate` until its longest answer; (first token, end) times."""
     import torch
-    from transformers.generation.streamers import BaseStreamer
 
     from agent.model.qwen2_audio import render_prompt
 
-    class FirstToken(BaseStreamer):
-        def __init__(self) -> None:
-            self.calls, self.at = 0, 0.0
+    inputs = loaded.processor(text=[render_prompt(r.messages) for r in requests],
+                              audio=[a for r in requests for a in r.audios], sampling_rate=16000,
+                              padding=True, return_tensors="pt").to(loaded.device)
+    n = max(r.max_new_tokens for r in requests)
+    streamer = _FirstToken()
+    with torch.inference_mode():
+        loaded.model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=streamer)
+    return streamer.at, time.perf_counter()
 
-        def put(self, value: Any) -> None:
-            self.calls += 1
-            if self.calls == 2:  # the first call carries the prompt
-                self.at = time.perf_counter()
 
-        def end(self) -> None:
-            pass
-
-    ttft, total = [], 0
+def run_closed_loop(loaded: Any, sessions: list[Session], batch: int, wait_s: float) -> Result:
+    """The pool run's requests through `generate`, batch=1: one at a time in commit order;
+    batch>1: static batches. The same pauses after each answer, in real time."""
+    result = Result()
+    ready = [s.start_s for s in sessions]  # when each session's next turn is committed
+    nxt = [0] * len(sessions)
     t0 = time.perf_counter()
-    for r in requests:
-        inputs = loaded.processor(text=[render_prompt(r.messages)], audio=r.audios, sampling_rate=16000,
-                                  return_tensors="pt").to(loaded.device)
-        streamer = FirstToken()
-        with torch.inference_mode():
-            out = loaded.model.generate(**inputs, max_new_tokens=r.max_new_tokens, min_new_tokens=r.max_new_tokens,
-                                        do_sample=False, streamer=streamer)
-        ttft.append(streamer.at - t0)
-        total += out.shape[1] - inputs["input_ids"].shape[1]
-    elapsed = time.perf_counter() - t0
-    return {"tokens": total, "seconds": elapsed, "tokens_per_s": total / elapsed, "ttft": ttft}
+    while True:
+        live = [i for i in range(len(sessions)) if nxt[i] < len(sessions[i].requests)]
+        if not live:
+            break
+        now = time.perf_counter() - t0
+        waiting = sorted((i for i in live if ready[i] <= now), key=lambda i: ready[i])
+        if not waiting:
+            time.sleep(min(ready[i] for i in live) - now)
+            continue
+        if batch > 1 and len(waiting) < min(batch, len(live)) and now - ready[waiting[0]] < wait_s:
+            later = [ready[i] for i in live if ready[i] > now]
+            time.sleep(max(0.0, min([ready[waiting[0]] + wait_s, *later]) - now))
+            continue
+        chosen = waiting[:batch]
+        requests = [sessions[i].requests[nxt[i]] for i in chosen]
+        first, end = _generate(loaded, requests)
+        for i, r in zip(chosen, requests, strict=True):
+            result.ttft.append(first - t0 - ready[i])
+            result.tokens += r.max_new_tokens
+            ready[i] = end - t0 + sessions[i].turns[nxt[i]].think_s
+            nxt[i] += 1
+    result.seconds = time.perf_counter() - t0
+    return result
 
 
-def run_engine(loaded: Any, requests: list[Any], max_batch: int) -> dict[str, Any]:
-    """All requests submitted at once to the continuous-batching engine."""
-    from agent.inference.engine import Engine
+def encoder_ms(loaded: Any, repeats: int) -> tuple[float, float, float]:
+    """(real length, padded) milliseconds of the audio encoder on a 5 s clip, median; and the
+    feature extraction at real length, for the table."""
+    import torch
 
-    engine = Engine(loaded, max_batch=max_batch)
-    t0 = time.perf_counter()
-    for i, r in enumerate(requests):
-        engine.submit(str(i), r)
-    stats: dict[str, Any] = {}
-    while engine.has_work:
-        for o in engine.step():
-            if o.error:
-                raise RuntimeError(f"request {o.request_id} failed: {o.error}")
-            if o.finished:
-                stats[o.request_id] = o.stats
-    elapsed = time.perf_counter() - t0
-    total = sum(s.tokens for s in stats.values())
-    return {"tokens": total, "seconds": elapsed, "tokens_per_s": total / elapsed,
-            "ttft": [s.timings["ttft"] for s in stats.values()]}
+    from agent.inference import encoder
+
+    clip = speech_like(5.0, 7)
+    fe = loaded.processor.feature_extractor
+    real, valid, _ = encoder.features(fe, clip)
+    padded, _, _ = encoder.features(fe, clip, padded=True)
+    times: dict[str, list[float]] = {"real": [], "padded": [], "features": []}
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for key, feats, pad in (("real", real, False), ("padded", padded, True)):
+                t = time.perf_counter()
+                encoder.encode(loaded.model, [feats], [valid], pad)
+                if loaded.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                times[key].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            encoder.features(fe, clip)
+            times["features"].append(time.perf_counter() - t)
+    return tuple(statistics.median(v) * 1e3 for v in times.values())  # type: ignore[return-value]
 
 
-def run_history(loaded: Any, turns: int, tokens: int, seconds: float, repeats: int) -> dict[str, Any]:
-    """A `turns`-turn voice chat per session; median over `repeats` sessions per turn."""
-    from agent.inference.base import GenerationRequest
-    from agent.inference.engine import Engine
+# ---- main ---------------------------------------------------------------------------------
 
-    engine = Engine(loaded, max_batch=4)
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="voice-agent bench inference", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="tiny-random", help="tiny-random | random-7b | HUB_ID | PATH (default %(default)s)")
+    p.add_argument("--sessions", type=int, default=16, help="concurrent sessions (default %(default)s)")
+    p.add_argument("--turns", type=int, default=3, help="turns per session (default %(default)s)")
+    p.add_argument("--audio", type=float, nargs=2, default=(1.0, 10.0), metavar=("MIN", "MAX"),
+                   help="seconds of audio per turn (default 1 10)")
+    p.add_argument("--answer", type=int, nargs=2, default=(8, 48), metavar=("MIN", "MAX"),
+                   help="tokens per answer (default 8 48)")
+    p.add_argument("--think", type=float, nargs=2, default=(0.2, 1.0), metavar=("MIN", "MAX"),
+                   help="pause after an answer, seconds (default 0.2 1)")
+    p.add_argument("--spread", type=float, default=1.0, help="sessions start within this many seconds (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="workload seed (default %(default)s)")
+    p.add_argument("--static-batch", type=int, default=8, help="static baseline batch size (default %(default)s)")
+    p.add_argument("--static-wait", type=float, default=0.25, help="static baseline: longest wait for a batch (default %(default)s)")
+    p.add_argument("--history-turns", type=int, default=20, help="turns of the history session (default %(default)s)")
+    p.add_argument("--history-repeats", type=int, default=3, help="history sessions, median (default %(default)s)")
+    p.add_argument("--no-baselines", action="store_true", help="skip the generate baselines (their fields are null)")
+    p.add_argument("--quick", action="store_true", help="a small run for tests: 4 sessions × 2 short turns")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="last line: one JSON object")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.sessions, args.turns, args.audio, args.answer = min(args.sessions, 4), 2, (1.0, 3.0), (4, 10)
+        args.think, args.spread, args.static_batch, args.history_repeats = (0.05, 0.2), 0.3, 4, 1
+    return args
 
-    def one(session: str, messages: list[dict[str, Any]], audios: list[np.ndarray], turn: int) -> tuple[str, Any]:
-        engine.submit(session, GenerationRequest(session, str(turn), messages, audios, tokens,
-                                                 extra={"min_new_tokens": tokens}))
-        text, stats = "", None
-        while engine.has_work:
-            for o in engine.step():
-                text += o.text
-                stats = o.stats if o.finished else stats
-        return text, stats
 
-    one("warmup", [{"role": "user", "content": [{"type": "audio", "audio": 0}]}], [_audio(seconds, 999)], 0)
-    per_turn: list[list[float]] = [[] for _ in range(turns)]
-    reused: list[int] = []
-    cold: list[float] = []
-    for rep in range(repeats):
-        session = f"hist{rep}"
-        messages: list[dict[str, Any]] = []
-        audios: list[np.ndarray] = []
-        for turn in range(turns):
-            audios.append(_audio(seconds, 1000 * rep + turn))
-            messages.append({"role": "user", "content": [{"type": "audio", "audio": turn}]})
-            answer, stats = one(session, messages, audios, turn)
-            per_turn[turn].append(stats.timings["ttft"])
-            messages.append({"role": "assistant", "content": answer})
-        reused.append(stats.reused_tokens)
-        prompt_tokens = stats.prompt_tokens
-        # the same last turn with no cached history: a full prefill
-        _, cold_stats = one(f"cold{rep}", messages[:-1], audios, turns)
-        cold.append(cold_stats.timings["ttft"])
-    med = [statistics.median(t) for t in per_turn]
-    return {"ttft_by_turn": med, "turn1": med[0], "last": med[-1], "last_cold": statistics.median(cold),
-            "reused_tokens": statistics.median(reused), "prompt_tokens": prompt_tokens}
+async def service(args: argparse.Namespace, sessions: list[Session]) -> dict[str, Any]:
+    from agent.inference.pool import InferencePool
+
+    pool = InferencePool(args.model, workers=1, max_batch=max(args.sessions, 1), max_queue=4 * args.sessions + 8)
+    await pool.start()
+    try:
+        await _turn(pool, _request("warm", 0, [{"role": "user", "content": [{"type": "audio", "audio": 0}]}],
+                                   [speech_like(1.0, 1)], 4), None)
+        load = await run_pool(pool, sessions)
+        hist = await run_history(pool, args.history_turns, 8, 2.0, args.history_repeats)
+        return {"load": load, "history": hist, "kv_budget_tokens": pool.kv_budget_tokens}
+    finally:
+        await pool.close()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="voice-agent bench inference", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny-random")
-    parser.add_argument("--sessions", type=int, default=16)
-    parser.add_argument("--tokens", type=int, default=256, help="new tokens per request (EOS ignored)")
-    parser.add_argument("--audio-seconds", type=float, default=2.0)
-    parser.add_argument("--turns", type=int, default=20)
-    parser.add_argument("--turn-tokens", type=int, default=24, help="new tokens per turn of the history test")
-    parser.add_argument("--repeats", type=int, default=5, help="history sessions to take the median over")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--json", action="store_true", help="last line: one JSON object")
-    args = parser.parse_args(argv)
-
+    args = parse(argv)
     import torch
 
     from agent.inference import models
 
     torch.set_num_threads(args.threads)
+    sessions = workload(args)
+    served = asyncio.run(service(args, sessions))
+    load: Result = served["load"]
     loaded = models.load(args.model)
-    requests = _requests(args.sessions, args.tokens, args.audio_seconds)
-    # warm both paths (allocator, kernels) on a short request
-    warm = _requests(1, 4, 1.0)
-    run_sequential(loaded, warm)
-    run_engine(loaded, warm, 1)
+    enc_real, enc_padded, feat_ms = encoder_ms(loaded, 3 if args.quick else 7)
+    seq = static = None
+    if not args.no_baselines:
+        _generate(loaded, [sessions[0].requests[0]])  # warm
+        seq = run_closed_loop(loaded, sessions, 1, 0.0)
+        static = run_closed_loop(loaded, sessions, args.static_batch, args.static_wait)
+        assert seq.tokens == static.tokens == load.tokens, (seq.tokens, static.tokens, load.tokens)
 
-    seq = run_sequential(loaded, requests)
-    bat = run_engine(loaded, requests, max_batch=args.sessions)
-    if seq["tokens"] != bat["tokens"]:
-        raise RuntimeError(f"token counts differ: sequential {seq['tokens']}, batched {bat['tokens']}")
-    hist = run_history(loaded, args.turns, args.turn_tokens, args.audio_seconds, args.repeats)
-
-    result = {
-        "model": loaded.name, "device": loaded.device, "sessions": args.sessions, "tokens": args.tokens,
-        "batched_tokens_per_s": round(bat["tokens_per_s"], 1),
-        "sequential_tokens_per_s": round(seq["tokens_per_s"], 1),
-        "speedup_vs_sequential": round(bat["tokens_per_s"] / seq["tokens_per_s"], 2),
-        "batched_ttft_p50_s": round(_percentile(bat["ttft"], 50), 4),
-        "batched_ttft_p95_s": round(_percentile(bat["ttft"], 95), 4),
-        "sequential_ttft_p50_s": round(_percentile(seq["ttft"], 50), 4),
-        "sequential_ttft_p95_s": round(_percentile(seq["ttft"], 95), 4),
-        "turns": args.turns,
-        "turn1_ttft_s": round(hist["turn1"], 4),
-        "turn20_ttft_s": round(hist["last"], 4),
-        "turn20_cold_ttft_s": round(hist["last_cold"], 4),
-        "turn20_over_turn1": round(hist["last"] / hist["turn1"], 2),
-        "turn20_reused_tokens": hist["reused_tokens"],
-        "turn20_prompt_tokens": hist["prompt_tokens"],
+    result: dict[str, Any] = {
+        "workload": {"model": loaded.name, "device": loaded.device, "sessions": args.sessions, "turns": args.turns,
+                     "requests": sum(len(s.requests) for s in sessions), "tokens": load.tokens,
+                     "audio_s": list(args.audio), "answer_tokens": list(args.answer), "think_s": list(args.think),
+                     "spread_s": args.spread, "seed": args.seed, "static_batch": args.static_batch,
+                     "static_wait_s": args.static_wait, "torch_threads": args.threads, "quick": args.quick},
+        "delivered_ttft_p50_s": rounded(pct(load.ttft, 50)),
+        "delivered_ttft_p95_s": rounded(pct(load.ttft, 95)),
+        "itl_p50_s": rounded(pct(load.itl, 50), 5),
+        "itl_p95_s": rounded(pct(load.itl, 95), 5),
+        "tokens_per_s": round(load.tokens_per_s, 1),
+        "speedup_vs_sequential": round(load.tokens_per_s / seq.tokens_per_s, 2) if seq else None,
+        "speedup_vs_static_batch": round(load.tokens_per_s / static.tokens_per_s, 2) if static else None,
+        "encoder_ms_5s": round(enc_real, 2),
+        "encoder_ms_30s": round(enc_padded, 2),
+        "kv_budget_tokens": served["kv_budget_tokens"],
+        "turn20_over_turn1": round(statistics.median(served["history"]), 2) if served["history"] else None,
     }
-    print(f"inference benchmark · model {loaded.name} on {loaded.device} · torch threads {args.threads}")
-    print(f"{args.sessions} sessions × {args.tokens} tokens, all arriving at once")
-    print(f"  {'':28}{'batched engine':>16}{'sequential generate':>22}{'ratio':>8}")
-    print(f"  {'tokens/s':28}{bat['tokens_per_s']:>16.1f}{seq['tokens_per_s']:>22.1f}"
-          f"{result['speedup_vs_sequential']:>8.2f}")
-    for q in (50, 95):
-        b, s = _percentile(bat["ttft"], q), _percentile(seq["ttft"], q)
-        print(f"  {f'time to first token p{q} (ms)':28}{b * 1e3:>16.1f}{s * 1e3:>22.1f}{s / b:>8.2f}")
-    print(f"{args.turns}-turn voice chat, {args.audio_seconds:g} s audio per turn (median of {args.repeats})")
-    print(f"  time to first token turn 1      {hist['turn1'] * 1e3:8.1f} ms")
-    print(f"  turn {args.turns}, history reused        {hist['last'] * 1e3:8.1f} ms   "
-          f"(×{result['turn20_over_turn1']:.2f} of turn 1; {hist['reused_tokens']:.0f} of "
-          f"{hist['prompt_tokens']} prompt tokens reused)")
-    print(f"  turn {args.turns}, cold full prefill     {hist['last_cold'] * 1e3:8.1f} ms")
+    assert tuple(result) == KEYS
+    print(f"inference benchmark · {loaded.name} on {loaded.device} · torch threads {args.threads} · seed {args.seed}")
+    print(f"{args.sessions} sessions × {args.turns} turns of {args.audio[0]:g}–{args.audio[1]:g} s audio, answers "
+          f"{args.answer[0]}–{args.answer[1]} tokens, pauses {args.think[0]:g}–{args.think[1]:g} s; "
+          f"{load.tokens} tokens in all")
+    rows = [("pool (delivered)", load)] + ([("sequential generate", seq), (f"static batches of {args.static_batch}", static)]
+                                           if seq and static else [])
+    print(f"  {'':24}{'tokens/s':>10}{'×pool':>8}{'TTFT p50':>10}{'TTFT p95':>10}{'wall s':>8}")
+    for name, r in rows:
+        assert r is not None
+        print(f"  {name:24}{r.tokens_per_s:>10.1f}{load.tokens_per_s / r.tokens_per_s:>8.2f}"
+              f"{pct(r.ttft, 50) or 0:>10.3f}{pct(r.ttft, 95) or 0:>10.3f}{r.seconds:>8.1f}")
+    print(f"  pool inter-token time p50 {1e3 * (pct(load.itl, 50) or 0):.1f} ms, p95 {1e3 * (pct(load.itl, 95) or 0):.1f} ms")
+    print(f"audio encoder, 5 s clip: {enc_real:.1f} ms at real length vs {enc_padded:.1f} ms padded to 30 s "
+          f"(×{enc_real / enc_padded:.2f}); features {feat_ms:.1f} ms")
+    print(f"{args.history_turns}-turn session: delivered TTFT of the last turn / the first = "
+          f"{result['turn20_over_turn1']} (median of {args.history_repeats})")
+    print(f"kv budget: {result['kv_budget_tokens']} tokens")
     if args.json:
         print(json.dumps(result))
     return 0

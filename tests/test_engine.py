@@ -157,30 +157,60 @@ def test_cancel_frees_slot_at_once(loaded: models.LoadedModel) -> None:
     assert full_b == reference(loaded, b, eos_ids(engine))  # the survivor is unharmed
 
 
+def spliced_reference(loaded: models.LoadedModel, turn1: GenerationRequest, answer_ids: list[int],
+                      turn2: GenerationRequest, eos: list[int]) -> list[int]:
+    """Greedy `generate` over turn 2's prompt with the first answer as the ids the model
+    generated (not its text re-tokenized), built from the processor's own inputs."""
+    p = loaded.processor
+    first = p(text=[render_prompt(turn1.messages)], audio=turn1.audios, sampling_rate=16000,
+              return_tensors="pt")["input_ids"][0].tolist()
+    inputs = p(text=[render_prompt(turn2.messages)], audio=turn2.audios, sampling_rate=16000, return_tensors="pt")
+    ids = inputs["input_ids"][0].tolist()
+    text = p.tokenizer(turn2.messages[1]["content"], add_special_tokens=False)["input_ids"]
+    assert ids[:len(first)] == first and ids[len(first):len(first) + len(text)] == text
+    spliced = torch.tensor([first + answer_ids + ids[len(first) + len(text):]])
+    with torch.inference_mode():
+        out = loaded.model.generate(input_ids=spliced, attention_mask=torch.ones_like(spliced),
+                                    input_features=inputs["input_features"],
+                                    feature_attention_mask=inputs["feature_attention_mask"],
+                                    max_new_tokens=turn2.max_new_tokens, do_sample=False, eos_token_id=eos)
+    new = out[0, spliced.shape[1]:].tolist()
+    return new[: next((i + 1 for i, t in enumerate(new) if t in eos), len(new))]
+
+
 def test_second_turn_reuses_history(loaded: models.LoadedModel) -> None:
     engine = Engine(loaded)
+    eos = eos_ids(engine)
     a1, a2 = noise(1.2, 10), noise(0.8, 11)
     turn1 = request([user(0)], [a1], 10, session="s1", turn="1")
     out1 = run(engine, {0: [("t1", turn1)]})["t1"]
     answer = "".join(o.text for o in out1)
+    generated = [t for t in tokens(out1) if t not in eos]
+    # random weights answer with bytes that are not UTF-8: the text does not re-tokenize to
+    # the generated ids, which is what the engine must cope with
+    assert loaded.processor.tokenizer(answer, add_special_tokens=False)["input_ids"] != generated
     msgs2 = [user(0), {"role": "assistant", "content": answer}, user(1, "and now?")]
     turn2 = request(msgs2, [a1, a2], 12, session="s1", turn="2")
     out2 = run(engine, {0: [("t2", turn2)]})["t2"]
     stats = out2[-1].stats
-    assert stats is not None and stats.reused_tokens > 30  # system + audio 1 at least
+    first_prompt = len(engine.build_prompt(turn1).ids)
+    # the whole history is reused: the first prompt and the answer as generated (all of it
+    # but the last token, which was never fed back)
+    assert stats is not None and stats.reused_tokens >= first_prompt + len(generated) - 1
     assert stats.prompt_tokens > stats.reused_tokens
+    assert tokens(out2) == spliced_reference(loaded, turn1, generated, turn2, eos)
 
-    cold = Engine(loaded)
+    cold = Engine(loaded)  # no history: the text as given, token for token what generate sees
     cold_out = run(cold, {0: [("t2", turn2)]})["t2"]
     assert cold_out[-1].stats is not None and cold_out[-1].stats.reused_tokens == 0
-    assert tokens(out2) == tokens(cold_out) == reference(loaded, turn2, eos_ids(engine))
+    assert tokens(cold_out) == reference(loaded, turn2, eos)
 
     # the same history with a different first audio must not reuse past that audio
     changed = request(msgs2, [noise(1.2, 99), a2], 12, session="s1", turn="3")
     out3 = run(engine, {0: [("t3", changed)]})["t3"]
     first_audio = engine.build_prompt(changed).spans[0][0]
     assert out3[-1].stats is not None and 0 < out3[-1].stats.reused_tokens <= first_audio
-    assert tokens(out3) == reference(loaded, changed, eos_ids(engine))
+    assert tokens(out3) == spliced_reference(loaded, turn1, generated, changed, eos)
 
 
 def test_cache_budget_evicts_lru(loaded: models.LoadedModel) -> None:

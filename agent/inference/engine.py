@@ -38,7 +38,7 @@ import torch
 from agent.inference import encoder, memory
 from agent.inference.base import GenerationRequest, GenerationStats, InferenceError
 from agent.inference.models import LoadedModel
-from agent.inference.prompts import Detokenizer, Prompt, RequestError, build_prompt, lcp
+from agent.inference.prompts import Answer, Detokenizer, Prompt, RequestError, build_prompt, lcp, splice_answers
 from agent.model.qwen2_audio import EOS_TOKENS
 
 __all__ = ["Detokenizer", "Engine", "Output", "RequestError"]
@@ -68,6 +68,7 @@ class _SessionCache:
     ids: list[int]  # exactly the tokens the KV covers
     spans: list[tuple[int, int, str]]
     kv: KV
+    answers: list[Answer] = field(default_factory=list)  # generated ids within `ids`, with their text's ids
 
 
 @dataclass(eq=False)  # identity: requests are found in queues by `in`/`remove`
@@ -82,6 +83,7 @@ class _Seq:
     kv: KV | None = None  # own cache after the prefill, until it joins the batch (or is held)
     t_first: float | None = None
     min_new_tokens: int = 0
+    answers: list[Answer] = field(default_factory=list)  # earlier answers spliced into `prompt`
     # chunked prefill, from admission to the first token
     t_admit: float = 0.0
     reuse: _SessionCache | None = None  # the session's history taken at admission
@@ -245,7 +247,8 @@ class Engine:
                 return
             try:
                 if seq.prompt is None:
-                    seq.prompt = self.build_prompt(seq.req)
+                    seq.prompt, seq.answers = splice_answers(self.build_prompt(seq.req),
+                                                             self._answers_of(seq.req.session_id))
                     seq.stats.prompt_tokens = len(seq.prompt.ids)
                     if seq.req.max_new_tokens < 1:
                         raise RequestError("max_new_tokens must be at least 1")
@@ -303,6 +306,17 @@ class Engine:
                 break
         self._drop_speculative(lambda s: s.req.session_id == seq.req.session_id and s in self._pending)
         return False
+
+    def _answers_of(self, session_id: str) -> list[Answer]:
+        """The session's earlier answers as generated: from its cached history, else from a
+        speculative prefill of it that took that history."""
+        entry = self._sessions.get(session_id)
+        if entry is not None:
+            return entry.answers
+        for seq in (*self._held.values(), *self._prefilling):
+            if seq.req.session_id == session_id:
+                return seq.answers
+        return []
 
     def _make_room(self, seq: _Seq) -> bool:
         """Fit `seq` in the KV budget, evicting other sessions' history (LRU) and then held
@@ -440,9 +454,9 @@ class Engine:
         seq.t_first = t1
         seq.stats.timings["ttft"] = t1 - seq.t_submit
         if self._finished(seq, first):
+            out.append(self._finish(seq, first))
             self._save_session(seq, None)
             self._trim_sessions()
-            out.append(self._finish(seq, first))
             return
         out.append(Output(seq.rid, seq.detok.push(first), token_ids=[first]))
         joining.append(seq)
@@ -628,8 +642,8 @@ class Engine:
         for i, (seq, token) in enumerate(zip(self._batch, tokens, strict=True)):
             seq.generated.append(int(token))
             if self._finished(seq, token):
+                out.append(self._finish(seq, token))  # first: the answer's text is complete
                 self._save_session(seq, i)
-                out.append(self._finish(seq, token))
                 done.append(i)
             else:
                 out.append(Output(seq.rid, seq.detok.push(token), token_ids=[token]))
@@ -677,9 +691,14 @@ class Engine:
             return
         ids = seq.prompt.ids + seq.generated[:-1]
         ids = ids[:kv[0][0].shape[2]]
+        answers = list(seq.answers)
+        content = seq.generated[:-1] if seq.generated and seq.generated[-1] in self.eos_ids else seq.generated
+        if content:  # the next prompt holds it as text: remember which ids it came from
+            text_ids = self.tokenizer(seq.detok.text, add_special_tokens=False)["input_ids"]
+            answers.append((len(seq.prompt.ids), list(content), text_ids))
         sid = seq.req.session_id
         self._sessions.pop(sid, None)
-        self._sessions[sid] = _SessionCache(ids, seq.prompt.spans, kv)
+        self._sessions[sid] = _SessionCache(ids, seq.prompt.spans, kv, answers)
 
     def _trim_sessions(self) -> None:
         """LRU-evict session histories while over the KV budget (the newest last)."""

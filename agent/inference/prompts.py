@@ -121,3 +121,27 @@ class Detokenizer:
             return ""
         delta, self.text, self.read = cur[len(self.text):], cur, len(self.ids)
         return delta
+
+
+Answer = tuple[int, list[int], list[int]]  # (position in the prompt, generated ids, ids of its text)
+
+
+def splice_answers(prompt: Prompt, answers: list[Answer]) -> tuple[Prompt, list[Answer]]:
+    """Put the ids the model generated back in place of its answers' re-tokenized text.
+
+    A session sends the answer as text; tokenizing it again need not give the generated ids
+    (bytes that are not UTF-8, special tokens dropped by decoding, non-canonical BPE splits),
+    and the cached KV of that history would then be lost from that answer on. Each answer is
+    spliced only where the prompt holds exactly its text's ids at its position, the prompt
+    before it being what the cache covers; the first that does not match ends the splicing.
+    Returns the prompt and the answers applied (positions in the returned prompt)."""
+    ids, spans, applied = prompt.ids, prompt.spans, []
+    for pos, generated, text_ids in answers:
+        if ids[pos:pos + len(text_ids)] != text_ids:
+            break
+        shift = len(generated) - len(text_ids)
+        if shift or generated != text_ids:
+            ids = ids[:pos] + generated + ids[pos + len(text_ids):]
+            spans = [(s + shift, e + shift, h) if s >= pos else (s, e, h) for s, e, h in spans]
+        applied.append((pos, generated, text_ids))
+    return Prompt(ids, spans, prompt.audios), applied
