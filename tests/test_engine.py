@@ -279,3 +279,31 @@ def test_detokenizer_never_splits_characters(loaded: models.LoadedModel) -> None
     deltas = [detok.push(i) for i in ids] + [detok.flush()]
     assert "".join(deltas) == text
     assert all("\ufffd" not in d for d in deltas)
+
+
+def test_history_with_generated_special_tokens(loaded: models.LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An answer that holds <|AUDIO|> (dropped from its text) is spliced back as generated; the
+    audio embeddings still go only where the audio clips are."""
+    engine = Engine(loaded)
+    eos = eos_ids(engine)
+    audio_id = engine.audio_token_id
+    original = engine._suppress_eos
+
+    def second_token_is_audio(logits: torch.Tensor, seqs: list[Any]) -> torch.Tensor:
+        logits = original(logits, seqs)
+        for i, seq in enumerate(seqs):
+            if len(seq.generated) == 1:
+                logits[i, audio_id] = 1e9
+        return logits
+
+    monkeypatch.setattr(engine, "_suppress_eos", second_token_is_audio)
+    turn1 = request([user(0)], [noise(1.0, 80)], 8, session="x", turn="1")
+    out1 = run(engine, {0: [("t1", turn1)]})["t1"]
+    generated = [t for t in tokens(out1) if t not in eos]
+    assert generated[1] == audio_id
+    monkeypatch.undo()
+    msgs2 = [user(0), {"role": "assistant", "content": "".join(o.text for o in out1)}, user(1)]
+    out2 = run(engine, {0: [("t2", request(msgs2, [turn1.audios[0], noise(0.7, 81)], 6, session="x"))]})["t2"]
+    stats = out2[-1].stats
+    assert out2[-1].error is None and stats is not None
+    assert stats.reused_tokens >= len(engine.build_prompt(turn1).ids) + len(generated) - 1

@@ -407,7 +407,11 @@ class Engine:
             feats = [self._audio_features(a, span[2]) for a, span in new]
             clips = encoder.encode(self.model, [f for f, _ in feats], [v for _, v in feats], self.encoder_padded)
             audio = torch.cat(clips).to(embeds.dtype)
-            where = (ids == self.audio_token_id)[..., None]
+            # the spans, not the ids: a spliced answer may hold a generated <|AUDIO|> token,
+            # which was fed as a token then and stays one
+            where = torch.zeros(1, ids.shape[1], 1, dtype=torch.bool, device=self.device)
+            for _, (start, end, _) in new:
+                where[0, start - past:end - past] = True
             if int(where.sum()) != audio.shape[0]:
                 raise RequestError(f"{int(where.sum())} audio tokens but {audio.shape[0]} audio embeddings")
             embeds = embeds.masked_scatter(where, audio)
