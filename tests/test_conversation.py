@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from agent.conversation import Conversation
-from agent.model.qwen2_audio import MAX_CLIP_SAMPLES, audio_token_count, render_prompt
 from agent.inference import models
+from agent.model.qwen2_audio import MAX_CLIP_SAMPLES, audio_token_count, render_prompt
 
 SR = 16000
 

@@ -6,8 +6,9 @@ import asyncio
 import json
 import os
 import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -65,8 +66,8 @@ async def test_concurrent_sessions_stream_like_engine(pool: InferencePool) -> No
     reqs = [req(f"s{i}", 0.5 + 0.4 * i, i, max_new_tokens=10 + 3 * i, text="hi" if i % 2 else None)
             for i in range(5)]
     stats = [GenerationStats() for _ in reqs]
-    results = await asyncio.gather(*(collect(pool.generate(r, s)) for r, s in zip(reqs, stats)))
-    for r, deltas, st in zip(reqs, results, stats):
+    results = await asyncio.gather(*(collect(pool.generate(r, s)) for r, s in zip(reqs, stats, strict=True)))
+    for r, deltas, st in zip(reqs, results, stats, strict=True):
         assert len(deltas) > 1  # streamed, not one blob
         assert "".join(deltas) == engine_text(r)
         assert st.tokens > 0 and st.prompt_tokens > 0 and "ttft" in st.timings

@@ -6,16 +6,18 @@ import asyncio
 import os
 import signal
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
+import numpy as np
 import pytest
 
 from agent.config import load_settings
 from agent.inference import models
-from agent.inference.base import InferenceError
+from agent.inference.base import AudioRef, GenerationRequest, InferenceError
 from agent.inference.pool import InferencePool
 from agent.runtime import AgentRuntime
-from tests.test_pool import collect, req
+from tests.test_pool import collect, engine_text, noise, req
 from tests.test_server import start_server, until
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -66,6 +68,7 @@ async def test_double_fault_restarts_with_backoff_and_reports_health() -> None:
 @pytest.fixture(scope="module")
 async def pool() -> AsyncIterator[InferencePool]:
     p = InferencePool(models.TINY_RANDOM, workers=1, max_batch=4, max_queue=2)
+    p.engine_options["feature_cache_bytes"] = 0  # a dropped history cannot be rebuilt from cached features
     await p.start()
     yield p
     await p.close()
@@ -92,3 +95,25 @@ async def test_kv_budget_comes_from_the_worker(pool: InferencePool) -> None:
     assert pool.kv_budget_bytes == pool.kv_budget_tokens * per_token  # type: ignore[operator]
     assert await collect(pool.generate(req("k", 0.6, 30, 4)))
     assert pool.kv_used_tokens is not None and pool.kv_used_tokens >= 0
+
+
+async def test_history_audio_goes_by_reference_and_is_resent_when_gone(pool: InferencePool,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: list[Any] = []
+    original = pool._send
+    monkeypatch.setattr(pool, "_send", lambda w, msg: (sent.append(msg), original(w, msg))[1])
+    a1, a2, a3 = noise(1.0, 40), noise(0.8, 41), noise(0.6, 42)
+    messages: list[dict[str, Any]] = [{"role": "user", "content": [{"type": "audio", "audio": 0}]}]
+    answer = "".join(await collect(pool.generate(GenerationRequest("ref", "1", messages, [a1], 6))))
+    messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": [{"type": "audio", "audio": 1}]}]
+    assert "".join(await collect(pool.generate(GenerationRequest("ref", "2", messages, [a1, a2], 6))))
+    second = sent[-1][2]
+    assert isinstance(second.audios[0], AudioRef) and isinstance(second.audios[1], np.ndarray)  # only the new clip
+    assert second.audios[0].samples == a1.size and pool.audio_resends == 0
+    # the worker loses the session's history behind the pool's back (as an eviction would)
+    pool._send(pool._workers[0], ("forget", "ref"))
+    messages += [{"role": "assistant", "content": "ok"}, {"role": "user", "content": [{"type": "audio", "audio": 2}]}]
+    third = GenerationRequest("ref", "3", messages, [a1, a2, a3], 6)
+    text = "".join(await collect(pool.generate(third)))
+    assert pool.audio_resends == 1 and all(isinstance(a, np.ndarray) for a in sent[-1][2].audios)
+    assert text == engine_text(third)  # sent again whole, answered as a cold engine would

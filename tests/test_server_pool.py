@@ -8,7 +8,8 @@ import signal
 import socket
 import subprocess
 import sys
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -83,8 +84,9 @@ async def test_serve_runs_until_sigterm(tmp_path: Any) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "VOICE_AGENT_SERVER__TOKEN": "tok"}
-    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "serve", "-v", "--model", "tiny-random",
-                             "--port", str(port)], env=env, stderr=subprocess.PIPE, text=True)
+    proc = await asyncio.to_thread(subprocess.Popen, [sys.executable, "-m", "agent.cli", "serve", "-v", "--model",
+                                                      "tiny-random", "--port", str(port)],
+                                   env=env, stderr=subprocess.PIPE, text=True)
     try:
         async with aiohttp.ClientSession() as http:
             async def healthy() -> None:

@@ -23,6 +23,16 @@ class InferenceError(Exception):
         self.message = message
 
 
+@dataclass(frozen=True)
+class AudioRef:
+    """An audio clip the inference worker already holds in a session's KV cache, sent by
+    identity instead of samples (`agent.inference.pool`; the worker asks for the samples
+    again, error `audio_missing`, when it no longer has them)."""
+
+    digest: str
+    samples: int
+
+
 @dataclass
 class GenerationRequest:
     session_id: str

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from agent.inference import encoder, memory
-from agent.inference.base import GenerationRequest, GenerationStats, InferenceError
+from agent.inference.base import AudioRef, GenerationRequest, GenerationStats, InferenceError
 from agent.inference.models import LoadedModel
 from agent.inference.prompts import Answer, Detokenizer, Prompt, RequestError, build_prompt, lcp, splice_answers
 from agent.model.qwen2_audio import EOS_TOKENS
@@ -58,6 +58,7 @@ class Output:
     token_ids: list[int] = field(default_factory=list)  # new tokens of this step
     # (code, message): a tuple pickles across processes, InferenceError does not.
     error: tuple[str, str] | None = None
+    cached: list[str] | None = None  # finished: digests of the audios its session's KV now holds
 
     def exception(self) -> InferenceError | None:
         return InferenceError(*self.error) if self.error else None
@@ -431,12 +432,14 @@ class Engine:
         seq.reuse = None  # the cache now owns copies of the history it needed
         return res.last_hidden_state[:, -1]
 
-    def _audio_features(self, audio: np.ndarray, digest: str) -> tuple[torch.Tensor, int]:
+    def _audio_features(self, audio: np.ndarray | AudioRef, digest: str) -> tuple[torch.Tensor, int]:
         """(log-mel, valid frames) at the clip's real length (or padded), LRU-cached by bytes."""
         hit = self._features.get(digest)
         if hit is not None:
             self._features.move_to_end(digest)
             return hit
+        if isinstance(audio, AudioRef):  # sent by reference, and the history it was in is gone
+            raise RequestError(f"audio {digest} is no longer cached: send its samples", code="audio_missing")
         feats, valid, _ = encoder.features(self.processor.feature_extractor, audio, self.encoder_padded)
         hit = self._features[digest] = (feats, valid)
         self._feature_bytes += feats.nbytes
@@ -459,7 +462,7 @@ class Engine:
         seq.stats.timings["ttft"] = t1 - seq.t_submit
         if self._finished(seq, first):
             out.append(self._finish(seq, first))
-            self._save_session(seq, None)
+            out[-1].cached = self._save_session(seq, None)
             self._trim_sessions()
             return
         out.append(Output(seq.rid, seq.detok.push(first), token_ids=[first]))
@@ -647,7 +650,7 @@ class Engine:
             seq.generated.append(int(token))
             if self._finished(seq, token):
                 out.append(self._finish(seq, token))  # first: the answer's text is complete
-                self._save_session(seq, i)
+                out[-1].cached = self._save_session(seq, i)
                 done.append(i)
             else:
                 out.append(Output(seq.rid, seq.detok.push(token), token_ids=[token]))
@@ -679,11 +682,11 @@ class Engine:
 
     # ---- session caches -----------------------------------------------------------------
 
-    def _save_session(self, seq: _Seq, row: int | None) -> None:
+    def _save_session(self, seq: _Seq, row: int | None) -> list[str] | None:
         """Keep the KV of prompt + generated tokens (all but the last, never fed) for the
         session's next turn, LRU-evicting other sessions while over the KV budget."""
         if seq.prompt is None:
-            return
+            return None
         if row is None:
             kv = seq.kv
         else:
@@ -692,7 +695,7 @@ class Engine:
             kv = [(layer.keys[row:row + 1, :, -n:].clone(), layer.values[row:row + 1, :, -n:].clone())
                   for layer in self._cache.layers]
         if kv is None:
-            return
+            return None
         ids = seq.prompt.ids + seq.generated[:-1]
         ids = ids[:kv[0][0].shape[2]]
         answers = list(seq.answers)
@@ -703,6 +706,7 @@ class Engine:
         sid = seq.req.session_id
         self._sessions.pop(sid, None)
         self._sessions[sid] = _SessionCache(ids, seq.prompt.spans, kv, answers)
+        return [h for _, end, h in seq.prompt.spans if end <= len(ids)]
 
     def _trim_sessions(self) -> None:
         """LRU-evict session histories while over the KV budget (the newest last)."""

@@ -4,7 +4,10 @@ One process per GPU (one on the CPU), started with `spawn` so CUDA and torch thr
 clean. Each worker has its own pair of mp queues: a worker killed mid-write can then only
 break its own pipes, never another worker's. A reader thread per worker hands outputs to
 the event loop (`call_soon_threadsafe`), which routes them to per-request asyncio queues.
-A session sticks to one worker while it lives, since its KV cache is there.
+A session sticks to one worker while it lives, since its KV cache is there. Audio the
+worker's cache of the session already holds goes by reference (`AudioRef`): a turn then
+carries only its own audio across the pipe, not the whole history's; when the worker has
+dropped that history meanwhile it answers `audio_missing` and the request is sent again whole.
 
 Faults. A worker that dies, live or still loading, is restarted: at once the first time,
 then with exponential backoff while replacements keep dying before they load. Its requests
@@ -24,12 +27,16 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.inference.base import GenerationRequest, GenerationStats, InferenceError
+import numpy as np
+
+from agent.inference.base import AudioRef, GenerationRequest, GenerationStats, InferenceError
 from agent.inference.engine import Output
+from agent.inference.prompts import audio_hash
 from agent.inference.worker import worker_main
 
 log = logging.getLogger(__name__)
@@ -85,6 +92,9 @@ class InferencePool:
         self._requests: dict[str, asyncio.Queue[Output | InferenceError]] = {}
         self._specs: dict[str, tuple[int, str, str]] = {}  # speculative rid → (worker, session, turn)
         self._sessions: dict[str, int] = {}  # session → worker index
+        self._covered: dict[str, set[str]] = {}  # session → audio digests its worker's KV holds
+        self._digests: dict[int, tuple[Any, int, bytes, str]] = {}  # id(array) → (weakref, size, probe, digest)
+        self.audio_resends = 0  # requests sent again whole: the worker no longer had their history
         self._ids = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ctx: Any = None
@@ -285,12 +295,42 @@ class InferencePool:
         self._workers[self._workers.index(old)] = new
         self.restarts += 1
 
+    def _digest(self, audio: np.ndarray) -> str:
+        """`audio_hash`, remembered per array object (a conversation sends the same clips
+        every turn); a probe of a few samples guards against an array changed in place."""
+        probe = np.ascontiguousarray(audio[:: max(1, audio.size // 32)]).tobytes()
+        hit = self._digests.get(id(audio))
+        if hit is not None and hit[0]() is audio and hit[1] == audio.size and hit[2] == probe:
+            return hit[3]
+        if len(self._digests) > 4096:
+            self._digests = {k: v for k, v in self._digests.items() if v[0]() is not None}
+        digest = audio_hash(np.asarray(audio, dtype=np.float32))
+        try:
+            self._digests[id(audio)] = (weakref.ref(audio), audio.size, probe, digest)
+        except TypeError:  # not weak-referenceable: no memo
+            pass
+        return digest
+
+    def _by_reference(self, request: GenerationRequest, speculative: bool) -> GenerationRequest:
+        covered = self._covered.get(request.session_id)
+        audios: list[Any] = list(request.audios)
+        if covered:
+            for i, audio in enumerate(audios):
+                if isinstance(audio, np.ndarray) and audio.ndim == 1 and audio.size:
+                    digest = self._digest(audio)
+                    if digest in covered:
+                        audios[i] = AudioRef(digest, int(audio.size))
+        return dataclasses.replace(request, audios=audios, speculative=speculative)
+
     def _fail(self, w: _Worker, error: InferenceError) -> None:
         for rid in list(w.inflight):
             q = self._requests.get(rid)
             if q is not None:
                 q.put_nowait(error)
         w.inflight.clear()
+        for sid, index in self._sessions.items():  # a new worker holds no history
+            if index == w.index:
+                self._covered.pop(sid, None)
         for rid, spec in list(self._specs.items()):
             if spec[0] == w.index:
                 del self._specs[rid]
@@ -316,6 +356,8 @@ class InferencePool:
             when = f"; next restart in {max(0.0, min(waits)):.1f} s" if waits else ""
             raise InferenceError("backend_unavailable", f"no inference worker is running{when}")
         w = min(candidates, key=lambda w: len(w.inflight))
+        if self._sessions.get(session_id) != w.index:
+            self._covered.pop(session_id, None)
         self._sessions[session_id] = w.index
         return w
 
@@ -338,16 +380,24 @@ class InferencePool:
         q: asyncio.Queue[Output | InferenceError] = asyncio.Queue()
         self._requests[rid] = q
         w.inflight.add(rid)
-        self._send(w, ("submit", rid, dataclasses.replace(request, speculative=False)))
-        done = False
+        self._send(w, ("submit", rid, self._by_reference(request, False)))
+        done, resent = False, False
         try:
             while True:
                 item = await q.get()
                 if isinstance(item, InferenceError):
                     done = True
                     raise item
+                if item.finished and item.error and item.error[0] == "audio_missing" and not resent:
+                    resent = True  # before any token: send it again with every sample
+                    self.audio_resends += 1
+                    self._covered.pop(request.session_id, None)
+                    self._send(w, ("submit", rid, dataclasses.replace(request, speculative=False)))
+                    continue
                 if item.finished:
                     done = True
+                    if item.cached is not None and self._sessions.get(request.session_id) == w.index:
+                        self._covered[request.session_id] = set(item.cached)
                     if stats is not None and item.stats is not None:
                         stats.tokens, stats.prompt_tokens = item.stats.tokens, item.stats.prompt_tokens
                         stats.reused_tokens = item.stats.reused_tokens
@@ -388,7 +438,7 @@ class InferencePool:
             del self._specs[old]
         rid = f"{request.session_id}/{request.turn_id}/spec{next(self._ids)}"
         self._specs[rid] = (w.index, request.session_id, request.turn_id)
-        self._send(w, ("submit", rid, dataclasses.replace(request, speculative=True)))
+        self._send(w, ("submit", rid, self._by_reference(request, True)))
 
     async def drop(self, session_id: str, turn_id: str) -> None:
         for rid, spec in list(self._specs.items()):
@@ -404,6 +454,7 @@ class InferencePool:
             if spec[1] == session_id:
                 del self._specs[rid]
         index = self._sessions.pop(session_id, None)
+        self._covered.pop(session_id, None)
         for w in self._workers:
             if w.index == index and w.live:
                 self._send(w, ("forget", session_id))

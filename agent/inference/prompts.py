@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.inference.base import GenerationRequest
+from agent.inference.base import AudioRef, GenerationRequest
 from agent.model.qwen2_audio import audio_token_count, render_prompt
 
 
@@ -27,7 +27,7 @@ class RequestError(Exception):
 class Prompt:
     ids: list[int]  # expanded: one id per audio token
     spans: list[tuple[int, int, str]]  # audio token spans [start, end) with the audio's hash
-    audios: list[np.ndarray]  # in the order of `spans`
+    audios: list[np.ndarray | AudioRef]  # in the order of `spans`; a ref: cached in the worker
 
 
 def audio_hash(audio: np.ndarray) -> str:
@@ -58,7 +58,7 @@ def build_prompt(tokenizer: Any, audio_token_id: int, request: GenerationRequest
         for p in (content or []))
     if last.get("role") != "user" or empty:
         raise RequestError("the last turn is empty: nothing to answer")
-    ordered: list[np.ndarray] = []
+    ordered: list[np.ndarray | AudioRef] = []
     for message in messages:
         if isinstance(message.get("content"), str):
             continue
@@ -68,7 +68,13 @@ def build_prompt(tokenizer: Any, audio_token_id: int, request: GenerationRequest
             index = part.get("audio")
             if not isinstance(index, int) or not 0 <= index < len(request.audios):
                 raise RequestError(f"audio part refers to missing audio {index!r}")
-            audio = np.ascontiguousarray(request.audios[index], dtype=np.float32)
+            ref = request.audios[index]
+            if isinstance(ref, AudioRef):
+                if ref.samples <= 0:
+                    raise RequestError(f"audio {index} is empty")
+                ordered.append(ref)
+                continue
+            audio = np.ascontiguousarray(ref, dtype=np.float32)
             if audio.ndim != 1 or audio.size == 0:
                 raise RequestError(f"audio {index} is empty or not mono (shape {audio.shape})")
             if not np.isfinite(audio).all():
@@ -83,11 +89,12 @@ def build_prompt(tokenizer: Any, audio_token_id: int, request: GenerationRequest
             continue
         if len(spans) >= len(ordered):
             raise RequestError("audio placeholders and audio parts do not match")
-        audio = ordered[len(spans)]
-        n = audio_token_count(audio.size)
+        clip = ordered[len(spans)]
+        size = clip.samples if isinstance(clip, AudioRef) else clip.size
+        n = audio_token_count(size)
         if n < 2:  # one token would trip the model's legacy (unexpanded) merge path
-            raise RequestError(f"audio {len(spans)} is too short ({audio.size} samples)")
-        spans.append((len(ids), len(ids) + n, audio_hash(audio)))
+            raise RequestError(f"audio {len(spans)} is too short ({size} samples)")
+        spans.append((len(ids), len(ids) + n, clip.digest if isinstance(clip, AudioRef) else audio_hash(clip)))
         ids.extend([audio_token_id] * n)
     if len(spans) != len(ordered):
         raise RequestError("audio placeholders and audio parts do not match")

@@ -7,8 +7,8 @@ step, put that step's outputs on `outbox` as one message. Messages in:
 Messages out: ("ready", model_name, warning, pid, engine info: KV budget…) ·
 ("load_error", message) · ("out", [Output, …], {"kv_tokens": …, "cached_tokens": …}).
 
-Memory: when the engine goes idle the worker hands freed heap back to the OS
-(`malloc_trim`). glibc otherwise keeps the high-water mark of large transients (feature and
+Memory: when the engine has been idle for IDLE_POLL_S the worker hands freed heap back to the
+OS (`malloc_trim`, which takes milliseconds: never on the path of a turn). glibc otherwise keeps the high-water mark of large transients (feature and
 encoder batches of a re-prefilled history), which showed as RSS growing in steps under an
 audio flood.
 """
@@ -71,16 +71,17 @@ def worker_main(model: str, device: str | None, options: dict[str, Any], inbox: 
         try:
             # Block only when there is nothing to step; otherwise just drain what arrived.
             if not engine.has_work:
-                if busy:  # just went idle: give freed heap back
-                    trim(0)
-                    busy = False
                 msgs.append(inbox.get(timeout=IDLE_POLL_S))
             while True:
                 msgs.append(inbox.get_nowait())
         except queue.Empty:
             pass
-        if not msgs and os.getppid() != parent:  # orphaned: the pool is gone
-            return
+        if not msgs and not engine.has_work:
+            if os.getppid() != parent:  # orphaned: the pool is gone
+                return
+            if busy:  # idle for IDLE_POLL_S: give freed heap back (never between a user's turns)
+                trim(0)
+                busy = False
         for msg in msgs:
             running = _handle(engine, msg) and running
         if running and engine.has_work:
