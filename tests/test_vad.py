@@ -219,18 +219,18 @@ async def test_inference_runs_off_the_event_loop_and_survives_a_failure(two: Spe
     await service.start()
     try:
         assert service._model is not None
-        real = service._model.forward
+        real = service._model.step  # what the service runs per tick, on its worker thread
         threads: list[int] = []
         failures = [1]
 
-        def forward(chunks, states):
+        def step(x, state):
             threads.append(threading.get_ident())
             if failures:
                 failures.pop()
                 raise RuntimeError("boom")
-            return real(chunks, states)
+            return real(x, state)
 
-        monkeypatch.setattr(service._model, "forward", forward)
+        monkeypatch.setattr(service._model, "step", step)
         stream, other = service.open_stream(), service.open_stream()
         with pytest.raises(RuntimeError, match="boom"):
             await stream.process(two.samples[: 3 * CHUNK])
