@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({gated:.0%} digital silence); CPU µs per stream per chunk, median of {args.repeats}")
     header = ["(a) bare", "(b) livekit", "(b') +hop", "(d) service", "dithered", "svc/bare", "lk/svc",
               "lk/svc dith"]
-    print(f"{'streams':>8} " + " ".join(f"{h:>{w}}" for h, w in zip(header, [9, 12, 10, 12, 9, 9, 7, 12])))
+    print(f"{'streams':>8} " + " ".join(f"{h:>{w}}" for h, w in zip(header, [9, 12, 10, 12, 9, 9, 7, 12], strict=True)))
     for n in sorted(service):
         print(f"{n:8} {bare[n]:9.1f} {livekit[n]:12.1f} {lk_path[n]:10.1f} {service[n]:12.1f} "
               f"{service_dither[n]:9.1f} {service[n] / bare[n]:9.2f} {livekit[n] / service[n]:7.2f} "

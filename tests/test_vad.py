@@ -87,7 +87,7 @@ def test_batched_forward_equals_silero_per_stream(model: BatchedSilero, speeches
     got = np.stack([model.forward(np.stack([s.samples[i * CHUNK : (i + 1) * CHUNK] for s in speeches]), states)
                     for i in range(n)], axis=1)
     assert got.dtype == np.float32 and got.shape == (len(speeches), n)
-    for row, speech in zip(got, speeches):
+    for row, speech in zip(got, speeches, strict=True):
         ref = reference_probs(speech.samples)[:n]
         assert ref.max() > 0.9 and ref.min() < 0.1  # speech and silence: the comparison means something
         np.testing.assert_allclose(row, ref, atol=TOL)
@@ -198,11 +198,11 @@ async def test_stream_closed_while_waiting_does_not_disturb_others(two: Speech):
     await service.start()
     try:
         s = two.samples
-        a, b = service.open_stream(), service.open_stream()
+        a, b, pace = service.open_stream(), service.open_stream(), service.open_stream()
         a_call = asyncio.ensure_future(a.process(s))  # a whole file: many ticks
         b_call = asyncio.ensure_future(b.process(s))
-        while service.stats["ticks"] < 5:
-            await asyncio.sleep(0.001)
+        await pace.process(s[: 5 * CHUNK])  # returns once the first 5 ticks have run
+        assert not a_call.done()
         a.close()
         with pytest.raises(asyncio.CancelledError):
             await a_call
