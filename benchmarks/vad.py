@@ -286,18 +286,29 @@ def main(argv: list[str] | None = None) -> int:
     def by(prefix: str) -> dict[int, float]:
         return {int(k.split("/")[1]): v for k, v in us.items() if k.startswith(prefix + "/")}
 
+    def ratio(top: str, bottom: str) -> dict[int, float]:
+        """Median over rounds of top / bottom measured in the same round: the machine's load
+        drifts between rounds, and both sides of a ratio drift together."""
+        out = {}
+        for k in results:
+            if k.startswith(bottom + "/") and (f"{top}/" + k.split("/")[1]) in results:
+                n = k.split("/")[1]
+                out[int(n)] = statistics.median(t / b for t, b in zip(results[f"{top}/{n}"], results[k], strict=True))
+        return out
+
     bare, livekit, lk_path = by("bare"), by("livekit"), by("livekit_path")
     service, service_dither = by("service"), by("service_dither")
+    vs_livekit, vs_livekit_dither = ratio("livekit", "service"), ratio("livekit", "service_dither")
+    over_bare = ratio("service", "bare")
     silero, gated = us["silero/1"], silent_fraction(chunks)
-    print(f"Silero VAD, 1 thread, {source}, {len(chunks)} chunks of 32 ms "
-          f"({gated:.0%} digital silence); CPU µs per stream per chunk, median of {args.repeats}")
-    header = ["(a) bare", "(b) livekit", "(b') +hop", "(d) service", "dithered", "svc/bare", "lk/svc",
-              "lk/svc dith"]
-    print(f"{'streams':>8} " + " ".join(f"{h:>{w}}" for h, w in zip(header, [9, 12, 10, 12, 9, 9, 7, 12], strict=True)))
+    print(f"Silero VAD, 1 thread, {source}, {len(chunks)} chunks of 32 ms ({gated:.0%} digital silence); "
+          f"CPU µs per stream per chunk, median of {args.repeats} rounds (ratios: median of per-round ratios)")
+    header = {"streams": 8, "(a) bare": 9, "(b) livekit": 12, "(b') +hop": 10, "(d) service": 12, "dithered": 9,
+              "svc/bare": 9, "lk/svc": 7, "lk/svc dith": 12}
+    print(" ".join(f"{h:>{w}}" for h, w in header.items()))
     for n in sorted(service):
         print(f"{n:8} {bare[n]:9.1f} {livekit[n]:12.1f} {lk_path[n]:10.1f} {service[n]:12.1f} "
-              f"{service_dither[n]:9.1f} {service[n] / bare[n]:9.2f} {livekit[n] / service[n]:7.2f} "
-              f"{livekit[n] / service_dither[n]:12.2f}")
+              f"{service_dither[n]:9.1f} {over_bare[n]:9.2f} {vs_livekit[n]:7.2f} {vs_livekit_dither[n]:12.2f}")
     print(f"(c) silero-vad per-stream model: {silero:.1f} µs; backends by batch: {info['backend']}; "
           f"service mean batch: {info['mean_batch']}")
 
@@ -320,22 +331,21 @@ def main(argv: list[str] | None = None) -> int:
         "livekit_us_per_stream_chunk": round(livekit[args.livekit_streams], 2),
         "silero_us_per_stream_chunk": round(silero, 2),
         "service_us_per_stream_chunk": round(service[256], 2),
-        "ratio_vs_livekit": round(livekit[256] / bare[256], 2),
+        "ratio_vs_livekit": round(ratio("livekit", "bare")[256], 2),
         "ratio_vs_silero": round(silero / bare[256], 2),
-        "service_ratio_vs_livekit": round(livekit[256] / service[256], 2),
+        "service_ratio_vs_livekit": round(vs_livekit[256], 2),
         "livekit_us_by_streams": table({n: livekit[n] for n in service}),
         "livekit_path_us_by_streams": table(lk_path),
         "service_us_by_streams": table(service),
-        "service_ratio_vs_livekit_by_streams": table({n: livekit[n] / service[n] for n in service}),
-        "service_over_bare_by_streams": table({n: service[n] / bare[n] for n in service}),
+        "service_ratio_vs_livekit_by_streams": table(vs_livekit),
+        "service_over_bare_by_streams": table(over_bare),
         "service_mean_batch_by_streams": table(info["mean_batch"], 1),
         "service_dithered_us_by_streams": table(service_dither),
-        "service_dithered_ratio_vs_livekit_by_streams": table({n: livekit[n] / service_dither[n] for n in service}),
-        "service_ratio_vs_livekit_path_by_streams": table({n: lk_path[n] / service[n] for n in service}),
+        "service_dithered_ratio_vs_livekit_by_streams": table(vs_livekit_dither),
+        "service_ratio_vs_livekit_path_by_streams": table(ratio("livekit_path", "service")),
     }
-    print(f"whole service vs livekit-plugins-silero (model call only) at 256 streams: "
-          f"{result['service_ratio_vs_livekit']}x less CPU per stream; at 8 streams: "
-          f"{result['service_ratio_vs_livekit_by_streams'].get('8')}x")
+    print(f"whole service vs livekit-plugins-silero (model call only): {result['service_ratio_vs_livekit']}x "
+          f"less CPU per stream at 256 streams, {result['service_ratio_vs_livekit_by_streams'].get('8')}x at 8")
     if args.json:
         print(json.dumps(result))
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 
 import numpy as np
 import pytest
@@ -99,6 +100,16 @@ def test_gate_matches_across_runtimes(model: BatchedSilero, gappy: Speech):
     t = (np.arange(ref.size) + 0.5) * CHUNK / 16000
     after = (t > gappy.segments[1][0] + 0.3) & (t < gappy.segments[1][1] - 0.3)
     assert np.array(got)[after].mean() > 0.5  # speech after the gap is found
+
+
+def test_without_onnxruntime_every_batch_runs_on_torchscript(monkeypatch, gappy: Speech):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    model = BatchedSilero()
+    assert model.backend(1) == "torchscript"
+    states = [model.new_state()]
+    n = 40
+    got = [model.forward(gappy.samples[i * CHUNK : (i + 1) * CHUNK][None], states)[0] for i in range(n)]
+    np.testing.assert_allclose(got, reference_probs(gappy.samples)[:n], atol=TOL)
 
 
 async def test_service_gates_silence_and_matches_silero(gappy: Speech):
