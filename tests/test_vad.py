@@ -115,7 +115,8 @@ async def test_odd_sizes_buffer_correctly(two: Speech):
         stream = service.open_stream()  # before start(): the model loads on the first chunk
         s = two.samples
         sizes = [1, 513, 510, 1, 1, 511, 1, 513, 2048, 5000, 3, 1023]
-        out, fed = [], 0
+        out: list[np.ndarray] = []
+        fed = 0
         while fed < s.size:
             size = sizes[len(out) % len(sizes)]
             probs = await stream.process(s[fed : fed + size])

@@ -140,6 +140,7 @@ async def test_non_finite_samples_fail_that_call_only(gappy: Speech):
                  asyncio.ensure_future(good.process(s))]
         first, failed, other = await asyncio.gather(*calls, return_exceptions=True)
         assert isinstance(failed, ValueError) and "finite" in str(failed)
+        assert isinstance(first, np.ndarray) and isinstance(other, np.ndarray)
         ref = reference_probs(s)
         np.testing.assert_allclose(first, ref[:10], atol=TOL)
         np.testing.assert_allclose(other, ref, atol=TOL)  # the stream in the same ticks is untouched
