@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(serve)
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
+    serve.add_argument("--wyoming", metavar="URI",
+                       help="also serve the Wyoming protocol (Home Assistant), e.g. tcp://0.0.0.0:10300")
+    serve.add_argument("--no-http", action="store_true", help="no HTTP server (e.g. only --wyoming)")
 
     run = sub.add_parser("run", help="run the pipeline over audio files, faster than real time")
     _common(run)
@@ -53,12 +56,15 @@ def load_cli_settings(args: argparse.Namespace, defaults: dict[str, Any] | None 
     overrides |= {k: v for k, v in {
         "model": args.model, "backend": args.backend, "openai_url": args.openai_url,
         "max_new_tokens": args.max_new_tokens, "system_prompt": args.system_prompt,
+        "wyoming": getattr(args, "wyoming", None),
     }.items() if v is not None}
     settings = load_settings(args.config, **overrides)
     if getattr(args, "host", None) is not None:
         settings.server.host = args.host
     if getattr(args, "port", None) is not None:
         settings.server.port = args.port
+    if getattr(args, "no_http", False):
+        settings.server.http = False
     return settings
 
 

@@ -1,0 +1,1 @@
+"""Transports: the ways audio reaches a session (WebRTC, files, LiveKit, Wyoming)."""
