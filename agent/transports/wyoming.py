@@ -396,7 +396,7 @@ class WyomingConnection(AsyncEventHandler):
                                                   f"{self.options.max_chunk_bytes}: this transcription is dropped")
         stream = self._audio
         samples = stream.convert(AudioChunk.from_event(event))
-        if stream.seconds > self.options.max_audio_s:
+        if stream.seconds > self.options.max_audio_s + 1e-6:  # float sums of exact 30 s
             raise WyomingError("audio_too_long", f"more than {self.options.max_audio_s:g} s of audio in one "
                                                  "transcription: this transcription is dropped")
         session, _ = self._session()
