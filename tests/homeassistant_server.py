@@ -40,9 +40,11 @@ REQUIREMENTS = [f"homeassistant=={HA_VERSION}", "home-assistant-frontend==202403
                 "SQLAlchemy==2.0.27", "fnv-hash-fast==0.5.0", "psutil-home-assistant==0.0.1",
                 "securetar==2024.2.1", "janus==1.0.0"]
 # What the wyoming integration pulls in (wyoming → assist_pipeline → conversation, stt, tts →
-# ffmpeg, wake_word), pinned as HA 2024.3.3's manifests pin them: `install(extras=WYOMING)`.
+# ffmpeg, wake_word; its config flow imports the zeroconf component, so the library too — the
+# zeroconf integration itself is not loaded: nothing is multicast), pinned as HA 2024.3.3's
+# manifests pin them: `install(extras=WYOMING)`.
 WYOMING = ["wyoming==1.5.3", "webrtc-noise-gain==1.2.3", "hassil==1.6.1", "home-assistant-intents==2024.3.12",
-           "mutagen==1.47.0", "ha-ffmpeg==3.1.0"]
+           "mutagen==1.47.0", "ha-ffmpeg==3.1.0", "zeroconf==0.131.0"]
 # The set pip resolved for them on CPython 3.11 (Nov 2026), used as constraints: resolving from
 # scratch takes pip ~80 s more, and later releases break this old HA (josepy 2 breaks acme,
 # which hass_nabucasa imports on every HTTP request).
