@@ -64,11 +64,8 @@ def load_cli_settings(args: argparse.Namespace, defaults: dict[str, Any] | None 
 
 def main(argv: Sequence[str] | None = None, *, agent: Any = None) -> int:
     """The `voice-agent` command; `agent.Agent.cli()` calls it with itself (tools, prompt, hooks)."""
-    if agent is None:
-        from agent.app import Agent
-
-        agent = Agent()
-    system_prompt, defaults = agent.instructions, agent.defaults
+    system_prompt, defaults = (agent.instructions, agent.defaults) if agent is not None else (None, {})
+    runtime_options: dict[str, Any] = agent.runtime_options() if agent is not None else {}
     args = build_parser().parse_args(argv)
     if args.command == "schema":
         from agent.events import json_schema
@@ -92,14 +89,14 @@ def main(argv: Sequence[str] | None = None, *, agent: Any = None) -> int:
         from agent.transports.files import run_files
 
         return asyncio.run(run_files(settings, args.files, instruction=args.instruction, jsonl=args.jsonl,
-                                     runtime_options=agent.runtime_options()))
+                                     runtime_options=runtime_options))
     try:
         from agent.server.app import serve
     except ImportError:
         print("voice-agent: serve is not available yet (the HTTP/WebRTC server is not built); "
               "use `voice-agent run FILE`", file=sys.stderr)
         return 2
-    return asyncio.run(serve(settings, runtime_options=agent.runtime_options()))
+    return asyncio.run(serve(settings, runtime_options=runtime_options))
 
 
 if __name__ == "__main__":
