@@ -1,1 +1,1 @@
-"""Transports: the ways audio reaches a session (WebRTC, files, LiveKit, Wyoming)."""
+"""Transports: where audio comes from and events go to. One file (or package) each."""
