@@ -374,3 +374,13 @@ async def test_a_client_gone_mid_answer_cancels_it_cleanly(one: Speech) -> None:
         bus.close()
         await server.stop()
         await runtime.close()
+
+
+async def test_a_session_closed_from_elsewhere_closes_its_connection(scripted: WyomingServer) -> None:
+    async with AsyncClient.from_uri(scripted.uri, read_timeout=30) as client:
+        await client.write_event(AudioStart(rate=RATE, width=2, channels=1).event())
+        await until(lambda: bool(scripted.runtime.sessions), 10, "the connection's session")
+        (session_id,) = scripted.runtime.sessions
+        await scripted.runtime.send_command(session_id, ev.SessionClose())  # e.g. a command over MQTT
+        await client.write_event(AudioChunk(rate=RATE, width=2, channels=1, audio=b"\0" * 640).event())
+        assert await closed(client)

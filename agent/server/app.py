@@ -167,6 +167,7 @@ async def serve(settings: Settings, runtime_options: dict[str, Any] | None = Non
         print("voice-agent: nothing to serve: HTTP is off and no Wyoming URI is set", file=sys.stderr)
         await _quietly(runtime.close())
         return 2
+    ready: list[str] = []  # printed once the signal handlers are in place: a stop is then clean
     wyoming = None
     if settings.wyoming:
         from agent.transports.wyoming import WyomingServer
@@ -178,8 +179,7 @@ async def serve(settings: Settings, runtime_options: dict[str, Any] | None = Non
             print(f"voice-agent: cannot serve Wyoming on {settings.wyoming}: {exc}", file=sys.stderr)
             await _quietly(runtime.close())
             return 2
-        print(f"voice-agent: Wyoming on {wyoming.uri} (model {runtime.backend.model_name})",
-              file=sys.stderr, flush=True)
+        ready.append(f"voice-agent: Wyoming on {wyoming.uri} (model {runtime.backend.model_name})")
     runner = None
     if server.http:
         if not server.ice_servers and is_loopback(server.host):
@@ -198,12 +198,12 @@ async def serve(settings: Settings, runtime_options: dict[str, Any] | None = Non
             await _quietly(runtime.close())
             return 2
         port = runner.addresses[0][1] if runner.addresses else server.port
-        print(f"voice-agent: serving on http://{server.host}:{port}/ (model {runtime.backend.model_name})",
-              file=sys.stderr, flush=True)
+        ready.append(f"voice-agent: serving on http://{server.host}:{port}/ (model {runtime.backend.model_name})")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    print("\n".join(ready), file=sys.stderr, flush=True)
     try:
         await stop.wait()
     finally:

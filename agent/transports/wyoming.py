@@ -1,7 +1,10 @@
 """Wyoming transport: Home Assistant Assist pipelines and voice satellites talk to the agent.
 
 Built on PyPI's `wyoming` (its `AsyncServer` and `AsyncEventHandler`: the framing is the
-library's). One TCP connection is one session on the event bus.
+library's). One TCP connection is one session on the event bus. Audio is pushed as each chunk
+is read, and the next chunk is read only after that: TCP's flow control holds a client back
+instead of the drop policy of `transports.base.AudioIngress` (a transcript of audio with holes
+would be wrong). A session closed from another side closes its connection.
 
 - `describe` → `info`: an `asr` program (Qwen2-Audio, its languages) and a `handle` program.
 - `transcribe` + `audio-start`/`audio-chunk`/`audio-stop` → `transcript-start`,
@@ -342,6 +345,8 @@ class WyomingConnection(AsyncEventHandler):
     # ---- events --------------------------------------------------------------------------
     async def handle_event(self, event: Event) -> bool:
         self._seen = time.monotonic()
+        if self.session is not None and self.session.closed:
+            return False  # closed from another side (a plugin's command, shutdown): the connection goes too
         try:
             return await self._dispatch(event)
         except WyomingError as exc:
@@ -455,6 +460,8 @@ class WyomingConnection(AsyncEventHandler):
                 event = await asyncio.wait_for(events.get(), max(0.0, deadline - time.monotonic()))
             except TimeoutError:
                 raise WyomingError("timeout", f"no answer within {self.options.reply_timeout_s:g} s") from None
+            if isinstance(event, ev.SessionEnded):
+                raise WyomingError("session_closed", f"the session ended ({event.reason})")
             if getattr(event, "turn_id", None) != turn_id:
                 continue
             if isinstance(event, ev.ResponseDelta):
