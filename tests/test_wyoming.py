@@ -232,6 +232,19 @@ async def test_handle_answers_from_the_audio_just_transcribed_and_streams(script
     assert audio_seconds(answer) > 1.0
     assert [p["type"] for p in answer.messages[-1]["content"]] == ["audio"]
 
+    # As Home Assistant does it: speech to text on one connection, the transcript to handle on
+    # another (with the satellite's context), and the answer still comes from the audio.
+    backend.outputs = ["turn on the kitchen light", "Done."]
+    events = await transcribe(scripted.uri, pcm16(one.samples))
+    text = Transcript.from_event(events[-2]).text
+    async with AsyncClient.from_uri(scripted.uri, read_timeout=60) as client:
+        await client.write_event(Transcript(text.upper() + ".", context={"satellite_id": "hall"}).event())
+        events = await read_until(client, "handled-stop")
+    assert events[-2].data["text"] == "Done."
+    answer = backend.requests[-1]
+    assert [p["type"] for p in answer.messages[-1]["content"]] == ["audio"]
+    assert len([m for m in answer.messages if m["role"] == "user"]) == 2  # the hall's conversation goes on
+
 
 async def test_handle_runs_tools_and_keeps_the_conversation_per_satellite(scripted: WyomingServer) -> None:
     backend = backend_of(scripted)
@@ -384,3 +397,13 @@ async def test_a_session_closed_from_elsewhere_closes_its_connection(scripted: W
         await scripted.runtime.send_command(session_id, ev.SessionClose())  # e.g. a command over MQTT
         await client.write_event(AudioChunk(rate=RATE, width=2, channels=1, audio=b"\0" * 640).event())
         assert await closed(client)
+
+
+async def test_connections_over_the_limit_are_told_busy(scripted: WyomingServer) -> None:
+    scripted.runtime.settings.server.max_sessions = 1
+    async with AsyncClient.from_uri(scripted.uri, read_timeout=30) as first:
+        await still_answers(first)
+        async with AsyncClient.from_uri(scripted.uri, read_timeout=30) as second:
+            await expect_error(second, "busy")
+            assert await closed(second)
+        await still_answers(first)
