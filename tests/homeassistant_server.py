@@ -17,16 +17,17 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import fcntl
+import hashlib
 import json
 import socket
 import subprocess
 import sys
-import hashlib
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import aiohttp
 
@@ -217,7 +218,7 @@ class HomeAssistant:
         return answer
 
     # ---- lifecycle -------------------------------------------------------------------------
-    def start(self, timeout: float = 120.0) -> "HomeAssistant":
+    def start(self, timeout: float = 120.0) -> HomeAssistant:
         if self.venv is None:
             self.venv, _ = install()
         self.config_dir.mkdir(parents=True, exist_ok=True)
@@ -283,7 +284,7 @@ class HomeAssistant:
                 self.proc.wait()
         self.proc = None
 
-    def __enter__(self) -> "HomeAssistant":
+    def __enter__(self) -> HomeAssistant:
         return self
 
     def __exit__(self, *exc: object) -> None:
