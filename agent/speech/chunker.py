@@ -67,7 +67,7 @@ class TextChunker:
         return self._cut(final=True)
 
     def _filter(self, final: bool) -> None:
-        raw, out = self._raw, []
+        raw, out = self._raw, list[str]()
         while raw:
             if self._skip_until is not None:
                 end = raw.find(self._skip_until)
