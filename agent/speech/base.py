@@ -50,8 +50,8 @@ class TTSSettings(BaseModel):
 
     engine: str = "none"  # espeak | piper | openai | none | any installed `voice_agent.tts` entry point
     voice: str | None = None  # espeak voice name, Piper .onnx path, or the server's voice name
-    rate: float = Field(1.0, ge=0.25, le=4.0)  # speaking-speed multiplier, 1.0 = the engine's normal
-    timeout_s: float = Field(10.0, gt=0, le=300)  # longest wait for the engine's next chunk
+    rate: float = Field(default=1.0, ge=0.25, le=4.0)  # speaking-speed multiplier, 1.0 = the engine's normal
+    timeout_s: float = Field(default=10.0, gt=0, le=300)  # longest wait for the engine's next chunk
     options: dict[str, Any] = Field(default_factory=dict)  # engine-specific, validated by the engine
 
     @field_validator("engine")

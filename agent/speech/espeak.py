@@ -21,9 +21,9 @@ _voice_cache: dict[str, frozenset[str]] = {}
 
 class EspeakOptions(EngineOptions):
     binary: str = "espeak-ng"
-    pitch: int | None = Field(None, ge=0, le=99)
-    amplitude: int | None = Field(None, ge=0, le=200)
-    word_gap_ms: int | None = Field(None, ge=0, le=1000)
+    pitch: int | None = Field(default=None, ge=0, le=99)
+    amplitude: int | None = Field(default=None, ge=0, le=200)
+    word_gap_ms: int | None = Field(default=None, ge=0, le=1000)
 
 
 async def _run(*args: str, stdin: bytes = b"", limit_s: float = 10.0) -> tuple[int, bytes, bytes]:

@@ -23,7 +23,7 @@ class OpenAISpeechOptions(EngineOptions):
     model: str = "tts-1"
     api_key: str | None = None
     response_format: Literal["pcm", "wav"] = "pcm"
-    sample_rate: int = Field(24000, ge=8000, le=192000)  # of `pcm` bodies (a WAV says its own)
+    sample_rate: int = Field(default=24000, ge=8000, le=192000)  # of `pcm` bodies (a WAV says its own)
     check_voice: bool = True
     extra: dict[str, Any] = Field(default_factory=dict)  # server-specific request fields
 

@@ -24,11 +24,11 @@ from agent.speech.base import EngineOptions, SpeechEngine, TTSError
 
 class PiperOptions(EngineOptions):
     config: str | None = None  # the voice's JSON; default: VOICE.onnx.json
-    speaker_id: int | None = Field(None, ge=0)
-    noise_scale: float | None = Field(None, ge=0)
-    noise_w_scale: float | None = Field(None, ge=0)
-    volume: float = Field(1.0, gt=0, le=4)
-    threads: int = Field(1, ge=1, le=64)  # ONNX threads per voice; one keeps many sessions fair
+    speaker_id: int | None = Field(default=None, ge=0)
+    noise_scale: float | None = Field(default=None, ge=0)
+    noise_w_scale: float | None = Field(default=None, ge=0)
+    volume: float = Field(default=1.0, gt=0, le=4)
+    threads: int = Field(default=1, ge=1, le=64)  # ONNX threads per voice; one keeps many sessions fair
 
 
 def bundled_voice() -> Path | None:
