@@ -4,6 +4,7 @@ virtual clock, and the aiortc track (on a virtual clock, then over a real loopba
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -225,3 +226,36 @@ async def test_a_real_peer_hears_the_agent_track(monkeypatch: pytest.MonkeyPatch
     finally:
         await sender.close()
         await receiver.close()
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
+async def test_deltas_to_frames_and_a_barge_in_keeps_a_prefix_of_the_answer() -> None:
+    """The whole speech-out path as a session drives it: deltas → stage (espeak) → player → frames."""
+    from agent.speech.base import TTSSettings
+    from agent.speech.espeak import EspeakEngine
+    from agent.speech.playback import play_answer
+    from agent.speech.stage import SpeechStage
+
+    answer = ("The kitchen light is now on, and the heating is set to twenty degrees. "
+              "Tomorrow will be sunny, with a light wind from the west.")
+
+    async def model() -> Any:
+        for word in answer.split(" "):
+            yield word + " "
+            await asyncio.sleep(0)
+
+    started, on_started = recorder()
+    done, on_done = recorder()
+    player = Player(on_started=on_started, on_done=on_done)
+    async with EspeakEngine(TTSSettings(engine="espeak")) as engine:
+        await play_answer(player, SpeechStage(engine, model()), "turn-1")  # speech is made faster than real time
+        assert player.queued_s > 5  # the whole answer is queued, nothing played yet
+        for _ in range(150):  # 3 s of playback
+            player.next_frame()
+        report = player.flush()
+    assert started == ["turn-1"] and done == [report]
+    assert report is not None and report.interrupted
+    heard = report.spoken_text
+    assert heard and answer.startswith(heard) and len(heard) < len(answer)
+    assert heard.startswith("The kitchen light is now on,")  # the first clause takes well under 3 s
+    assert not player.next_frame().any()

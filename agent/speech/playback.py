@@ -19,7 +19,7 @@ import asyncio
 import re
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterable, Awaitable, Callable
 from dataclasses import dataclass
 
 import av
@@ -238,3 +238,17 @@ class Pacer:
         if due > now:
             await self.sleep(due - now)
         self._n += 1
+
+
+async def play_answer(player: Player, chunks: AsyncIterable[SpeechChunk], turn_id: str | None = None) -> None:
+    """Feed one answer's chunks (a `SpeechStage`) to the player as they are made.
+
+    The caller cancels this task at barge-in (after `player.flush()`); chunks that still
+    arrive for a flushed answer are ignored by the player.
+    """
+    player.begin(turn_id)
+    try:
+        async for chunk in chunks:
+            player.feed(chunk)
+    finally:
+        player.end()
