@@ -185,3 +185,10 @@ async def test_a_failing_delta_stream_ends_the_stage_with_its_error() -> None:
 
     with pytest.raises(ConnectionError):
         await run(SpeechStage(FakeEngine(), broken()))
+
+
+def test_an_engine_that_was_not_started_is_refused() -> None:
+    engine = FakeEngine()
+    engine.sample_rate = 0
+    with pytest.raises(ValueError, match="not started"):
+        SpeechStage(engine, from_list([]))

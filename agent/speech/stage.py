@@ -77,6 +77,8 @@ class SpeechStage:
     def __init__(self, engine: SpeechEngine, deltas: AsyncIterable[str], *, chunker: TextChunker | None = None,
                  timeout_s: float | None = None, on_error: Callable[[TTSError], None] | None = None,
                  max_failures: int = 3, clock: Callable[[], float] = time.perf_counter) -> None:
+        if engine.sample_rate <= 0:
+            raise ValueError(f"TTS engine {engine.name!r} is not started (await engine.start() first)")
         self.engine = engine
         self.chunker = chunker or TextChunker()
         self.timeout_s = timeout_s if timeout_s is not None else engine.settings.timeout_s
