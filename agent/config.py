@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from agent.speech.base import TTSSettings
 from agent.turns import TurnConfig
 
 
@@ -27,9 +28,12 @@ class TurnSettings(BaseModel):
     min_speech_s: float = Field(0.15, ge=0, le=5)
     min_silence_s: float = Field(0.5, ge=0.1, le=5)
     max_turn_s: float = Field(30.0, gt=1, le=30)
+    # Speech while the agent speaks interrupts it only once it lasted this long: a shorter
+    # backchannel ("mm-hm") neither stops the voice nor becomes a turn.
+    interrupt_min_speech_s: float = Field(0.3, ge=0, le=5)
 
     def to_turn_config(self) -> TurnConfig:
-        return TurnConfig(**self.model_dump())
+        return TurnConfig(**self.model_dump(exclude={"interrupt_min_speech_s"}))
 
 
 class ServerSettings(BaseModel):
@@ -65,6 +69,7 @@ class Settings(BaseSettings):
     turns: TurnSettings = Field(default_factory=TurnSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
     plugins: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    tts: TTSSettings = Field(default_factory=TTSSettings)  # speech out; engine `none` = text only
     wyoming: str | None = Field(None, pattern=r"^(tcp|unix)://")  # Wyoming server, e.g. tcp://0.0.0.0:10300
 
     _yaml: dict[str, Any] = {}
