@@ -20,6 +20,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--openai-url", help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (vLLM)")
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--system-prompt")
+    p.add_argument("--tts", metavar="ENGINE", help="speak answers: espeak | piper | openai | none (default none)")
+    p.add_argument("--tts-voice", help="the TTS engine's voice (espeak name, Piper .onnx path, server voice)")
     p.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -40,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("files", nargs="+", metavar="FILE")
     run.add_argument("--jsonl", action="store_true", help="one event JSON object per line")
     run.add_argument("--instruction", help="attach this instruction to every turn (audio analysis mode)")
+    run.add_argument("--speak-dir", metavar="DIR", help="with --tts: write each spoken answer as DIR/<turn_id>.wav")
 
     sub.add_parser("schema", help="print the JSON Schema of all events and commands")
 
@@ -58,6 +61,14 @@ def load_cli_settings(args: argparse.Namespace, defaults: dict[str, Any] | None 
         "max_new_tokens": args.max_new_tokens, "system_prompt": args.system_prompt,
         "wyoming": getattr(args, "wyoming", None),
     }.items() if v is not None}
+    tts = getattr(args, "tts", None)
+    voice = getattr(args, "tts_voice", None)
+    if tts is not None or voice is not None:
+        # Merged over the file's `tts:` section (the flag wins for the keys it names).
+        from agent.config import read_yaml_section
+
+        section = dict(read_yaml_section(args.config, "tts"))
+        overrides["tts"] = section | {k: v for k, v in {"engine": tts, "voice": voice}.items() if v is not None}
     settings = load_settings(args.config, **overrides)
     if getattr(args, "host", None) is not None:
         settings.server.host = args.host
@@ -94,8 +105,12 @@ def main(argv: Sequence[str] | None = None, *, agent: Any = None) -> int:
     if args.command == "run":
         from agent.transports.files import run_files
 
+        if args.speak_dir and settings.tts.engine == "none":
+            print("voice-agent: --speak-dir needs a TTS engine (--tts espeak, or tts.engine in the config)",
+                  file=sys.stderr)
+            return 2
         return asyncio.run(run_files(settings, args.files, instruction=args.instruction, jsonl=args.jsonl,
-                                     runtime_options=runtime_options))
+                                     runtime_options=runtime_options, speak_dir=args.speak_dir))
     try:
         from agent.server.app import serve
     except ImportError:

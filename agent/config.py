@@ -93,6 +93,18 @@ class _YamlSource(PydanticBaseSettingsSource):
         return dict(self._data)
 
 
+def read_yaml_section(path: str | Path | None, key: str) -> dict[str, Any]:
+    """One mapping section of the config file ({} when absent or unreadable: load_settings reports that)."""
+    if path is None:
+        return {}
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    section = data.get(key) if isinstance(data, dict) else None
+    return section if isinstance(section, dict) else {}
+
+
 def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     """Read and validate the configuration; raises ConfigError with every problem listed."""
     data: dict[str, Any] = {}
