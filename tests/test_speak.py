@@ -8,7 +8,8 @@ import fractions
 import json
 import time
 from collections import deque
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import av
 import numpy as np

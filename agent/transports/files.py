@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import sys
 import wave
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence, TextIO
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -75,7 +76,7 @@ async def run_files(settings: Settings, paths: Sequence[str], *, instruction: st
         return 2
     if speak_dir is not None:
         try:
-            Path(speak_dir).mkdir(parents=True, exist_ok=True)
+            await asyncio.to_thread(Path(speak_dir).mkdir, parents=True, exist_ok=True)
         except OSError as exc:
             print(f"voice-agent: --speak-dir: {exc}", file=sys.stderr)
             return 2
