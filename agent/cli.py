@@ -10,7 +10,7 @@ import logging
 import sys
 from typing import Any, Sequence
 
-BENCHMARKS = ("vad", "inference", "webrtc", "livekit")
+BENCHMARKS = ("vad", "inference", "webrtc", "livekit", "tts")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -20,6 +20,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--openai-url", help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (vLLM)")
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--system-prompt")
+    p.add_argument("--tts", metavar="ENGINE", help="speak answers: espeak | piper | openai | none (default none)")
+    p.add_argument("--tts-voice", help="the TTS engine's voice (espeak name, Piper .onnx path, server voice)")
     p.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -31,12 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
     _common(serve)
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
+    serve.add_argument("--wyoming", metavar="URI",
+                       help="also serve the Wyoming protocol (Home Assistant), e.g. tcp://0.0.0.0:10300")
+    serve.add_argument("--no-http", action="store_true", help="no HTTP server (e.g. only --wyoming)")
 
     run = sub.add_parser("run", help="run the pipeline over audio files, faster than real time")
     _common(run)
     run.add_argument("files", nargs="+", metavar="FILE")
     run.add_argument("--jsonl", action="store_true", help="one event JSON object per line")
     run.add_argument("--instruction", help="attach this instruction to every turn (audio analysis mode)")
+    run.add_argument("--speak-dir", metavar="DIR", help="with --tts: write each spoken answer as DIR/<turn_id>.wav")
 
     sub.add_parser("schema", help="print the JSON Schema of all events and commands")
 
@@ -53,18 +59,30 @@ def load_cli_settings(args: argparse.Namespace, defaults: dict[str, Any] | None 
     overrides |= {k: v for k, v in {
         "model": args.model, "backend": args.backend, "openai_url": args.openai_url,
         "max_new_tokens": args.max_new_tokens, "system_prompt": args.system_prompt,
+        "wyoming": getattr(args, "wyoming", None),
     }.items() if v is not None}
+    tts = getattr(args, "tts", None)
+    voice = getattr(args, "tts_voice", None)
+    if tts is not None or voice is not None:
+        # Merged over the file's `tts:` section (the flag wins for the keys it names).
+        from agent.config import read_yaml_section
+
+        section = dict(read_yaml_section(args.config, "tts"))
+        overrides["tts"] = section | {k: v for k, v in {"engine": tts, "voice": voice}.items() if v is not None}
     settings = load_settings(args.config, **overrides)
     if getattr(args, "host", None) is not None:
         settings.server.host = args.host
     if getattr(args, "port", None) is not None:
         settings.server.port = args.port
+    if getattr(args, "no_http", False):
+        settings.server.http = False
     return settings
 
 
-def main(argv: Sequence[str] | None = None, *, tools: Sequence[Any] = (), system_prompt: str | None = None,
-         defaults: dict[str, Any] | None = None) -> int:
-    """The `voice-agent` command; `agent.Agent.cli()` calls it with its own tools and prompt."""
+def main(argv: Sequence[str] | None = None, *, agent: Any = None) -> int:
+    """The `voice-agent` command; `agent.Agent.cli()` calls it with itself (tools, prompt, hooks)."""
+    system_prompt, defaults = (agent.instructions, agent.defaults) if agent is not None else (None, {})
+    runtime_options: dict[str, Any] = agent.runtime_options() if agent is not None else {}
     args = build_parser().parse_args(argv)
     if args.command == "schema":
         from agent.events import json_schema
@@ -85,17 +103,21 @@ def main(argv: Sequence[str] | None = None, *, tools: Sequence[Any] = (), system
         print(f"voice-agent: {exc}", file=sys.stderr)
         return 2
     if args.command == "run":
-        from agent.filerun import run_files
+        from agent.transports.files import run_files
 
+        if args.speak_dir and settings.tts.engine == "none":
+            print("voice-agent: --speak-dir needs a TTS engine (--tts espeak, or tts.engine in the config)",
+                  file=sys.stderr)
+            return 2
         return asyncio.run(run_files(settings, args.files, instruction=args.instruction, jsonl=args.jsonl,
-                                     runtime_options={"tools": list(tools)}))
+                                     runtime_options=runtime_options, speak_dir=args.speak_dir))
     try:
         from agent.server.app import serve
     except ImportError:
         print("voice-agent: serve is not available yet (the HTTP/WebRTC server is not built); "
               "use `voice-agent run FILE`", file=sys.stderr)
         return 2
-    return asyncio.run(serve(settings, runtime_options={"tools": list(tools)}))
+    return asyncio.run(serve(settings, runtime_options=runtime_options))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from agent.speech.base import TTSSettings
 from agent.turns import TurnConfig
 
 
@@ -27,9 +28,12 @@ class TurnSettings(BaseModel):
     min_speech_s: float = Field(0.15, ge=0, le=5)
     min_silence_s: float = Field(0.5, ge=0.1, le=5)
     max_turn_s: float = Field(30.0, gt=1, le=30)
+    # Speech while the agent speaks interrupts it only once it lasted this long: a shorter
+    # backchannel ("mm-hm") neither stops the voice nor becomes a turn.
+    interrupt_min_speech_s: float = Field(0.3, ge=0, le=5)
 
     def to_turn_config(self) -> TurnConfig:
-        return TurnConfig(**self.model_dump())
+        return TurnConfig(**self.model_dump(exclude={"interrupt_min_speech_s"}))
 
 
 class ServerSettings(BaseModel):
@@ -42,6 +46,7 @@ class ServerSettings(BaseModel):
     idle_timeout_s: float = Field(3600.0, gt=0)  # session with no activity at all
     no_audio_timeout_s: float = Field(30.0, gt=0)  # connected but no audio frames
     ice_servers: list[str] = Field(default_factory=list)  # none by default: nothing leaves the host
+    http: bool = True  # False: `serve` runs only the Wyoming server
 
 
 class Settings(BaseSettings):
@@ -64,6 +69,8 @@ class Settings(BaseSettings):
     turns: TurnSettings = Field(default_factory=TurnSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
     plugins: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    tts: TTSSettings = Field(default_factory=TTSSettings)  # speech out; engine `none` = text only
+    wyoming: str | None = Field(None, pattern=r"^(tcp|unix)://")  # Wyoming server, e.g. tcp://0.0.0.0:10300
 
     _yaml: dict[str, Any] = {}
 
@@ -84,6 +91,18 @@ class _YamlSource(PydanticBaseSettingsSource):
 
     def __call__(self) -> dict[str, Any]:
         return dict(self._data)
+
+
+def read_yaml_section(path: str | Path | None, key: str) -> dict[str, Any]:
+    """One mapping section of the config file ({} when absent or unreadable: load_settings reports that)."""
+    if path is None:
+        return {}
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    section = data.get(key) if isinstance(data, dict) else None
+    return section if isinstance(section, dict) else {}
 
 
 def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:

@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from agent.config import ServerSettings
-from agent.server.webrtc import TASK_PREFIX, CapacityError, OfferError, Peer, PeerManager
+from agent.transports.webrtc import TASK_PREFIX, CapacityError, OfferError, Peer, PeerManager
 
 MANAGER: web.AppKey[PeerManager] = web.AppKey("peers", PeerManager)
 SETTINGS: web.AppKey[ServerSettings] = web.AppKey("server_settings", ServerSettings)
@@ -37,9 +37,10 @@ async def read_body(request: web.Request, *content_types: str) -> bytes | web.Re
     return body
 
 
-async def _answer(request: web.Request, sdp: str, sdp_type: str = "offer") -> tuple[Peer, str] | web.Response:
+async def _answer(request: web.Request, sdp: str, sdp_type: str = "offer",
+                  speak: bool = True) -> tuple[Peer, str] | web.Response:
     try:
-        return await request.app[MANAGER].create(sdp, sdp_type)
+        return await request.app[MANAGER].create(sdp, sdp_type, speak=speak)
     except CapacityError as exc:
         return error(503, str(exc), **{"Retry-After": "5"})
     except OfferError as exc:
@@ -76,7 +77,7 @@ async def whip_post(request: web.Request) -> web.Response:
         sdp = body.decode("utf-8")
     except UnicodeDecodeError:
         return error(400, "SDP offer is not UTF-8 text")
-    result = await _answer(request, sdp)
+    result = await _answer(request, sdp, speak=False)  # WHIP is ingest-only
     if isinstance(result, web.Response):
         return result
     peer, answer = result
@@ -108,10 +109,11 @@ async def session_events(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(heartbeat=30.0)
     await ws.prepare(request)
     request.app[WEBSOCKETS].add(ws)
-    sub = peer.session.runtime.bus.subscribe(peer.id)
+    sub = request.app[MANAGER].runtime.bus.subscribe(peer.id)
 
     async def pump() -> None:
-        await ws.send_str(peer.started_event.model_dump_json())
+        if peer.started_event is not None:
+            await ws.send_str(peer.started_event.model_dump_json())
         if peer.closed:  # ended while we subscribed: its session.ended is gone
             await ws.close()
             return
