@@ -444,6 +444,7 @@ class VADService:
             finite = np.isfinite(x).all(axis=1)
             tick.bad = set(rows[~finite].tolist())
             self.failed_chunks += len(tick.bad)
+            log.warning("VAD refused %d chunk(s) with NaN or infinity; their calls fail", len(tick.bad))
             rows, slots, x = rows[finite], slots[finite], x[finite]
         probs = np.zeros(len(tick.streams), np.float32)
         tick.probs = probs
