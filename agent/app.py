@@ -16,7 +16,8 @@ instructions and tools; `run_files` / `runtime` are there for programs and tests
 from __future__ import annotations
 
 import sys
-from typing import Any, Sequence, TextIO
+from collections.abc import Sequence
+from typing import Any, TextIO
 
 from agent.config import Settings, load_settings
 
@@ -33,10 +34,13 @@ class Agent:
     def settings(self, **overrides: Any) -> Settings:
         return load_settings(self.config, **{"system_prompt": self.instructions, **self.defaults, **overrides})
 
-    def cli(self, argv: Sequence[str] | None = None) -> int:
+    def cli(self, argv: Sequence[str] | None = None, *, description: str | None = None) -> int:
+        """`python my_agent.py serve | run FILE…`; `--help` shows `description` (e.g. the
+        program's `__doc__`) and this agent's tools."""
         from agent.cli import main
 
-        return main(argv, tools=self.tools, system_prompt=self.instructions, defaults=self.defaults)
+        return main(argv, tools=self.tools, system_prompt=self.instructions, defaults=self.defaults,
+                    description=description, prog=None)
 
     async def run_files(self, paths: Sequence[str], *, instruction: str | None = None, jsonl: bool = False,
                         out: TextIO = sys.stdout, **runtime_options: Any) -> int:

@@ -29,4 +29,4 @@ agent = Agent(instructions="You are a friendly home assistant. Use the tools to 
               tools=[set_light, current_time])
 
 if __name__ == "__main__":
-    raise SystemExit(agent.cli())
+    raise SystemExit(agent.cli(description=__doc__))
