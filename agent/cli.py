@@ -110,13 +110,17 @@ def load_cli_settings(args: argparse.Namespace, defaults: dict[str, Any] | None 
     return settings
 
 
-def main(argv: Sequence[str] | None = None, *, tools: Sequence[Any] = (), system_prompt: str | None = None,
-         defaults: dict[str, Any] | None = None, description: str | None = None,
-         prog: str | None = "voice-agent") -> int:
-    """The `voice-agent` command; `agent.Agent.cli()` calls it with its own tools, prompt and
-    description (`prog=None`: the program's own file name)."""
-    defaults = {"system_prompt": system_prompt, **(defaults or {})}
-    parser = build_parser(description=description, prog=prog, tools=tools, defaults=defaults)
+def main(argv: Sequence[str] | None = None, *, agent: Any = None) -> int:
+    """The `voice-agent` command; `agent.Agent.cli()` calls it with itself (tools, prompt,
+    hooks, description), and `--help` then names the program and shows its tools."""
+    system_prompt, defaults = (agent.instructions, agent.defaults) if agent is not None else (None, {})
+    runtime_options: dict[str, Any] = agent.runtime_options() if agent is not None else {}
+    defaults = {"system_prompt": system_prompt, **defaults}
+    if agent is not None:
+        description = agent.description or type(agent).__doc__
+        parser = build_parser(description=description, prog=None, tools=agent.tools, defaults=defaults)
+    else:
+        parser = build_parser(defaults=defaults)
     args = parser.parse_args(argv)
     if args.command == "schema":
         from agent.events import json_schema
@@ -141,13 +145,13 @@ def main(argv: Sequence[str] | None = None, *, tools: Sequence[Any] = (), system
         print(f"{parser.prog}: {exc}", file=sys.stderr)
         return 2
     if args.command == "run":
-        from agent.filerun import run_files
+        from agent.transports.files import run_files
 
         return asyncio.run(run_files(settings, args.files, instruction=args.instruction, jsonl=args.jsonl,
-                                     runtime_options={"tools": list(tools)}))
+                                     runtime_options=runtime_options))
     from agent.server.app import serve
 
-    return asyncio.run(serve(settings, runtime_options={"tools": list(tools)}))
+    return asyncio.run(serve(settings, runtime_options=runtime_options))
 
 
 if __name__ == "__main__":

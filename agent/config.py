@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from agent.errors import describe, did_you_mean, yaml_problem
+from agent.errors import describe_validation_error, did_you_mean, yaml_problem
 from agent.turns import TurnConfig
 
 ENV_PREFIX = "VOICE_AGENT_"
@@ -183,7 +183,7 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         settings = Settings(**overrides)
         settings.turns.to_turn_config()
     except ValidationError as exc:
-        raise ConfigError(f"invalid configuration: {describe(exc, '', model=Settings)}") from None
+        raise ConfigError(f"invalid configuration: {describe_validation_error(exc, '', model=Settings)}") from None
     except ValueError as exc:
         raise ConfigError(f"invalid configuration: {exc}") from None
     finally:

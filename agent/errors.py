@@ -1,8 +1,5 @@
-"""One way to turn a pydantic ValidationError into a one-line reason for a person.
-
-Used for configuration files, client commands and tool arguments alike, so every bad input
-reads the same: `where.it.is: what is wrong; next.problem: …`.
-"""
+"""One way to say what is wrong with validated input (config, commands, plugin configs,
+tool arguments, script files): `where.it.is: what is wrong; next.problem: …`."""
 
 from __future__ import annotations
 
@@ -15,7 +12,8 @@ from pydantic import BaseModel, ValidationError
 _VALUE_ERROR = "Value error, "
 
 
-def describe(exc: ValidationError, root: str = "input", model: type[BaseModel] | None = None) -> str:
+def describe_validation_error(exc: ValidationError, root: str = "(input)",
+                              model: type[BaseModel] | None = None) -> str:
     """`loc: msg` for every problem, joined by `; `. `root` names a problem of the whole
     input (an empty location), e.g. "message" or "arguments" ("": no prefix). With `model`, a misspelled
     key says which known key it is close to."""

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from agent.errors import describe, yaml_problem
+from agent.errors import describe_validation_error, yaml_problem
 from agent.inference.base import GenerationRequest, GenerationStats
 from agent.model.qwen2_audio import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
@@ -101,7 +101,7 @@ def load_script(path: str | Path) -> Script:
     try:
         return Script.model_validate(data)
     except ValidationError as exc:
-        raise ValueError(f"script {path}: {describe(exc, 'script', model=Script)}") from None
+        raise ValueError(f"script {path}: {describe_validation_error(exc, 'script', model=Script)}") from None
 
 
 @dataclass
