@@ -42,12 +42,12 @@ Float = Annotated[float, BeforeValidator(_not_bool)]
 class TurnSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    threshold: Float = Field(0.5, gt=0, lt=1)
-    neg_threshold: Float = Field(0.35, gt=0, lt=1)
-    pre_roll_s: Float = Field(0.25, ge=0, le=2)
-    min_speech_s: Float = Field(0.15, ge=0, le=5)
-    min_silence_s: Float = Field(0.5, ge=0.1, le=5)
-    max_turn_s: Float = Field(30.0, gt=1, le=30)
+    threshold: Float = Field(default=0.5, gt=0, lt=1)
+    neg_threshold: Float = Field(default=0.35, gt=0, lt=1)
+    pre_roll_s: Float = Field(default=0.25, ge=0, le=2)
+    min_speech_s: Float = Field(default=0.15, ge=0, le=5)
+    min_silence_s: Float = Field(default=0.5, ge=0.1, le=5)
+    max_turn_s: Float = Field(default=30.0, gt=1, le=30)
 
     def to_turn_config(self) -> TurnConfig:
         return TurnConfig(**self.model_dump())
@@ -57,13 +57,13 @@ class ServerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     host: str = "127.0.0.1"
-    port: Int = Field(8080, ge=0, le=65535)
+    port: Int = Field(default=8080, ge=0, le=65535)
     token: str | None = None  # bearer token for every endpoint but /healthz
     cors_origins: list[str] = Field(default_factory=list)
-    max_sessions: Int = Field(32, ge=1)
-    max_body_bytes: Int = Field(64 * 1024, ge=1024)
-    idle_timeout_s: Float = Field(3600.0, gt=0)  # session with no activity at all
-    no_audio_timeout_s: Float = Field(30.0, gt=0)  # connected but no audio frames
+    max_sessions: Int = Field(default=32, ge=1)
+    max_body_bytes: Int = Field(default=64 * 1024, ge=1024)
+    idle_timeout_s: Float = Field(default=3600.0, gt=0)  # session with no activity at all
+    no_audio_timeout_s: Float = Field(default=30.0, gt=0)  # connected but no audio frames
     ice_servers: list[str] = Field(default_factory=list)  # none by default: nothing leaves the host
 
 
@@ -76,14 +76,14 @@ class Settings(BaseSettings):
     openai_url: str = "http://127.0.0.1:8000/v1"
     openai_model: str = "Qwen/Qwen2-Audio-7B-Instruct"
     openai_api_key: str | None = None
-    workers: Int | None = Field(None, ge=1)
-    max_batch: Int = Field(16, ge=1, le=256)
-    max_queue: Int = Field(64, ge=1)
+    workers: Int | None = Field(default=None, ge=1)
+    max_batch: Int = Field(default=16, ge=1, le=256)
+    max_queue: Int = Field(default=64, ge=1)
     system_prompt: str | None = None
-    max_new_tokens: Int = Field(256, ge=1, le=4096)
-    context_tokens: Int = Field(6000, ge=512)
-    max_tool_rounds: Int = Field(3, ge=0, le=10)
-    tool_timeout_s: Float = Field(10.0, gt=0)
+    max_new_tokens: Int = Field(default=256, ge=1, le=4096)
+    context_tokens: Int = Field(default=6000, ge=512)
+    max_tool_rounds: Int = Field(default=3, ge=0, le=10)
+    tool_timeout_s: Float = Field(default=10.0, gt=0)
     agent_id: str = "agent"
     turns: TurnSettings = Field(default_factory=TurnSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)

@@ -13,13 +13,13 @@ _VALUE_ERROR = "Value error, "
 
 
 def describe_validation_error(exc: ValidationError, root: str = "(input)",
-                              model: type[BaseModel] | None = None) -> str:
+                              model: type[BaseModel] | None = None, prefix: str = "") -> str:
     """`loc: msg` for every problem, joined by `; `. `root` names a problem of the whole
     input (an empty location), e.g. "message" or "arguments" ("": no prefix). With `model`, a misspelled
-    key says which known key it is close to."""
+    key says which known key it is close to; `prefix` places the input in a larger document."""
     problems = []
     for error in exc.errors(include_url=False):
-        where = ".".join(str(part) for part in error["loc"]) or root
+        where = prefix + ".".join(str(part) for part in error["loc"]) or root
         if error["type"] == "extra_forbidden":
             message = "unknown key" + did_you_mean(str(error["loc"][-1]), _known_keys(model, error["loc"][:-1]))
         else:

@@ -7,7 +7,7 @@ The same JSON goes over the WebRTC data channel, the WebSocket, MQTT, webhooks a
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -103,20 +103,7 @@ class Error(_Event):
 
 
 Event = Annotated[
-    Union[
-        SessionStarted,
-        SessionEnded,
-        SpeechStarted,
-        SpeechStopped,
-        TurnCommitted,
-        ResponseStarted,
-        ResponseDelta,
-        ResponseDone,
-        ResponseCancelled,
-        ToolCall,
-        ToolResult,
-        Error,
-    ],
+    SessionStarted | SessionEnded | SpeechStarted | SpeechStopped | TurnCommitted | ResponseStarted | ResponseDelta | ResponseDone | ResponseCancelled | ToolCall | ToolResult | Error,
     Field(discriminator="type"),
 ]
 
@@ -150,7 +137,7 @@ class SessionClose(_Command):
 
 
 Command = Annotated[
-    Union[InstructionSet, ResponseCancel, SessionUpdate, SessionClose],
+    InstructionSet | ResponseCancel | SessionUpdate | SessionClose,
     Field(discriminator="type"),
 ]
 

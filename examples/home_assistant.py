@@ -23,6 +23,7 @@ def home_assistant_agent(url: str, token: str, domains: tuple[str, ...] = ("ligh
         instructions="You are the voice of this house. Use the Home Assistant tools to act, "
                      "then say in one short sentence what you did.",
         plugins={"homeassistant": {"url": url, "token": token, "allow_domains": list(domains)}},
+        description=__doc__,
     )
 
 
@@ -33,4 +34,4 @@ if __name__ == "__main__":
               file=sys.stderr)
         sys.exit(2)
     agent = home_assistant_agent(os.environ.get("HA_URL", "http://homeassistant.local:8123"), token)
-    sys.exit(agent.cli(description=__doc__))
+    sys.exit(agent.cli())

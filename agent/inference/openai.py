@@ -25,7 +25,7 @@ import json
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
@@ -197,7 +197,7 @@ async def _check_status(url: str, response: aiohttp.ClientResponse) -> None:
     raise InferenceError(code, f"{url}: HTTP {response.status}: {await _reason(response)}")
 
 
-async def _sse_deltas(url: str, response: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+async def _sse_deltas(url: str, response: aiohttp.ClientResponse) -> AsyncGenerator[tuple[str, dict[str, Any]]]:
     """(text, {}) per content delta and ("", usage) for a usage chunk, until [DONE]."""
     finished = False
     async for raw in response.content:

@@ -60,28 +60,32 @@ class _ToolCallOutput(BaseModel):
     model_config = ConfigDict(extra="forbid")
     tool_call: _ToolCall
 
-    def render(self) -> str:
-        body = json.dumps(self.tool_call.model_dump(), ensure_ascii=False)
-        return f"{TOOL_CALL_OPEN}\n{body}\n{TOOL_CALL_CLOSE}"
-
-
-Output = str | _ToolCallOutput
-
 
 class Script(BaseModel):
-    """A script file's content; `turns[i]` holds the outputs of turn i, one per round."""
+    """A script file's settings; `turns` are checked by `rounds()`, one entry per turn."""
 
     model_config = ConfigDict(extra="forbid")
-    turns: list[Output | list[Output]] = Field(min_length=1)
+    turns: list[Any] = Field(min_length=1)
     default: str = "That is all I was scripted to say."
-    chunk: int = Field(3, ge=1, strict=True)  # characters per streamed delta
-    delay_s: float = Field(0.02, ge=0, le=5)  # between deltas, so the answer visibly streams
+    chunk: int = Field(default=3, ge=1, strict=True)  # characters per streamed delta
+    delay_s: float = Field(default=0.02, ge=0, le=5)  # between deltas, so the answer visibly streams
 
     def rounds(self) -> list[list[str]]:
-        def text(output: Output) -> str:
-            return output if isinstance(output, str) else output.render()
+        """The outputs of each turn, one per round; raises ValueError saying which is wrong."""
+        return [[_output(o, f"turns.{i}.{j}") for j, o in enumerate(entry)] if isinstance(entry, list)
+                else [_output(entry, f"turns.{i}")] for i, entry in enumerate(self.turns)]
 
-        return [[text(o) for o in entry] if isinstance(entry, list) else [text(entry)] for entry in self.turns]
+
+def _output(value: Any, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: expected text or {{tool_call: {{name: …, arguments: {{…}}}}}}")
+    try:
+        call = _ToolCallOutput.model_validate(value).tool_call
+    except ValidationError as exc:
+        raise ValueError(describe_validation_error(exc, model=_ToolCallOutput, prefix=f"{where}.")) from None
+    return f"{TOOL_CALL_OPEN}\n{json.dumps(call.model_dump(), ensure_ascii=False)}\n{TOOL_CALL_CLOSE}"
 
 
 def load_script(path: str | Path) -> Script:
@@ -99,9 +103,13 @@ def load_script(path: str | Path) -> Script:
     if not isinstance(data, dict):
         raise ValueError(f"script {path}: expected a list of turns or a mapping with `turns:`")
     try:
-        return Script.model_validate(data)
+        script = Script.model_validate(data)
+        script.rounds()
     except ValidationError as exc:
         raise ValueError(f"script {path}: {describe_validation_error(exc, 'script', model=Script)}") from None
+    except ValueError as exc:
+        raise ValueError(f"script {path}: {exc}") from None
+    return script
 
 
 @dataclass

@@ -153,7 +153,8 @@ def create_app(runtime: AgentRuntime, settings: Settings | ServerSettings) -> we
 
     async def on_shutdown(app: web.Application) -> None:
         await manager.close_all("shutdown")
-        for ws in list(app[WEBSOCKETS]):
+        sockets: set[web.WebSocketResponse] = app[WEBSOCKETS]
+        for ws in list(sockets):
             await ws.close()
 
     app.on_shutdown.append(on_shutdown)

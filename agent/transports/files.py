@@ -138,7 +138,8 @@ async def run_files(settings: Settings, paths: Sequence[str], *, instruction: st
             feeds.append(_feed(session, samples))
         feeding = asyncio.gather(*feeds)
         # The printer ends first only when its reader is gone: then stop feeding at once.
-        await asyncio.wait([feeding, printing], return_when=asyncio.FIRST_COMPLETED)
+        both: list[asyncio.Future[Any]] = [feeding, printing]
+        await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
         if printer.broken_pipe:
             feeding.cancel()
             await asyncio.gather(feeding, return_exceptions=True)
