@@ -99,3 +99,28 @@ async def test_a_file_run_shows_the_tool_call_with_no_model(speech_two) -> None:
     assert result.ok and result.result == "the kitchen light is on"
     done = [e.text for e in events if isinstance(e, ev.ResponseDone)]
     assert done[0] == "The kitchen light is on."  # speech_two has two turns: the second is the script's second
+
+
+async def test_the_readme_home_assistant_flow_with_no_gpu(make_speech_fixture) -> None:
+    """`python examples/home_assistant.py run --backend scripted --script …` against a (fake) Home
+    Assistant: the spoken command's scripted tool call really switches the light."""
+    import asyncio
+    import os
+    import sys
+
+    from tests.fake_homeassistant import TOKEN, running_fake_ha
+
+    speech = make_speech_fixture([0.8, "turn on the kitchen light", 1.0], "ha-one")
+    root = EXAMPLES.parent.parent
+    async with running_fake_ha() as (fake, url):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(root / "examples" / "home_assistant.py"), "run", "--backend", "scripted",
+            "--script", str(EXAMPLES / "home_assistant.yaml"), str(speech.path),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(root), "HA_URL": url, "HA_TOKEN": TOKEN})
+        out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, err.decode()
+    assert fake.calls == [("light", "turn_on", {"entity_id": "light.kitchen"})]
+    text = out.decode()
+    assert "warning: scripted backend" in text and "tool call: HassTurnOn({'entity_id': 'light.kitchen'})" in text
+    assert "tool result: light.turn_on done for light.kitchen" in text and "The kitchen light is on." in text
