@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-BENCHMARKS = ("vad", "inference", "webrtc", "livekit")
+BENCHMARKS = ("vad", "inference", "webrtc", "livekit", "tts")
 DESCRIPTION = "Qwen2-Audio voice agent: audio in, text answers and tool calls out."
 
 
@@ -60,6 +60,10 @@ def build_parser(*, description: str | None = None, prog: str | None = "voice-ag
     server = defaults.get("server") or {}
     serve.add_argument("--host", help=f"address to listen on (default: {server.get('host', '127.0.0.1')})")
     serve.add_argument("--port", type=int, help=f"port to listen on, 0: any free one (default: {server.get('port', 8080)})")
+    serve.add_argument("--wyoming", metavar="URI", help="also serve the Wyoming protocol (Home Assistant), "
+                       f"e.g. tcp://0.0.0.0:10300 (default: {_default(defaults, 'wyoming')})")
+    serve.add_argument("--no-http", action="store_true",
+                       help="no HTTP server, e.g. only --wyoming (default: HTTP on)")
 
     run = sub.add_parser("run", help="run the pipeline over audio files, faster than real time",
                          description="Each file is one session, fed faster than real time; the transcript "
@@ -101,12 +105,15 @@ def load_cli_settings(args: argparse.Namespace, defaults: dict[str, Any] | None 
     overrides |= {k: v for k, v in {
         "model": args.model, "backend": args.backend, "script": args.script, "openai_url": args.openai_url,
         "max_new_tokens": args.max_new_tokens, "system_prompt": args.system_prompt,
+        "wyoming": getattr(args, "wyoming", None),
     }.items() if v is not None}
     settings = load_settings(args.config, **overrides)
     if getattr(args, "host", None) is not None:
         settings.server.host = args.host
     if getattr(args, "port", None) is not None:
         settings.server.port = args.port
+    if getattr(args, "no_http", False):
+        settings.server.http = False
     return settings
 
 

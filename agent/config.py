@@ -65,6 +65,7 @@ class ServerSettings(BaseModel):
     idle_timeout_s: Float = Field(default=3600.0, gt=0)  # session with no activity at all
     no_audio_timeout_s: Float = Field(default=30.0, gt=0)  # connected but no audio frames
     ice_servers: list[str] = Field(default_factory=list)  # none by default: nothing leaves the host
+    http: bool = True  # False: `serve` runs only the Wyoming server
 
 
 class Settings(BaseSettings):
@@ -88,6 +89,7 @@ class Settings(BaseSettings):
     turns: TurnSettings = Field(default_factory=TurnSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
     plugins: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    wyoming: str | None = Field(default=None, pattern=r"^(tcp|unix)://")  # Wyoming server, e.g. tcp://0.0.0.0:10300
 
     _yaml: dict[str, Any] = {}
 
