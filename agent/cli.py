@@ -42,6 +42,10 @@ def _common(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
                    help=f"longest answer, in tokens (default: {d('max_new_tokens')})")
     prompt = "the agent's instructions" if defaults.get("system_prompt") else "the model's own"
     p.add_argument("--system-prompt", metavar="TEXT", help=f"the system prompt (default: {prompt})")
+    p.add_argument("--tts", metavar="ENGINE", help="speak answers: espeak | piper | openai | none "
+                   f"(default: {(defaults.get('tts') or {}).get('engine', 'none')})")
+    p.add_argument("--tts-voice", metavar="VOICE", help="the TTS engine's voice: espeak name, Piper .onnx path, "
+                   "server voice (default: the engine's own)")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="log progress at INFO, with model loading progress bars (default: warnings only)")
 
@@ -75,6 +79,8 @@ def build_parser(*, description: str | None = None, prog: str | None = "voice-ag
                      help="print every event as one JSON object per line (default: a readable transcript)")
     run.add_argument("--instruction", metavar="TEXT", help="attach this instruction to every turn: audio "
                      "analysis instead of voice chat (default: none)")
+    run.add_argument("--speak-dir", metavar="DIR", help="with --tts: write each spoken answer as DIR/<turn_id>.wav "
+                     "(default: none)")
 
     sub.add_parser("schema", help="print the JSON Schema of all events and commands",
                    description="Print the JSON Schema of all events and commands.")
@@ -107,6 +113,14 @@ def load_cli_settings(args: argparse.Namespace, defaults: dict[str, Any] | None 
         "max_new_tokens": args.max_new_tokens, "system_prompt": args.system_prompt,
         "wyoming": getattr(args, "wyoming", None),
     }.items() if v is not None}
+    tts = getattr(args, "tts", None)
+    voice = getattr(args, "tts_voice", None)
+    if tts is not None or voice is not None:
+        # Merged over the file's `tts:` section (the flag wins for the keys it names).
+        from agent.config import read_yaml_section
+
+        section = dict(read_yaml_section(args.config, "tts"))
+        overrides["tts"] = section | {k: v for k, v in {"engine": tts, "voice": voice}.items() if v is not None}
     settings = load_settings(args.config, **overrides)
     if getattr(args, "host", None) is not None:
         settings.server.host = args.host
@@ -154,8 +168,12 @@ def main(argv: Sequence[str] | None = None, *, agent: Any = None) -> int:
     if args.command == "run":
         from agent.transports.files import run_files
 
+        if args.speak_dir and settings.tts.engine == "none":
+            print("voice-agent: --speak-dir needs a TTS engine (--tts espeak, or tts.engine in the config)",
+                  file=sys.stderr)
+            return 2
         return asyncio.run(run_files(settings, args.files, instruction=args.instruction, jsonl=args.jsonl,
-                                     runtime_options=runtime_options))
+                                     runtime_options=runtime_options, speak_dir=args.speak_dir))
     from agent.server.app import serve
 
     return asyncio.run(serve(settings, runtime_options=runtime_options))

@@ -17,6 +17,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from agent.errors import describe_validation_error, did_you_mean, yaml_problem
+from agent.speech.base import TTSSettings
 from agent.turns import TurnConfig
 
 ENV_PREFIX = "VOICE_AGENT_"
@@ -48,9 +49,12 @@ class TurnSettings(BaseModel):
     min_speech_s: Float = Field(default=0.15, ge=0, le=5)
     min_silence_s: Float = Field(default=0.5, ge=0.1, le=5)
     max_turn_s: Float = Field(default=30.0, gt=1, le=30)
+    # Speech while the agent speaks interrupts it only once it lasted this long: a shorter
+    # backchannel ("mm-hm") neither stops the voice nor becomes a turn.
+    interrupt_min_speech_s: Float = Field(default=0.3, ge=0, le=5)
 
     def to_turn_config(self) -> TurnConfig:
-        return TurnConfig(**self.model_dump())
+        return TurnConfig(**self.model_dump(exclude={"interrupt_min_speech_s"}))
 
 
 class ServerSettings(BaseModel):
@@ -89,6 +93,7 @@ class Settings(BaseSettings):
     turns: TurnSettings = Field(default_factory=TurnSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
     plugins: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    tts: TTSSettings = Field(default_factory=TTSSettings)  # speech out; engine `none` = text only
     wyoming: str | None = Field(default=None, pattern=r"^(tcp|unix)://")  # Wyoming server, e.g. tcp://0.0.0.0:10300
 
     _yaml: dict[str, Any] = {}
@@ -173,6 +178,18 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     return data
+
+
+def read_yaml_section(path: str | Path | None, key: str) -> dict[str, Any]:
+    """One mapping section of the config file ({} when absent or unreadable: load_settings reports that)."""
+    if path is None:
+        return {}
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    section = data.get(key) if isinstance(data, dict) else None
+    return section if isinstance(section, dict) else {}
 
 
 def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:

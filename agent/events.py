@@ -77,6 +77,25 @@ class ResponseCancelled(_Event):
     type: Literal["response.cancelled"] = "response.cancelled"
     turn_id: str
     reason: str
+    spoken_text: str | None = None  # with speech out: what the user heard before the cut
+
+
+class ResponseAudioStarted(_Event):
+    """The answer's first audio frame went out."""
+
+    type: Literal["response.audio.started"] = "response.audio.started"
+    turn_id: str
+
+
+class ResponseAudioDone(_Event):
+    """The answer's audio played out, or was cut (`interrupted`): `spoken_text` was heard."""
+
+    type: Literal["response.audio.done"] = "response.audio.done"
+    turn_id: str
+    duration_s: float  # audio played
+    spoken_text: str
+    interrupted: bool = False
+    timings: dict[str, float] = Field(default_factory=dict)  # tts_first_audio_s (after the first delta), tts_rtf
 
 
 class ToolCall(_Event):
@@ -103,7 +122,20 @@ class Error(_Event):
 
 
 Event = Annotated[
-    SessionStarted | SessionEnded | SpeechStarted | SpeechStopped | TurnCommitted | ResponseStarted | ResponseDelta | ResponseDone | ResponseCancelled | ToolCall | ToolResult | Error,
+    SessionStarted
+    | SessionEnded
+    | SpeechStarted
+    | SpeechStopped
+    | TurnCommitted
+    | ResponseStarted
+    | ResponseDelta
+    | ResponseDone
+    | ResponseCancelled
+    | ResponseAudioStarted
+    | ResponseAudioDone
+    | ToolCall
+    | ToolResult
+    | Error,
     Field(discriminator="type"),
 ]
 

@@ -49,9 +49,10 @@ def parse_json(body: bytes) -> Any:
         return error(400, f"body is not valid JSON: {str(exc)[:200]}")
 
 
-async def _answer(request: web.Request, sdp: str, sdp_type: str = "offer") -> tuple[Peer, str] | web.Response:
+async def _answer(request: web.Request, sdp: str, sdp_type: str = "offer",
+                  speak: bool = True) -> tuple[Peer, str] | web.Response:
     try:
-        return await request.app[MANAGER].create(sdp, sdp_type)
+        return await request.app[MANAGER].create(sdp, sdp_type, speak=speak)
     except CapacityError as exc:
         return error(503, str(exc), **{"Retry-After": "5"})
     except OfferError as exc:
@@ -87,7 +88,7 @@ async def whip_post(request: web.Request) -> web.Response:
         sdp = body.decode("utf-8")
     except UnicodeDecodeError:
         return error(400, "SDP offer is not UTF-8 text")
-    result = await _answer(request, sdp)
+    result = await _answer(request, sdp, speak=False)  # WHIP is ingest-only
     if isinstance(result, web.Response):
         return result
     peer, answer = result

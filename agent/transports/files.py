@@ -14,6 +14,7 @@ import asyncio
 import errno
 import os
 import sys
+import wave
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -42,6 +43,9 @@ def transcript_line(event: ev.Event, label: str) -> str | None:
         return f"{label}{'':8} tool call: {event.name}({event.arguments})"
     if isinstance(event, ev.ToolResult):
         return f"{label}{'':8} tool result: {event.result if event.ok else 'error: ' + str(event.error)}"
+    if isinstance(event, ev.ResponseAudioDone):
+        cut = " (interrupted)" if event.interrupted else ""
+        return f"{label}{'':8} spoken: {event.duration_s:.2f} s{cut}"
     if isinstance(event, ev.ResponseCancelled):
         return f"{label}{'':8} (response cancelled: {event.reason})"
     if isinstance(event, ev.Error):
@@ -49,6 +53,14 @@ def transcript_line(event: ev.Event, label: str) -> str | None:
     if isinstance(event, ev.SessionStarted) and event.warning:
         return f"{label}warning: {event.warning}"
     return None
+
+
+def write_wav(path: Path, pcm: np.ndarray, rate: int) -> None:
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(pcm.astype("<i2").tobytes())
 
 
 async def _feed(session: Any, samples: np.ndarray) -> None:
@@ -109,8 +121,10 @@ def _silence(out: TextIO) -> None:
 
 
 async def run_files(settings: Settings, paths: Sequence[str], *, instruction: str | None = None,
-                    jsonl: bool = False, out: TextIO = sys.stdout, runtime_options: dict[str, Any] | None = None) -> int:
-    """Returns the exit code (see the module docstring)."""
+                    jsonl: bool = False, out: TextIO = sys.stdout, runtime_options: dict[str, Any] | None = None,
+                    speak_dir: str | Path | None = None) -> int:
+    """Returns the exit code (see the module docstring). With a TTS engine each answer is
+    spoken offline; `speak_dir` gets one `<turn_id>.wav` each."""
     from agent.runtime import AgentRuntime
 
     try:  # decode everything first: a bad file fails fast, before any model loads
@@ -118,6 +132,12 @@ async def run_files(settings: Settings, paths: Sequence[str], *, instruction: st
     except AudioFileError as exc:
         print(f"voice-agent: {exc}", file=sys.stderr)
         return 2
+    if speak_dir is not None:
+        try:
+            await asyncio.to_thread(Path(speak_dir).mkdir, parents=True, exist_ok=True)
+        except OSError as exc:
+            print(f"voice-agent: --speak-dir: {exc}", file=sys.stderr)
+            return 2
     try:
         runtime = AgentRuntime(settings, **(runtime_options or {}))
         await runtime.start()
@@ -133,7 +153,11 @@ async def run_files(settings: Settings, paths: Sequence[str], *, instruction: st
     try:
         feeds = []
         for path, samples in audios.items():
-            session = runtime.create_session(instruction=instruction, wait_for_responses=True)
+            session = runtime.create_session(instruction=instruction, wait_for_responses=True,
+                                             voice_output="offline" if runtime.tts is not None else "none")
+            if session.voice is not None and speak_dir is not None:
+                target = Path(speak_dir)
+                session.voice.on_audio = lambda turn_id, pcm, rate, d=target: write_wav(d / f"{turn_id}.wav", pcm, rate)
             printer.labels[session.id] = f"{Path(path).name}: " if len(paths) > 1 else ""
             feeds.append(_feed(session, samples))
         feeding = asyncio.gather(*feeds)
