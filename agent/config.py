@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from agent.errors import describe_validation_error, did_you_mean, yaml_problem
+from agent.errors import Float, Int, describe_validation_error, did_you_mean, yaml_problem
 from agent.speech.base import TTSSettings
 from agent.turns import TurnConfig
 
@@ -29,15 +29,6 @@ class ConfigError(Exception):
     pass
 
 
-def _not_bool(value: Any) -> Any:
-    # pydantic's lax mode reads true as 1; in a config that is a mistake, not a number.
-    if isinstance(value, bool):
-        raise ValueError("expected a number, not a boolean")
-    return value
-
-
-Int = Annotated[int, BeforeValidator(_not_bool)]
-Float = Annotated[float, BeforeValidator(_not_bool)]
 
 
 class TurnSettings(BaseModel):

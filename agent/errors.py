@@ -1,12 +1,13 @@
 """One way to say what is wrong with validated input (config, commands, plugin configs,
-tool arguments, script files): `where.it.is: what is wrong; next.problem: …`."""
+tool arguments, script files): `where.it.is: what is wrong; next.problem: …`; and the strict
+number types (`Int`, `Float`) that keep `true` from passing for 1."""
 
 from __future__ import annotations
 
 import difflib
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, BeforeValidator, ValidationError
 
 # pydantic prefixes errors raised by our own validators with this; the reason reads better without.
 _VALUE_ERROR = "Value error, "
@@ -53,3 +54,14 @@ def yaml_problem(exc: Exception) -> str:
     context = getattr(exc, "context", None)
     where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
     return f"{where}{problem}" + (f" ({context})" if context else "")
+
+
+def _not_bool(value: Any) -> Any:
+    # pydantic's lax mode reads true as 1; in a config or a command that is a mistake, not a number.
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not a boolean")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_bool)]  # an int field that refuses true/false
+Float = Annotated[float, BeforeValidator(_not_bool)]  # a float field that refuses true/false
