@@ -2,51 +2,84 @@
 
     push_audio → VAD stream → TurnDetector → Conversation → Backend → ToolCallParser → events
 
-Transports (WebRTC, WHIP, LiveKit, files) only call `push_audio`, `handle` and `close`;
-everything the session says goes out through the runtime's EventBus.
+Transports (WebRTC, WHIP, LiveKit, files, Wyoming) only call `push_audio`, `handle` and
+`close`; everything the session says goes out through the event sink it was given. A session
+is given its dependencies (`SessionDeps`) and knows nothing of the runtime that made it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 import uuid
+from collections import deque
+from collections.abc import Callable, Sequence
 from contextlib import aclosing
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from agent import events as ev
 from agent import turns
+from agent.config import Settings
+from agent.context import AgentHooks, RunContext, UserTurn
 from agent.conversation import Conversation
-from agent.inference.base import GenerationStats, InferenceError
-from agent.tools import ParsedToolCall, TextPiece, ToolCallParser, format_tool_responses
-from agent.vad import CHUNK
-
-if TYPE_CHECKING:
-    from agent.runtime import AgentRuntime
+from agent.inference.base import Backend, GenerationStats, InferenceError
+from agent.speech.base import SpeechEngine
+from agent.speech.voice import Voice
+from agent.tools import ParsedToolCall, TextPiece, ToolCallParser, ToolOutcome, ToolRegistry, format_tool_responses
+from agent.vad import CHUNK, VADStream
 
 log = logging.getLogger(__name__)
 
+MAX_HELD_S = 120.0  # manual turns: speech held for commit() beyond this drops its oldest part
+
+
+@dataclass
+class SessionDeps:
+    """Everything a session uses, handed in by whoever creates it (the runtime)."""
+
+    settings: Settings
+    vad: VADStream  # this session's stream of the shared VAD service
+    backend: Backend
+    tools: ToolRegistry  # this session's own view: changing it changes no other session
+    publish: Callable[[ev.Event], None]  # the event sink (the runtime's bus)
+    system_prompt: str | None = None
+    hooks: AgentHooks = field(default_factory=AgentHooks)
+    on_closed: Callable[["Session"], None] = lambda session: None
+    tts: SpeechEngine | None = None  # speech out, started and shared (None: text only)
+
+
+async def _call(result: Any) -> Any:
+    """Hooks may be plain or async methods."""
+    return await result if inspect.isawaitable(result) else result
+
 
 class Session:
-    def __init__(self, runtime: "AgentRuntime", session_id: str | None = None, *,
+    def __init__(self, deps: SessionDeps, session_id: str | None = None, *,
                  instruction: str | None = None, wait_for_responses: bool = False,
-                 manual_turns: bool = False) -> None:
+                 manual_turns: bool = False, voice_output: str = "none") -> None:
         """`instruction` applies to every turn (analysis mode throughout);
         `wait_for_responses` holds the audio input while a response runs — what a file
         fed faster than real time needs, where barge-in would otherwise cut every answer;
         `manual_turns`: the owner ends turns (`commit()` / `clear()`) and asks for answers
-        (`reply()`) — the VAD still reports speech, its turns are held until `commit()`."""
-        self.runtime = runtime
-        s = runtime.settings
+        (`reply()`) — the VAD still reports speech, its turns are held until `commit()`;
+        `voice_output`: with a TTS engine, "live" (a transport pulls `voice.player`'s frames in
+        real time) or "offline" (each answer rendered at once); "none": text only."""
+        self.deps = deps
+        self.settings = s = deps.settings
+        self.backend = deps.backend
         self.id = session_id or uuid.uuid4().hex[:12]
         self._stamper = ev.EventStamper(self.id)
         self._detector = turns.TurnDetector(s.turns.to_turn_config())
-        self._vad = runtime.vad.open_stream()
-        self.conversation = Conversation(runtime.system_prompt(), s.context_tokens,
-                                         tokenizer=getattr(runtime.backend, "tokenizer", None))
+        self._vad = deps.vad
+        self.conversation = Conversation(deps.system_prompt, s.context_tokens,
+                                         tokenizer=getattr(deps.backend, "tokenizer", None))
+        self.hooks = deps.hooks
+        self.context = RunContext(self, deps.hooks.create_userdata())
         self.max_new_tokens = s.max_new_tokens
         self._instruction = instruction
         self._next_instruction: str | None = None
@@ -57,22 +90,58 @@ class Session:
         self._response: asyncio.Task[None] | None = None
         self.manual_turns = manual_turns
         self._held: list[turns.TurnCommitted] = []  # manual_turns: speech not committed yet
-        # Hooks for an owner with its own tool runtime (livekit-agents): the tools shown to
-        # the model, and whether their calls end the response instead of being run here (the
-        # owner adds the results to `conversation` and calls `reply()`).
-        self.tools = runtime.tools
+        self.held_dropped_s = 0.0  # manual_turns: held speech dropped beyond MAX_HELD_S
+        # The tools shown to the model (this session's own registry), and whether their calls
+        # end the response instead of being run here (an owner with its own tool runtime,
+        # livekit-agents, adds the results to `conversation` and calls `reply()`).
+        self.tools = deps.tools
         self.defer_tool_calls = False
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._lock = asyncio.Lock()  # audio is processed in order, one push at a time
         self.closed = False
         self.last_activity = time.monotonic()
+        # Speech out (None: text only, everything as without TTS).
+        self.voice: Voice | None = None
+        if deps.tts is not None and voice_output in ("live", "offline"):
+            self.voice = Voice(deps.tts, self.emit, realtime=voice_output == "live")
+        self._interrupt_min_s = s.turns.interrupt_min_speech_s
+        self._pos = 0  # samples the detector has seen
+        self._recent_in: deque[np.ndarray] = deque(maxlen=16)  # ~0.5 s of input, for the echo gate
+        self._talking = False  # the user's voice is on now (speech, not its trailing silence)
+        # Speech that began while the agent was answering: its start and what it turned out
+        # to be — None (undecided yet: a backchannel if it ends so), "barge", "echo", "turn".
+        self._overlap: tuple[float, str | None] | None = None
+        self._heard: str | None = None  # what the user heard of an answer cut by a barge-in
 
     # ---- events -------------------------------------------------------------------
     def emit(self, event: ev._Event) -> None:
-        self.runtime.bus.publish(self._stamper.stamp(event))  # type: ignore[arg-type]
+        self.deps.publish(self._stamper.stamp(event))  # type: ignore[arg-type]
 
     def start(self) -> None:
-        b = self.runtime.backend
+        b = self.backend
         self.emit(ev.SessionStarted(model=b.model_name, warning=b.warning))
+        self._spawn(self._run_hook("on_session_started"), "started")
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=f"session-{name}-{self.id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _run_hook(self, name: str, *args: Any) -> Any:
+        """A failing hook is this session's error event, never its end."""
+        try:
+            return await _call(getattr(self.hooks, name)(self.context, *args))
+        except Exception as exc:
+            log.exception("session %s: hook failed", self.id)
+            self.emit(ev.Error(code="hook_failed", message=f"{type(exc).__name__}: {exc}"))
+            return None
+
+    def set_tools(self, tools: Sequence[Any]) -> None:
+        """This session's tools from its next response on."""
+        registry = ToolRegistry()
+        registry.extend(tools)
+        self.tools = registry
 
     # ---- audio --------------------------------------------------------------------
     async def push_audio(self, samples: np.ndarray) -> None:
@@ -89,8 +158,13 @@ class Session:
             used = probs.size * CHUNK
             self._pending = [buf[used:]]
             for i, p in enumerate(probs):
-                for signal in self._detector.feed(buf[i * CHUNK : (i + 1) * CHUNK], float(p)):
+                chunk = buf[i * CHUNK : (i + 1) * CHUNK]
+                self._pos += CHUNK
+                self._recent_in.append(chunk)
+                for signal in self._detector.feed(chunk, float(p)):
                     await self._on_signal(signal)
+                if self._overlap is not None:
+                    await self._check_overlap()
 
     async def finish(self) -> None:
         """End of input: a turn in progress commits; wait for its response."""
@@ -100,16 +174,64 @@ class Session:
     async def wait_idle(self) -> None:
         if self._response is not None:
             await asyncio.shield(self._response)
+        if self.voice is not None and not self.voice.realtime:
+            await self.voice.wait_idle()  # offline speech is rendered at once: wait for it
+
+    # ---- speech out: barge-in, backchannels, self-echo ---------------------------------
+    def _agent_busy(self) -> bool:
+        running = self._response is not None and not self._response.done()
+        return running or (self.voice is not None and self.voice.active)
+
+    async def _check_overlap(self) -> None:
+        """Speech over the agent's answer interrupts it only once it has lasted
+        `interrupt_min_speech_s` and is not the agent's own voice coming back."""
+        assert self._overlap is not None and self.voice is not None
+        start, kind = self._overlap
+        if kind in ("barge", "turn") or not self._talking:
+            return
+        if self._pos / turns.SAMPLE_RATE - start < self._interrupt_min_s:
+            return
+        if not self._agent_busy():
+            self._overlap = (start, "turn")  # the answer ended meanwhile: an ordinary turn
+            return
+        if self.voice.is_echo(np.concatenate(self._recent_in)):
+            if kind is None:
+                self.voice.echo_gated += 1
+                log.info("session %s: speech at %.2f s taken for the agent's own voice", self.id, start)
+            self._overlap = (start, "echo")  # re-checked each chunk: the user may join in
+            return
+        self._overlap = (start, "barge")
+        await self._interrupt("barge_in")
+
+    async def _interrupt(self, reason: str) -> None:
+        """Stop the answer (text and voice); the history keeps only what was heard."""
+        assert self.voice is not None
+        report = self.voice.interrupt()
+        heard = report.spoken_text if report is not None else ""
+        if self._response is not None and not self._response.done():
+            self._heard = heard  # _respond reports it and truncates the history
+            self._response.cancel(reason)
+            await asyncio.gather(self._response, return_exceptions=True)
+        elif report is not None:  # the text was complete, its speech was not
+            self.emit(ev.ResponseCancelled(turn_id=report.turn_id or "", reason=reason, spoken_text=heard))
+            self.conversation.truncate_last_answer(heard)
 
     async def _on_signal(self, signal: turns.Signal) -> None:
-        backend = self.runtime.backend
+        backend = self.backend
         if isinstance(signal, turns.SpeechStarted):
             self.emit(ev.SpeechStarted(t=signal.t))
-            if not self.manual_turns and self._response is not None and not self._response.done():
-                self._response.cancel("barge_in")  # the user talks over the answer (manual: the owner decides)
+            self._talking = True
+            if self.manual_turns:
+                return  # the owner decides about barge-in
+            if self.voice is not None:
+                self._overlap = (signal.t, None) if self._agent_busy() else None
+            elif self._response is not None and not self._response.done():
+                self._response.cancel("barge_in")  # the user talks over the answer
         elif isinstance(signal, turns.SpeechStopped):
             self.emit(ev.SpeechStopped(t=signal.t))
+            self._talking = False
         elif isinstance(signal, turns.SilenceBegan):
+            self._talking = False
             if self.manual_turns:
                 return  # the committed turn will join held parts: no prefill can match it
             turn_id = self._new_turn_id()
@@ -123,10 +245,21 @@ class Session:
             request.speculative = True
             await self._guard(backend.prefill(request))
         elif isinstance(signal, turns.SpeechResumed):
+            self._talking = True
             await self._drop_speculative()
         elif isinstance(signal, turns.TurnCommitted):
+            overlap = self._overlap
+            if not signal.split:
+                self._overlap = None
+            if overlap is not None and overlap[1] in (None, "echo"):
+                # A backchannel ("mm-hm", shorter than interrupt_min_speech_s) or our own
+                # voice: the agent goes on speaking and this is no user turn.
+                log.info("session %s: %s at %.2f s ignored while the agent speaks", self.id,
+                         "echo" if overlap[1] else "backchannel", overlap[0])
+                await self._drop_speculative()
+                return
             if self.manual_turns:
-                self._held.append(signal)
+                self._hold(signal)
             else:
                 await self._commit(signal)
 
@@ -146,6 +279,17 @@ class Session:
             audio = np.concatenate([t.audio for t in held])
             await self._commit(turns.TurnCommitted(held[0].start, held[-1].end, audio), respond=False)
             return True
+
+    def _hold(self, turn: turns.TurnCommitted) -> None:
+        """Keep speech for the owner's commit(), bounded: the oldest goes first (logged)."""
+        self._held.append(turn)
+        held_s = sum(t.audio.size for t in self._held) / turns.SAMPLE_RATE
+        while held_s > MAX_HELD_S and len(self._held) > 1:
+            dropped = self._held.pop(0).audio.size / turns.SAMPLE_RATE
+            held_s -= dropped
+            self.held_dropped_s += dropped
+            log.warning("session %s: %.1f s of uncommitted speech dropped (more than %.0f s held)",
+                        self.id, dropped, MAX_HELD_S)
 
     async def clear(self) -> None:
         """Forget the user's speech not committed yet (held, and the turn in progress)."""
@@ -172,6 +316,8 @@ class Session:
         return turn_id
 
     async def _stop_response(self, reason: str) -> None:
+        if self._response is asyncio.current_task():
+            return  # a hook or tool of this response (e.g. ctx.say) does not stop it
         if self._response is not None and not self._response.done():
             # Wait for it to stop so its partial answer lands in the history first.
             self._response.cancel(reason)
@@ -186,7 +332,13 @@ class Session:
             await self._drop_speculative()
             turn_id = self._new_turn_id()
         await self._stop_response("superseded")
-        instruction = self._take_instruction()
+        committed_at = time.monotonic()
+        user = UserTurn(turn_id, turn.audio, turn.start, turn.end, self._take_instruction())
+        direct = await self._run_hook("on_user_turn", user)
+        if user.skipped:
+            await self._guard(self.backend.drop(self.id, turn_id))
+            return
+        instruction = user.instruction or None
         try:
             self.conversation.add_user(turn.audio, instruction)
         except ValueError as exc:  # e.g. an oversized instruction: this turn fails, the session goes on
@@ -194,11 +346,35 @@ class Session:
             return
         self.emit(ev.TurnCommitted(turn_id=turn_id, start=turn.start, end=turn.end,
                                    mode="analysis" if instruction else "chat", instruction=instruction))
+        if isinstance(direct, str):  # the agent answered it itself: no model
+            await self._guard(self.backend.drop(self.id, turn_id))
+            self._answer_directly(turn_id, direct)
+            return
         if not respond:
             return
-        self._response = asyncio.create_task(self._respond(turn_id, time.monotonic()))
+        self._response = asyncio.create_task(self._respond(turn_id, committed_at))
         if self._wait:
             await self.wait_idle()
+
+    def _answer_directly(self, turn_id: str, text: str) -> None:
+        self.emit(ev.ResponseStarted(turn_id=turn_id))
+        if self.voice is not None:
+            self.voice.begin(turn_id)
+            self.voice.say(text)
+            self.voice.end()
+        if text:
+            self.emit(ev.ResponseDelta(turn_id=turn_id, text=text))
+        self.conversation.add_assistant(text)
+        self.emit(ev.ResponseDone(turn_id=turn_id, text=text, tokens=0, timings={"total": 0.0}))
+        self._spawn(self._run_hook("on_response", text), "on-response")
+
+    async def say(self, text: str) -> str:
+        """Speak `text` as the agent now (a hook, a tool, a greeting): events and history as if
+        the model had said it; the running response, if any, is superseded. Its turn_id."""
+        await self._stop_response("superseded")
+        turn_id = self._new_turn_id()
+        self._answer_directly(turn_id, text)
+        return turn_id
 
     def _take_instruction(self, peek: bool = False) -> str | None:
         text = self._next_instruction or self._instruction
@@ -219,7 +395,7 @@ class Session:
         spec, self._speculative = self._speculative, None
         if spec is None:
             return
-        await self._guard(self.runtime.backend.drop(self.id, spec[0]))
+        await self._guard(self.backend.drop(self.id, spec[0]))
         if spec[0] == self._last_turn_id():
             self._turn_n -= 1
 
@@ -236,13 +412,15 @@ class Session:
     # ---- responses ----------------------------------------------------------------
     async def _respond(self, turn_id: str, committed_at: float, instructions: str | None = None) -> None:
         """Generate the answer; run tool calls and give the model follow-up rounds."""
-        runtime = self.runtime
+        settings = self.settings
         self.emit(ev.ResponseStarted(turn_id=turn_id))
+        if self.voice is not None:
+            self.voice.begin(turn_id)
         said: list[str] = []  # text the user was shown, across rounds
         stats = GenerationStats()
         first_token: float | None = None
         try:
-            for round_n in range(runtime.settings.max_tool_rounds + 1):
+            for round_n in range(settings.max_tool_rounds + 1):
                 raw: list[str] = []
                 calls: list[ParsedToolCall] = []
                 parser = ToolCallParser()
@@ -251,7 +429,7 @@ class Session:
                 round_stats = GenerationStats()
                 try:
                     # aclosing: a cancelled turn closes the stream, which frees the slot.
-                    async with aclosing(runtime.backend.generate(request, round_stats)) as stream:
+                    async with aclosing(self.backend.generate(request, round_stats)) as stream:
                         async for delta in stream:
                             if first_token is None:
                                 first_token = time.monotonic()
@@ -263,16 +441,24 @@ class Session:
                     stats.reused_tokens += round_stats.reused_tokens
                     if raw:
                         self.conversation.add_assistant("".join(raw))
-                if not calls or round_n == runtime.settings.max_tool_rounds or self.defer_tool_calls:
+                if not calls or round_n == settings.max_tool_rounds or self.defer_tool_calls:
                     break
-                outcomes = await self.tools.execute(calls, runtime.settings.tool_timeout_s)
+                outcomes = await self.tools.execute(calls, settings.tool_timeout_s, self.context)
+                outcomes = [await self._tool_result(call, outcome) for call, outcome in zip(calls, outcomes)]
                 for outcome in outcomes:
                     self.emit(ev.ToolResult(call_id=outcome.call_id, ok=outcome.ok,
                                             result=outcome.result, error=outcome.error))
                 self.conversation.add_tool_results(format_tool_responses(outcomes))
         except asyncio.CancelledError as exc:
             reason = exc.args[0] if exc.args else "cancelled"
-            self.emit(ev.ResponseCancelled(turn_id=turn_id, reason=str(reason)))
+            heard: str | None = None
+            if self.voice is not None:
+                heard, self._heard = self._heard, None
+                if heard is None:  # not a barge-in (superseded, client, close): the voice stops too
+                    report = self.voice.interrupt()
+                    heard = report.spoken_text if report is not None else ""
+                self.conversation.truncate_last_answer(heard)  # keep only what the user heard
+            self.emit(ev.ResponseCancelled(turn_id=turn_id, reason=str(reason), spoken_text=heard))
             return
         except InferenceError as exc:
             self.emit(ev.Error(code=exc.code, message=exc.message, turn_id=turn_id))
@@ -281,11 +467,20 @@ class Session:
             log.exception("response failed")
             self.emit(ev.Error(code="internal", message=str(exc), turn_id=turn_id))
             return
+        finally:
+            if self.voice is not None:
+                self.voice.end()  # the text is complete (or cut): the voice says what it has
         done = time.monotonic()
         timings = {"total": done - committed_at, **stats.timings}
         if first_token is not None:
             timings["first_token"] = first_token - committed_at
-        self.emit(ev.ResponseDone(turn_id=turn_id, text="".join(said), tokens=stats.tokens, timings=timings))
+        text = "".join(said)
+        self.emit(ev.ResponseDone(turn_id=turn_id, text=text, tokens=stats.tokens, timings=timings))
+        self._spawn(self._run_hook("on_response", text), "on-response")
+
+    async def _tool_result(self, call: ParsedToolCall, outcome: ToolOutcome) -> ToolOutcome:
+        replaced = await self._run_hook("on_tool_result", call, outcome)
+        return replaced if isinstance(replaced, ToolOutcome) else outcome
 
     def _show(self, turn_id: str, pieces: list[TextPiece | ParsedToolCall], said: list[str]) -> list[ParsedToolCall]:
         """Text goes to the user as deltas; tool calls are announced and collected."""
@@ -298,6 +493,8 @@ class Session:
             elif piece.text:
                 said.append(piece.text)
                 self.emit(ev.ResponseDelta(turn_id=turn_id, text=piece.text))
+                if self.voice is not None:
+                    self.voice.say(piece.text)
         return calls
 
     # ---- commands -----------------------------------------------------------------
@@ -306,9 +503,16 @@ class Session:
         if isinstance(command, ev.InstructionSet):
             self._next_instruction = command.text or None
         elif isinstance(command, ev.ResponseCancel):
-            if self._response is not None and not self._response.done():
+            if self.voice is not None and self._agent_busy():
+                await self._interrupt("client")  # the text, or only its speech still playing
+            elif self._response is not None and not self._response.done():
                 self._response.cancel("client")
         elif isinstance(command, ev.SessionUpdate):
+            probe = Conversation(command.system_prompt, self.conversation.context_tokens, self.conversation.tokenizer)
+            if command.system_prompt and (n := probe.system_tokens()) > (limit := probe.context_tokens // 2):
+                # instruction.set's rule (half the context); refused, nothing of the update applies
+                self.report_error("bad_request", f"system prompt of {n} tokens is over the limit of {limit}")
+                return
             if command.system_prompt is not None:
                 self.conversation.system_prompt = command.system_prompt or None
             if command.max_new_tokens is not None:
@@ -328,10 +532,17 @@ class Session:
         if self._response is not None and not self._response.done():
             self._response.cancel("session_closed")
             await asyncio.gather(self._response, return_exceptions=True)
+        tasks = [t for t in self._tasks if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self.voice is not None:
+            await self.voice.close()
         self._vad.close()
+        await self._run_hook("on_session_ended", reason)
         try:
-            await self.runtime.backend.forget(self.id)
+            await self.backend.forget(self.id)
         except Exception as exc:
             log.debug("forget failed: %s", exc)
         self.emit(ev.SessionEnded(reason=reason))
-        self.runtime.sessions.pop(self.id, None)
+        self.deps.on_closed(self)
