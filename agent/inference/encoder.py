@@ -22,11 +22,14 @@ another order); tests/test_encoder.py checks embeddings and greedy tokens on 0.5
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 import torch
 
+from agent.inference.base import AudioRef
+from agent.inference.prompts import RequestError
 from agent.model.qwen2_audio import HOP, MAX_MEL_FRAMES, SAMPLE_RATE, encoder_tokens, mel_frames
 
 STRIDE = 8  # mel frames per step of the length rounding: 2 (conv) × 2 (pool) × 2 (even encoder length)
@@ -48,6 +51,34 @@ def features(feature_extractor: Any, audio: np.ndarray, padded: bool = False) ->
                            return_tensors="pt")
     valid = int(fe["attention_mask"][0].sum())
     return fe["input_features"][0], valid, encoder_tokens(valid)
+
+
+class FeatureCache:
+    """(log-mel, valid frames) per clip digest, least recently used out beyond `limit` bytes:
+    a commit after its speculative prefill, or a history re-prefilled, extracts nothing again."""
+
+    def __init__(self, feature_extractor: Any, padded: bool, limit: int) -> None:
+        self.feature_extractor, self.padded, self.limit = feature_extractor, padded, limit
+        self._items: OrderedDict[str, tuple[torch.Tensor, int]] = OrderedDict()
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, audio: np.ndarray | AudioRef, digest: str) -> tuple[torch.Tensor, int]:
+        hit = self._items.get(digest)
+        if hit is not None:
+            self._items.move_to_end(digest)
+            return hit
+        if isinstance(audio, AudioRef):  # sent by reference, and the history it was in is gone
+            raise RequestError(f"audio {digest} is no longer cached: send its samples", code="audio_missing")
+        feats, valid, _ = features(self.feature_extractor, audio, self.padded)
+        hit = self._items[digest] = (feats, valid)
+        self.bytes += feats.nbytes
+        while self.bytes > self.limit and self._items:
+            _, (old, _) = self._items.popitem(last=False)
+            self.bytes -= old.nbytes
+        return hit
 
 
 def encode(model: Any, feats: list[torch.Tensor], valid: list[int], padded: bool = False) -> list[torch.Tensor]:

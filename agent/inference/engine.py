@@ -1,24 +1,17 @@
 """A synchronous continuous-batching engine over one loaded Qwen2-Audio model.
 
-Pure and single-threaded (no asyncio, no processes): a worker process drives it with
-`submit` / `cancel` / `step`. Each `step`:
-
-1. admits queued requests while batch slots and the KV budget allow (evicting other
-   sessions' cached history, least recently used first, then held speculative prefills);
-2. runs at most `prefill_chunk_tokens` of prefill (audio encoder included) over the admitted
-   requests, oldest first, each in chunks on its own cache, reusing the session's cached
-   KV of earlier turns: a long prompt never stalls the running streams for more than a chunk;
-3. runs ONE batched greedy decode step over every running request. Requests of different
-   lengths share one left-padded DynamicCache with an attention mask and explicit position
-   ids, re-packed layer by layer when members join.
+Pure and single-threaded: a worker process drives it with `submit` / `cancel` / `step`.
+Each `step` (1) admits queued requests while batch slots and the KV budget allow, evicting
+other sessions' history (LRU) and then held speculative prefills; (2) runs at most
+`prefill_chunk_tokens` of prefill (encoder included), oldest request first, in chunks on its
+own cache after the session's cached history, so running streams never wait for a whole
+prompt; (3) runs ONE batched greedy decode step over the left-padded batch (`batch.Batch`).
 
 KV accounting (`kv_projected`) counts every cache: session histories, held speculative
-prefills and the batch at its largest: every running or admitted request as a row of the
-longest row's prompt + max_new_tokens (left padding included), plus one layer of re-pack
-copy. An admitted request's own prefill cache fits inside its future row: the join frees it
-layer by layer as it copies it in. A CUDA
-out-of-memory rolls the step back, frees cached history and retries; a request that still
-cannot fit fails alone (`out_of_memory`).
+prefills, and the batch at its largest (rows × the longest prompt + max_new_tokens, padding
+included) plus one layer of re-pack copy; a request's own prefill cache fits in its future
+row, the join frees it layer by layer. A CUDA out-of-memory rolls the step back, frees cached
+history and retries; a request that still cannot fit fails alone (`out_of_memory`).
 """
 
 from __future__ import annotations
@@ -32,11 +25,11 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-import numpy as np
 import torch
 
 from agent.inference import encoder, memory
-from agent.inference.base import AudioRef, GenerationRequest, GenerationStats, InferenceError
+from agent.inference.base import GenerationRequest, GenerationStats, InferenceError
+from agent.inference.batch import KV, Batch, crop
 from agent.inference.models import LoadedModel
 from agent.inference.prompts import Answer, Detokenizer, Prompt, RequestError, build_prompt, lcp, splice_answers
 from agent.model.qwen2_audio import EOS_TOKENS
@@ -45,7 +38,6 @@ __all__ = ["Detokenizer", "Engine", "Output", "RequestError"]
 
 log = logging.getLogger(__name__)
 
-KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [1, heads, len, head_dim]
 OOM = torch.OutOfMemoryError
 
 
@@ -127,7 +119,10 @@ class Engine:
         text_config = self.model.config.text_config
         self.layers = int(text_config.num_hidden_layers)
         per_token = memory.bytes_per_token(text_config, torch.finfo(self.model.dtype).bits // 8)
-        reserve = self._profile_step() if self.device.type == "cuda" and memory_info is None else 0
+        reserve = 0
+        if self.device.type == "cuda" and memory_info is None:
+            reserve = memory.profile_step(self.model, self.processor.feature_extractor, self._lm, self._cache_kw,
+                                          self.prefill_chunk_tokens, self.device)
         free, total = memory_info or memory.device_memory(str(loaded.device))
         self.budget = memory.plan(per_token=per_token, device=str(loaded.device), free=free, total=total,
                                   utilization=gpu_memory_utilization, reserve=reserve, tokens=kv_budget_tokens)
@@ -135,12 +130,9 @@ class Engine:
         self._prefilling: list[_Seq] = []
         self._held: dict[str, _Seq] = {}  # speculative prefills waiting for their commit
         self._batch: list[_Seq] = []
-        self._cache: Any = None  # batched DynamicCache of `_batch`, left-padded
-        self._mask: torch.Tensor | None = None  # [B, T] 1 = real token
-        self._pos: torch.Tensor | None = None  # [B] next position = tokens in cache
+        self._rows = Batch(self.device, self.layers)  # the KV cache of `_batch`
         self._sessions: OrderedDict[str, _SessionCache] = OrderedDict()  # LRU order
-        self._features: OrderedDict[str, tuple[torch.Tensor, int]] = OrderedDict()  # LRU, by bytes
-        self._feature_bytes, self.feature_cache_bytes = 0, feature_cache_bytes
+        self._features = encoder.FeatureCache(self.processor.feature_extractor, encoder_padded, feature_cache_bytes)
         self._outbox: list[Output] = []
         self.oom_events = 0
 
@@ -231,7 +223,8 @@ class Engine:
             except Exception as exc:
                 for seq in self._batch:
                     out.append(self._error(seq, "inference_failed", f"{type(exc).__name__}: {exc}"))
-                self._batch, self._cache, self._mask, self._pos = [], None, None, None
+                self._batch = []
+                self._rows.clear()
         return out
 
     def build_prompt(self, request: GenerationRequest) -> Prompt:
@@ -370,7 +363,7 @@ class Engine:
                     budget -= self._with_oom_retry(partial(self._start_prefill, seq), _nothing)
                     continue
                 n = min(budget, seq.embeds.shape[1] - seq.done)
-                hidden = self._with_oom_retry(partial(self._chunk, seq, n), partial(_crop, seq.cache, seq.past))
+                hidden = self._with_oom_retry(partial(self._chunk, seq, n), partial(crop, seq.cache, seq.past))
                 budget -= n
                 if seq.done < seq.embeds.shape[1]:
                     continue
@@ -405,7 +398,7 @@ class Engine:
         new = [(a, span) for a, span in zip(prompt.audios, prompt.spans, strict=True) if span[0] >= past]
         if new:
             t0 = time.perf_counter()
-            feats = [self._audio_features(a, span[2]) for a, span in new]
+            feats = [self._features.get(a, span[2]) for a, span in new]
             clips = encoder.encode(self.model, [f for f, _ in feats], [v for _, v in feats], self.encoder_padded)
             audio = torch.cat(clips).to(embeds.dtype)
             # the spans, not the ids: a spliced answer may hold a generated <|AUDIO|> token,
@@ -431,22 +424,6 @@ class Engine:
         seq.past, seq.done = total, seq.done + n
         seq.reuse = None  # the cache now owns copies of the history it needed
         return res.last_hidden_state[:, -1]
-
-    def _audio_features(self, audio: np.ndarray | AudioRef, digest: str) -> tuple[torch.Tensor, int]:
-        """(log-mel, valid frames) at the clip's real length (or padded), LRU-cached by bytes."""
-        hit = self._features.get(digest)
-        if hit is not None:
-            self._features.move_to_end(digest)
-            return hit
-        if isinstance(audio, AudioRef):  # sent by reference, and the history it was in is gone
-            raise RequestError(f"audio {digest} is no longer cached: send its samples", code="audio_missing")
-        feats, valid, _ = encoder.features(self.processor.feature_extractor, audio, self.encoder_padded)
-        hit = self._features[digest] = (feats, valid)
-        self._feature_bytes += feats.nbytes
-        while self._feature_bytes > self.feature_cache_bytes and self._features:
-            _, (old, _) = self._features.popitem(last=False)
-            self._feature_bytes -= old.nbytes
-        return hit
 
     def _ready(self, seq: _Seq, first: int, out: list[Output], joining: list[_Seq]) -> None:
         """The prefill is done and gave `first`: hold it, finish it, or let it join."""
@@ -500,8 +477,7 @@ class Engine:
                     raise
 
     def _relieve(self) -> bool:
-        """Free the least recently used half of the session caches, else every held
-        speculative prefill. False when nothing was left to free."""
+        """Free the LRU half of the session caches, else all held prefills; False: nothing left."""
         freed = False
         if self._sessions:
             for _ in range(max(1, len(self._sessions) // 2)):
@@ -517,7 +493,10 @@ class Engine:
 
     def _join_guarded(self, seqs: list[_Seq], out: list[Output]) -> None:
         try:
-            self._with_oom_retry(partial(self._join, seqs), _nothing)
+            self._with_oom_retry(partial(self._rows.join, [s.kv for s in seqs if s.kv is not None]), _nothing)
+            for s in seqs:
+                s.kv = None
+            self._batch.extend(seqs)
         except OOM as exc:
             for seq in seqs:
                 seq.kv = None
@@ -525,10 +504,9 @@ class Engine:
 
     def _decode_guarded(self, out: list[Output]) -> None:
         while self._batch:
-            assert self._mask is not None
-            width = self._mask.shape[1]
+            width = self._rows.width
             try:
-                self._with_oom_retry(partial(self._decode, out), partial(_crop, self._cache, width))
+                self._with_oom_retry(partial(self._decode, out), partial(crop, self._rows.cache, width))
                 return
             except OOM as exc:  # nothing left to free: the newest request fails alone
                 i = max(range(len(self._batch)), key=lambda j: self._batch[j].t_admit)
@@ -536,115 +514,25 @@ class Engine:
                 self._remove([i])
                 out.append(self._error(seq, "out_of_memory", f"out of device memory while decoding: {exc}"))
 
-    def _profile_step(self) -> int:
-        """Peak activation bytes of one engine step (30 s clip + a full prefill chunk after 2k
-        tokens of history), measured on the device: the budget leaves room for it."""
-        from transformers import DynamicCache
-
-        dev = self.device
-        torch.cuda.synchronize(dev)
-        base = torch.cuda.memory_allocated(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        try:
-            with torch.inference_mode():
-                feats, valid, _ = encoder.features(self.processor.feature_extractor, np.zeros(480000, np.float32))
-                encoder.encode(self.model, [feats], [valid])
-                cfg = self.model.config.text_config
-                heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-                dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-                past, n = 2048, self.prefill_chunk_tokens
-
-                def zeros(t: int) -> torch.Tensor:
-                    return torch.zeros(1, heads, t, dim, dtype=self.model.dtype, device=dev)
-
-                cache = DynamicCache(ddp_cache_data=[(zeros(past), zeros(past)) for _ in range(self.layers)])
-                base = torch.cuda.memory_allocated(dev)  # the history is KV, not activations
-                torch.cuda.reset_peak_memory_stats(dev)
-                kv_bytes = 2 * self.layers * zeros(n).nbytes  # what the chunk adds to the cache
-                res = self._lm(inputs_embeds=self._embed(torch.zeros(1, n, dtype=torch.long, device=dev)),
-                               attention_mask=torch.ones(1, past + n, dtype=torch.long, device=dev),
-                               position_ids=torch.arange(past, past + n, device=dev)[None],
-                               use_cache=True, **{self._cache_kw: cache})
-                self.model.lm_head(res.last_hidden_state[:, -1])
-                del res, cache
-            return max(0, torch.cuda.max_memory_allocated(dev) - base - kv_bytes)
-        finally:
-            torch.cuda.empty_cache()
-
     # ---- batched decode -----------------------------------------------------------------
 
-    def _join(self, seqs: list[_Seq]) -> None:
-        """Re-pack: the new rows join the left-padded batch cache, one layer at a time so the
-        copy never holds more than one extra layer of the batch."""
-        from transformers import DynamicCache
-
-        lengths = [s.kv[0][0].shape[2] for s in seqs]  # type: ignore[index]
-        old_t = 0 if self._mask is None else self._mask.shape[1]
-        t = max([old_t, *lengths])
-        b = len(self._batch)
-
-        def lpad(x: torch.Tensor, n: int) -> torch.Tensor:
-            return torch.nn.functional.pad(x, (0, 0, n, 0)) if n else x
-
-        if self._cache is None:
-            self._cache = DynamicCache(ddp_cache_data=[
-                (torch.cat([lpad(s.kv[li][0], t - n) for s, n in zip(seqs, lengths, strict=True)]),  # type: ignore[index]
-                 torch.cat([lpad(s.kv[li][1], t - n) for s, n in zip(seqs, lengths, strict=True)]))  # type: ignore[index]
-                for li in range(self.layers)])
-        else:
-            done = 0
-            try:
-                for li, layer in enumerate(self._cache.layers):
-                    layer.keys = torch.cat([lpad(layer.keys, t - old_t)]
-                                           + [lpad(s.kv[li][0], t - n) for s, n in zip(seqs, lengths, strict=True)])  # type: ignore[index]
-                    layer.values = torch.cat([lpad(layer.values, t - old_t)]
-                                             + [lpad(s.kv[li][1], t - n) for s, n in zip(seqs, lengths, strict=True)])  # type: ignore[index]
-                    done = li + 1
-                for s in seqs:  # their own caches are in the batch now
-                    s.kv = None
-            except OOM:  # undo the layers already re-packed, then let the caller retry or fail
-                for layer in self._cache.layers[:done]:
-                    layer.keys = layer.keys[:b, :, t - old_t:]
-                    layer.values = layer.values[:b, :, t - old_t:]
-                raise
-        masks = [] if self._mask is None else [torch.nn.functional.pad(self._mask, (t - old_t, 0))]
-        for n in lengths:
-            row = torch.zeros(1, t, dtype=torch.long, device=self.device)
-            row[:, t - n:] = 1
-            masks.append(row)
-        pos = [] if self._pos is None else [self._pos]
-        pos.append(torch.tensor(lengths, dtype=torch.long, device=self.device))
-        self._mask, self._pos = torch.cat(masks), torch.cat(pos)
-        for s in seqs:
-            s.kv = None
-        self._batch.extend(seqs)
-
     def _remove(self, rows: list[int]) -> None:
-        """Rows leave the batch now; trim the left padding nobody needs any more."""
+        """Rows leave the batch now (their slots are free before the next step)."""
         keep = [i for i in range(len(self._batch)) if i not in set(rows)]
         self._batch = [self._batch[i] for i in keep]
-        if not keep:
-            self._cache, self._mask, self._pos = None, None, None
-            return
-        assert self._mask is not None and self._pos is not None
-        idx = torch.tensor(keep, device=self.device)
-        mask = self._mask[idx]
-        first = int(torch.nonzero(mask.any(0))[0, 0])
-        for layer in self._cache.layers:
-            layer.keys = layer.keys[idx, :, first:]
-            layer.values = layer.values[idx, :, first:]
-        self._mask, self._pos = mask[:, first:], self._pos[idx]
+        self._rows.keep(keep)
 
     def _decode(self, out: list[Output]) -> None:
-        assert self._mask is not None and self._pos is not None
+        rows = self._rows
+        assert rows.mask is not None and rows.pos is not None
         b = len(self._batch)
         ids = torch.tensor([[s.generated[-1]] for s in self._batch], device=self.device)
-        mask = torch.cat([self._mask, torch.ones(b, 1, dtype=torch.long, device=self.device)], dim=1)
-        res = self._lm(inputs_embeds=self._embed(ids), attention_mask=mask, position_ids=self._pos[:, None],
-                       use_cache=True, **{self._cache_kw: self._cache})
+        mask = torch.cat([rows.mask, torch.ones(b, 1, dtype=torch.long, device=self.device)], dim=1)
+        res = self._lm(inputs_embeds=self._embed(ids), attention_mask=mask, position_ids=rows.pos[:, None],
+                       use_cache=True, **{self._cache_kw: rows.cache})
         logits = self._suppress_eos(self.model.lm_head(res.last_hidden_state[:, -1]), self._batch)
         tokens = logits.argmax(-1).tolist()
-        self._mask, self._pos = mask, self._pos + 1
+        rows.mask, rows.pos = mask, rows.pos + 1
         done: list[int] = []
         for i, (seq, token) in enumerate(zip(self._batch, tokens, strict=True)):
             seq.generated.append(int(token))
@@ -687,13 +575,7 @@ class Engine:
         session's next turn, LRU-evicting other sessions while over the KV budget."""
         if seq.prompt is None:
             return None
-        if row is None:
-            kv = seq.kv
-        else:
-            assert self._pos is not None
-            n = int(self._pos[row])
-            kv = [(layer.keys[row:row + 1, :, -n:].clone(), layer.values[row:row + 1, :, -n:].clone())
-                  for layer in self._cache.layers]
+        kv = seq.kv if row is None else self._rows.row_kv(row)
         if kv is None:
             return None
         ids = seq.prompt.ids + seq.generated[:-1]
@@ -716,13 +598,3 @@ class Engine:
 
 def _nothing() -> None:
     pass
-
-
-def _crop(cache: Any, width: int) -> None:
-    """Undo a forward that failed half-way: layers it extended go back to `width` tokens."""
-    if cache is None:
-        return
-    for layer in cache.layers:
-        if getattr(layer, "keys", None) is not None and layer.keys.shape[-2] > width:
-            layer.keys = layer.keys[..., :width, :]
-            layer.values = layer.values[..., :width, :]

@@ -100,3 +100,45 @@ def device_memory(device: str) -> tuple[int, int]:
         return int(info["MemAvailable"].split()[0]) * 1024, total
     except (OSError, KeyError, ValueError):
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"), total
+
+
+def profile_step(model: Any, feature_extractor: Any, lm: Any, cache_kw: str, chunk: int, device: Any) -> int:
+    """Peak activation bytes of one engine step (a 30 s clip through the encoder, then a full
+    prefill chunk after 2k tokens of history), measured on the CUDA device."""
+    import numpy as np
+    import torch
+    from transformers import DynamicCache
+
+    from agent.inference import encoder
+
+    torch.cuda.synchronize(device)
+    try:
+        with torch.inference_mode():
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            feats, valid, _ = encoder.features(feature_extractor, np.zeros(480000, np.float32))
+            encoder.encode(model, [feats], [valid])
+            enc_peak = torch.cuda.max_memory_allocated(device) - base
+            cfg = model.config.text_config
+            heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+            dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            layers, past = cfg.num_hidden_layers, 2048
+
+            def zeros(t: int) -> torch.Tensor:
+                return torch.zeros(1, heads, t, dim, dtype=model.dtype, device=device)
+
+            cache = DynamicCache(ddp_cache_data=[(zeros(past), zeros(past)) for _ in range(layers)])
+            base = torch.cuda.memory_allocated(device)  # the history is KV, not activations
+            torch.cuda.reset_peak_memory_stats(device)
+            grown = 2 * layers * zeros(chunk).nbytes  # what the chunk adds to the cache
+            ids = torch.zeros(1, chunk, dtype=torch.long, device=device)
+            res = lm(inputs_embeds=lm.get_input_embeddings()(ids),
+                     attention_mask=torch.ones(1, past + chunk, dtype=torch.long, device=device),
+                     position_ids=torch.arange(past, past + chunk, device=device)[None],
+                     use_cache=True, **{cache_kw: cache})
+            model.lm_head(res.last_hidden_state[:, -1])
+            lm_peak = torch.cuda.max_memory_allocated(device) - base - grown
+            del res, cache
+        return max(0, enc_peak, lm_peak)
+    finally:
+        torch.cuda.empty_cache()
