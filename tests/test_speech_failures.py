@@ -39,10 +39,13 @@ async def answer_spoken_by(engine_box: list[FakeEngine], answer: str, monkeypatc
     session, sub = runtime.open_session(wait_for_responses=True, voice_output=voice_output)
     assert session.voice is not None
     seen: list[ev.Event] = []
+    errored = asyncio.Event()
 
     async def collect() -> None:
         async for event in sub:
             seen.append(event)
+            if isinstance(event, ev.Error):
+                errored.set()
             if isinstance(event, ev.SessionEnded):
                 return
 
@@ -52,9 +55,7 @@ async def answer_spoken_by(engine_box: list[FakeEngine], answer: str, monkeypatc
         await session.push_audio(speech.samples[i : i + 1600])
     await asyncio.wait_for(session.finish(), 30)  # offline: the voice is rendered too
     if voice_output == "live":  # nothing plays the frames: wait for the engine's verdict
-        async with asyncio.timeout(10):
-            while not of(seen, ev.Error):
-                await asyncio.sleep(0.05)
+        await asyncio.wait_for(errored.wait(), 10)
     await session.close("done")
     await asyncio.wait_for(collector, 10)
     sub.close()
