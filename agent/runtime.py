@@ -33,6 +33,10 @@ def create_backend(settings: Settings) -> Backend:
         from agent.inference.openai import OpenAIBackend
 
         return OpenAIBackend(settings.openai_url, settings.openai_model, api_key=settings.openai_api_key)
+    if settings.backend == "scripted" and settings.script is not None:
+        from agent.inference.scripted import ScriptedBackend
+
+        return ScriptedBackend.from_script(settings.script)
     from agent.inference.pool import InferencePool
 
     return InferencePool(model=settings.model, workers=settings.workers, max_batch=settings.max_batch,

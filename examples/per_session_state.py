@@ -34,7 +34,7 @@ class ShoppingList(Agent):
 
 
 agent = ShoppingList(instructions="You keep the user's shopping list. Use the tools.",
-                     tools=[add_item, read_list])
+                     tools=[add_item, read_list], description=__doc__)
 
 if __name__ == "__main__":
     raise SystemExit(agent.cli())

@@ -12,8 +12,9 @@ import hmac
 import logging
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -95,11 +96,18 @@ def auth_middleware(token: str | None) -> Any:
         challenge = {"WWW-Authenticate": 'Bearer realm="voice-agent"'}
         if not given:
             return error(401, "missing bearer token: send 'Authorization: Bearer <token>'", **challenge)
-        if not hmac.compare_digest(given.encode(), token.encode()):
+        if not hmac.compare_digest(_raw_bytes(given), token.encode()):
             return error(401, "invalid bearer token", **challenge)
         return await handler(request)
 
     return auth
+
+
+def _raw_bytes(text: str) -> bytes:
+    """Bytes to compare, for any header: aiohttp decodes a non-UTF-8 byte as a lone
+    surrogate, which plain `.encode()` refuses (that was a 500 before authentication).
+    Such a value can never equal a UTF-8 token, so `surrogatepass` is enough."""
+    return text.encode("utf-8", "surrogatepass")
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -145,7 +153,8 @@ def create_app(runtime: AgentRuntime, settings: Settings | ServerSettings) -> we
 
     async def on_shutdown(app: web.Application) -> None:
         await manager.close_all("shutdown")
-        for ws in list(app[WEBSOCKETS]):
+        sockets: set[web.WebSocketResponse] = app[WEBSOCKETS]
+        for ws in list(sockets):
             await ws.close()
 
     app.on_shutdown.append(on_shutdown)

@@ -17,6 +17,8 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from agent.errors import Float
+
 ENTRY_POINT_GROUP = "voice_agent.tts"
 
 
@@ -50,8 +52,8 @@ class TTSSettings(BaseModel):
 
     engine: str = "none"  # espeak | piper | openai | none | any installed `voice_agent.tts` entry point
     voice: str | None = None  # espeak voice name, Piper .onnx path, or the server's voice name
-    rate: float = Field(default=1.0, ge=0.25, le=4.0)  # speaking-speed multiplier, 1.0 = the engine's normal
-    timeout_s: float = Field(default=10.0, gt=0, le=300)  # longest wait for the engine's next chunk
+    rate: Float = Field(default=1.0, ge=0.25, le=4.0)  # speaking-speed multiplier, 1.0 = the engine's normal
+    timeout_s: Float = Field(default=10.0, gt=0, le=300)  # longest wait for the engine's next chunk
     options: dict[str, Any] = Field(default_factory=dict)  # engine-specific, validated by the engine
 
     @field_validator("engine")
