@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from agent import events as ev
 
@@ -31,6 +34,7 @@ class Metrics:
                                      buckets=LATENCY_BUCKETS, registry=r)
         self.response_total = Histogram("voice_agent_response_seconds", "Turn commit to response done",
                                         buckets=LATENCY_BUCKETS, registry=r)
+        r.register(VoiceCollector(runtime))  # TTS failures are voice_agent_errors{code="tts_…"}
 
     def on_event(self, event: ev.Event) -> None:
         """Bus listener: synchronous and cheap."""
@@ -66,3 +70,31 @@ class Metrics:
         if isinstance(depth, (int, float)):
             self.queue_depth.set(depth)
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class VoiceCollector(Collector):
+    """Speech-out totals, read at scrape time from the runtime's `VoiceCounters`."""
+
+    def __init__(self, runtime: Any) -> None:
+        self.runtime = runtime
+
+    def collect(self) -> Iterator[Metric]:
+        c = getattr(self.runtime, "voice_counters", None)
+        if c is None:
+            return
+        answers = CounterMetricFamily("voice_agent_speech_answers", "Spoken answers whose playback ended",
+                                      labels=["outcome"])
+        answers.add_metric(["played"], c.answers - c.interrupted)
+        answers.add_metric(["interrupted"], c.interrupted)
+        yield answers
+        for name, doc, value in (
+                ("voice_agent_speech_played_seconds", "Agent audio sent out", c.played_s),
+                ("voice_agent_speech_flushed_seconds", "Agent audio dropped unplayed when an answer was cut",
+                 c.flushed_s),
+                ("voice_agent_speech_underruns", "Frames in which speech synthesis was behind playback",
+                 c.underruns),
+                ("voice_agent_speech_echo_gated", "Speech over the agent's voice taken for its own echo",
+                 c.echo_gated),
+                ("voice_agent_speech_backchannels", "Speech over the agent's voice too short to interrupt it",
+                 c.backchannels)):
+            yield CounterMetricFamily(name, doc, value=value)
