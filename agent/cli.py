@@ -62,9 +62,13 @@ def load_cli_settings(args: argparse.Namespace, defaults: dict[str, Any] | None 
     return settings
 
 
-def main(argv: Sequence[str] | None = None, *, tools: Sequence[Any] = (), system_prompt: str | None = None,
-         defaults: dict[str, Any] | None = None) -> int:
-    """The `voice-agent` command; `agent.Agent.cli()` calls it with its own tools and prompt."""
+def main(argv: Sequence[str] | None = None, *, agent: Any = None) -> int:
+    """The `voice-agent` command; `agent.Agent.cli()` calls it with itself (tools, prompt, hooks)."""
+    if agent is None:
+        from agent.app import Agent
+
+        agent = Agent()
+    system_prompt, defaults = agent.instructions, agent.defaults
     args = build_parser().parse_args(argv)
     if args.command == "schema":
         from agent.events import json_schema
@@ -85,17 +89,17 @@ def main(argv: Sequence[str] | None = None, *, tools: Sequence[Any] = (), system
         print(f"voice-agent: {exc}", file=sys.stderr)
         return 2
     if args.command == "run":
-        from agent.filerun import run_files
+        from agent.transports.files import run_files
 
         return asyncio.run(run_files(settings, args.files, instruction=args.instruction, jsonl=args.jsonl,
-                                     runtime_options={"tools": list(tools)}))
+                                     runtime_options=agent.runtime_options()))
     try:
         from agent.server.app import serve
     except ImportError:
         print("voice-agent: serve is not available yet (the HTTP/WebRTC server is not built); "
               "use `voice-agent run FILE`", file=sys.stderr)
         return 2
-    return asyncio.run(serve(settings, runtime_options={"tools": list(tools)}))
+    return asyncio.run(serve(settings, runtime_options=agent.runtime_options()))
 
 
 if __name__ == "__main__":

@@ -18,24 +18,15 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Protocol
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from agent.errors import describe_validation_error
 from agent.bus import CommandTarget, EventBus, Subscription, SubscriptionClosed
 from agent.events import Event
 from agent.tools import Tool
 
-if TYPE_CHECKING:
-    from agent.session import Session
 
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "voice_agent.plugins"
-# Plugins shipped in this repository, used when no installed entry point provides the name
-# (e.g. running from a checkout that was not `pip install`ed).
-BUILTIN: dict[str, str] = {
-    "mqtt": "plugins.mqtt:MqttPlugin",
-    "homeassistant": "plugins.homeassistant:HomeAssistantPlugin",
-    "webhook": "plugins.webhook:WebhookPlugin",
-    "livekit": "plugins.livekit:LiveKitPlugin",
-}
 
 
 class PluginConfig(BaseModel):
@@ -45,9 +36,10 @@ class PluginConfig(BaseModel):
 
 
 class SessionFactory(Protocol):
-    """What transport plugins (e.g. livekit) open sessions with: the `AgentRuntime`."""
+    """What transports started as plugins (the LiveKit room) open sessions with: the
+    `AgentRuntime`. Returns the session and its events, `session.started` first."""
 
-    def create_session(self, session_id: str | None = None, **options: Any) -> "Session": ...
+    def open_session(self, session_id: str | None = None, **options: Any) -> tuple[Any, Subscription]: ...
 
 
 @dataclass
@@ -89,7 +81,7 @@ class Plugin:
 
 
 def _describe(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or '(config)'}: {e['msg']}" for e in exc.errors())
+    return describe_validation_error(exc, "(config)")
 
 
 def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
@@ -103,11 +95,8 @@ def _load_class(name: str, classes: Mapping[str, type[Plugin]] | None) -> type[P
     try:
         if name in eps:
             cls = eps[name].load()
-        elif name in BUILTIN:
-            module, _, attr = BUILTIN[name].partition(":")
-            cls = getattr(importlib.import_module(module), attr)
         else:
-            known = sorted(set(eps) | set(BUILTIN) | set(classes or {}))
+            known = sorted(set(eps) | set(classes or {}))
             raise ValueError(f"unknown plugin {name!r}; available: {', '.join(known) or 'none'}")
     except ImportError as exc:  # e.g. its optional dependency is not installed
         raise ValueError(f"plugin {name!r} cannot be loaded: {exc}") from None

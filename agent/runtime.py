@@ -1,4 +1,9 @@
-"""What all sessions of one process share: VAD service, inference backend, tools, bus, plugins."""
+"""What all sessions of one process share: VAD service, inference backend, tools, bus, plugins.
+
+The runtime creates sessions (handing each its dependencies), owns their lifetime and drops
+closed ones; sessions never reach back into it. It is also the `CommandTarget` plugins and
+transports send commands to.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,8 @@ from agent.conversation import Conversation
 from agent.model.qwen2_audio import DEFAULT_SYSTEM
 from agent.events import Command, Error
 from agent.inference.base import Backend
-from agent.session import Session
+from agent.context import AgentHooks
+from agent.session import Session, SessionDeps
 from agent.tools import Tool, ToolRegistry
 from agent.vad import VADService
 
@@ -36,8 +42,11 @@ class AgentRuntime:
     """Owns the shared services; a `CommandTarget` for plugins and transports."""
 
     def __init__(self, settings: Settings, *, backend: Backend | None = None,
-                 tools: list[Tool] | None = None, plugin_classes: dict[str, Any] | None = None) -> None:
+                 tools: list[Tool] | None = None, plugin_classes: dict[str, Any] | None = None,
+                 hooks: AgentHooks | None = None) -> None:
+        """`hooks`: the agent whose hooks every session runs (an `agent.Agent`)."""
         self.settings = settings
+        self.hooks = hooks or AgentHooks()
         self.bus = EventBus()
         self.vad = VADService()
         self.backend: Backend = backend or create_backend(settings)
@@ -101,10 +110,18 @@ class AgentRuntime:
         return self.create_session(session_id, **options), events
 
     def create_session(self, session_id: str | None = None, **options: Any) -> Session:
-        session = Session(self, session_id, **options)
+        """A started session (prefer `open_session`, which also gives its events)."""
+        deps = SessionDeps(settings=self.settings, vad=self.vad.open_stream(), backend=self.backend,
+                           tools=self.tools.copy(), publish=self.bus.publish, system_prompt=self.system_prompt(),
+                           hooks=self.hooks, on_closed=self._closed)
+        session = Session(deps, session_id, **options)
         self.sessions[session.id] = session
         session.start()
         return session
+
+    def _closed(self, session: Session) -> None:
+        if self.sessions.get(session.id) is session:
+            del self.sessions[session.id]
 
     # ---- CommandTarget ------------------------------------------------------------
     async def send_command(self, session_id: str | None, command: Command) -> None:

@@ -2,36 +2,60 @@
 
     push_audio → VAD stream → TurnDetector → Conversation → Backend → ToolCallParser → events
 
-Transports (WebRTC, WHIP, LiveKit, files) only call `push_audio`, `handle` and `close`;
-everything the session says goes out through the runtime's EventBus.
+Transports (WebRTC, WHIP, LiveKit, files, Wyoming) only call `push_audio`, `handle` and
+`close`; everything the session says goes out through the event sink it was given. A session
+is given its dependencies (`SessionDeps`) and knows nothing of the runtime that made it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from contextlib import aclosing
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from agent import events as ev
 from agent import turns
+from agent.config import Settings
+from agent.context import AgentHooks, RunContext, UserTurn
 from agent.conversation import Conversation
-from agent.inference.base import GenerationStats, InferenceError
-from agent.tools import ParsedToolCall, TextPiece, ToolCallParser, format_tool_responses
-from agent.vad import CHUNK
-
-if TYPE_CHECKING:
-    from agent.runtime import AgentRuntime
+from agent.inference.base import Backend, GenerationStats, InferenceError
+from agent.tools import ParsedToolCall, TextPiece, ToolCallParser, ToolOutcome, ToolRegistry, format_tool_responses
+from agent.vad import CHUNK, VADStream
 
 log = logging.getLogger(__name__)
 
+MAX_HELD_S = 120.0  # manual turns: speech held for commit() beyond this drops its oldest part
+
+
+@dataclass
+class SessionDeps:
+    """Everything a session uses, handed in by whoever creates it (the runtime)."""
+
+    settings: Settings
+    vad: VADStream  # this session's stream of the shared VAD service
+    backend: Backend
+    tools: ToolRegistry  # this session's own view: changing it changes no other session
+    publish: Callable[[ev.Event], None]  # the event sink (the runtime's bus)
+    system_prompt: str | None = None
+    hooks: AgentHooks = field(default_factory=AgentHooks)
+    on_closed: Callable[["Session"], None] = lambda session: None
+
+
+async def _call(result: Any) -> Any:
+    """Hooks may be plain or async methods."""
+    return await result if inspect.isawaitable(result) else result
+
 
 class Session:
-    def __init__(self, runtime: "AgentRuntime", session_id: str | None = None, *,
+    def __init__(self, deps: SessionDeps, session_id: str | None = None, *,
                  instruction: str | None = None, wait_for_responses: bool = False,
                  manual_turns: bool = False) -> None:
         """`instruction` applies to every turn (analysis mode throughout);
@@ -39,14 +63,17 @@ class Session:
         fed faster than real time needs, where barge-in would otherwise cut every answer;
         `manual_turns`: the owner ends turns (`commit()` / `clear()`) and asks for answers
         (`reply()`) — the VAD still reports speech, its turns are held until `commit()`."""
-        self.runtime = runtime
-        s = runtime.settings
+        self.deps = deps
+        self.settings = s = deps.settings
+        self.backend = deps.backend
         self.id = session_id or uuid.uuid4().hex[:12]
         self._stamper = ev.EventStamper(self.id)
         self._detector = turns.TurnDetector(s.turns.to_turn_config())
-        self._vad = runtime.vad.open_stream()
-        self.conversation = Conversation(runtime.system_prompt(), s.context_tokens,
-                                         tokenizer=getattr(runtime.backend, "tokenizer", None))
+        self._vad = deps.vad
+        self.conversation = Conversation(deps.system_prompt, s.context_tokens,
+                                         tokenizer=getattr(deps.backend, "tokenizer", None))
+        self.hooks = deps.hooks
+        self.context = RunContext(self, deps.hooks.create_userdata())
         self.max_new_tokens = s.max_new_tokens
         self._instruction = instruction
         self._next_instruction: str | None = None
@@ -57,22 +84,46 @@ class Session:
         self._response: asyncio.Task[None] | None = None
         self.manual_turns = manual_turns
         self._held: list[turns.TurnCommitted] = []  # manual_turns: speech not committed yet
-        # Hooks for an owner with its own tool runtime (livekit-agents): the tools shown to
-        # the model, and whether their calls end the response instead of being run here (the
-        # owner adds the results to `conversation` and calls `reply()`).
-        self.tools = runtime.tools
+        self.held_dropped_s = 0.0  # manual_turns: held speech dropped beyond MAX_HELD_S
+        # The tools shown to the model (this session's own registry), and whether their calls
+        # end the response instead of being run here (an owner with its own tool runtime,
+        # livekit-agents, adds the results to `conversation` and calls `reply()`).
+        self.tools = deps.tools
         self.defer_tool_calls = False
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._lock = asyncio.Lock()  # audio is processed in order, one push at a time
         self.closed = False
         self.last_activity = time.monotonic()
 
     # ---- events -------------------------------------------------------------------
     def emit(self, event: ev._Event) -> None:
-        self.runtime.bus.publish(self._stamper.stamp(event))  # type: ignore[arg-type]
+        self.deps.publish(self._stamper.stamp(event))  # type: ignore[arg-type]
 
     def start(self) -> None:
-        b = self.runtime.backend
+        b = self.backend
         self.emit(ev.SessionStarted(model=b.model_name, warning=b.warning))
+        self._spawn(self._run_hook("on_session_started"), "started")
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=f"session-{name}-{self.id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _run_hook(self, name: str, *args: Any) -> Any:
+        """A failing hook is this session's error event, never its end."""
+        try:
+            return await _call(getattr(self.hooks, name)(self.context, *args))
+        except Exception as exc:
+            log.exception("session %s: hook failed", self.id)
+            self.emit(ev.Error(code="hook_failed", message=f"{type(exc).__name__}: {exc}"))
+            return None
+
+    def set_tools(self, tools: Sequence[Any]) -> None:
+        """This session's tools from its next response on."""
+        registry = ToolRegistry()
+        registry.extend(tools)
+        self.tools = registry
 
     # ---- audio --------------------------------------------------------------------
     async def push_audio(self, samples: np.ndarray) -> None:
@@ -102,7 +153,7 @@ class Session:
             await asyncio.shield(self._response)
 
     async def _on_signal(self, signal: turns.Signal) -> None:
-        backend = self.runtime.backend
+        backend = self.backend
         if isinstance(signal, turns.SpeechStarted):
             self.emit(ev.SpeechStarted(t=signal.t))
             if not self.manual_turns and self._response is not None and not self._response.done():
@@ -126,7 +177,7 @@ class Session:
             await self._drop_speculative()
         elif isinstance(signal, turns.TurnCommitted):
             if self.manual_turns:
-                self._held.append(signal)
+                self._hold(signal)
             else:
                 await self._commit(signal)
 
@@ -146,6 +197,17 @@ class Session:
             audio = np.concatenate([t.audio for t in held])
             await self._commit(turns.TurnCommitted(held[0].start, held[-1].end, audio), respond=False)
             return True
+
+    def _hold(self, turn: turns.TurnCommitted) -> None:
+        """Keep speech for the owner's commit(), bounded: the oldest goes first (logged)."""
+        self._held.append(turn)
+        held_s = sum(t.audio.size for t in self._held) / turns.SAMPLE_RATE
+        while held_s > MAX_HELD_S and len(self._held) > 1:
+            dropped = self._held.pop(0).audio.size / turns.SAMPLE_RATE
+            held_s -= dropped
+            self.held_dropped_s += dropped
+            log.warning("session %s: %.1f s of uncommitted speech dropped (more than %.0f s held)",
+                        self.id, dropped, MAX_HELD_S)
 
     async def clear(self) -> None:
         """Forget the user's speech not committed yet (held, and the turn in progress)."""
@@ -172,6 +234,8 @@ class Session:
         return turn_id
 
     async def _stop_response(self, reason: str) -> None:
+        if self._response is asyncio.current_task():
+            return  # a hook or tool of this response (e.g. ctx.say) does not stop it
         if self._response is not None and not self._response.done():
             # Wait for it to stop so its partial answer lands in the history first.
             self._response.cancel(reason)
@@ -186,7 +250,13 @@ class Session:
             await self._drop_speculative()
             turn_id = self._new_turn_id()
         await self._stop_response("superseded")
-        instruction = self._take_instruction()
+        committed_at = time.monotonic()
+        user = UserTurn(turn_id, turn.audio, turn.start, turn.end, self._take_instruction())
+        direct = await self._run_hook("on_user_turn", user)
+        if user.skipped:
+            await self._guard(self.backend.drop(self.id, turn_id))
+            return
+        instruction = user.instruction or None
         try:
             self.conversation.add_user(turn.audio, instruction)
         except ValueError as exc:  # e.g. an oversized instruction: this turn fails, the session goes on
@@ -194,11 +264,31 @@ class Session:
             return
         self.emit(ev.TurnCommitted(turn_id=turn_id, start=turn.start, end=turn.end,
                                    mode="analysis" if instruction else "chat", instruction=instruction))
+        if isinstance(direct, str):  # the agent answered it itself: no model
+            await self._guard(self.backend.drop(self.id, turn_id))
+            self._answer_directly(turn_id, direct)
+            return
         if not respond:
             return
-        self._response = asyncio.create_task(self._respond(turn_id, time.monotonic()))
+        self._response = asyncio.create_task(self._respond(turn_id, committed_at))
         if self._wait:
             await self.wait_idle()
+
+    def _answer_directly(self, turn_id: str, text: str) -> None:
+        self.emit(ev.ResponseStarted(turn_id=turn_id))
+        if text:
+            self.emit(ev.ResponseDelta(turn_id=turn_id, text=text))
+        self.conversation.add_assistant(text)
+        self.emit(ev.ResponseDone(turn_id=turn_id, text=text, tokens=0, timings={"total": 0.0}))
+        self._spawn(self._run_hook("on_response", text), "on-response")
+
+    async def say(self, text: str) -> str:
+        """Speak `text` as the agent now (a hook, a tool, a greeting): events and history as if
+        the model had said it; the running response, if any, is superseded. Its turn_id."""
+        await self._stop_response("superseded")
+        turn_id = self._new_turn_id()
+        self._answer_directly(turn_id, text)
+        return turn_id
 
     def _take_instruction(self, peek: bool = False) -> str | None:
         text = self._next_instruction or self._instruction
@@ -219,7 +309,7 @@ class Session:
         spec, self._speculative = self._speculative, None
         if spec is None:
             return
-        await self._guard(self.runtime.backend.drop(self.id, spec[0]))
+        await self._guard(self.backend.drop(self.id, spec[0]))
         if spec[0] == self._last_turn_id():
             self._turn_n -= 1
 
@@ -236,13 +326,13 @@ class Session:
     # ---- responses ----------------------------------------------------------------
     async def _respond(self, turn_id: str, committed_at: float, instructions: str | None = None) -> None:
         """Generate the answer; run tool calls and give the model follow-up rounds."""
-        runtime = self.runtime
+        settings = self.settings
         self.emit(ev.ResponseStarted(turn_id=turn_id))
         said: list[str] = []  # text the user was shown, across rounds
         stats = GenerationStats()
         first_token: float | None = None
         try:
-            for round_n in range(runtime.settings.max_tool_rounds + 1):
+            for round_n in range(settings.max_tool_rounds + 1):
                 raw: list[str] = []
                 calls: list[ParsedToolCall] = []
                 parser = ToolCallParser()
@@ -251,7 +341,7 @@ class Session:
                 round_stats = GenerationStats()
                 try:
                     # aclosing: a cancelled turn closes the stream, which frees the slot.
-                    async with aclosing(runtime.backend.generate(request, round_stats)) as stream:
+                    async with aclosing(self.backend.generate(request, round_stats)) as stream:
                         async for delta in stream:
                             if first_token is None:
                                 first_token = time.monotonic()
@@ -263,9 +353,10 @@ class Session:
                     stats.reused_tokens += round_stats.reused_tokens
                     if raw:
                         self.conversation.add_assistant("".join(raw))
-                if not calls or round_n == runtime.settings.max_tool_rounds or self.defer_tool_calls:
+                if not calls or round_n == settings.max_tool_rounds or self.defer_tool_calls:
                     break
-                outcomes = await self.tools.execute(calls, runtime.settings.tool_timeout_s)
+                outcomes = await self.tools.execute(calls, settings.tool_timeout_s, self.context)
+                outcomes = [await self._tool_result(call, outcome) for call, outcome in zip(calls, outcomes)]
                 for outcome in outcomes:
                     self.emit(ev.ToolResult(call_id=outcome.call_id, ok=outcome.ok,
                                             result=outcome.result, error=outcome.error))
@@ -285,7 +376,13 @@ class Session:
         timings = {"total": done - committed_at, **stats.timings}
         if first_token is not None:
             timings["first_token"] = first_token - committed_at
-        self.emit(ev.ResponseDone(turn_id=turn_id, text="".join(said), tokens=stats.tokens, timings=timings))
+        text = "".join(said)
+        self.emit(ev.ResponseDone(turn_id=turn_id, text=text, tokens=stats.tokens, timings=timings))
+        self._spawn(self._run_hook("on_response", text), "on-response")
+
+    async def _tool_result(self, call: ParsedToolCall, outcome: ToolOutcome) -> ToolOutcome:
+        replaced = await self._run_hook("on_tool_result", call, outcome)
+        return replaced if isinstance(replaced, ToolOutcome) else outcome
 
     def _show(self, turn_id: str, pieces: list[TextPiece | ParsedToolCall], said: list[str]) -> list[ParsedToolCall]:
         """Text goes to the user as deltas; tool calls are announced and collected."""
@@ -328,10 +425,15 @@ class Session:
         if self._response is not None and not self._response.done():
             self._response.cancel("session_closed")
             await asyncio.gather(self._response, return_exceptions=True)
+        tasks = [t for t in self._tasks if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._vad.close()
+        await self._run_hook("on_session_ended", reason)
         try:
-            await self.runtime.backend.forget(self.id)
+            await self.backend.forget(self.id)
         except Exception as exc:
             log.debug("forget failed: %s", exc)
         self.emit(ev.SessionEnded(reason=reason))
-        self.runtime.sessions.pop(self.id, None)
+        self.deps.on_closed(self)

@@ -20,6 +20,8 @@ from typing import Any, Callable, Iterable
 
 from pydantic import BaseModel, Field, ValidationError, create_model
 
+from agent.context import RunContext
+from agent.errors import describe_validation_error
 from agent.model.qwen2_audio import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, tool_responses_text, tools_system_block
 
 OPEN, CLOSE = TOOL_CALL_OPEN, TOOL_CALL_CLOSE
@@ -47,10 +49,14 @@ class Tool:
                             "`from __future__ import annotations` the types must be importable "
                             "from the module, not local to a function") from None
         fields: dict[str, Any] = {}
+        self.context_param: str | None = None  # a RunContext parameter: injected, not in the schema
         for pname, param in inspect.signature(fn).parameters.items():
             if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
                 continue  # the model can only pass named JSON fields
             annotation = hints.get(pname, Any)
+            if annotation is RunContext:
+                self.context_param = pname
+                continue
             default = ... if param.default is inspect.Parameter.empty else param.default
             doc = arg_docs.get(pname)
             # No Field() without a docstring entry: it would hide an Annotated[..., Field(...)].
@@ -74,7 +80,9 @@ class Tool:
         args = self.model.model_validate(arguments)
         return {k: getattr(args, k) for k in type(args).model_fields}
 
-    async def invoke(self, kwargs: dict[str, Any]) -> Any:
+    async def invoke(self, kwargs: dict[str, Any], context: RunContext | None = None) -> Any:
+        if self.context_param is not None:
+            kwargs = {**kwargs, self.context_param: context}
         if inspect.iscoroutinefunction(self.fn):
             return await self.fn(**kwargs)
         result = await asyncio.to_thread(self.fn, **kwargs)  # a blocking tool must not stall the loop
@@ -82,9 +90,9 @@ class Tool:
             result = await result
         return result
 
-    async def call(self, arguments: dict[str, Any]) -> Any:
+    async def call(self, arguments: dict[str, Any], context: RunContext | None = None) -> Any:
         """Validate and run; raises ValidationError for bad arguments."""
-        return await self.invoke(self.validate(arguments))
+        return await self.invoke(self.validate(arguments), context)
 
 
 def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
@@ -232,11 +240,18 @@ class ToolRegistry:
         """The `<tools>` section of the system message."""
         return tools_system_block([t.schema() for t in self._tools.values()])
 
-    async def execute(self, calls: list[ParsedToolCall], timeout: float = 10.0) -> list[ToolOutcome]:
-        """Run the calls concurrently; every failure becomes an outcome the model can read."""
-        return list(await asyncio.gather(*(self._run(c, timeout) for c in calls)))
+    def copy(self) -> "ToolRegistry":
+        """A registry of its own with the same tools (a session's view, changeable alone)."""
+        other = ToolRegistry()
+        other._tools = dict(self._tools)
+        return other
 
-    async def _run(self, call: ParsedToolCall, timeout: float) -> ToolOutcome:
+    async def execute(self, calls: list[ParsedToolCall], timeout: float = 10.0,
+                      context: RunContext | None = None) -> list[ToolOutcome]:
+        """Run the calls concurrently; every failure becomes an outcome the model can read."""
+        return list(await asyncio.gather(*(self._run(c, timeout, context) for c in calls)))
+
+    async def _run(self, call: ParsedToolCall, timeout: float, context: RunContext | None) -> ToolOutcome:
         def fail(message: str) -> ToolOutcome:
             return ToolOutcome(call.call_id, call.name, False, error=message)
 
@@ -248,11 +263,10 @@ class ToolRegistry:
         try:
             kwargs = t.validate(call.arguments or {})
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'arguments'}: {e['msg']}"
-                                 for e in exc.errors())
+            problems = describe_validation_error(exc, "arguments")
             return fail(f"bad arguments for {t.name}: {problems}")
         limit = t.timeout or timeout
-        task = asyncio.ensure_future(t.invoke(kwargs))
+        task = asyncio.ensure_future(t.invoke(kwargs, context))
         try:
             done, _ = await asyncio.wait({task}, timeout=limit)
         except asyncio.CancelledError:

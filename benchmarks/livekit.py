@@ -72,7 +72,7 @@ async def _paced(n: int, send: Callable[[int, int], Awaitable[None]], lag: list[
 async def _run(path: str, n: int, runtime: Any, audio: np.ndarray, seconds: float) -> dict[str, Any]:
     from livekit import rtc
 
-    from plugins.livekit.participant import ParticipantRouter
+    from agent.transports.livekit.participant import ParticipantRouter
 
     offsets = [i * 7919 for i in range(n)]  # out of phase, like real speakers
     router, sources, sessions = None, [], []

@@ -37,7 +37,7 @@ async def _clients(url: str, peers: int, audio: np.ndarray, stop: Any) -> None:
     from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
     from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-    from agent.server.webrtc import use_loopback_candidates
+    from agent.transports.webrtc import use_loopback_candidates
 
     use_loopback_candidates()
     pcm = (np.clip(audio, -1, 1) * 32767).astype(np.int16)
@@ -142,7 +142,7 @@ async def _bench(peer_counts: list[int], seconds: float) -> dict[str, Any]:
     from agent.inference.scripted import ScriptedBackend
     from agent.runtime import AgentRuntime
     from agent.server.app import MANAGER, create_app
-    from agent.server.webrtc import use_loopback_candidates
+    from agent.transports.webrtc import use_loopback_candidates
     from benchmarks.vad import load_audio
 
     use_loopback_candidates()

@@ -20,7 +20,7 @@ import os
 from livekit.agents import (Agent, AgentSession, JobContext, JobProcess, RunContext, WorkerOptions, cli,
                             function_tool, room_io)
 
-from plugins.livekit.realtime import QwenRealtimeModel
+from agent.integrations.livekit_agents import QwenRealtimeModel
 
 LIGHTS: dict[str, bool] = {}
 

@@ -20,7 +20,7 @@ from agent import events as ev
 from agent.config import load_settings
 from agent.inference.scripted import ScriptedBackend
 from agent.runtime import AgentRuntime
-from plugins.livekit.realtime import QwenRealtimeModel, QwenRealtimeSession
+from agent.integrations.livekit_agents import QwenRealtimeModel, QwenRealtimeSession
 
 ROOT = Path(__file__).resolve().parent.parent
 FIRST = int(3.2 * 16000)  # speech_two: the first utterance and the pause after it
@@ -381,7 +381,7 @@ async def test_example_worker_is_built_from_our_model(speech_two: Any) -> None:
 
 
 async def test_audio_waiting_for_a_stalled_pipeline_is_capped(speech_two: Any) -> None:
-    from plugins.livekit import realtime
+    from agent.integrations import livekit_agents as realtime
 
     gate = asyncio.Event()
     runtime, _ = await scripted_runtime(["ok"])

@@ -28,8 +28,8 @@ from agent.config import load_settings
 from agent.inference.scripted import ScriptedBackend
 from agent.plugin import PluginContext, PluginHost
 from agent.runtime import AgentRuntime
-from plugins.livekit import LiveKitConfig, LiveKitPlugin
-from plugins.livekit.participant import ATTR_FINAL, ATTR_SEGMENT_ID, TOPIC_TRANSCRIPTION, ParticipantRouter
+from agent.transports.livekit import LiveKitConfig, LiveKitPlugin
+from agent.transports.livekit.participant import ATTR_FINAL, ATTR_SEGMENT_ID, TOPIC_TRANSCRIPTION, ParticipantRouter
 from tests.mosquitto import FakeCommands
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -232,7 +232,7 @@ async def test_commands_and_bad_command_packets(room, runtime) -> None:
 
 
 async def test_slow_pipeline_drops_oldest_audio(runtime) -> None:
-    from plugins.livekit.audio import AudioPump
+    from agent.transports.livekit.participant import AudioPump
 
     class Slow:
         id, closed = "slow", False
@@ -336,7 +336,7 @@ def test_config_errors_are_clear(config: dict[str, Any], problem: str) -> None:
 def test_config_defaults_and_token() -> None:
     from livekit import api
 
-    from plugins.livekit.config import make_token
+    from agent.transports.livekit.config import make_token
 
     c = LiveKitConfig.model_validate({"url": "wss://x.livekit.cloud", **CREDS})
     assert (c.events_topic, c.commands_topic, c.connect_timeout_s, c.identity) == (EVENTS, COMMANDS, 10.0, None)

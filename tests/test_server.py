@@ -14,7 +14,7 @@ from agent.config import load_settings
 from agent.inference.scripted import ScriptedBackend
 from agent.runtime import AgentRuntime
 from agent.server.app import MANAGER, create_app
-from agent.server.webrtc import TASK_PREFIX
+from agent.transports.webrtc import TASK_PREFIX
 from tests.rtc_util import BufferTrack, MuteTrack, connect, loopback_only, offer
 from tests.speech import make_speech
 
@@ -266,7 +266,7 @@ async def test_a_session_that_falls_behind_drops_oldest_audio(server: Server, mo
     client = await connect(server.url, BufferTrack(make_speech([1.0]).samples, loop=True))
     peer = server.app[MANAGER].peers[client.session_id]
     await until(lambda: peer.dropped_frames > 0, timeout=30)
-    assert peer._audio.qsize() <= peer._audio.maxsize
+    assert peer._ingress is not None and peer._ingress._queued <= peer._ingress.max_samples
     async with aiohttp.ClientSession() as http, http.get(f"{server.url}/metrics") as r:
         assert "voice_agent_audio_frames_dropped_total 0.0" not in await r.text()
     await client.close()

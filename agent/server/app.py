@@ -22,7 +22,7 @@ from agent.runtime import AgentRuntime
 from agent.server import routes
 from agent.server.metrics import Metrics
 from agent.server.routes import MANAGER, SETTINGS, WEBSOCKETS, error
-from agent.server.webrtc import PeerManager, is_loopback, use_loopback_candidates
+from agent.transports.webrtc import PeerManager, is_loopback, use_loopback_candidates
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from agent.config import ServerSettings
-from agent.server.webrtc import TASK_PREFIX, CapacityError, OfferError, Peer, PeerManager
+from agent.transports.webrtc import TASK_PREFIX, CapacityError, OfferError, Peer, PeerManager
 
 MANAGER: web.AppKey[PeerManager] = web.AppKey("peers", PeerManager)
 SETTINGS: web.AppKey[ServerSettings] = web.AppKey("server_settings", ServerSettings)
@@ -108,10 +108,11 @@ async def session_events(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(heartbeat=30.0)
     await ws.prepare(request)
     request.app[WEBSOCKETS].add(ws)
-    sub = peer.session.runtime.bus.subscribe(peer.id)
+    sub = request.app[MANAGER].runtime.bus.subscribe(peer.id)
 
     async def pump() -> None:
-        await ws.send_str(peer.started_event.model_dump_json())
+        if peer.started_event is not None:
+            await ws.send_str(peer.started_event.model_dump_json())
         if peer.closed:  # ended while we subscribed: its session.ended is gone
             await ws.close()
             return

@@ -4,7 +4,7 @@
       livekit: {url: "ws://127.0.0.1:7880", api_key: devkey, api_secret: secret, room: kitchen}
 """
 
-from plugins.livekit.config import LiveKitConfig
-from plugins.livekit.room import LiveKitPlugin
+from agent.transports.livekit.config import LiveKitConfig
+from agent.transports.livekit.room import LiveKitPlugin
 
 __all__ = ["LiveKitConfig", "LiveKitPlugin"]

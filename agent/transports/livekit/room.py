@@ -19,8 +19,8 @@ from typing import Any
 from livekit import rtc
 
 from agent.plugin import Plugin, PluginContext
-from plugins.livekit.config import LiveKitConfig, make_token
-from plugins.livekit.participant import ParticipantRouter
+from agent.transports.livekit.config import LiveKitConfig, make_token
+from agent.transports.livekit.participant import ParticipantRouter
 
 log = logging.getLogger(__name__)
 

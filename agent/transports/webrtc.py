@@ -1,10 +1,10 @@
-"""WebRTC transport: one `AgentRuntime` session per RTCPeerConnection.
+"""WebRTC transport (the browser playground, and WHIP ingest): one session per RTCPeerConnection.
 
-The peer's audio track drives the session (48 kHz stereo Opus → 16 kHz mono float32);
-a data channel labelled `events` carries the session's events out and commands in.
-Anything that ends the peer (connection closed/failed, track ended, DELETE, timeouts,
-`session.close`, shutdown) goes through `Peer.close`, which cancels every task, stops
-the track and closes the session exactly once.
+The peer's audio track drives the session (48 kHz stereo Opus → 16 kHz mono float32, through
+the shared `AudioIngress`); a data channel labelled `events` carries the session's events out
+and commands in. Anything that ends the peer (connection closed/failed, track ended, DELETE,
+timeouts, `session.close` from any side, shutdown) goes through `Peer.close`, which cancels
+every task, stops the track and closes the session exactly once.
 """
 
 from __future__ import annotations
@@ -17,23 +17,24 @@ import uuid
 from typing import Any, Callable
 
 import av
-import numpy as np
-import pydantic
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcdatachannel import RTCDataChannel
 
 from agent import events as ev
 from agent.audio import Resampler
+from agent.bus import Subscription
 from agent.config import ServerSettings
 from agent.runtime import AgentRuntime
 from agent.session import Session
+from agent.transports.base import AudioIngress, EventEgress, handle_command
 
 log = logging.getLogger(__name__)
 
 EVENTS_LABEL = "events"
 TASK_PREFIX = "webrtc-"  # every task this module starts is named so (tests look for leftovers)
 QUEUE_SECONDS = 2.0  # audio a session may fall behind before the oldest is dropped
+MAX_UNSENT_EVENTS = 256  # events held while the data channel is not open yet
 
 
 class OfferError(ValueError):
@@ -80,25 +81,28 @@ class Peer:
     """One peer connection and the session it drives."""
 
     def __init__(self, manager: "PeerManager", pc: RTCPeerConnection, session: Session,
-                 sub: Any, started: ev.Event) -> None:
+                 events: Subscription) -> None:
         self.manager = manager
         self.pc = pc
         self.session = session
         self.id = session.id
-        self.started_event = started  # replayed to late WebSocket subscribers
-        self._sub = sub  # the session's events, for the data channel
+        self.started_event: ev.Event | None = None  # replayed to late WebSocket subscribers
+        self._events = events  # the session's events, session.started first
         self._channel: RTCDataChannel | None = None
-        self._channel_open = asyncio.Event()
+        self._unsent: list[ev.Event] = []  # until the data channel opens
         self._tracks: list[MediaStreamTrack] = []
         self._tasks: set[asyncio.Task[Any]] = set()
-        # ~50 frames/s of 20 ms each; more than QUEUE_SECONDS behind → drop the oldest
-        self._audio: asyncio.Queue[np.ndarray] = asyncio.Queue(int(QUEUE_SECONDS * 50))
+        self._ingress: AudioIngress | None = None
+        self._egress: EventEgress | None = None
         self.frames = 0
-        self.dropped_frames = 0
         self.connected_at = time.monotonic()
         self.last_frame: float | None = None
         self.closed = False
         self._closing: asyncio.Task[None] | None = None
+
+    @property
+    def dropped_frames(self) -> int:
+        return self._ingress.dropped_frames if self._ingress is not None else 0
 
     # ---- wiring -------------------------------------------------------------------
     def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
@@ -115,8 +119,8 @@ class Peer:
             if track.kind != "audio" or self._tracks:
                 return  # one microphone per session; other tracks are ignored
             self._tracks.append(track)
-            self.spawn(self._receive(track), "recv")
-            self.spawn(self._feed(), "feed")
+            self._ingress = AudioIngress(self.session, QUEUE_SECONDS, self.manager.count_dropped, TASK_PREFIX)
+            self.spawn(self._receive(track, self._ingress), "recv")
 
         @pc.on("datachannel")
         def on_datachannel(channel: RTCDataChannel) -> None:
@@ -125,10 +129,9 @@ class Peer:
             self._channel = channel
             channel.on("message", self._on_message)
             if channel.readyState == "open":
-                self._channel_open.set()
+                self._flush_unsent()
             else:
-                channel.on("open", self._channel_open.set)
-            self.spawn(self._pump(channel), "events")
+                channel.on("open", self._flush_unsent)
 
         @pc.on("connectionstatechange")
         async def on_state() -> None:
@@ -136,9 +139,12 @@ class Peer:
                 self.close_soon("client_gone")
 
         self.spawn(self._watchdog(), "watchdog")
+        # Every event goes through here, data channel or not (WHIP has none): a session that
+        # ends from any side closes the peer.
+        self._egress = EventEgress(self.id, self._events, self._send, self.close_soon, TASK_PREFIX)
 
     # ---- audio --------------------------------------------------------------------
-    async def _receive(self, track: MediaStreamTrack) -> None:
+    async def _receive(self, track: MediaStreamTrack, ingress: AudioIngress) -> None:
         """Consume every frame (aiortc buffers unread frames without bound)."""
         resampler = Resampler()
         while True:
@@ -154,53 +160,36 @@ class Peer:
             except (ValueError, av.FFmpegError) as exc:  # a frame the resampler rejects: skip it
                 log.debug("session %s: bad audio frame: %s", self.id, exc)
                 continue
-            if not samples.size:
-                continue
-            if self._audio.full():
-                self._audio.get_nowait()
-                self.dropped_frames += 1
-                self.manager.count_dropped(1)
-            self._audio.put_nowait(samples)
-
-    async def _feed(self) -> None:
-        """Hand queued audio to the session, everything waiting at once."""
-        try:
-            while True:
-                pieces = [await self._audio.get()]
-                while not self._audio.empty():
-                    pieces.append(self._audio.get_nowait())
-                await self.session.push_audio(np.concatenate(pieces) if len(pieces) > 1 else pieces[0])
-        except Exception as exc:  # e.g. the VAD service died: end this session, not the server
-            log.exception("session %s: audio pipeline failed", self.id)
-            self.session.report_error("internal", f"audio pipeline failed: {exc}")
-            self.close_soon("error")
+            ingress.put(samples)
 
     # ---- events and commands ------------------------------------------------------
-    async def _pump(self, channel: RTCDataChannel) -> None:
-        await self._channel_open.wait()
-        channel.send(self.started_event.model_dump_json())
-        while True:
-            event = await self._sub.get()
-            if channel.readyState != "open":
-                return
-            channel.send(event.model_dump_json())
-
-    def _flush_events(self) -> None:
-        """Send what is still queued (session.ended above all) before the channel closes."""
+    def _send(self, event: ev.Event) -> None:
+        if self.started_event is None:
+            self.started_event = event
         channel = self._channel
-        if channel is None or channel.readyState != "open" or not self._channel_open.is_set():
+        if channel is not None and channel.readyState == "open" and not self._unsent:
+            channel.send(event.model_dump_json())
             return
-        while not self._sub.queue.empty():
-            channel.send(self._sub.queue.get_nowait().model_dump_json())
+        if len(self._unsent) >= MAX_UNSENT_EVENTS:  # nobody reads them (WHIP): keep the first ones
+            self.manager.count_unsent(1)
+            return
+        self._unsent.append(event)
+
+    def _flush_unsent(self) -> None:
+        channel = self._channel
+        if channel is None or channel.readyState != "open":
+            return
+        unsent, self._unsent = self._unsent, []
+        for event in unsent:
+            channel.send(event.model_dump_json())
 
     def _on_message(self, message: str | bytes) -> None:
         self.spawn(self.command(message), "command")
 
     async def command(self, message: str | bytes) -> None:
-        """A client command (data channel or WebSocket)."""
+        """A client command (data channel or WebSocket); session.close ends the peer through
+        the egress, as a close from any other side does."""
         await handle_command(self.session, message)
-        if self.session.closed:  # session.close: the peer goes with it
-            self.close_soon("client")
 
     # ---- timeouts -----------------------------------------------------------------
     async def _watchdog(self) -> None:
@@ -221,7 +210,7 @@ class Peer:
     def close_soon(self, reason: str) -> None:
         """Close from a callback or one of our own tasks (which close() cancels)."""
         if self._closing is None:
-            self._closing = asyncio.ensure_future(self.close(reason))
+            self._closing = asyncio.create_task(self.close(reason), name=f"{TASK_PREFIX}close-{self.id}")
 
     async def close(self, reason: str = "closed") -> None:
         if self.closed:
@@ -237,12 +226,16 @@ class Peer:
         await asyncio.gather(*tasks, return_exceptions=True)
         for track in self._tracks:
             track.stop()
+        if self._ingress is not None:
+            await self._ingress.aclose(timeout=0.5)
         try:
             await self.session.close(reason)
         except Exception:  # the peer must still go away
             log.exception("session %s: close failed", self.id)
-        self._flush_events()
-        self._sub.close()
+        if self._egress is not None:  # session.ended goes out before the channel closes
+            await self._egress.wait(2.0)
+        self._flush_unsent()
+        self._events.close()
         channel = self._channel
         if channel is not None and channel.readyState == "open":
             # Let SCTP hand session.ended to the peer before the transport goes away.
@@ -260,18 +253,6 @@ class Peer:
         await asyncio.gather(*rest, return_exceptions=True)
 
 
-async def handle_command(session: Session, message: str | bytes) -> None:
-    """A client command from any transport; a bad one becomes an `error` event."""
-    try:
-        command = ev.parse_command(message)
-    except pydantic.ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'message'}: {e['msg']}" for e in exc.errors())
-        session.report_error("bad_command", problems)
-        return
-    if not session.closed:
-        await session.handle(command)
-
-
 class PeerManager:
     """All live peers of one app; enforces max_sessions (peers still negotiating count)."""
 
@@ -282,6 +263,7 @@ class PeerManager:
         self.peers: dict[str, Peer] = {}
         self.on_dropped = on_dropped
         self.dropped_frames = 0
+        self.unsent_events = 0  # events no data channel took (WHIP peers have none)
 
     def full(self) -> bool:
         return len(self.peers) >= self.settings.max_sessions
@@ -293,11 +275,9 @@ class PeerManager:
         check_offer_sdp(sdp)
         if self.full():
             raise CapacityError(f"server is at its limit of {self.settings.max_sessions} sessions")
-        session_id = uuid.uuid4().hex[:12]
-        # Subscribe before the session exists so session.started is not missed.
-        sub = self.runtime.bus.subscribe(session_id)
+        session, events = self.runtime.open_session(uuid.uuid4().hex[:12])
         pc = RTCPeerConnection(rtc_configuration(self.settings))
-        peer = Peer(self, pc, self.runtime.create_session(session_id), sub, sub.queue.get_nowait())
+        peer = Peer(self, pc, session, events)
         self.peers[peer.id] = peer  # counts against max_sessions while negotiating
         peer.attach()
         try:
@@ -314,6 +294,9 @@ class PeerManager:
     def count_dropped(self, frames: int) -> None:
         self.dropped_frames += frames
         self.on_dropped(frames)
+
+    def count_unsent(self, events: int) -> None:
+        self.unsent_events += events
 
     async def close_all(self, reason: str = "shutdown") -> None:
         await asyncio.gather(*(peer.close(reason) for peer in list(self.peers.values())),

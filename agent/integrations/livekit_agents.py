@@ -38,12 +38,12 @@ from livekit.agents.types import NOT_GIVEN, NotGivenOr
 
 from agent import events as ev
 from agent.config import Settings, load_settings
+from agent.model.qwen2_audio import SAMPLE_RATE
 from agent.runtime import AgentRuntime
 from agent.session import Session
 from agent.tools import Tool, ToolOutcome, ToolRegistry, format_tool_responses
 
 log = logging.getLogger(__name__)
-SAMPLE_RATE = 16000
 MAX_QUEUED_S = 30.0  # audio waiting for the pipeline (e.g. while the model loads); beyond it new frames are dropped, counted
 _Op = Callable[[Session], Awaitable[None]]  # ordered with the audio: commit, clear, reply, …
 
@@ -297,11 +297,11 @@ class QwenRealtimeSession(llm.RealtimeSession):
             self._error(exc, recoverable=False)
             self._fail_replies(f"the Qwen runtime did not start: {exc}")
             return
-        session = runtime.create_session(manual_turns=self._manual)
+        # open_session: the subscription exists before the session, so session.started is seen.
+        session, sub = runtime.open_session(manual_turns=self._manual, queue_size=65536)
         session.defer_tool_calls = True  # livekit-agents runs the tools (module docstring)
         session.tools = self._registry
         self._session = session
-        sub = runtime.bus.subscribe(session.id, maxsize=65536)
         pump = asyncio.create_task(self._pump(sub))
         try:
             while True:

@@ -22,14 +22,15 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol
 
+import numpy as np
 from livekit import rtc
-from pydantic import ValidationError
 
 from agent import events as ev
 from agent.bus import EventBus, Subscription
+from agent.model.qwen2_audio import SAMPLE_RATE
 from agent.plugin import SessionFactory
 from agent.session import Session
-from plugins.livekit.audio import AudioPump
+from agent.transports.base import AudioIngress, EventEgress, handle_command
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,59 @@ TOPIC_TRANSCRIPTION = "lk.transcription"
 MAX_PACKET = 15_000
 ATTR_SEGMENT_ID = "lk.segment_id"
 ATTR_FINAL = "lk.transcription_final"
+
+
+def frame_to_float(frame: rtc.AudioFrame) -> np.ndarray:
+    """A mono int16 frame as float32 in [-1, 1)."""
+    return np.frombuffer(frame.data, dtype=np.int16).astype(np.float32) / 32768.0
+
+
+class AudioPump:
+    """One subscribed track → its session's `AudioIngress` (the one bounded drop policy).
+
+    rtc.AudioStream (16 kHz mono int16, the SDK's resampler) is read at once, so the SDK's own
+    frame queue never grows."""
+
+    def __init__(self, track: rtc.Track, session: Session, max_queue_s: float = 2.0,
+                 on_dropped: Any = None) -> None:
+        self.track_sid = track.sid
+        self.session = session
+        self.ingress = AudioIngress(session, max_queue_s, on_dropped, "livekit")
+        self._stream = rtc.AudioStream(track, sample_rate=SAMPLE_RATE, num_channels=1)
+        self._reader = asyncio.create_task(self._read(), name=f"livekit-read-{session.id}")
+
+    @property
+    def running(self) -> bool:
+        return self.ingress.running
+
+    @property
+    def dropped_frames(self) -> int:
+        return self.ingress.dropped_frames
+
+    @property
+    def frames(self) -> int:
+        return self.ingress.frames
+
+    @property
+    def samples(self) -> int:
+        return self.ingress.samples
+
+    async def _read(self) -> None:
+        try:
+            async for event in self._stream:
+                self.ingress.put(frame_to_float(event.frame))
+        finally:
+            self.ingress.end()
+
+    async def aclose(self, timeout: float = 2.0) -> None:
+        """Stop reading; what was already received still reaches the session (bounded wait)."""
+        try:
+            await asyncio.wait_for(self._stream.aclose(), timeout)
+        except Exception as exc:
+            log.debug("livekit: closing the audio stream: %s", exc)
+        self._reader.cancel()
+        await asyncio.gather(self._reader, return_exceptions=True)
+        await self.ingress.aclose(timeout)
 
 
 class TextWriter(Protocol):
@@ -100,7 +154,7 @@ class Participant:
     transcript: Transcript
     pump: AudioPump | None = None
     track_sid: str | None = None  # its audio track, kept after the pump stops (unpublish comes later)
-    sender: asyncio.Task[None] | None = None
+    egress: EventEgress | None = None
     commands: asyncio.Lock = field(default_factory=asyncio.Lock)  # in arrival order, one at a time
 
 
@@ -144,14 +198,13 @@ class ParticipantRouter:
         return p.session
 
     def _open(self, identity: str) -> Participant:
-        session_id = session_id_for(identity)
-        # Subscribe before the session exists so that session.started is not missed.
-        sub = self.bus.subscribe(session_id, maxsize=1024)
-        session = self.sessions.create_session(session_id)
+        session, sub = self.sessions.open_session(session_id_for(identity))
         p = Participant(identity, session, sub, Transcript(identity))
-        p.sender = self._spawn(self._send_events(p), f"events-{session_id}")
+        # A session that ends from any side (session.close, MQTT) releases its participant.
+        p.egress = EventEgress(session.id, sub, lambda event: self._publish(p, event),
+                               lambda reason: self._release(p), "livekit")
         self.participants[identity] = p
-        log.info("livekit: %s joined: session %s", identity, session_id)
+        log.info("livekit: %s joined: session %s", identity, session.id)
         return p
 
     def on_track_unsubscribed(self, identity: str, track_sid: str) -> None:
@@ -187,11 +240,9 @@ class ParticipantRouter:
             pump, p.pump = p.pump, None
             await pump.aclose()
         await p.session.close(reason)
-        if p.sender is not None:  # it stops after publishing session.ended
-            try:
-                await asyncio.wait_for(asyncio.shield(p.sender), 5.0)
-            except asyncio.TimeoutError:
-                p.sender.cancel()
+        if p.egress is not None:  # it stops after publishing session.ended
+            await p.egress.wait(5.0)
+        p.sub.close()
 
     async def aclose(self, reason: str = "shutdown") -> None:
         ends = [self.on_participant_left(i, reason) for i in list(self.participants)]
@@ -202,17 +253,10 @@ class ParticipantRouter:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     # ---- events out -----------------------------------------------------------------
-    async def _send_events(self, p: Participant) -> None:
-        try:
-            while True:
-                event = await p.sub.get()
-                await self._publish(p, event)
-                if isinstance(event, ev.SessionEnded):
-                    break
-        finally:
-            p.sub.close()
-            if self.participants.get(p.identity) is p:  # ended by the client (session.close)
-                self.on_participant_left(p.identity)
+    def _release(self, p: Participant) -> None:
+        p.sub.close()
+        if self.participants.get(p.identity) is p:  # ended by the client (session.close) or the agent
+            self.on_participant_left(p.identity)
 
     async def _publish(self, p: Participant, event: ev.Event) -> None:
         out = self.outbound
@@ -246,20 +290,4 @@ class ParticipantRouter:
 
     async def _command(self, p: Participant, payload: bytes) -> None:
         async with p.commands:
-            session = p.session
-            try:
-                command = ev.parse_command(payload.decode())
-            except UnicodeDecodeError:
-                session.report_error("bad_command", "command packet is not UTF-8 JSON")
-                return
-            except ValidationError as exc:
-                problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'command'}: {e['msg']}" for e in exc.errors())
-                session.report_error("bad_command", f"invalid command: {problems}")
-                return
-            if session.closed:
-                return
-            try:
-                await session.handle(command)
-            except Exception as exc:
-                log.exception("livekit: command %s failed", command.type)
-                session.report_error("command_failed", f"{command.type}: {exc}")
+            await handle_command(p.session, payload)

@@ -1,0 +1,1 @@
+"""Framework adapters: the agent inside other agent frameworks (livekit-agents)."""

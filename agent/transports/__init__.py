@@ -1,0 +1,1 @@
+"""Transports: where audio comes from and events go to. One file (or package) each."""
