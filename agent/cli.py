@@ -10,7 +10,7 @@ import logging
 import sys
 from typing import Any, Sequence
 
-BENCHMARKS = ("vad", "inference", "webrtc", "livekit")
+BENCHMARKS = ("vad", "inference", "webrtc", "livekit", "mqtt", "soak")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
