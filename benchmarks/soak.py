@@ -44,8 +44,10 @@ TARGET_RSS_MB = 20.0
 # ---- the server side (a subprocess) ------------------------------------------------------
 def _serve_main(serve_args: list[str]) -> int:
     """`voice-agent serve …` with a `/_soak/stats` route added to its app."""
+    import ctypes
     import gc
     import threading
+    import tracemalloc
 
     from aiohttp import web
 
@@ -53,6 +55,7 @@ def _serve_main(serve_args: list[str]) -> int:
     from agent.cli import main as cli_main
 
     make_app = app_module.create_app
+    snapshots: list[Any] = []
 
     def create_app(runtime: Any, settings: Any) -> web.Application:
         app = make_app(runtime, settings)
@@ -60,9 +63,23 @@ def _serve_main(serve_args: list[str]) -> int:
         async def stats(request: web.Request) -> web.Response:
             if request.query.get("gc"):
                 gc.collect()
+            if request.query.get("trim"):  # hand freed heap back: tells fragmentation from leaks
+                ctypes.CDLL(None).malloc_trim(0)
+            trace = request.query.get("trace")
+            if trace == "start":
+                tracemalloc.start(8)
+                snapshots.append(tracemalloc.take_snapshot())
+            elif trace == "top" and snapshots:  # Python allocations grown since "start", by where
+                diff = tracemalloc.take_snapshot().compare_to(snapshots[0], "traceback")
+                top = [{"kb": round(d.size_diff / 1024, 1), "count": d.count_diff,
+                        "where": [f"{f.filename}:{f.lineno}" for f in d.traceback[-4:]]} for d in diff[:12]]
+                return web.json_response({"top": top})
             names = Counter(re.sub(r"[-_:]?[0-9a-f]{8,}.*$", "", t.get_name()) for t in asyncio.all_tasks())
+            threads = Counter(re.sub(r"[-_ ]?\d+.*$", "", t.name) for t in threading.enumerate())
             return web.json_response({"tasks": sum(names.values()), "task_names": dict(names),
-                                      "threads": threading.active_count(), "sessions": len(runtime.sessions),
+                                      "threads": threading.active_count(), "thread_names": dict(threads),
+                                      "sessions": len(runtime.sessions),
+                                      "subscriptions": len(getattr(runtime.bus, "_subs", ())),
                                       "peers": len(app[app_module.MANAGER].peers)})
 
         app.router.add_get("/_soak/stats", stats)
@@ -260,11 +277,12 @@ class Clients:
 
 
 # ---- the soak --------------------------------------------------------------------------------
-async def _stats(url: str, gc: bool = False) -> dict[str, Any]:
+async def _stats(url: str, gc: bool = False, trim: bool = False) -> dict[str, Any]:
     import aiohttp
 
+    params = {**({"gc": "1"} if gc else {}), **({"trim": "1"} if trim else {})}
     async with aiohttp.ClientSession() as http:
-        async with http.get(f"{url}/_soak/stats", params={"gc": "1"} if gc else {}) as r:
+        async with http.get(f"{url}/_soak/stats", params=params) as r:
             stats: dict[str, Any] = await r.json()
         async with http.get(f"{url}/metrics") as r:
             text = await r.text()
@@ -273,7 +291,7 @@ async def _stats(url: str, gc: bool = False) -> dict[str, Any]:
     return stats
 
 
-async def settled(server: Server, within_s: float = 60.0) -> dict[str, Any]:
+async def settled(server: Server, within_s: float = 60.0, trim: bool = False) -> dict[str, Any]:
     """Figures once no session is open any more (closing peers finish), after a gc."""
     assert server.proc is not None
     deadline = time.monotonic() + within_s
@@ -282,14 +300,16 @@ async def settled(server: Server, within_s: float = 60.0) -> dict[str, Any]:
             break  # report what is still open rather than hang
         await asyncio.sleep(0.2)
     await asyncio.sleep(1.0)  # closing tasks finish, workers drop finished sessions' caches
-    stats = await _stats(server.url, gc=True)
+    stats = await _stats(server.url, gc=True, trim=trim)
     tree = measure_tree(server.proc.pid)
     return {**tree, "tasks": stats["tasks"], "task_names": stats["task_names"], "sessions": stats["sessions"],
+            "bus_subscriptions": stats["subscriptions"], "py_threads": stats["thread_names"],
             "metrics": stats["metrics"]}
 
 
 async def soak(cycles: int, warmup: int, concurrency: int, flood_peers: int, flood_seconds: float,
-               flood_rounds: int, speed: float, max_new_tokens: int, samples: int) -> dict[str, Any]:
+               flood_rounds: int, speed: float, max_new_tokens: int, samples: int,
+               trim: bool = False) -> dict[str, Any]:
     from agent.transports.webrtc import use_loopback_candidates
 
     use_loopback_candidates()
@@ -305,7 +325,7 @@ async def soak(cycles: int, warmup: int, concurrency: int, flood_peers: int, flo
         await clients.churn(warmup, concurrency)
         warm = dict(clients.outcomes)
         clients.outcomes.clear()
-        base = await settled(server)
+        base = await settled(server, trim=trim)
         timeline: list[dict[str, Any]] = []
         every = max(1, cycles // max(1, samples))
 
@@ -316,21 +336,21 @@ async def soak(cycles: int, warmup: int, concurrency: int, flood_peers: int, flo
         t_churn = time.monotonic()
         await clients.churn(cycles, concurrency, sample)
         churn_s = time.monotonic() - t_churn
-        after_churn = await settled(server)
+        after_churn = await settled(server, trim=trim)
         flood: Counter[str] = Counter()
         rounds: list[dict[str, Any]] = []
         for _ in range(flood_rounds if flood_peers and flood_seconds > 0 else 0):
             flood += await clients.flood(flood_peers, flood_seconds, speed)
-            after = await settled(server)
+            after = await settled(server, trim=trim)
             rounds.append({k: after[k] for k in ("rss_mb", "server_rss_mb", "workers_rss_mb", "fds", "threads",
                                                  "server_threads", "tasks")})
-        end = await settled(server) if not rounds else after
+        end = await settled(server, trim=trim) if not rounds else after
     finally:
         server.stop()
     failures = sum(n for outcome, n in clients.outcomes.items() if outcome != "answered")
     result: dict[str, Any] = {
         "benchmark": "soak", "cycles": cycles, "warmup_cycles": warmup, "concurrency": concurrency,
-        "speech": source, "max_new_tokens": max_new_tokens, "failures": failures,
+        "speech": source, "max_new_tokens": max_new_tokens, "malloc_trim": trim, "failures": failures,
         "outcomes": dict(clients.outcomes), "warmup_outcomes": warm,
         "cycles_per_s": round(cycles / churn_s, 2) if churn_s else 0.0,
         "flood": {"peers": flood_peers, "seconds": flood_seconds, "rounds": rounds, "speed": speed,
@@ -367,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flood-speed", type=float, default=5.0, help="× real time (default 5)")
     parser.add_argument("--max-new-tokens", type=int, default=8, help="tokens per answer (default 8)")
     parser.add_argument("--samples", type=int, default=10, help="RSS samples along the churn (default 10)")
+    parser.add_argument("--trim", action="store_true",
+                        help="diagnosis: malloc_trim(0) in the server before each figure (freed heap is not growth)")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = parser.parse_args(argv)
     if args.cycles < 1 or args.concurrency < 1 or args.flood_peers < 0 or args.flood_rounds < 0 \
@@ -375,11 +397,12 @@ def main(argv: list[str] | None = None) -> int:
                      "--flood-speed > 0")
     warmup = args.warmup if args.warmup is not None else max(1, min(25, args.cycles // 10))
     r = asyncio.run(soak(args.cycles, warmup, args.concurrency, args.flood_peers, args.flood_seconds,
-                         args.flood_rounds, args.flood_speed, args.max_new_tokens, args.samples))
+                         args.flood_rounds, args.flood_speed, args.max_new_tokens, args.samples, args.trim))
     b = r["baseline"]
     print(f"soak: {r['cycles']} WebRTC cycles ({r['concurrency']} at once, {r['speech']}, "
           f"{r['cycles_per_s']} cycles/s) + {len(r['flood']['rounds'])} flood rounds of {r['flood']['peers']} peers "
-          f"× {r['flood']['seconds']:g} s at {r['flood']['speed']:g}× real time; {r['seconds']:g} s")
+          f"× {r['flood']['seconds']:g} s at {r['flood']['speed']:g}× real time; {r['seconds']:g} s"
+          + ("; server heap trimmed before each figure" if r["malloc_trim"] else ""))
     print(f"outcomes: {r['outcomes']}  failures: {r['failures']}  flood: {r['flood']['outcomes']}, "
           f"{r['flood']['audio_frames_dropped']:.0f} frames dropped by the server")
     print(f"{'after':>10} {'RSS MB':>8} {'server':>8} {'workers':>8} {'fds':>5} {'threads':>8} {'server':>7} "
