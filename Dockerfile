@@ -15,7 +15,7 @@ FROM python:${PYTHON_VERSION}-slim-bookworm
 # The version is the one the Makefile pins.
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://pypi.org/simple
-ARG EXTRAS=server,mqtt,homeassistant,webhook,livekit
+ARG EXTRAS=server,mqtt,homeassistant,webhook,livekit,wyoming
 
 # HF_HOME / VOICE_AGENT_CACHE: model weights and the built tiny-random model live on the /cache
 # volume, so a restarted or rebuilt container does not download 17 GB again. Set

@@ -6,8 +6,8 @@ PyAV's resampler, the same code path for files, WebRTC and LiveKit frames.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import av
 import numpy as np
@@ -80,6 +80,8 @@ def iter_file(path: str | Path, chunk_samples: int = 16000) -> Iterator[np.ndarr
     non-audio file.
     """
     path = Path(path)
+    if path.is_dir():
+        raise AudioFileError(f"{path}: is a directory")
     if not path.is_file():
         raise AudioFileError(f"{path}: no such file")
     if path.stat().st_size == 0:
@@ -107,7 +109,7 @@ def iter_file(path: str | Path, chunk_samples: int = 16000) -> Iterator[np.ndarr
     except AudioFileError:
         raise
     except (av.FFmpegError, ValueError, OSError) as exc:
-        raise AudioFileError(f"{path}: cannot decode audio ({exc})") from None
+        raise AudioFileError(f"{path}: cannot decode audio ({_reason(exc)})") from None
     tail = np.concatenate(pending + [resampler.convert(None)])
     if tail.size:
         yield tail
@@ -118,6 +120,13 @@ def iter_file(path: str | Path, chunk_samples: int = 16000) -> Iterator[np.ndarr
         # Decoders stop quietly at a cut-off end; the header knows how long it should be.
         raise AudioFileError(f"{path}: truncated: header says {expected:.2f} s, "
                              f"only {decoded / SAMPLE_RATE:.2f} s could be decoded")
+
+
+def _reason(exc: Exception) -> str:
+    """FFmpeg's and the OS's own words, without the errno and file name around them."""
+    strerror = getattr(exc, "strerror", None)
+    text = strerror if isinstance(strerror, str) and strerror else str(exc)
+    return text[:1].lower() + text[1:]
 
 
 def _wav_header_seconds(path: Path) -> float | None:

@@ -7,43 +7,101 @@ import asyncio
 import importlib
 import json
 import logging
+import os
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-BENCHMARKS = ("vad", "inference", "webrtc", "livekit", "mqtt", "soak")
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML configuration file")
-    p.add_argument("--model", help="auto | tiny-random | random-7b | HUB_ID | PATH (default auto)")
-    p.add_argument("--backend", choices=["transformers", "openai"], help="inference backend")
-    p.add_argument("--openai-url", help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (vLLM)")
-    p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--system-prompt")
-    p.add_argument("-v", "--verbose", action="store_true")
+BENCHMARKS = ("vad", "inference", "webrtc", "livekit", "tts", "mqtt", "soak")
+DESCRIPTION = "Qwen2-Audio voice agent: audio in, text answers and tool calls out."
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="voice-agent", description="Qwen2-Audio voice agent")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _default(defaults: dict[str, Any], key: str) -> str:
+    """The value a setting has when the flag is not given (an agent's own defaults first;
+    a config file or VOICE_AGENT_* variable may still change it)."""
+    from agent.config import Settings
 
-    serve = sub.add_parser("serve", help="HTTP server: playground, WebRTC, WHIP, events, metrics")
-    _common(serve)
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
+    value = defaults.get(key, Settings.model_fields[key].default)
+    return "none" if value is None else str(value)
 
-    run = sub.add_parser("run", help="run the pipeline over audio files, faster than real time")
-    _common(run)
-    run.add_argument("files", nargs="+", metavar="FILE")
-    run.add_argument("--jsonl", action="store_true", help="one event JSON object per line")
-    run.add_argument("--instruction", help="attach this instruction to every turn (audio analysis mode)")
 
-    sub.add_parser("schema", help="print the JSON Schema of all events and commands")
+def _common(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    d = lambda key: _default(defaults, key)  # noqa: E731
+    p.add_argument("--config", metavar="FILE", help="YAML configuration file; VOICE_AGENT_* variables and "
+                   "these flags override it (default: none)")
+    p.add_argument("--model", help="auto (the real model on a GPU, else tiny-random) | tiny-random | random-7b | "
+                   f"HUB_ID | DIRECTORY (default: {d('model')})")
+    p.add_argument("--backend", choices=["transformers", "openai", "scripted"],
+                   help="transformers: local worker processes; openai: an OpenAI-compatible server (vLLM); "
+                   f"scripted: replay the answers of --script, no model (default: {d('backend')})")
+    p.add_argument("--script", metavar="FILE.yaml", help="answers for --backend scripted, one entry per turn, "
+                   f"tool calls included (default: {d('script')})")
+    p.add_argument("--openai-url", metavar="URL", help="the OpenAI-compatible server for --backend openai "
+                   f"(default: {d('openai_url')})")
+    p.add_argument("--max-new-tokens", type=int, metavar="N",
+                   help=f"longest answer, in tokens (default: {d('max_new_tokens')})")
+    prompt = "the agent's instructions" if defaults.get("system_prompt") else "the model's own"
+    p.add_argument("--system-prompt", metavar="TEXT", help=f"the system prompt (default: {prompt})")
+    p.add_argument("--tts", metavar="ENGINE", help="speak answers: espeak | piper | openai | none "
+                   f"(default: {(defaults.get('tts') or {}).get('engine', 'none')})")
+    p.add_argument("--tts-voice", metavar="VOICE", help="the TTS engine's voice: espeak name, Piper .onnx path, "
+                   "server voice (default: the engine's own)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="log progress at INFO, with model loading progress bars (default: warnings only)")
 
-    bench = sub.add_parser("bench", help="benchmarks (ratios measured side by side)")
-    bench.add_argument("name", choices=BENCHMARKS)
-    bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark (--json, …)")
+
+def build_parser(*, description: str | None = None, prog: str | None = "voice-agent",
+                 tools: Sequence[Any] = (), defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
+    defaults = defaults or {}
+    parser = argparse.ArgumentParser(prog=prog, description=description or DESCRIPTION, epilog=_tools_text(tools),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="HTTP server: playground, WebRTC, WHIP, events, metrics",
+                           description="Serve the browser playground at /, WebRTC and WHIP sessions, "
+                           "WebSocket events, /healthz and /metrics.")
+    _common(serve, defaults)
+    server = defaults.get("server") or {}
+    serve.add_argument("--host", help=f"address to listen on (default: {server.get('host', '127.0.0.1')})")
+    serve.add_argument("--port", type=int, help=f"port to listen on, 0: any free one (default: {server.get('port', 8080)})")
+    serve.add_argument("--wyoming", metavar="URI", help="also serve the Wyoming protocol (Home Assistant), "
+                       f"e.g. tcp://0.0.0.0:10300 (default: {_default(defaults, 'wyoming')})")
+    serve.add_argument("--no-http", action="store_true",
+                       help="no HTTP server, e.g. only --wyoming (default: HTTP on)")
+
+    run = sub.add_parser("run", help="run the pipeline over audio files, faster than real time",
+                         description="Each file is one session, fed faster than real time; the transcript "
+                         "(or, with --jsonl, every event) goes to stdout. Exit status: 0 ok, 1 some turn "
+                         "failed, 2 bad input or nothing could start.")
+    _common(run, defaults)
+    run.add_argument("files", nargs="+", metavar="FILE", help="audio files, any format FFmpeg reads")
+    run.add_argument("--jsonl", action="store_true",
+                     help="print every event as one JSON object per line (default: a readable transcript)")
+    run.add_argument("--instruction", metavar="TEXT", help="attach this instruction to every turn: audio "
+                     "analysis instead of voice chat (default: none)")
+    run.add_argument("--speak-dir", metavar="DIR", help="with --tts: write each spoken answer as DIR/<turn_id>.wav "
+                     "(default: none)")
+
+    sub.add_parser("schema", help="print the JSON Schema of all events and commands",
+                   description="Print the JSON Schema of all events and commands.")
+
+    bench = sub.add_parser("bench", help="benchmarks (ratios measured side by side)",
+                           description="Benchmarks that print side-by-side ratios; --json for one JSON line.")
+    bench.add_argument("name", choices=BENCHMARKS, help="which benchmark")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark (--json, …; default: none)")
     return parser
+
+
+def _tools_text(tools: Sequence[Any]) -> str | None:
+    if not tools:
+        return None
+    lines = ["tools:"]
+    for t in tools:
+        name = getattr(t, "name", None) or getattr(t, "__name__", repr(t))
+        params = ", ".join((getattr(t, "parameters", None) or {}).get("properties", {}))
+        description = getattr(t, "description", None) or ""
+        lines.append(f"  {name}({params})" + (f": {description}" if description else ""))
+    return "\n".join(lines)
 
 
 def load_cli_settings(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> Any:
@@ -51,25 +109,40 @@ def load_cli_settings(args: argparse.Namespace, defaults: dict[str, Any] | None 
 
     overrides: dict[str, Any] = {**(defaults or {})}
     overrides |= {k: v for k, v in {
-        "model": args.model, "backend": args.backend, "openai_url": args.openai_url,
+        "model": args.model, "backend": args.backend, "script": args.script, "openai_url": args.openai_url,
         "max_new_tokens": args.max_new_tokens, "system_prompt": args.system_prompt,
+        "wyoming": getattr(args, "wyoming", None),
     }.items() if v is not None}
+    tts = getattr(args, "tts", None)
+    voice = getattr(args, "tts_voice", None)
+    if tts is not None or voice is not None:
+        # Merged over the file's `tts:` section (the flag wins for the keys it names).
+        from agent.config import read_yaml_section
+
+        section = dict(read_yaml_section(args.config, "tts"))
+        overrides["tts"] = section | {k: v for k, v in {"engine": tts, "voice": voice}.items() if v is not None}
     settings = load_settings(args.config, **overrides)
     if getattr(args, "host", None) is not None:
         settings.server.host = args.host
     if getattr(args, "port", None) is not None:
         settings.server.port = args.port
+    if getattr(args, "no_http", False):
+        settings.server.http = False
     return settings
 
 
 def main(argv: Sequence[str] | None = None, *, agent: Any = None) -> int:
-    """The `voice-agent` command; `agent.Agent.cli()` calls it with itself (tools, prompt, hooks)."""
-    if agent is None:
-        from agent.app import Agent
-
-        agent = Agent()
-    system_prompt, defaults = agent.instructions, agent.defaults
-    args = build_parser().parse_args(argv)
+    """The `voice-agent` command; `agent.Agent.cli()` calls it with itself (tools, prompt,
+    hooks, description), and `--help` then names the program and shows its tools."""
+    system_prompt, defaults = (agent.instructions, agent.defaults) if agent is not None else (None, {})
+    runtime_options: dict[str, Any] = agent.runtime_options() if agent is not None else {}
+    defaults = {"system_prompt": system_prompt, **defaults}
+    if agent is not None:
+        description = agent.description or type(agent).__doc__
+        parser = build_parser(description=description, prog=None, tools=agent.tools, defaults=defaults)
+    else:
+        parser = build_parser(defaults=defaults)
+    args = parser.parse_args(argv)
     if args.command == "schema":
         from agent.events import json_schema
 
@@ -81,25 +154,29 @@ def main(argv: Sequence[str] | None = None, *, agent: Any = None) -> int:
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not args.verbose:
+        # Weight-loading progress bars (transformers, huggingface_hub) in this process and
+        # the inference workers, which inherit the environment; a user's own setting wins.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from agent.config import ConfigError
 
     try:
-        settings = load_cli_settings(args, {"system_prompt": system_prompt, **(defaults or {})})
+        settings = load_cli_settings(args, defaults)
     except ConfigError as exc:
-        print(f"voice-agent: {exc}", file=sys.stderr)
+        print(f"{parser.prog}: {exc}", file=sys.stderr)
         return 2
     if args.command == "run":
         from agent.transports.files import run_files
 
+        if args.speak_dir and settings.tts.engine == "none":
+            print("voice-agent: --speak-dir needs a TTS engine (--tts espeak, or tts.engine in the config)",
+                  file=sys.stderr)
+            return 2
         return asyncio.run(run_files(settings, args.files, instruction=args.instruction, jsonl=args.jsonl,
-                                     runtime_options=agent.runtime_options()))
-    try:
-        from agent.server.app import serve
-    except ImportError:
-        print("voice-agent: serve is not available yet (the HTTP/WebRTC server is not built); "
-              "use `voice-agent run FILE`", file=sys.stderr)
-        return 2
-    return asyncio.run(serve(settings, runtime_options=agent.runtime_options()))
+                                     runtime_options=runtime_options, speak_dir=args.speak_dir))
+    from agent.server.app import serve
+
+    return asyncio.run(serve(settings, runtime_options=runtime_options))
 
 
 if __name__ == "__main__":

@@ -1,71 +1,115 @@
 """Configuration, validated up front: a YAML file plus `VOICE_AGENT_*` environment variables.
 
 Precedence: command-line flags > environment > YAML file > defaults. Nested keys use
-`__` in the environment, e.g. `VOICE_AGENT_TURNS__MIN_SILENCE_S=0.4`.
+`__` in the environment, e.g. `VOICE_AGENT_TURNS__MIN_SILENCE_S=0.4`. Every section
+forbids unknown keys and an unknown `VOICE_AGENT_*` variable is an error: a typo must not
+leave a setting at its default unnoticed. Numbers are numbers: `true` is not 1.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from agent.errors import Float, Int, describe_validation_error, did_you_mean, yaml_problem
+from agent.speech.base import TTSSettings
 from agent.turns import TurnConfig
+
+ENV_PREFIX = "VOICE_AGENT_"
+# Our variables that are not settings (read elsewhere, e.g. where tiny-random is cached).
+OTHER_ENV = {"VOICE_AGENT_CACHE"}
 
 
 class ConfigError(Exception):
     pass
 
 
+
+
 class TurnSettings(BaseModel):
-    threshold: float = Field(0.5, gt=0, lt=1)
-    neg_threshold: float = Field(0.35, gt=0, lt=1)
-    pre_roll_s: float = Field(0.25, ge=0, le=2)
-    min_speech_s: float = Field(0.15, ge=0, le=5)
-    min_silence_s: float = Field(0.5, ge=0.1, le=5)
-    max_turn_s: float = Field(30.0, gt=1, le=30)
+    model_config = ConfigDict(extra="forbid")
+
+    threshold: Float = Field(default=0.5, gt=0, lt=1)
+    neg_threshold: Float = Field(default=0.35, gt=0, lt=1)
+    pre_roll_s: Float = Field(default=0.25, ge=0, le=2)
+    min_speech_s: Float = Field(default=0.15, ge=0, le=5)
+    min_silence_s: Float = Field(default=0.5, ge=0.1, le=5)
+    max_turn_s: Float = Field(default=30.0, gt=1, le=30)
+    # Speech while the agent speaks interrupts it only once it lasted this long: a shorter
+    # backchannel ("mm-hm") neither stops the voice nor becomes a turn.
+    interrupt_min_speech_s: Float = Field(default=0.3, ge=0, le=5)
 
     def to_turn_config(self) -> TurnConfig:
-        return TurnConfig(**self.model_dump())
+        return TurnConfig(**self.model_dump(exclude={"interrupt_min_speech_s"}))
 
 
 class ServerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     host: str = "127.0.0.1"
-    port: int = Field(8080, ge=0, le=65535)
+    port: Int = Field(default=8080, ge=0, le=65535)
     token: str | None = None  # bearer token for every endpoint but /healthz
     cors_origins: list[str] = Field(default_factory=list)
-    max_sessions: int = Field(32, ge=1)
-    max_body_bytes: int = Field(64 * 1024, ge=1024)
-    idle_timeout_s: float = Field(3600.0, gt=0)  # session with no activity at all
-    no_audio_timeout_s: float = Field(30.0, gt=0)  # connected but no audio frames
+    max_sessions: Int = Field(default=32, ge=1)
+    max_body_bytes: Int = Field(default=64 * 1024, ge=1024)
+    idle_timeout_s: Float = Field(default=3600.0, gt=0)  # session with no activity at all
+    no_audio_timeout_s: Float = Field(default=30.0, gt=0)  # connected but no audio frames
     ice_servers: list[str] = Field(default_factory=list)  # none by default: nothing leaves the host
+    http: bool = True  # False: `serve` runs only the Wyoming server
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="VOICE_AGENT_", env_nested_delimiter="__", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid")
 
     model: str = "auto"  # auto | tiny-random | random-7b | HUB_ID | PATH
-    backend: Literal["transformers", "openai"] = "transformers"
+    backend: Literal["transformers", "openai", "scripted"] = "transformers"
+    script: str | None = None  # backend scripted: the YAML file of answers (agent.inference.scripted)
     openai_url: str = "http://127.0.0.1:8000/v1"
     openai_model: str = "Qwen/Qwen2-Audio-7B-Instruct"
     openai_api_key: str | None = None
-    workers: int | None = Field(None, ge=1)
-    max_batch: int = Field(16, ge=1, le=256)
-    max_queue: int = Field(64, ge=1)
+    workers: Int | None = Field(default=None, ge=1)
+    max_batch: Int = Field(default=16, ge=1, le=256)
+    max_queue: Int = Field(default=64, ge=1)
     system_prompt: str | None = None
-    max_new_tokens: int = Field(256, ge=1, le=4096)
-    context_tokens: int = Field(6000, ge=512)
-    max_tool_rounds: int = Field(3, ge=0, le=10)
-    tool_timeout_s: float = Field(10.0, gt=0)
+    max_new_tokens: Int = Field(default=256, ge=1, le=4096)
+    context_tokens: Int = Field(default=6000, ge=512)
+    max_tool_rounds: Int = Field(default=3, ge=0, le=10)
+    tool_timeout_s: Float = Field(default=10.0, gt=0)
     agent_id: str = "agent"
     turns: TurnSettings = Field(default_factory=TurnSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
     plugins: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    tts: TTSSettings = Field(default_factory=TTSSettings)  # speech out; engine `none` = text only
+    wyoming: str | None = Field(default=None, pattern=r"^(tcp|unix)://")  # Wyoming server, e.g. tcp://0.0.0.0:10300
 
     _yaml: dict[str, Any] = {}
+
+    @field_validator("model")
+    @classmethod
+    def _model_path(cls, value: str) -> str:
+        """A value that looks like a path must be a directory; otherwise the hub client
+        answers with a puzzling message about repo id characters."""
+        path = Path(value).expanduser()
+        looks_like_path = (value.startswith(("/", ".", "~")) or value.endswith("/") or "\\" in value
+                           or value.count("/") > 1)
+        if looks_like_path and not path.is_dir():
+            raise ValueError(f"{value}: {'not a directory' if path.exists() else 'no such directory'}")
+        return str(path) if value.startswith("~") else value
+
+    @model_validator(mode="after")
+    def _script_for_scripted(self) -> Settings:
+        if self.backend == "scripted":
+            if self.script is None:
+                raise ValueError("backend scripted needs a script file (--script FILE.yaml, or script: in the config)")
+            from agent.inference.scripted import load_script
+
+            load_script(self.script)  # a bad script fails here, before anything starts
+        return self
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
@@ -86,24 +130,70 @@ class _YamlSource(PydanticBaseSettingsSource):
         return dict(self._data)
 
 
+def _env_names() -> list[str]:
+    """Every variable name that sets something (sections: each key, and the whole section as JSON)."""
+    names = []
+    for name, field in Settings.model_fields.items():
+        names.append(ENV_PREFIX + name.upper())
+        section = field.annotation
+        if isinstance(section, type) and issubclass(section, BaseModel):
+            names += [f"{ENV_PREFIX}{name.upper()}__{key.upper()}" for key in section.model_fields]
+    return names
+
+
+def check_environment(environ: dict[str, str] | os._Environ[str] | None = None) -> None:
+    """Raise ConfigError naming every `VOICE_AGENT_*` variable that sets nothing."""
+    environ = os.environ if environ is None else environ
+    known = set(_env_names())
+    unknown = []
+    for key in environ:
+        name = key.upper()  # pydantic-settings matches names case-insensitively
+        if not name.startswith(ENV_PREFIX) or name in known or name in OTHER_ENV:
+            continue
+        if name.startswith(f"{ENV_PREFIX}PLUGINS__"):
+            continue  # plugin sections validate their own keys when the plugins load
+        unknown.append(f"{key}{did_you_mean(name, sorted(known))}")
+    if unknown:
+        raise ConfigError(f"unknown environment variable{'s' if len(unknown) > 1 else ''}: {', '.join(sorted(unknown))}")
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise ConfigError(f"{path}: {(exc.strerror or str(exc)).lower()}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}, {yaml_problem(exc)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return data
+
+
+def read_yaml_section(path: str | Path | None, key: str) -> dict[str, Any]:
+    """One mapping section of the config file ({} when absent or unreadable: load_settings reports that)."""
+    if path is None:
+        return {}
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    section = data.get(key) if isinstance(data, dict) else None
+    return section if isinstance(section, dict) else {}
+
+
 def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     """Read and validate the configuration; raises ConfigError with every problem listed."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"{path}: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
+    data = _read_yaml(path) if path is not None else {}
+    check_environment()
     overrides = {k: v for k, v in overrides.items() if v is not None}
     Settings._yaml = data
     try:
         settings = Settings(**overrides)
         settings.turns.to_turn_config()
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"invalid configuration: {problems}") from None
+        raise ConfigError(f"invalid configuration: {describe_validation_error(exc, '', model=Settings)}") from None
     except ValueError as exc:
         raise ConfigError(f"invalid configuration: {exc}") from None
     finally:

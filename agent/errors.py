@@ -1,10 +1,67 @@
-"""One way to say what is wrong with validated input (config, commands, plugin configs)."""
+"""One way to say what is wrong with validated input (config, commands, plugin configs,
+tool arguments, script files): `where.it.is: what is wrong; next.problem: …`; and the strict
+number types (`Int`, `Float`) that keep `true` from passing for 1."""
 
 from __future__ import annotations
 
-from pydantic import ValidationError
+import difflib
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ValidationError
+
+# pydantic prefixes errors raised by our own validators with this; the reason reads better without.
+_VALUE_ERROR = "Value error, "
 
 
-def describe_validation_error(exc: ValidationError, root: str = "(input)") -> str:
-    """`a.b: message; c: message` — each problem with where it is; `root` names the whole."""
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or root}: {e['msg']}" for e in exc.errors())
+def describe_validation_error(exc: ValidationError, root: str = "(input)",
+                              model: type[BaseModel] | None = None, prefix: str = "") -> str:
+    """`loc: msg` for every problem, joined by `; `. `root` names a problem of the whole
+    input (an empty location), e.g. "message" or "arguments" ("": no prefix). With `model`, a misspelled
+    key says which known key it is close to; `prefix` places the input in a larger document."""
+    problems = []
+    for error in exc.errors(include_url=False):
+        where = prefix + ".".join(str(part) for part in error["loc"]) or root
+        if error["type"] == "extra_forbidden":
+            message = "unknown key" + did_you_mean(str(error["loc"][-1]), _known_keys(model, error["loc"][:-1]))
+        else:
+            message = error["msg"].removeprefix(_VALUE_ERROR)
+        problems.append(f"{where}: {message}" if where else message)
+    return "; ".join(problems)
+
+
+def did_you_mean(name: str, known: list[str]) -> str:
+    """` (did you mean x?)` for the closest known name, or ""."""
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _known_keys(model: type[BaseModel] | None, path: tuple[Any, ...]) -> list[str]:
+    """The field names of the (nested) model at `path`; [] when it is not a model."""
+    for part in path:
+        if model is None:
+            return []
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field is not None else None
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return list(model.model_fields) if model is not None else []
+
+
+def yaml_problem(exc: Exception) -> str:
+    """`line N, column M: problem (context)` for a YAML syntax error: the line once, no
+    excerpt of the parser's internal string."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    context = getattr(exc, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}" + (f" ({context})" if context else "")
+
+
+def _not_bool(value: Any) -> Any:
+    # pydantic's lax mode reads true as 1; in a config or a command that is a mistake, not a number.
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not a boolean")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_bool)]  # an int field that refuses true/false
+Float = Annotated[float, BeforeValidator(_not_bool)]  # a float field that refuses true/false

@@ -7,7 +7,7 @@ The same JSON goes over the WebRTC data channel, the WebSocket, MQTT, webhooks a
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -77,6 +77,25 @@ class ResponseCancelled(_Event):
     type: Literal["response.cancelled"] = "response.cancelled"
     turn_id: str
     reason: str
+    spoken_text: str | None = None  # with speech out: what the user heard before the cut
+
+
+class ResponseAudioStarted(_Event):
+    """The answer's first audio frame went out."""
+
+    type: Literal["response.audio.started"] = "response.audio.started"
+    turn_id: str
+
+
+class ResponseAudioDone(_Event):
+    """The answer's audio played out, or was cut (`interrupted`): `spoken_text` was heard."""
+
+    type: Literal["response.audio.done"] = "response.audio.done"
+    turn_id: str
+    duration_s: float  # audio played
+    spoken_text: str
+    interrupted: bool = False
+    timings: dict[str, float] = Field(default_factory=dict)  # tts_first_audio_s (after the first delta), tts_rtf
 
 
 class ToolCall(_Event):
@@ -103,48 +122,54 @@ class Error(_Event):
 
 
 Event = Annotated[
-    Union[
-        SessionStarted,
-        SessionEnded,
-        SpeechStarted,
-        SpeechStopped,
-        TurnCommitted,
-        ResponseStarted,
-        ResponseDelta,
-        ResponseDone,
-        ResponseCancelled,
-        ToolCall,
-        ToolResult,
-        Error,
-    ],
+    SessionStarted
+    | SessionEnded
+    | SpeechStarted
+    | SpeechStopped
+    | TurnCommitted
+    | ResponseStarted
+    | ResponseDelta
+    | ResponseDone
+    | ResponseCancelled
+    | ResponseAudioStarted
+    | ResponseAudioDone
+    | ToolCall
+    | ToolResult
+    | Error,
     Field(discriminator="type"),
 ]
 
 
-class InstructionSet(_Message):
+class _Command(_Message):
+    # Strict: commands come from clients as JSON, where `true` is not the number 1 nor
+    # `"5"` a number; pydantic's lax mode would accept both.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class InstructionSet(_Command):
     """Attach an instruction to the next turn: that turn is audio analysis."""
 
     type: Literal["instruction.set"] = "instruction.set"
     text: str = Field(max_length=8192)
 
 
-class ResponseCancel(_Message):
+class ResponseCancel(_Command):
     type: Literal["response.cancel"] = "response.cancel"
 
 
-class SessionUpdate(_Message):
+class SessionUpdate(_Command):
     type: Literal["session.update"] = "session.update"
     system_prompt: str | None = None
     max_new_tokens: int | None = Field(default=None, ge=1, le=4096)
     min_silence_s: float | None = Field(default=None, ge=0.1, le=5.0)
 
 
-class SessionClose(_Message):
+class SessionClose(_Command):
     type: Literal["session.close"] = "session.close"
 
 
 Command = Annotated[
-    Union[InstructionSet, ResponseCancel, SessionUpdate, SessionClose],
+    InstructionSet | ResponseCancel | SessionUpdate | SessionClose,
     Field(discriminator="type"),
 ]
 

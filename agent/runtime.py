@@ -18,6 +18,7 @@ from agent.events import Command, Error
 from agent.inference.base import Backend
 from agent.context import AgentHooks
 from agent.session import Session, SessionDeps
+from agent.speech.base import SpeechEngine, TTSError, load_engine
 from agent.tools import Tool, ToolRegistry
 from agent.vad import VADService
 
@@ -32,6 +33,10 @@ def create_backend(settings: Settings) -> Backend:
         from agent.inference.openai import OpenAIBackend
 
         return OpenAIBackend(settings.openai_url, settings.openai_model, api_key=settings.openai_api_key)
+    if settings.backend == "scripted" and settings.script is not None:
+        from agent.inference.scripted import ScriptedBackend
+
+        return ScriptedBackend.from_script(settings.script)
     from agent.inference.pool import InferencePool
 
     return InferencePool(model=settings.model, workers=settings.workers, max_batch=settings.max_batch,
@@ -55,6 +60,7 @@ class AgentRuntime:
         self.sessions: dict[str, Session] = {}
         self._plugin_classes = plugin_classes
         self.plugins: PluginHost | None = None
+        self.tts: SpeechEngine | None = None  # started once, shared by every session (speech out)
 
     async def start(self) -> None:
         """Start everything; raises (InferenceError, ValueError) with a clear message."""
@@ -65,11 +71,22 @@ class AgentRuntime:
             # Configs are validated before anything starts: a typo fails fast.
             self.plugins = PluginHost.from_config(self.settings.plugins, context, classes=self._plugin_classes)
         await self.vad.start()
+        await self._start_tts()
         await self.backend.start()
         if self.plugins is not None:
             await self.plugins.start()
             self.tools.extend(self.plugins.tools())
         self._check_prompt_budget()
+
+    async def _start_tts(self) -> None:
+        """The configured speech engine, checked before the model loads (a bad voice fails fast)."""
+        try:
+            engine = load_engine(self.settings.tts)
+            if engine is not None:
+                await engine.start()
+        except TTSError as exc:
+            raise ValueError(f"speech out (tts): {exc}") from None
+        self.tts = engine
 
     def _check_prompt_budget(self) -> None:
         """Say so when the system prompt and tool schemas (e.g. many Home Assistant entities)
@@ -98,6 +115,8 @@ class AgentRuntime:
             await self.plugins.stop()
         await self.backend.close()
         await self.vad.close()
+        if self.tts is not None:
+            await self.tts.aclose()
 
     def open_session(self, session_id: str | None = None, *, queue_size: int = 1024,
                      **options: Any) -> tuple[Session, Subscription]:
@@ -113,7 +132,7 @@ class AgentRuntime:
         """A started session (prefer `open_session`, which also gives its events)."""
         deps = SessionDeps(settings=self.settings, vad=self.vad.open_stream(), backend=self.backend,
                            tools=self.tools.copy(), publish=self.bus.publish, system_prompt=self.system_prompt(),
-                           hooks=self.hooks, on_closed=self._closed)
+                           hooks=self.hooks, on_closed=self._closed, tts=self.tts)
         session = Session(deps, session_id, **options)
         self.sessions[session.id] = session
         session.start()

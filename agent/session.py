@@ -14,6 +14,7 @@ import inspect
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from agent.config import Settings
 from agent.context import AgentHooks, RunContext, UserTurn
 from agent.conversation import Conversation
 from agent.inference.base import Backend, GenerationStats, InferenceError
+from agent.speech.base import SpeechEngine
+from agent.speech.voice import Voice
 from agent.tools import ParsedToolCall, TextPiece, ToolCallParser, ToolOutcome, ToolRegistry, format_tool_responses
 from agent.vad import CHUNK, VADStream
 
@@ -47,6 +50,7 @@ class SessionDeps:
     system_prompt: str | None = None
     hooks: AgentHooks = field(default_factory=AgentHooks)
     on_closed: Callable[["Session"], None] = lambda session: None
+    tts: SpeechEngine | None = None  # speech out, started and shared (None: text only)
 
 
 async def _call(result: Any) -> Any:
@@ -57,12 +61,14 @@ async def _call(result: Any) -> Any:
 class Session:
     def __init__(self, deps: SessionDeps, session_id: str | None = None, *,
                  instruction: str | None = None, wait_for_responses: bool = False,
-                 manual_turns: bool = False) -> None:
+                 manual_turns: bool = False, voice_output: str = "none") -> None:
         """`instruction` applies to every turn (analysis mode throughout);
         `wait_for_responses` holds the audio input while a response runs — what a file
         fed faster than real time needs, where barge-in would otherwise cut every answer;
         `manual_turns`: the owner ends turns (`commit()` / `clear()`) and asks for answers
-        (`reply()`) — the VAD still reports speech, its turns are held until `commit()`."""
+        (`reply()`) — the VAD still reports speech, its turns are held until `commit()`;
+        `voice_output`: with a TTS engine, "live" (a transport pulls `voice.player`'s frames in
+        real time) or "offline" (each answer rendered at once); "none": text only."""
         self.deps = deps
         self.settings = s = deps.settings
         self.backend = deps.backend
@@ -94,6 +100,18 @@ class Session:
         self._lock = asyncio.Lock()  # audio is processed in order, one push at a time
         self.closed = False
         self.last_activity = time.monotonic()
+        # Speech out (None: text only, everything as without TTS).
+        self.voice: Voice | None = None
+        if deps.tts is not None and voice_output in ("live", "offline"):
+            self.voice = Voice(deps.tts, self.emit, realtime=voice_output == "live")
+        self._interrupt_min_s = s.turns.interrupt_min_speech_s
+        self._pos = 0  # samples the detector has seen
+        self._recent_in: deque[np.ndarray] = deque(maxlen=16)  # ~0.5 s of input, for the echo gate
+        self._talking = False  # the user's voice is on now (speech, not its trailing silence)
+        # Speech that began while the agent was answering: its start and what it turned out
+        # to be — None (undecided yet: a backchannel if it ends so), "barge", "echo", "turn".
+        self._overlap: tuple[float, str | None] | None = None
+        self._heard: str | None = None  # what the user heard of an answer cut by a barge-in
 
     # ---- events -------------------------------------------------------------------
     def emit(self, event: ev._Event) -> None:
@@ -140,8 +158,13 @@ class Session:
             used = probs.size * CHUNK
             self._pending = [buf[used:]]
             for i, p in enumerate(probs):
-                for signal in self._detector.feed(buf[i * CHUNK : (i + 1) * CHUNK], float(p)):
+                chunk = buf[i * CHUNK : (i + 1) * CHUNK]
+                self._pos += CHUNK
+                self._recent_in.append(chunk)
+                for signal in self._detector.feed(chunk, float(p)):
                     await self._on_signal(signal)
+                if self._overlap is not None:
+                    await self._check_overlap()
 
     async def finish(self) -> None:
         """End of input: a turn in progress commits; wait for its response."""
@@ -151,16 +174,64 @@ class Session:
     async def wait_idle(self) -> None:
         if self._response is not None:
             await asyncio.shield(self._response)
+        if self.voice is not None and not self.voice.realtime:
+            await self.voice.wait_idle()  # offline speech is rendered at once: wait for it
+
+    # ---- speech out: barge-in, backchannels, self-echo ---------------------------------
+    def _agent_busy(self) -> bool:
+        running = self._response is not None and not self._response.done()
+        return running or (self.voice is not None and self.voice.active)
+
+    async def _check_overlap(self) -> None:
+        """Speech over the agent's answer interrupts it only once it has lasted
+        `interrupt_min_speech_s` and is not the agent's own voice coming back."""
+        assert self._overlap is not None and self.voice is not None
+        start, kind = self._overlap
+        if kind in ("barge", "turn") or not self._talking:
+            return
+        if self._pos / turns.SAMPLE_RATE - start < self._interrupt_min_s:
+            return
+        if not self._agent_busy():
+            self._overlap = (start, "turn")  # the answer ended meanwhile: an ordinary turn
+            return
+        if self.voice.is_echo(np.concatenate(self._recent_in)):
+            if kind is None:
+                self.voice.echo_gated += 1
+                log.info("session %s: speech at %.2f s taken for the agent's own voice", self.id, start)
+            self._overlap = (start, "echo")  # re-checked each chunk: the user may join in
+            return
+        self._overlap = (start, "barge")
+        await self._interrupt("barge_in")
+
+    async def _interrupt(self, reason: str) -> None:
+        """Stop the answer (text and voice); the history keeps only what was heard."""
+        assert self.voice is not None
+        report = self.voice.interrupt()
+        heard = report.spoken_text if report is not None else ""
+        if self._response is not None and not self._response.done():
+            self._heard = heard  # _respond reports it and truncates the history
+            self._response.cancel(reason)
+            await asyncio.gather(self._response, return_exceptions=True)
+        elif report is not None:  # the text was complete, its speech was not
+            self.emit(ev.ResponseCancelled(turn_id=report.turn_id or "", reason=reason, spoken_text=heard))
+            self.conversation.truncate_last_answer(heard)
 
     async def _on_signal(self, signal: turns.Signal) -> None:
         backend = self.backend
         if isinstance(signal, turns.SpeechStarted):
             self.emit(ev.SpeechStarted(t=signal.t))
-            if not self.manual_turns and self._response is not None and not self._response.done():
-                self._response.cancel("barge_in")  # the user talks over the answer (manual: the owner decides)
+            self._talking = True
+            if self.manual_turns:
+                return  # the owner decides about barge-in
+            if self.voice is not None:
+                self._overlap = (signal.t, None) if self._agent_busy() else None
+            elif self._response is not None and not self._response.done():
+                self._response.cancel("barge_in")  # the user talks over the answer
         elif isinstance(signal, turns.SpeechStopped):
             self.emit(ev.SpeechStopped(t=signal.t))
+            self._talking = False
         elif isinstance(signal, turns.SilenceBegan):
+            self._talking = False
             if self.manual_turns:
                 return  # the committed turn will join held parts: no prefill can match it
             turn_id = self._new_turn_id()
@@ -174,8 +245,19 @@ class Session:
             request.speculative = True
             await self._guard(backend.prefill(request))
         elif isinstance(signal, turns.SpeechResumed):
+            self._talking = True
             await self._drop_speculative()
         elif isinstance(signal, turns.TurnCommitted):
+            overlap = self._overlap
+            if not signal.split:
+                self._overlap = None
+            if overlap is not None and overlap[1] in (None, "echo"):
+                # A backchannel ("mm-hm", shorter than interrupt_min_speech_s) or our own
+                # voice: the agent goes on speaking and this is no user turn.
+                log.info("session %s: %s at %.2f s ignored while the agent speaks", self.id,
+                         "echo" if overlap[1] else "backchannel", overlap[0])
+                await self._drop_speculative()
+                return
             if self.manual_turns:
                 self._hold(signal)
             else:
@@ -276,6 +358,10 @@ class Session:
 
     def _answer_directly(self, turn_id: str, text: str) -> None:
         self.emit(ev.ResponseStarted(turn_id=turn_id))
+        if self.voice is not None:
+            self.voice.begin(turn_id)
+            self.voice.say(text)
+            self.voice.end()
         if text:
             self.emit(ev.ResponseDelta(turn_id=turn_id, text=text))
         self.conversation.add_assistant(text)
@@ -328,6 +414,8 @@ class Session:
         """Generate the answer; run tool calls and give the model follow-up rounds."""
         settings = self.settings
         self.emit(ev.ResponseStarted(turn_id=turn_id))
+        if self.voice is not None:
+            self.voice.begin(turn_id)
         said: list[str] = []  # text the user was shown, across rounds
         stats = GenerationStats()
         first_token: float | None = None
@@ -363,7 +451,14 @@ class Session:
                 self.conversation.add_tool_results(format_tool_responses(outcomes))
         except asyncio.CancelledError as exc:
             reason = exc.args[0] if exc.args else "cancelled"
-            self.emit(ev.ResponseCancelled(turn_id=turn_id, reason=str(reason)))
+            heard: str | None = None
+            if self.voice is not None:
+                heard, self._heard = self._heard, None
+                if heard is None:  # not a barge-in (superseded, client, close): the voice stops too
+                    report = self.voice.interrupt()
+                    heard = report.spoken_text if report is not None else ""
+                self.conversation.truncate_last_answer(heard)  # keep only what the user heard
+            self.emit(ev.ResponseCancelled(turn_id=turn_id, reason=str(reason), spoken_text=heard))
             return
         except InferenceError as exc:
             self.emit(ev.Error(code=exc.code, message=exc.message, turn_id=turn_id))
@@ -372,6 +467,9 @@ class Session:
             log.exception("response failed")
             self.emit(ev.Error(code="internal", message=str(exc), turn_id=turn_id))
             return
+        finally:
+            if self.voice is not None:
+                self.voice.end()  # the text is complete (or cut): the voice says what it has
         done = time.monotonic()
         timings = {"total": done - committed_at, **stats.timings}
         if first_token is not None:
@@ -395,6 +493,8 @@ class Session:
             elif piece.text:
                 said.append(piece.text)
                 self.emit(ev.ResponseDelta(turn_id=turn_id, text=piece.text))
+                if self.voice is not None:
+                    self.voice.say(piece.text)
         return calls
 
     # ---- commands -----------------------------------------------------------------
@@ -403,9 +503,16 @@ class Session:
         if isinstance(command, ev.InstructionSet):
             self._next_instruction = command.text or None
         elif isinstance(command, ev.ResponseCancel):
-            if self._response is not None and not self._response.done():
+            if self.voice is not None and self._agent_busy():
+                await self._interrupt("client")  # the text, or only its speech still playing
+            elif self._response is not None and not self._response.done():
                 self._response.cancel("client")
         elif isinstance(command, ev.SessionUpdate):
+            probe = Conversation(command.system_prompt, self.conversation.context_tokens, self.conversation.tokenizer)
+            if command.system_prompt and (n := probe.system_tokens()) > (limit := probe.context_tokens // 2):
+                # instruction.set's rule (half the context); refused, nothing of the update applies
+                self.report_error("bad_request", f"system prompt of {n} tokens is over the limit of {limit}")
+                return
             if command.system_prompt is not None:
                 self.conversation.system_prompt = command.system_prompt or None
             if command.max_new_tokens is not None:
@@ -429,6 +536,8 @@ class Session:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self.voice is not None:
+            await self.voice.close()
         self._vad.close()
         await self._run_hook("on_session_ended", reason)
         try:

@@ -141,7 +141,7 @@ class ParsedToolCall:
     def parse(cls, raw: str) -> "ParsedToolCall":
         try:
             data = json.loads(raw)
-        except json.JSONDecodeError as exc:
+        except (ValueError, RecursionError) as exc:  # bad JSON, nesting too deep, an integer too long
             return cls(raw, error=f"tool call is not valid JSON: {exc}")
         if not isinstance(data, dict) or not isinstance(data.get("name"), str):
             return cls(raw, error='tool call needs {"name": str, "arguments": object}')
@@ -149,7 +149,7 @@ class ParsedToolCall:
         if isinstance(arguments, str):  # some models double-encode the arguments
             try:
                 arguments = json.loads(arguments)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):
                 pass
         if not isinstance(arguments, dict):
             return cls(raw, name=data["name"], error="tool call arguments must be a JSON object")

@@ -26,7 +26,7 @@ async def current_time(timezone: str = "UTC") -> str:
 
 
 agent = Agent(instructions="You are a friendly home assistant. Use the tools to act.",
-              tools=[set_light, current_time])
+              tools=[set_light, current_time], description=__doc__)
 
 if __name__ == "__main__":
     raise SystemExit(agent.cli())

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import fcntl
+import hashlib
 import json
 import socket
 import subprocess
@@ -24,6 +25,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,12 @@ CACHE = Path(__file__).parent / ".ha-cache"
 REQUIREMENTS = [f"homeassistant=={HA_VERSION}", "home-assistant-frontend==20240307.0", "Pillow==10.2.0",
                 "SQLAlchemy==2.0.27", "fnv-hash-fast==0.5.0", "psutil-home-assistant==0.0.1",
                 "securetar==2024.2.1", "janus==1.0.0"]
+# What the wyoming integration pulls in (wyoming → assist_pipeline → conversation, stt, tts →
+# ffmpeg, wake_word; its config flow imports the zeroconf component, so the library too — the
+# zeroconf integration itself is not loaded: nothing is multicast), pinned as HA 2024.3.3's
+# manifests pin them: `install(extras=WYOMING)`.
+WYOMING = ["wyoming==1.5.3", "webrtc-noise-gain==1.2.3", "hassil==1.6.1", "home-assistant-intents==2024.3.12",
+           "mutagen==1.47.0", "ha-ffmpeg==3.1.0", "zeroconf==0.131.0"]
 # The set pip resolved for them on CPython 3.11 (Nov 2026), used as constraints: resolving from
 # scratch takes pip ~80 s more, and later releases break this old HA (josepy 2 breaks acme,
 # which hass_nabucasa imports on every HTTP request).
@@ -137,32 +145,44 @@ def pypi_reachable(timeout: float = 5.0) -> bool:
         return False
 
 
-def install(cache: Path = CACHE) -> tuple[Path, float | None]:
-    """The venv's directory, and the seconds the install took (None: it was already there)."""
+def install(cache: Path = CACHE, extras: Sequence[str] = ()) -> tuple[Path, float | None]:
+    """The venv's directory, and the seconds the install took (None: it was already there).
+    `extras`: more requirements (e.g. `WYOMING`) added to the same venv, once each set."""
     venv = cache / f"venv-{HA_VERSION}-py{sys.version_info[0]}{sys.version_info[1]}"
     done = venv / ".installed"
     cache.mkdir(parents=True, exist_ok=True)
     with open(cache / "install.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one install at a time per machine
-        if done.exists():
-            return venv, None
         started = time.monotonic()
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-        constraints = cache / "constraints.txt"
-        constraints.write_text("\n".join(CONSTRAINTS) + "\n")
-        # --no-compile: hass compiles the few modules it imports on first start.
-        pip = subprocess.run([str(venv / "bin" / "pip"), "install", "--no-compile", "--disable-pip-version-check",
-                              "-c", str(constraints), *REQUIREMENTS], capture_output=True, text=True)
-        if pip.returncode != 0:
-            raise InstallError(f"pip install {' '.join(REQUIREMENTS)} failed:\n"
-                               f"{pip.stdout[-3000:]}{pip.stderr[-3000:]}")
-        done.write_text(HA_VERSION)
-        return venv, time.monotonic() - started
+        fresh = not done.exists()
+        if fresh:
+            subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+            _pip(venv, cache, REQUIREMENTS)
+            done.write_text(HA_VERSION)
+        extras_done = venv / f".extras-{hashlib.sha1(' '.join(sorted(extras)).encode()).hexdigest()[:12]}"
+        if extras and not extras_done.exists():
+            _pip(venv, cache, list(extras))
+            extras_done.write_text("\n".join(extras))
+            fresh = True
+        return venv, (time.monotonic() - started) if fresh else None
+
+
+def _pip(venv: Path, cache: Path, requirements: list[str]) -> None:
+    constraints = cache / "constraints.txt"
+    constraints.write_text("\n".join(CONSTRAINTS) + "\n")
+    # --no-compile: hass compiles the few modules it imports on first start.
+    pip = subprocess.run([str(venv / "bin" / "pip"), "install", "--no-compile", "--disable-pip-version-check",
+                          "-c", str(constraints), *requirements], capture_output=True, text=True)
+    if pip.returncode != 0:
+        raise InstallError(f"pip install {' '.join(requirements)} failed:\n"
+                           f"{pip.stdout[-3000:]}{pip.stderr[-3000:]}")
 
 
 class HomeAssistant:
-    def __init__(self, workdir: Path, venv: Path | None = None) -> None:
+    def __init__(self, workdir: Path, venv: Path | None = None, extra_config: str = "") -> None:
+        """`extra_config`: YAML appended to the configuration (e.g. `intent:` for Assist)."""
         self.dir = Path(workdir)
+        self.extra_config = extra_config
         self.config_dir = self.dir / "config"
         self.venv = venv
         self.port = free_port()
@@ -198,11 +218,11 @@ class HomeAssistant:
         return answer
 
     # ---- lifecycle -------------------------------------------------------------------------
-    def start(self, timeout: float = 120.0) -> "HomeAssistant":
+    def start(self, timeout: float = 120.0) -> HomeAssistant:
         if self.venv is None:
             self.venv, _ = install()
         self.config_dir.mkdir(parents=True, exist_ok=True)
-        (self.config_dir / "configuration.yaml").write_text(CONFIG.format(port=self.port))
+        (self.config_dir / "configuration.yaml").write_text(CONFIG.format(port=self.port) + self.extra_config)
         with open(self.output, "wb") as out:
             self.proc = subprocess.Popen([str(self.venv / "bin" / "hass"), "-c", str(self.config_dir), "--skip-pip"],
                                          stdout=out, stderr=subprocess.STDOUT)
@@ -264,7 +284,7 @@ class HomeAssistant:
                 self.proc.wait()
         self.proc = None
 
-    def __enter__(self) -> "HomeAssistant":
+    def __enter__(self) -> HomeAssistant:
         return self
 
     def __exit__(self, *exc: object) -> None:

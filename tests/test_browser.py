@@ -66,7 +66,16 @@ async def test_playground_shows_turns_and_answers(tmp_path: Path, monkeypatch: p
                 "latency": first.find_element(By.CSS_SELECTOR, ".latency").text,
                 "response": first.find_element(By.CSS_SELECTOR, ".resp").text,
                 "instruction": driver.find_element(By.CSS_SELECTOR, ".turn .instr").text,
+                "header": driver.find_element(By.ID, "model").text,
+                "peak": float(driver.find_element(By.ID, "level").get_attribute("data-peak")),
+                "icon": driver.find_element(By.CSS_SELECTOR, "link[rel=icon]").get_attribute("href"),
             }
+
+        def after_stop() -> dict[str, Any]:
+            driver.find_element(By.ID, "stop").click()
+            return {"header": driver.find_element(By.ID, "model").text,
+                    "banner": driver.find_element(By.ID, "banner").is_displayed(),
+                    "level": float(driver.find_element(By.ID, "level").get_attribute("value"))}
 
         seen = await asyncio.to_thread(page_flow)
         assert "gibberish" in seen["banner"]
@@ -74,7 +83,10 @@ async def test_playground_shows_turns_and_answers(tmp_path: Path, monkeypatch: p
         assert seen["latency"].startswith("first token") and seen["response"]
         assert "speaker's emotion" in seen["instruction"]
         assert SCREENSHOT.stat().st_size > 0
-        await asyncio.to_thread(driver.find_element(By.ID, "stop").click)
+        assert "session" in seen["header"] and seen["icon"].startswith("data:image/svg+xml")
+        assert seen["peak"] > 0.3  # the level meter moved with the speech
+        stopped = await asyncio.to_thread(after_stop)
+        assert stopped == {"header": "not connected", "banner": False, "level": 0.0}
         await until(lambda: not runtime.sessions, timeout=30)
     finally:
         await asyncio.to_thread(driver.quit)

@@ -71,3 +71,28 @@ def test_instruction_puts_turns_in_analysis_mode_and_transcript_is_readable(spee
     assert sum("user turn (chat)" in line for line in lines) == 2
     assert sum("agent:" in line for line in lines) == 2
     assert any("tiny-random" in line for line in lines)  # the loud warning
+
+
+def test_run_speaks_each_answer_into_a_wav(tmp_path, speech_two):
+    import wave
+
+    out = tmp_path / "spoken"
+    proc = voice_agent("run", "--model", "tiny-random", "--max-new-tokens", "12", "--jsonl", "--tts", "espeak",
+                       "--speak-dir", str(out), str(speech_two.path))
+    assert proc.returncode == 0, proc.stderr
+    events = [parse_event(line) for line in proc.stdout.splitlines()]
+    done = [e for e in events if e.type == "response.done"]
+    spoken = [e for e in events if e.type == "response.audio.done"]
+    assert len(done) == 2 and [s.turn_id for s in spoken] == [d.turn_id for d in done]
+    errors = {e.turn_id: e.code for e in events if e.type == "error"}
+    assert any(s.duration_s > 0 for s in spoken)
+    for s in spoken:  # tiny-random writes gibberish: a piece espeak cannot say is an error event
+        assert not s.interrupted and (s.duration_s > 0 or errors.get(s.turn_id) == "tts_unspeakable")
+        with wave.open(str(out / f"{s.turn_id}.wav")) as w:
+            assert w.getnchannels() == 1 and w.getsampwidth() == 2
+            assert abs(w.getnframes() / w.getframerate() - s.duration_s) < 0.05
+
+
+def test_speak_dir_without_a_tts_engine_is_a_clear_error(tmp_path, speech_two):
+    proc = voice_agent("run", "--speak-dir", str(tmp_path), str(speech_two.path))
+    assert proc.returncode == 2 and "--speak-dir needs a TTS engine" in proc.stderr

@@ -203,10 +203,10 @@ async def test_generate_reply_and_typed_user_input() -> None:
 
 
 async def test_a_runtime_that_cannot_start_fails_replies_and_reports() -> None:
-    model = QwenRealtimeModel(model="/no/such/model")
+    model = QwenRealtimeModel(model="no-such-org/no-such-model")
     session = model.session()
     rec = Recorder(session)
-    with pytest.raises(llm.RealtimeError, match="/no/such/model"):
+    with pytest.raises(llm.RealtimeError, match="no-such-org/no-such-model"):
         await session.generate_reply(instructions="hi")
     await session.aclose()
     await model.aclose()

@@ -72,10 +72,10 @@ async def test_client_vanishing_mid_turn_leaves_nothing_behind(server: Server, s
 
 
 async def test_serve_reports_a_start_failure(capsys: pytest.CaptureFixture[str]) -> None:
-    settings = load_settings(None, model="/no/such/model")
+    settings = load_settings(None, model="no-such-org/no-such-model")
     assert await serve(settings) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("voice-agent: cannot start the runtime:") and "/no/such/model" in err[0]
+    assert len(err) == 1 and err[0].startswith("voice-agent: cannot start the runtime:") and "no-such-org/no-such-model" in err[0]
 
 
 async def test_serve_runs_until_sigterm(tmp_path: Any) -> None:

@@ -226,3 +226,21 @@ async def test_scripted_backend_replays_and_records() -> None:
     assert [r.turn_id for r in backend.requests] == ["t1", "t2", "t1"]
     with pytest.raises(ValueError):
         ScriptedBackend([], chunk=0)
+
+
+def test_a_tool_call_with_hostile_json_is_a_clear_error_not_a_crash() -> None:
+    deep = '{"name": "x", "arguments": ' + "[" * 60000 + "]" * 60000 + "}"
+    huge = '{"name": "x", "arguments": {"n": ' + "9" * 5000 + "}}"
+    for raw in (deep, huge):
+        call = ParsedToolCall.parse(raw)
+        assert call.error is not None and call.error.startswith("tool call is not valid JSON")
+
+
+def test_tts_settings_refuse_booleans_for_numbers() -> None:
+    import pytest
+    from pydantic import ValidationError
+
+    from agent.speech.base import TTSSettings
+
+    with pytest.raises(ValidationError):
+        TTSSettings(rate=True)

@@ -87,7 +87,7 @@ def test_batched_forward_equals_silero_per_stream(model: BatchedSilero, speeches
     got = np.stack([model.forward(np.stack([s.samples[i * CHUNK : (i + 1) * CHUNK] for s in speeches]), states)
                     for i in range(n)], axis=1)
     assert got.dtype == np.float32 and got.shape == (len(speeches), n)
-    for row, speech in zip(got, speeches):
+    for row, speech in zip(got, speeches, strict=True):
         ref = reference_probs(speech.samples)[:n]
         assert ref.max() > 0.9 and ref.min() < 0.1  # speech and silence: the comparison means something
         np.testing.assert_allclose(row, ref, atol=TOL)
@@ -115,7 +115,8 @@ async def test_odd_sizes_buffer_correctly(two: Speech):
         stream = service.open_stream()  # before start(): the model loads on the first chunk
         s = two.samples
         sizes = [1, 513, 510, 1, 1, 511, 1, 513, 2048, 5000, 3, 1023]
-        out, fed = [], 0
+        out: list[np.ndarray] = []
+        fed = 0
         while fed < s.size:
             size = sizes[len(out) % len(sizes)]
             probs = await stream.process(s[fed : fed + size])
@@ -198,11 +199,11 @@ async def test_stream_closed_while_waiting_does_not_disturb_others(two: Speech):
     await service.start()
     try:
         s = two.samples
-        a, b = service.open_stream(), service.open_stream()
+        a, b, pace = service.open_stream(), service.open_stream(), service.open_stream()
         a_call = asyncio.ensure_future(a.process(s))  # a whole file: many ticks
         b_call = asyncio.ensure_future(b.process(s))
-        while service.stats["ticks"] < 5:
-            await asyncio.sleep(0.001)
+        await pace.process(s[: 5 * CHUNK])  # returns once the first 5 ticks have run
+        assert not a_call.done()
         a.close()
         with pytest.raises(asyncio.CancelledError):
             await a_call
@@ -219,18 +220,18 @@ async def test_inference_runs_off_the_event_loop_and_survives_a_failure(two: Spe
     await service.start()
     try:
         assert service._model is not None
-        real = service._model.forward
+        real = service._model.step  # what the service runs per tick, on its worker thread
         threads: list[int] = []
         failures = [1]
 
-        def forward(chunks, states):
+        def step(x, state):
             threads.append(threading.get_ident())
             if failures:
                 failures.pop()
                 raise RuntimeError("boom")
-            return real(chunks, states)
+            return real(x, state)
 
-        monkeypatch.setattr(service._model, "forward", forward)
+        monkeypatch.setattr(service._model, "step", step)
         stream, other = service.open_stream(), service.open_stream()
         with pytest.raises(RuntimeError, match="boom"):
             await stream.process(two.samples[: 3 * CHUNK])

@@ -21,17 +21,66 @@ answers with SSE lines `data: {json}` carrying `choices[0].delta.content`, endin
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import time
+import weakref
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
-from typing import Any, AsyncIterator
+from typing import Any
 
 import aiohttp
+import numpy as np
 from yarl import URL
 
 from agent.inference.base import GenerationRequest, GenerationStats, InferenceError
-from agent.model.qwen2_audio import to_openai_messages
+from agent.model.qwen2_audio import audio_base64, to_openai_messages
+
+CLIP_CACHE_BYTES = 128 * 1024 * 1024
+
+
+class ClipCache:
+    """Base64 WAV of the clips already sent. Every request carries the whole conversation,
+    so without it each earlier turn's audio is encoded again on every request, on the event
+    loop. Keyed by the clip's identity (a conversation keeps its clips as the same arrays);
+    an entry goes when its clip is freed, or the least recently used when over `max_bytes`."""
+
+    def __init__(self, max_bytes: int = CLIP_CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.size = 0
+        self.encoded = 0  # clips encoded (misses), for tests and metrics
+        self.reused = 0
+        self._entries: OrderedDict[int, tuple[weakref.ref[np.ndarray], str]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def encode(self, clip: np.ndarray) -> str:
+        key = id(clip)
+        entry = self._entries.get(key)
+        if entry is not None and entry[0]() is clip:
+            self._entries.move_to_end(key)
+            self.reused += 1
+            return entry[1]
+        data = audio_base64(clip)
+        self.encoded += 1
+        self._remove(key)
+        if len(data) <= self.max_bytes:
+            self._entries[key] = (weakref.ref(clip, lambda ref, key=key: self._freed(key, ref)), data)  # type: ignore[misc]
+            self.size += len(data)
+            while self.size > self.max_bytes:
+                self._remove(next(iter(self._entries)))
+        return data
+
+    def _freed(self, key: int, ref: weakref.ref[np.ndarray]) -> None:
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] is ref:  # not a newer clip that got the same id
+            self._remove(key)
+
+    def _remove(self, key: int) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.size -= len(entry[1])
 
 
 class OpenAIBackend:
@@ -57,6 +106,7 @@ class OpenAIBackend:
         self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=timeout)
         self._http: aiohttp.ClientSession | None = None
         self._in_flight = 0
+        self.clips = ClipCache()
 
     @property
     def queue_depth(self) -> int:
@@ -88,7 +138,8 @@ class OpenAIBackend:
             raise InferenceError("backend_unavailable", f"OpenAI backend for {self.base_url} is not started")
         url = f"{self.base_url}/chat/completions"
         # Greedy, like the local engine, so both backends answer alike.
-        body = {"model": self.model_name, "messages": to_openai_messages(request.messages, request.audios), "stream": True,
+        messages = to_openai_messages(request.messages, request.audios, self.clips.encode)
+        body = {"model": self.model_name, "messages": messages, "stream": True,
                 "max_tokens": request.max_new_tokens, "temperature": 0.0,
                 "stream_options": {"include_usage": True}}
         start = time.monotonic()
@@ -146,7 +197,7 @@ async def _check_status(url: str, response: aiohttp.ClientResponse) -> None:
     raise InferenceError(code, f"{url}: HTTP {response.status}: {await _reason(response)}")
 
 
-async def _sse_deltas(url: str, response: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+async def _sse_deltas(url: str, response: aiohttp.ClientResponse) -> AsyncGenerator[tuple[str, dict[str, Any]]]:
     """(text, {}) per content delta and ("", usage) for a usage chunk, until [DONE]."""
     finished = False
     async for raw in response.content:
@@ -158,7 +209,7 @@ async def _sse_deltas(url: str, response: aiohttp.ClientResponse) -> AsyncIterat
             return
         try:
             chunk = json.loads(data)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # bad syntax, a 5000-digit number, deep nesting
             raise InferenceError("backend_error", f"{url}: malformed stream line {data[:200]!r}") from None
         if not isinstance(chunk, dict):
             raise InferenceError("backend_error", f"{url}: malformed stream line {data[:200]!r}")
@@ -182,7 +233,7 @@ async def _reason(response: aiohttp.ClientResponse) -> str:
     text = (await response.text(errors="replace"))[:500]
     try:
         data = json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         return text.strip() or response.reason or ""
     error = data.get("error", data) if isinstance(data, dict) else data
     if isinstance(error, dict):

@@ -1,43 +1,178 @@
-"""A backend that replays scripted model outputs: drives tool calls and events in tests
-and demos without a model. The real backends feed the same parser and session code."""
+"""A backend that replays scripted model outputs: tool calls and events without a model.
+
+Tests give it a list of outputs, one per generate call. Users give it a script file
+(`voice-agent run --backend scripted --script FILE.yaml`), one entry per user turn, which
+every session replays from its first turn:
+
+    turns:
+      - - tool_call: {name: set_light, arguments: {room: kitchen, on: true}}
+        - The kitchen light is on.          # the answer once the tool result is in
+      - '<tool_call>{"name": "current_time", "arguments": {}}</tool_call>'
+      - Goodbye.
+    default: That is all I was scripted to say.   # after the last turn
+
+An entry is one output, or a list of outputs: one per model round of that turn (a round
+that calls tools is followed by one that sees their results). An output is text (Qwen's
+`<tool_call>{…}</tool_call>` markup included) or `{tool_call: {name, arguments}}`. The
+real backends feed the same parser and session code.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
 
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from agent.errors import describe_validation_error, yaml_problem
 from agent.inference.base import GenerationRequest, GenerationStats
+from agent.model.qwen2_audio import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+
+LOG_LIMIT = 256  # the request log keeps the latest requests only: a long demo must not grow
+T = TypeVar("T")
+
+
+class _Log(list[T]):
+    """A list that keeps only its `limit` newest items (tests compare it with lists)."""
+
+    def __init__(self, limit: int = LOG_LIMIT) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def append(self, item: T) -> None:
+        super().append(item)
+        if len(self) > self.limit:
+            del self[0]
+
+
+class _ToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1)
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+class _ToolCallOutput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tool_call: _ToolCall
+
+
+class Script(BaseModel):
+    """A script file's settings; `turns` are checked by `rounds()`, one entry per turn."""
+
+    model_config = ConfigDict(extra="forbid")
+    turns: list[Any] = Field(min_length=1)
+    default: str = "That is all I was scripted to say."
+    chunk: int = Field(default=3, ge=1, strict=True)  # characters per streamed delta
+    delay_s: float = Field(default=0.02, ge=0, le=5)  # between deltas, so the answer visibly streams
+
+    def rounds(self) -> list[list[str]]:
+        """The outputs of each turn, one per round; raises ValueError saying which is wrong."""
+        return [[_output(o, f"turns.{i}.{j}") for j, o in enumerate(entry)] if isinstance(entry, list)
+                else [_output(entry, f"turns.{i}")] for i, entry in enumerate(self.turns)]
+
+
+def _output(value: Any, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: expected text or {{tool_call: {{name: …, arguments: {{…}}}}}}")
+    try:
+        call = _ToolCallOutput.model_validate(value).tool_call
+    except ValidationError as exc:
+        raise ValueError(describe_validation_error(exc, model=_ToolCallOutput, prefix=f"{where}.")) from None
+    return f"{TOOL_CALL_OPEN}\n{json.dumps(call.model_dump(), ensure_ascii=False)}\n{TOOL_CALL_CLOSE}"
+
+
+def load_script(path: str | Path) -> Script:
+    """Read and validate a script file; raises ValueError naming the file and the problem."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"script {path}: {(exc.strerror or str(exc)).lower()}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"script {path}: not UTF-8 text") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"script {path}, {yaml_problem(exc)}") from None
+    if isinstance(data, list):
+        data = {"turns": data}
+    if not isinstance(data, dict):
+        raise ValueError(f"script {path}: expected a list of turns or a mapping with `turns:`")
+    try:
+        script = Script.model_validate(data)
+        script.rounds()
+    except ValidationError as exc:
+        raise ValueError(f"script {path}: {describe_validation_error(exc, 'script', model=Script)}") from None
+    except ValueError as exc:
+        raise ValueError(f"script {path}: {exc}") from None
+    return script
+
+
+@dataclass
+class _Cursor:
+    turn_id: str
+    turn: int  # index into the script's turns
+    round: int  # index into that turn's outputs
 
 
 class ScriptedBackend:
     name = "scripted"
     model_name = "scripted"
-    warning: str | None = None
     tokenizer = None
 
-    def __init__(self, outputs: list[str | BaseException], chunk: int = 3, delay: float = 0.0,
-                 default: str = "ok") -> None:
+    def __init__(self, outputs: list[str | BaseException] | None = None, chunk: int = 3, delay: float = 0.0,
+                 default: str = "ok", *, turns: list[list[str]] | None = None, source: str = "a list") -> None:
+        """`outputs`: one per generate call, in order, then `default`; an exception is
+        raised by that call (e.g. InferenceError("busy", …)) to test failure paths.
+        `turns`: outputs per user turn and round instead, replayed by every session."""
         if chunk < 1:
             raise ValueError(f"chunk must be at least 1, got {chunk}")
-        # One per generate call, in order; then `default`. An exception is raised by that call
-        # (e.g. InferenceError("busy", …)) to test failure paths.
-        self.outputs: list[str | BaseException] = list(outputs)
+        self.outputs: list[str | BaseException] = list(outputs or [])
+        self.turns = turns
         self.chunk = chunk
         self.delay = delay
         self.default = default
-        self.requests: list[GenerationRequest] = []
-        self.prefills: list[GenerationRequest] = []
-        self.dropped: list[str] = []
-        self.forgotten: list[str] = []
+        self.warning: str | None = f"scripted backend: answers are replayed from {source}, no model runs"
+        self._cursors: dict[str, _Cursor] = {}  # turns mode: where each session is
+        # What the sessions asked for, for tests and demos; bounded (LOG_LIMIT newest).
+        self.requests: _Log[GenerationRequest] = _Log()
+        self.prefills: _Log[GenerationRequest] = _Log()
+        self.dropped: _Log[str] = _Log()
+        self.forgotten: _Log[str] = _Log()
+
+    @classmethod
+    def from_script(cls, path: str | Path) -> ScriptedBackend:
+        script = load_script(path)
+        return cls(chunk=script.chunk, delay=script.delay_s, default=script.default, turns=script.rounds(),
+                   source=str(path))
 
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...
 
+    def _next_output(self, request: GenerationRequest) -> str | BaseException:
+        if self.turns is None:
+            return self.outputs.pop(0) if self.outputs else self.default
+        cursor = self._cursors.get(request.session_id)
+        if cursor is None:
+            cursor = _Cursor(request.turn_id, 0, 0)
+        elif cursor.turn_id != request.turn_id:
+            cursor = _Cursor(request.turn_id, cursor.turn + 1, 0)
+        else:
+            cursor.round += 1
+        self._cursors[request.session_id] = cursor
+        if cursor.turn < len(self.turns) and cursor.round < len(self.turns[cursor.turn]):
+            return self.turns[cursor.turn][cursor.round]
+        return self.default
+
     async def generate(self, request: GenerationRequest,
                        stats: GenerationStats | None = None) -> AsyncIterator[str]:
         self.requests.append(request)
-        text = self.outputs.pop(0) if self.outputs else self.default
+        text = self._next_output(request)
         if isinstance(text, BaseException):
             raise text
         for i in range(0, len(text), self.chunk):
@@ -54,4 +189,5 @@ class ScriptedBackend:
         self.dropped.append(turn_id)
 
     async def forget(self, session_id: str) -> None:
+        self._cursors.pop(session_id, None)
         self.forgotten.append(session_id)

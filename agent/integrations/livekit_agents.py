@@ -134,6 +134,7 @@ class QwenRealtimeSession(llm.RealtimeSession):
         self._manual = manual_turns
         self._chat_ctx = llm.ChatContext.empty()
         self._chat_trimmed = False  # older items were let go: livekit may still send them
+        self._first_event_type: str | None = None
         self._tools = llm.ToolContext.empty()
         self._tool_choice: llm.ToolChoice | None = None
         self._registry = ToolRegistry()
@@ -357,6 +358,8 @@ class QwenRealtimeSession(llm.RealtimeSession):
     async def _pump(self, sub: Any) -> None:
         """Our events → livekit's."""
         async for event in sub:
+            if self._first_event_type is None:
+                self._first_event_type = event.type  # session.started, by open_session (tests check)
             if isinstance(event, ev.SpeechStarted) and not self._manual:
                 self.emit("input_speech_started", llm.InputSpeechStartedEvent())
             elif isinstance(event, ev.SpeechStopped) and not self._manual:

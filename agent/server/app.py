@@ -12,8 +12,9 @@ import hmac
 import logging
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -95,11 +96,18 @@ def auth_middleware(token: str | None) -> Any:
         challenge = {"WWW-Authenticate": 'Bearer realm="voice-agent"'}
         if not given:
             return error(401, "missing bearer token: send 'Authorization: Bearer <token>'", **challenge)
-        if not hmac.compare_digest(given.encode(), token.encode()):
+        if not hmac.compare_digest(_raw_bytes(given), token.encode()):
             return error(401, "invalid bearer token", **challenge)
         return await handler(request)
 
     return auth
+
+
+def _raw_bytes(text: str) -> bytes:
+    """Bytes to compare, for any header: aiohttp decodes a non-UTF-8 byte as a lone
+    surrogate, which plain `.encode()` refuses (that was a 500 before authentication).
+    Such a value can never equal a UTF-8 token, so `surrogatepass` is enough."""
+    return text.encode("utf-8", "surrogatepass")
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -145,7 +153,8 @@ def create_app(runtime: AgentRuntime, settings: Settings | ServerSettings) -> we
 
     async def on_shutdown(app: web.Application) -> None:
         await manager.close_all("shutdown")
-        for ws in list(app[WEBSOCKETS]):
+        sockets: set[web.WebSocketResponse] = app[WEBSOCKETS]
+        for ws in list(sockets):
             await ws.close()
 
     app.on_shutdown.append(on_shutdown)
@@ -163,31 +172,56 @@ async def serve(settings: Settings, runtime_options: dict[str, Any] | None = Non
         if "runtime" in locals():
             await _quietly(runtime.close())
         return 2
-    if not server.ice_servers and is_loopback(server.host):
-        use_loopback_candidates()  # no STUN and a loopback site: keep ICE on 127.0.0.1 too
-    runner = web.AppRunner(create_app(runtime, settings), handle_signals=False)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, server.host, server.port)
-        await site.start()
-    except OSError as exc:
-        print(f"voice-agent: cannot listen on {server.host}:{server.port}: {exc.strerror or exc}", file=sys.stderr)
-        await runner.cleanup()
+    if not server.http and not settings.wyoming:
+        print("voice-agent: nothing to serve: HTTP is off and no Wyoming URI is set", file=sys.stderr)
         await _quietly(runtime.close())
         return 2
-    port = runner.addresses[0][1] if runner.addresses else server.port
-    print(f"voice-agent: serving on http://{server.host}:{port}/ (model {runtime.backend.model_name})",
-          file=sys.stderr, flush=True)
+    ready: list[str] = []  # printed once the signal handlers are in place: a stop is then clean
+    wyoming = None
+    if settings.wyoming:
+        from agent.transports.wyoming import WyomingServer
+
+        try:
+            wyoming = WyomingServer(runtime, settings.wyoming)
+            await wyoming.start()
+        except (OSError, ValueError) as exc:
+            print(f"voice-agent: cannot serve Wyoming on {settings.wyoming}: {exc}", file=sys.stderr)
+            await _quietly(runtime.close())
+            return 2
+        ready.append(f"voice-agent: Wyoming on {wyoming.uri} (model {runtime.backend.model_name})")
+    runner = None
+    if server.http:
+        if not server.ice_servers and is_loopback(server.host):
+            use_loopback_candidates()  # no STUN and a loopback site: keep ICE on 127.0.0.1 too
+        runner = web.AppRunner(create_app(runtime, settings), handle_signals=False)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, server.host, server.port)
+            await site.start()
+        except OSError as exc:
+            print(f"voice-agent: cannot listen on {server.host}:{server.port}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            await runner.cleanup()
+            if wyoming is not None:
+                await _quietly(wyoming.stop())
+            await _quietly(runtime.close())
+            return 2
+        port = runner.addresses[0][1] if runner.addresses else server.port
+        ready.append(f"voice-agent: serving on http://{server.host}:{port}/ (model {runtime.backend.model_name})")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    print("\n".join(ready), file=sys.stderr, flush=True)
     try:
         await stop.wait()
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-        await runner.cleanup()
+        if wyoming is not None:
+            await _quietly(wyoming.stop())
+        if runner is not None:
+            await runner.cleanup()
         await _quietly(runtime.close())
     return 0
 

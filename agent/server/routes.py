@@ -37,9 +37,22 @@ async def read_body(request: web.Request, *content_types: str) -> bytes | web.Re
     return body
 
 
-async def _answer(request: web.Request, sdp: str, sdp_type: str = "offer") -> tuple[Peer, str] | web.Response:
+def parse_json(body: bytes) -> Any:
+    """The decoded body, or a 400 that says why not. Besides syntax errors, json refuses
+    deep nesting (RecursionError) and integers over 4300 digits (ValueError): both are the
+    client's fault, never a 500."""
     try:
-        return await request.app[MANAGER].create(sdp, sdp_type)
+        return json.loads(body)
+    except RecursionError:
+        return error(400, "body is not valid JSON: nested too deeply")
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, huge integers
+        return error(400, f"body is not valid JSON: {str(exc)[:200]}")
+
+
+async def _answer(request: web.Request, sdp: str, sdp_type: str = "offer",
+                  speak: bool = True) -> tuple[Peer, str] | web.Response:
+    try:
+        return await request.app[MANAGER].create(sdp, sdp_type, speak=speak)
     except CapacityError as exc:
         return error(503, str(exc), **{"Retry-After": "5"})
     except OfferError as exc:
@@ -51,10 +64,9 @@ async def create_session(request: web.Request) -> web.Response:
     body = await read_body(request, "application/json")
     if isinstance(body, web.Response):
         return body
-    try:
-        data: Any = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return error(400, f"body is not valid JSON: {exc}")
+    data = parse_json(body)
+    if isinstance(data, web.Response):
+        return data
     if not isinstance(data, dict) or not isinstance(data.get("sdp"), str):
         return error(400, 'expected a JSON object {"type": "offer", "sdp": "..."}')
     sdp_type = data.get("type", "offer")
@@ -76,7 +88,7 @@ async def whip_post(request: web.Request) -> web.Response:
         sdp = body.decode("utf-8")
     except UnicodeDecodeError:
         return error(400, "SDP offer is not UTF-8 text")
-    result = await _answer(request, sdp)
+    result = await _answer(request, sdp, speak=False)  # WHIP is ingest-only
     if isinstance(result, web.Response):
         return result
     peer, answer = result

@@ -2,7 +2,9 @@
 
 The peer's audio track drives the session (48 kHz stereo Opus → 16 kHz mono float32, through
 the shared `AudioIngress`); a data channel labelled `events` carries the session's events out
-and commands in. Anything that ends the peer (connection closed/failed, track ended, DELETE,
+and commands in. With a TTS engine the answer also carries the agent's voice: the offer's
+audio transceiver becomes `sendrecv` with an `AgentAudioTrack` (20 ms frames, paced in real
+time); WHIP stays ingest-only. Anything that ends the peer (connection closed/failed, track ended, DELETE,
 timeouts, `session.close` from any side, shutdown) goes through `Peer.close`, which cancels
 every task, stops the track and closes the session exactly once.
 """
@@ -90,7 +92,8 @@ class Peer:
         self._events = events  # the session's events, session.started first
         self._channel: RTCDataChannel | None = None
         self._unsent: list[ev.Event] = []  # until the data channel opens
-        self._tracks: list[MediaStreamTrack] = []
+        self._tracks: list[MediaStreamTrack] = []  # the peer's microphone
+        self.out_tracks: list[MediaStreamTrack] = []  # the agent's voice, when it speaks
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ingress: AudioIngress | None = None
         self._egress: EventEgress | None = None
@@ -224,7 +227,7 @@ class Peer:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for track in self._tracks:
+        for track in [*self._tracks, *self.out_tracks]:
             track.stop()
         if self._ingress is not None:
             await self._ingress.aclose(timeout=0.5)
@@ -268,20 +271,28 @@ class PeerManager:
     def full(self) -> bool:
         return len(self.peers) >= self.settings.max_sessions
 
-    async def create(self, sdp: str, sdp_type: str = "offer") -> tuple[Peer, str]:
-        """Answer an offer; returns the peer and the SDP answer. Raises OfferError."""
+    async def create(self, sdp: str, sdp_type: str = "offer", *, speak: bool = True) -> tuple[Peer, str]:
+        """Answer an offer; returns the peer and the SDP answer. Raises OfferError.
+        `speak`: send the agent's voice back when a TTS engine is on (False for WHIP)."""
         if sdp_type != "offer":
             raise OfferError(f"expected an SDP offer, got type {sdp_type!r}")
         check_offer_sdp(sdp)
         if self.full():
             raise CapacityError(f"server is at its limit of {self.settings.max_sessions} sessions")
-        session, events = self.runtime.open_session(uuid.uuid4().hex[:12])
+        speak = speak and self.runtime.tts is not None
+        session, events = self.runtime.open_session(uuid.uuid4().hex[:12], voice_output="live" if speak else "none")
         pc = RTCPeerConnection(rtc_configuration(self.settings))
         peer = Peer(self, pc, session, events)
         self.peers[peer.id] = peer  # counts against max_sessions while negotiating
         peer.attach()
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+            if speak and session.voice is not None:
+                from agent.speech.track import AgentAudioTrack
+
+                voice_track = AgentAudioTrack(session.voice.player)
+                peer.out_tracks.append(voice_track)
+                pc.addTrack(voice_track)  # joins the offer's audio transceiver: sendrecv
             await pc.setLocalDescription(await pc.createAnswer())
         except Exception as exc:  # aiortc raises ValueError, KeyError … on bad offers
             await peer.close("negotiation_failed")

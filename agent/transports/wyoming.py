@@ -1,0 +1,520 @@
+"""Wyoming transport: Home Assistant Assist pipelines and voice satellites talk to the agent.
+
+Built on PyPI's `wyoming` (its `AsyncServer` and `AsyncEventHandler`: the framing is the
+library's). One TCP connection is one session on the event bus. Audio is pushed as each chunk
+is read, and the next chunk is read only after that: TCP's flow control holds a client back
+instead of the drop policy of `transports.base.AudioIngress` (a transcript of audio with holes
+would be wrong). A session closed from another side closes its connection.
+
+- `describe` → `info`: an `asr` program (Qwen2-Audio, its languages) and a `handle` program.
+- `transcribe` + `audio-start`/`audio-chunk`/`audio-stop` → `transcript-start`,
+  `transcript-chunk`…, `transcript`, `transcript-stop` (the streaming events where the installed
+  `wyoming` has them; the plain `transcript` always). Audio of any rate, width and channel count
+  is converted to 16 kHz mono; the turn is Qwen2-Audio in analysis mode with a transcription
+  instruction, on the runtime's backend like every other session's turn.
+- `transcript` (sent by the client) → `handled-start`, `handled-chunk`…, `handled`,
+  `handled-stop`: the agent answers, tools run. When the text is what this server has just
+  transcribed, the model answers the audio itself (tone, hesitation, everything the text
+  lost). The conversation is kept per satellite / device / conversation id, so follow-ups work.
+
+Errors. A stray event (an `audio-chunk` before `audio-start`, an `audio-stop` with no stream, an
+unknown type) gets an `error` and the connection goes on. A transcription that cannot be
+answered (no audio, no speech, more than `max_audio_s`, a chunk over `max_chunk_bytes`) gets an
+`error` and the connection is closed: Home Assistant's client ignores `error` and would wait for
+a transcript forever. Every error is also an `error` event on the bus (counted in /metrics).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+import unicodedata
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from wyoming import asr, handle, info
+from wyoming.audio import AudioChunk, AudioChunkConverter, AudioStart, AudioStop
+from wyoming.error import Error
+from wyoming.event import Event
+from wyoming.ping import Ping, Pong
+from wyoming.server import AsyncEventHandler, AsyncServer, AsyncTcpServer
+
+from agent import events as ev
+from agent.audio import Resampler, frame_from_pcm
+from agent.model.qwen2_audio import SAMPLE_RATE
+
+if TYPE_CHECKING:
+    from agent.bus import Subscription
+    from agent.runtime import AgentRuntime
+    from agent.session import Session
+
+log = logging.getLogger(__name__)
+
+# Qwen2-Audio's speech-recognition languages (its model card: "more than 8 languages and
+# dialects"; these are the ones it names).
+LANGUAGES = ["en", "zh", "yue", "fr", "it", "es", "de", "ja"]
+TRANSCRIBE = ("Transcribe this speech exactly, in the language it is spoken in. "
+              "Reply with the transcript only.")
+ATTRIBUTION = info.Attribution(name="Qwen team, Alibaba Cloud", url="https://github.com/QwenLM/Qwen2-Audio")
+LAYOUTS = {1: "mono", 2: "stereo", 3: "3.0", 4: "quad", 5: "5.0", 6: "5.1", 7: "6.1", 8: "7.1"}
+MAX_EVENT_BYTES = 32 * 1024 * 1024  # data or payload declared larger: closed without reading it
+
+# Newer `wyoming` releases stream transcripts and handled answers; older ones lack the classes.
+TranscriptStart: Any = getattr(asr, "TranscriptStart", None)
+TranscriptChunk: Any = getattr(asr, "TranscriptChunk", None)
+TranscriptStop: Any = getattr(asr, "TranscriptStop", None)
+HandledStart: Any = getattr(handle, "HandledStart", None)
+HandledChunk: Any = getattr(handle, "HandledChunk", None)
+HandledStop: Any = getattr(handle, "HandledStop", None)
+TRANSCRIPT_STREAMING = None not in (TranscriptStart, TranscriptChunk, TranscriptStop)
+HANDLED_STREAMING = None not in (HandledStart, HandledChunk, HandledStop)
+
+
+class WyomingError(Exception):
+    """A request this connection cannot answer: `code` and message go to the client."""
+
+    def __init__(self, code: str, message: str, fatal: bool = True) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.fatal = fatal  # close the connection after the error event
+
+
+@dataclass
+class WyomingOptions:
+    max_audio_s: float = 30.0  # one transcription (Qwen2-Audio hears 30 s per clip)
+    max_chunk_bytes: int = 1024 * 1024
+    recent_s: float = 120.0  # how long transcribed audio waits for its `transcript` to handle
+    chat_idle_s: float = 300.0  # a satellite's conversation ends after this much silence
+    max_chats: int = 64
+    reply_timeout_s: float = 120.0
+
+
+def _program(cls: Any, **kwargs: Any) -> Any:
+    """An info dataclass from the fields this `wyoming` version has."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in kwargs.items() if k in names})
+
+
+def normalize(text: str) -> str:
+    """How a transcript is matched when it comes back to be handled (HA may strip or re-case it)."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    return " ".join("".join(c if c.isalnum() else " " for c in text).split())
+
+
+@dataclass
+class _Chat:
+    """One satellite's (device's, conversation's) ongoing conversation."""
+
+    session: Session
+    events: Subscription
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    used: float = field(default_factory=time.monotonic)
+
+
+class WyomingServer:
+    """`await start()`, `await stop()`; `uri` is where it listens (port 0 resolved)."""
+
+    def __init__(self, runtime: AgentRuntime, uri: str, options: WyomingOptions | None = None) -> None:
+        self.runtime = runtime
+        self.options = options or WyomingOptions()
+        self._server: AsyncServer = AsyncServer.from_uri(uri)  # ValueError for a bad URI
+        self.uri = uri
+        self.connections: set[WyomingConnection] = set()
+        self._chats: dict[str, _Chat] = {}
+        # normalized transcript → (audio, when): what a later `transcript` can be answered from
+        self._recent: OrderedDict[str, tuple[np.ndarray, float]] = OrderedDict()
+
+    async def start(self) -> None:
+        await self._server.start(lambda reader, writer: WyomingConnection(self, reader, writer))
+        if isinstance(self._server, AsyncTcpServer):
+            server = getattr(self._server, "_server", None)
+            if server is not None and server.sockets:
+                host, port = server.sockets[0].getsockname()[:2]
+                self.uri = f"tcp://{host}:{port}"
+        log.info("Wyoming server on %s", self.uri)
+
+    async def stop(self) -> None:
+        await self._server.stop()
+        for conn in list(self.connections):
+            await conn.close_session("shutdown")
+        for chat in list(self._chats.values()):
+            await self._end_chat(chat, "shutdown")
+        self._chats.clear()
+
+    def info(self) -> info.Info:
+        backend = self.runtime.backend
+        model = getattr(backend, "model_name", "") or "qwen2-audio"
+        version = _version()
+        asr_program = _program(
+            info.AsrProgram, name="qwen2-audio", attribution=ATTRIBUTION, installed=True, version=version,
+            description="Qwen2-Audio speech to text (voice-agent)",
+            models=[info.AsrModel(name=model, attribution=ATTRIBUTION, installed=True, version=None,
+                                  description=f"Qwen2-Audio: {model}", languages=list(LANGUAGES))],
+            supports_transcript_streaming=TRANSCRIPT_STREAMING)
+        programs: dict[str, Any] = {"asr": [asr_program]}
+        if hasattr(info, "HandleProgram"):
+            programs["handle"] = [_program(
+                info.HandleProgram, name="voice-agent", attribution=ATTRIBUTION, installed=True, version=version,
+                description="Qwen2-Audio voice agent: answers from the speaker's audio, runs tools",
+                models=[info.HandleModel(name=model, attribution=ATTRIBUTION, installed=True, version=None,
+                                         description=f"Qwen2-Audio: {model}", languages=list(LANGUAGES))],
+                supports_handled_streaming=HANDLED_STREAMING, supports_home_control=len(self.runtime.tools) > 0)]
+        return info.Info(**programs)
+
+    # ---- audio this server transcribed, kept for the `transcript` that follows ----------------
+    def remember(self, text: str, audio: np.ndarray) -> None:
+        key = normalize(text)
+        if not key:
+            return
+        self._recent[key] = (audio, time.monotonic())
+        self._recent.move_to_end(key)
+        self._prune_recent()
+
+    def recall(self, text: str) -> np.ndarray | None:
+        self._prune_recent()
+        found = self._recent.pop(normalize(text), None)
+        return None if found is None else found[0]
+
+    def _prune_recent(self) -> None:
+        cutoff = time.monotonic() - self.options.recent_s
+        while self._recent and (len(self._recent) > 16 or next(iter(self._recent.values()))[1] < cutoff):
+            self._recent.popitem(last=False)
+
+    # ---- conversations per satellite -----------------------------------------------------
+    async def chat(self, key: str) -> _Chat:
+        now = time.monotonic()
+        for k, c in list(self._chats.items()):
+            if now - c.used > self.options.chat_idle_s and not c.lock.locked():
+                await self._end_chat(self._chats.pop(k), "idle")
+        chat = self._chats.get(key)
+        if chat is None or chat.session.closed:
+            if len(self._chats) >= self.options.max_chats:
+                oldest = min(self._chats, key=lambda k: self._chats[k].used)
+                await self._end_chat(self._chats.pop(oldest), "evicted")
+            session, events = self.runtime.open_session(manual_turns=True)
+            chat = self._chats[key] = _Chat(session, events)
+        chat.used = now
+        return chat
+
+    async def _end_chat(self, chat: _Chat, reason: str) -> None:
+        await chat.session.close(reason)
+        chat.events.close()
+
+
+def _version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("qwen-voice-agent")
+    except PackageNotFoundError:
+        return None
+
+
+class _SizeGuard:
+    """The reader `wyoming` parses from, refusing a declared data/payload length over the
+    limit before reading it (a ValueError: the library treats it as end of stream)."""
+
+    def __init__(self, reader: asyncio.StreamReader, limit: int) -> None:
+        self._reader = reader
+        self._limit = limit
+
+    async def readline(self) -> bytes:
+        return await self._reader.readline()
+
+    async def readexactly(self, n: int) -> bytes:
+        if n > self._limit:
+            raise ValueError(f"event of {n} bytes is over the limit of {self._limit}")
+        return await self._reader.readexactly(n)
+
+    def feed_eof(self) -> None:
+        self._reader.feed_eof()
+
+
+class _AudioIn:
+    """One audio stream: Wyoming PCM of any format → 16 kHz mono float32."""
+
+    def __init__(self, start: AudioStart) -> None:
+        _check_format(start.rate, start.width, start.channels)
+        self.seconds = 0.0
+        self.parts: list[np.ndarray] = []
+        self._format: tuple[int, int, int] | None = None
+        self._resampler = Resampler()
+        self._width = AudioChunkConverter(width=2)
+
+    def convert(self, chunk: AudioChunk) -> np.ndarray:
+        _check_format(chunk.rate, chunk.width, chunk.channels)
+        if len(chunk.audio) % (chunk.width * chunk.channels):
+            raise WyomingError("bad_audio", f"audio-chunk of {len(chunk.audio)} bytes is not whole frames "
+                                            f"of {chunk.channels} × {chunk.width} bytes")
+        out: list[np.ndarray] = []
+        fmt = (chunk.rate, chunk.width, chunk.channels)
+        if fmt != self._format:  # a format change: flush what the old resampler holds
+            if self._format is not None:
+                out.append(self._resampler.convert(None))
+                self._resampler = Resampler()
+            self._format = fmt
+        self.seconds += chunk.samples / chunk.rate
+        pcm = np.frombuffer(self._width.convert(chunk).audio, dtype="<i2")
+        if pcm.size:
+            out.append(self._resampler.convert(frame_from_pcm(pcm, chunk.rate, LAYOUTS[chunk.channels])))
+        return self._keep(out)
+
+    def flush(self) -> np.ndarray:
+        return self._keep([self._resampler.convert(None)])
+
+    def _keep(self, out: list[np.ndarray]) -> np.ndarray:
+        samples = np.concatenate(out) if out else np.zeros(0, np.float32)
+        if samples.size:
+            self.parts.append(samples)
+        return samples
+
+    def audio(self) -> np.ndarray:
+        return np.concatenate(self.parts) if self.parts else np.zeros(0, np.float32)
+
+
+def _check_format(rate: int, width: int, channels: int) -> None:
+    if not (isinstance(rate, int) and 1000 <= rate <= 384000):
+        raise WyomingError("bad_audio", f"unsupported sample rate {rate!r} (1000 to 384000 Hz)")
+    if width not in (1, 2, 3, 4):
+        raise WyomingError("bad_audio", f"unsupported sample width {width!r} (1 to 4 bytes)")
+    if channels not in LAYOUTS:
+        raise WyomingError("bad_audio", f"unsupported channel count {channels!r} (1 to 8)")
+
+
+class WyomingConnection(AsyncEventHandler):
+    """One client connection: one session on the bus, opened at its first request."""
+
+    def __init__(self, server: WyomingServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        super().__init__(_SizeGuard(reader, MAX_EVENT_BYTES), writer)  # type: ignore[arg-type]
+        self.server = server
+        self.runtime = server.runtime
+        self.options = server.options
+        self.session: Session | None = None
+        self._events: Subscription | None = None
+        self._language: str | None = None
+        self._context: dict[str, Any] | None = None
+        self._audio: _AudioIn | None = None
+        self._last: tuple[str, np.ndarray] | None = None  # (transcript, audio) of this connection
+        self._watchdog: asyncio.Task[None] | None = None
+        self._seen = time.monotonic()
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    async def run(self) -> None:
+        self.server.connections.add(self)
+        limit = self.runtime.settings.server.max_sessions
+        self._watchdog = asyncio.create_task(self._idle_watch())
+        try:
+            if len(self.server.connections) > limit:
+                await self.write_event(Error(text=f"too many connections (limit {limit})", code="busy").event())
+                return
+            await super().run()
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            log.info("Wyoming client went away: %s", exc)  # mid-event: a clean close all the same
+        finally:
+            self._watchdog.cancel()
+            self.server.connections.discard(self)
+            await self.close_session("client_disconnected")
+            self.writer.close()
+
+    async def _idle_watch(self) -> None:
+        idle = self.runtime.settings.server.idle_timeout_s
+        while True:
+            await asyncio.sleep(min(idle, 60.0))
+            if time.monotonic() - self._seen > idle:
+                log.info("closing an idle Wyoming connection")
+                await self.stop()
+                return
+
+    def _session(self) -> tuple[Session, Subscription]:
+        if self.session is None or self._events is None:
+            self.session, self._events = self.runtime.open_session(manual_turns=True)
+        return self.session, self._events
+
+    async def close_session(self, reason: str) -> None:
+        if self.session is not None:
+            await self.session.close(reason)
+        if self._events is not None:
+            self._events.close()
+
+    # ---- events --------------------------------------------------------------------------
+    async def handle_event(self, event: Event) -> bool:
+        self._seen = time.monotonic()
+        if self.session is not None and self.session.closed:
+            return False  # closed from another side (a plugin's command, shutdown): the connection goes too
+        try:
+            return await self._dispatch(event)
+        except WyomingError as exc:
+            return await self._fail(exc)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            return False  # the client is gone; run() closes the session
+        except (KeyError, TypeError, ValueError) as exc:  # a malformed event
+            return await self._fail(WyomingError("bad_request", f"malformed {event.type}: {exc!r}", fatal=False))
+
+    async def _fail(self, exc: WyomingError) -> bool:
+        log.info("Wyoming %s: %s", exc.code, exc.message)
+        self._audio = None
+        session, _ = self._session()
+        session.report_error(exc.code, exc.message)  # on the bus: plugins and /metrics see it
+        try:
+            await self.write_event(Error(text=exc.message, code=exc.code).event())
+        except ConnectionError:
+            return False
+        return not exc.fatal
+
+    async def _dispatch(self, event: Event) -> bool:
+        if info.Describe.is_type(event.type):
+            await self.write_event(self.server.info().event())
+        elif Ping.is_type(event.type):
+            await self.write_event(Pong(text=Ping.from_event(event).text).event())
+        elif event.type == "select-program":
+            pass  # one program per domain: nothing to select
+        elif asr.Transcribe.is_type(event.type):
+            transcribe = asr.Transcribe.from_event(event)
+            self._language, self._context = transcribe.language, transcribe.context
+        elif AudioStart.is_type(event.type):
+            session, _ = self._session()
+            await session.clear()  # speech held from an abandoned stream must not join this one
+            self._audio = _AudioIn(AudioStart.from_event(event))
+        elif AudioChunk.is_type(event.type):
+            await self._on_chunk(event)
+        elif AudioStop.is_type(event.type):
+            return await self._on_stop()
+        elif asr.Transcript.is_type(event.type):
+            await self._on_transcript(asr.Transcript.from_event(event))
+        else:
+            raise WyomingError("unknown_event", f"unknown event type {event.type!r}", fatal=False)
+        return True
+
+    # ---- speech to text ------------------------------------------------------------------
+    async def _on_chunk(self, event: Event) -> None:
+        if self._audio is None:
+            raise WyomingError("audio_not_started", "audio-chunk before audio-start", fatal=False)
+        size = len(event.payload or b"")
+        if size > self.options.max_chunk_bytes:
+            raise WyomingError("chunk_too_large", f"audio-chunk of {size} bytes is over the limit of "
+                                                  f"{self.options.max_chunk_bytes}: this transcription is dropped")
+        stream = self._audio
+        samples = stream.convert(AudioChunk.from_event(event))
+        if stream.seconds > self.options.max_audio_s + 1e-6:  # float sums of exact 30 s
+            raise WyomingError("audio_too_long", f"more than {self.options.max_audio_s:g} s of audio in one "
+                                                 "transcription: this transcription is dropped")
+        session, _ = self._session()
+        await session.push_audio(samples)
+
+    async def _on_stop(self) -> bool:
+        stream, self._audio = self._audio, None
+        if stream is None:
+            raise WyomingError("audio_not_started", "audio-stop without audio-start", fatal=False)
+        session, events = self._session()
+        await session.push_audio(stream.flush())
+        audio = stream.audio()
+        if audio.size == 0:
+            raise WyomingError("no_audio", "audio-stop with no audio to transcribe")
+        await session.handle(ev.InstructionSet(text=self._instruction()))
+        committed = await session.commit()
+        if not committed:
+            await session.handle(ev.InstructionSet(text=""))  # it must not stick to a later turn
+            raise WyomingError("no_speech", f"no speech heard in {audio.size / SAMPLE_RATE:.1f} s of audio")
+        try:
+            text = await self._transcribe(session, events)
+        finally:
+            await session.handle(ev.ResponseCancel())  # a no-op once done; after a failure it
+            await session.wait_idle()  # must not add its answer after the pop below
+            session.conversation.pop_last_user()  # a transcript is not part of any conversation
+        self._last = (text, audio)
+        self.server.remember(text, audio)
+        return True
+
+    def _instruction(self) -> str:
+        if self._language:
+            return f"{TRANSCRIBE} The speech is in the language with code '{self._language}'."
+        return TRANSCRIBE
+
+    async def _transcribe(self, session: Session, events: Subscription) -> str:
+        context = self._context
+        turn_id = await session.reply()
+        if TRANSCRIPT_STREAMING:
+            await self.write_event(TranscriptStart(language=self._language, context=context).event())
+        said: list[str] = []
+        async for delta in self._answer(events, turn_id):
+            said.append(delta)
+            if TRANSCRIPT_STREAMING:
+                await self.write_event(TranscriptChunk(text=delta).event())
+        text = "".join(said).strip()
+        await self.write_event(asr.Transcript(text=text, language=self._language, context=context).event())
+        if TRANSCRIPT_STREAMING:
+            await self.write_event(TranscriptStop().event())
+        return text
+
+    async def _answer(self, events: Subscription, turn_id: str) -> AsyncIterator[str]:
+        """The text deltas of one response; WyomingError when it fails."""
+        deadline = time.monotonic() + self.options.reply_timeout_s
+        while True:
+            try:
+                event = await asyncio.wait_for(events.get(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise WyomingError("timeout", f"no answer within {self.options.reply_timeout_s:g} s") from None
+            if isinstance(event, ev.SessionEnded):
+                raise WyomingError("session_closed", f"the session ended ({event.reason})")
+            if getattr(event, "turn_id", None) != turn_id:
+                continue
+            if isinstance(event, ev.ResponseDelta):
+                yield event.text
+            elif isinstance(event, ev.ResponseDone):
+                return
+            elif isinstance(event, ev.ResponseCancelled):
+                raise WyomingError("cancelled", f"the answer was cancelled ({event.reason})", fatal=False)
+            elif isinstance(event, ev.Error):
+                raise WyomingError(event.code, event.message, fatal=False)
+
+    # ---- handle: the agent answers ---------------------------------------------------------
+    async def _on_transcript(self, transcript: asr.Transcript) -> None:
+        context = dict(transcript.context or {})
+        key = next((f"{k}:{context[k]}" for k in ("satellite_id", "device_id", "conversation_id") if context.get(k)),
+                   None)
+        audio = None
+        if self._last is not None and normalize(self._last[0]) == normalize(transcript.text):
+            audio = self._last[1]
+            self.server.recall(transcript.text)
+        else:
+            audio = self.server.recall(transcript.text)
+        if key is None:
+            session, events = self._session()
+            lock: asyncio.Lock | None = None
+        else:
+            chat = await self.server.chat(key)
+            session, events, lock = chat.session, chat.events, chat.lock
+        if lock is not None:
+            async with lock:
+                await self._handle(session, events, transcript.text, audio, context)
+        else:
+            await self._handle(session, events, transcript.text, audio, context)
+
+    async def _handle(self, session: Session, events: Subscription, text: str, audio: np.ndarray | None,
+                      context: dict[str, Any]) -> None:
+        if not text.strip() and audio is None:
+            raise WyomingError("bad_request", "transcript with no text to handle", fatal=False)
+        committed = False
+        if audio is not None:  # answer the speaker's own audio: voice chat mode
+            await session.push_audio(audio)
+            committed = await session.commit()
+        if not committed:
+            session.conversation.add_user_text(text)
+        turn_id = await session.reply()
+        reply_context = {**context, "conversation_id": context.get("conversation_id") or session.id}
+        if HANDLED_STREAMING:
+            await self.write_event(HandledStart(context=reply_context).event())
+        said: list[str] = []
+        async for delta in self._answer(events, turn_id):
+            said.append(delta)
+            if HANDLED_STREAMING:
+                await self.write_event(HandledChunk(text=delta).event())
+        await self.write_event(handle.Handled(text="".join(said).strip(), context=reply_context).event())
+        if HANDLED_STREAMING:
+            await self.write_event(HandledStop().event())
