@@ -12,6 +12,26 @@ from prometheus_client.registry import Collector
 from agent import events as ev
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BUS_COUNTERS = {  # EventBus.stats key → (metric, help)
+    "events_dropped": ("voice_agent_bus_events_dropped", "Events a slow subscriber did not get (bus backpressure)"),
+    "deltas_merged": ("voice_agent_bus_deltas_merged", "response.delta events merged for a slow subscriber"),
+    "subscribers_disconnected": ("voice_agent_bus_subscribers_disconnected",
+                                 "Event subscribers disconnected because they could not keep up"),
+}
+
+
+class _BusCollector:
+    """The bus's own counters, read at scrape time."""
+
+    def __init__(self, runtime: Any) -> None:
+        self.runtime = runtime
+
+    def collect(self) -> Any:
+        stats = getattr(getattr(self.runtime, "bus", None), "stats", None) or {}
+        for key, (name, doc) in BUS_COUNTERS.items():
+            family = CounterMetricFamily(name, doc)
+            family.add_metric([], float(stats.get(key, 0)))
+            yield family
 
 
 class Metrics:
@@ -35,6 +55,7 @@ class Metrics:
         self.response_total = Histogram("voice_agent_response_seconds", "Turn commit to response done",
                                         buckets=LATENCY_BUCKETS, registry=r)
         r.register(VoiceCollector(runtime))  # TTS failures are voice_agent_errors{code="tts_…"}
+        r.register(_BusCollector(runtime))  # type: ignore[arg-type]
 
     def on_event(self, event: ev.Event) -> None:
         """Bus listener: synchronous and cheap."""
