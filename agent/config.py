@@ -12,11 +12,10 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from agent.errors import Float, Int, describe_validation_error, did_you_mean, yaml_problem
+from agent.errors import Float, Int, describe_validation_error, did_you_mean, read_yaml
 from agent.speech.base import TTSSettings
 from agent.turns import TurnConfig
 
@@ -165,13 +164,9 @@ def check_environment(environ: dict[str, str] | os._Environ[str] | None = None) 
 
 def _read_yaml(path: str | Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except OSError as exc:
-        raise ConfigError(f"{path}: {(exc.strerror or str(exc)).lower()}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}, {yaml_problem(exc)}") from None
+        data = read_yaml(path) or {}
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     return data
@@ -182,8 +177,8 @@ def read_yaml_section(path: str | Path | None, key: str) -> dict[str, Any]:
     if path is None:
         return {}
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError):
+        data = read_yaml(path) or {}
+    except ValueError:
         return {}
     section = data.get(key) if isinstance(data, dict) else None
     return section if isinstance(section, dict) else {}

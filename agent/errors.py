@@ -5,6 +5,7 @@ number types (`Int`, `Float`) that keep `true` from passing for 1."""
 from __future__ import annotations
 
 import difflib
+from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ValidationError
@@ -54,6 +55,21 @@ def yaml_problem(exc: Exception) -> str:
     context = getattr(exc, "context", None)
     where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
     return f"{where}{problem}" + (f" ({context})" if context else "")
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file's content; ValueError("PATH: reason") for a missing, unreadable, non-UTF-8
+    or malformed file (the line once, no parser internals)."""
+    import yaml
+
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"{path}: {(exc.strerror or str(exc)).lower()}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}, {yaml_problem(exc)}") from None
 
 
 def _not_bool(value: Any) -> Any:

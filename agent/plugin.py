@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Protocol
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from agent.errors import describe_validation_error
-from agent.bus import CommandTarget, EventBus, Subscription
+from agent.bus import CommandTarget, EventBus, Subscription, SubscriptionClosed
 from agent.events import Event
 from agent.tools import Tool
 
@@ -53,7 +53,7 @@ class PluginContext:
 class Plugin:
     name: ClassVar[str] = "plugin"
     Config: ClassVar[type[BaseModel]] = PluginConfig
-    queue_size: ClassVar[int] = 4096  # its bus subscription; the oldest events drop when full
+    queue_size: ClassVar[int] = 4096  # its bus backlog before deltas merge (policy: agent/bus.py)
 
     def __init__(self, config: Any, context: PluginContext) -> None:
         self.config = config
@@ -150,7 +150,7 @@ class PluginHost:
     async def start(self) -> None:
         for plugin in self.configured:
             # Subscribe before start so that no event published meanwhile is missed.
-            sub = self.context.bus.subscribe(maxsize=plugin.queue_size)
+            sub = self.context.bus.subscribe(maxsize=plugin.queue_size, name=f"plugin {plugin.name}")
             try:
                 await asyncio.wait_for(plugin.start(), max(self.start_timeout, plugin.start_timeout_s() or 0))
             except Exception as exc:
@@ -167,7 +167,12 @@ class PluginHost:
 
     async def _feed(self, plugin: Plugin, sub: Subscription) -> None:
         while True:
-            event = await sub.get()
+            try:
+                event = await sub.get()
+            except SubscriptionClosed as exc:  # it fell too far behind: the bus logged and counted it
+                self.failed[plugin.name] = "disconnected from the event bus"
+                log.error("plugin %s gets no more events: %s", plugin.name, exc)
+                return
             try:
                 await plugin.on_event(event)
             except Exception:  # one bad event must not stop the plugin's stream

@@ -12,13 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 from agent.bus import EventBus, Subscription
 from agent.config import Settings
+from agent.context import AgentHooks
 from agent.conversation import Conversation
-from agent.model.qwen2_audio import DEFAULT_SYSTEM
 from agent.events import Command, Error
 from agent.inference.base import Backend
-from agent.context import AgentHooks
+from agent.model.qwen2_audio import DEFAULT_SYSTEM
 from agent.session import Session, SessionDeps
 from agent.speech.base import SpeechEngine, TTSError, load_engine
+from agent.speech.voice import VoiceCounters
 from agent.tools import Tool, ToolRegistry
 from agent.vad import VADService
 
@@ -63,6 +64,7 @@ class AgentRuntime:
         self._plugin_classes = plugin_classes
         self.plugins: PluginHost | None = None
         self.tts: SpeechEngine | None = None  # started once, shared by every session (speech out)
+        self.voice_counters = VoiceCounters()  # every session's speech out, added up (for /metrics)
 
     async def start(self) -> None:
         """Start everything; raises (InferenceError, ValueError) with a clear message."""
@@ -134,7 +136,8 @@ class AgentRuntime:
         """A started session (prefer `open_session`, which also gives its events)."""
         deps = SessionDeps(settings=self.settings, vad=self.vad.open_stream(), backend=self.backend,
                            tools=self.tools.copy(), publish=self.bus.publish, system_prompt=self.system_prompt(),
-                           hooks=self.hooks, on_closed=self._closed, tts=self.tts)
+                           hooks=self.hooks, on_closed=self._closed, tts=self.tts,
+                           voice_counters=self.voice_counters)
         session = Session(deps, session_id, **options)
         self.sessions[session.id] = session
         session.start()

@@ -29,7 +29,7 @@ from agent.context import AgentHooks, RunContext, UserTurn
 from agent.conversation import Conversation
 from agent.inference.base import Backend, GenerationStats, InferenceError
 from agent.speech.base import SpeechEngine
-from agent.speech.voice import Voice
+from agent.speech.voice import Voice, VoiceCounters
 from agent.tools import ParsedToolCall, TextPiece, ToolCallParser, ToolOutcome, ToolRegistry, format_tool_responses
 from agent.vad import CHUNK, VADStream
 
@@ -49,8 +49,9 @@ class SessionDeps:
     publish: Callable[[ev.Event], None]  # the event sink (the runtime's bus)
     system_prompt: str | None = None
     hooks: AgentHooks = field(default_factory=AgentHooks)
-    on_closed: Callable[["Session"], None] = lambda session: None
+    on_closed: Callable[[Session], None] = lambda session: None
     tts: SpeechEngine | None = None  # speech out, started and shared (None: text only)
+    voice_counters: VoiceCounters | None = None  # the process's speech-out totals (for /metrics)
 
 
 async def _call(result: Any) -> Any:
@@ -103,7 +104,8 @@ class Session:
         # Speech out (None: text only, everything as without TTS).
         self.voice: Voice | None = None
         if deps.tts is not None and voice_output in ("live", "offline"):
-            self.voice = Voice(deps.tts, self.emit, realtime=voice_output == "live")
+            self.voice = Voice(deps.tts, self.emit, realtime=voice_output == "live",
+                               counters=deps.voice_counters)
         self._interrupt_min_s = s.turns.interrupt_min_speech_s
         self._pos = 0  # samples the detector has seen
         self._recent_in: deque[np.ndarray] = deque(maxlen=16)  # ~0.5 s of input, for the echo gate
@@ -196,7 +198,7 @@ class Session:
             return
         if self.voice.is_echo(np.concatenate(self._recent_in)):
             if kind is None:
-                self.voice.echo_gated += 1
+                self.voice.note_echo()
                 log.info("session %s: speech at %.2f s taken for the agent's own voice", self.id, start)
             self._overlap = (start, "echo")  # re-checked each chunk: the user may join in
             return
@@ -254,6 +256,8 @@ class Session:
             if overlap is not None and overlap[1] in (None, "echo"):
                 # A backchannel ("mm-hm", shorter than interrupt_min_speech_s) or our own
                 # voice: the agent goes on speaking and this is no user turn.
+                if overlap[1] is None and self.voice is not None:
+                    self.voice.note_backchannel()
                 log.info("session %s: %s at %.2f s ignored while the agent speaks", self.id,
                          "echo" if overlap[1] else "backchannel", overlap[0])
                 await self._drop_speculative()
@@ -444,7 +448,7 @@ class Session:
                 if not calls or round_n == settings.max_tool_rounds or self.defer_tool_calls:
                     break
                 outcomes = await self.tools.execute(calls, settings.tool_timeout_s, self.context)
-                outcomes = [await self._tool_result(call, outcome) for call, outcome in zip(calls, outcomes)]
+                outcomes = [await self._tool_result(call, outcome) for call, outcome in zip(calls, outcomes, strict=True)]
                 for outcome in outcomes:
                     self.emit(ev.ToolResult(call_id=outcome.call_id, ok=outcome.ok,
                                             result=outcome.result, error=outcome.error))

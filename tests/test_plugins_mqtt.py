@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from agent.bus import EventBus
 from agent.events import InstructionSet, ResponseDelta, SessionClose, SpeechStarted
 from agent.plugin import PluginContext, PluginHost
 from agent.tools import ParsedToolCall, ToolRegistry
+from benchmarks.mqtt import DelayProxy
 from plugins.mqtt import MqttPlugin
 from tests.mosquitto import Broker, FakeCommands, Observer, send, until
 
@@ -33,6 +35,12 @@ def make_host(port: int, **extra: object) -> tuple[EventBus, FakeCommands, Plugi
     return bus, commands, host
 
 
+def only(host: PluginHost) -> MqttPlugin:
+    (plugin,) = host.running
+    assert isinstance(plugin, MqttPlugin)
+    return plugin
+
+
 def delta(session: str, seq: int) -> ResponseDelta:
     return ResponseDelta(session_id=session, seq=seq, turn_id=f"{session}-t1", text=f"word{seq}")
 
@@ -41,7 +49,7 @@ async def test_events_out_commands_in_bad_commands(broker: Broker) -> None:
     bus, commands, host = make_host(broker.port, allowed_publish_topics=["home/+/light", "notify/#"])
     async with Observer(broker.port, "#").running() as obs:
         await host.start()
-        (plugin,) = host.running
+        plugin = only(host)
         assert isinstance(plugin, MqttPlugin) and plugin.conn.connected.is_set()
         events = [delta("s1", i) for i in range(1, 31)] + [SpeechStarted(session_id="s2", seq=1, t=0.5)]
         for e in events:
@@ -110,7 +118,7 @@ async def test_auth(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
         caplog.set_level(logging.WARNING)
         bus, _, bad = make_host(broker.port, username="agent", password="wrong", connect_timeout_s=0.3)
         await bad.start()  # a refused login is logged, never raised: the agent keeps running
-        (plugin,) = bad.running
+        plugin = only(bad)
         await until(lambda: plugin.conn.last_error is not None, what="refusal")
         assert not plugin.conn.connected.is_set()
         assert "refused the credentials" in caplog.text or "not reachable" in caplog.text
@@ -128,7 +136,7 @@ async def test_broker_restart_loses_nothing(tmp_path: Path) -> None:
         # Persistent observer session: what the broker accepts while it is away is kept for it.
         async with Observer(broker.port, topic, persistent=True).running() as obs:
             await host.start()
-            (plugin,) = host.running
+            plugin = only(host)
             for i in range(1, 101):
                 bus.publish(delta("s1", i))
             await until(lambda: len(obs.messages) >= 30, what="first part of the stream")
@@ -148,11 +156,78 @@ async def test_broker_restart_loses_nothing(tmp_path: Path) -> None:
         broker.stop()
 
 
+async def test_window_in_flight_survives_a_broker_restart(tmp_path: Path) -> None:
+    """Through a proxy adding 3 ms each way, many messages are in flight (sent, no PUBACK yet)
+    when the broker dies: they are sent again on reconnect, none lost, first copies in order."""
+    broker = Broker(tmp_path, persistence=True).start()
+    proxy = await DelayProxy(broker.port, 0.003).start()
+    try:
+        bus, _, host = make_host(proxy.port, inflight_window=16)
+        topic = "voice_agent/kitchen/sessions/s1/events"
+        async with Observer(broker.port, topic, persistent=True).running() as obs:
+            await host.start()
+            plugin = only(host)
+            for i in range(1, 301):
+                bus.publish(delta("s1", i))
+            await until(lambda: len(obs.messages) >= 30, what="first part of the stream")
+            broker.stop()
+            await until(lambda: not plugin.conn.connected.is_set(), what="disconnect noticed")
+            assert plugin.conn.published < 300
+            broker.start()
+            await until(lambda: len({json.loads(p)["seq"] for p in obs.on(topic)}) == 300, timeout=60,
+                        what="all 300 events after the restart")
+            conn = plugin.conn
+            assert conn.connects >= 2 and conn.dropped == 0 and conn.failed == 0
+            assert 1 < conn.peak_inflight <= 16  # a window really was in flight, never more
+            assert conn.resent > 0  # and some of it had no PUBACK when the broker went
+            first_seen = list(dict.fromkeys(json.loads(p)["seq"] for p in obs.on(topic)))
+            assert first_seen == list(range(1, 301))
+            await host.stop()
+    finally:
+        await proxy.close()
+        broker.stop()
+
+
+async def test_malformed_json_commands_are_reported(broker: Broker) -> None:
+    """Deep nesting and huge numbers in a command: an error event each, never a crash."""
+    bus, commands, host = make_host(broker.port)
+    await host.start()
+    base = "voice_agent/kitchen/sessions/s1/commands"
+    bad = ["[" * 60000 + "]" * 60000,
+           '{"type": "session.update", "max_new_tokens": ' + "9" * 5000 + "}",
+           '{"type": "session.update", "system_prompt": ' + "[" * 60000 + "]" * 60000 + "}",
+           '{"type": "session.update", "min_silence_s": 1e999999}',
+           "1" * 5000]
+    for payload in bad:
+        await send(broker.port, base, payload)
+    await until(lambda: len(commands.errors) == len(bad), what="one error per bad command")
+    assert all(code == "bad_command" for _, code, _ in commands.errors)
+    await send(broker.port, base, '{"type": "response.cancel"}')
+    await until(lambda: len(commands.commands) == 1, what="a good command still works")
+    await host.stop()
+
+
+def test_bench_mqtt_json_last_line() -> None:
+    out = subprocess.run([sys.executable, "-m", "agent.cli", "bench", "mqtt", "--messages", "200",
+                          "--latency-ms", "2", "--window", "16", "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert result["benchmark"] == "mqtt" and result["window"] == 16
+    runs = {(r["latency_ms_each_way"], r["window"]): r for r in result["runs"]}
+    assert set(runs) == {(0.0, 1), (0.0, 16), (2.0, 1), (2.0, 16)}
+    assert all(r["msgs_per_s"] > 0 and r["reconnects"] == 0 for r in runs.values())
+    assert runs[(2.0, 1)]["peak_inflight"] == 1 and runs[(2.0, 16)]["peak_inflight"] > 1
+    assert set(result["speedup"]) == {"0ms", "2ms"}
+    assert any("window 16 vs 1" in line for line in lines)
+
+
 async def test_outbox_is_bounded_while_broker_is_down(tmp_path: Path) -> None:
     broker = Broker(tmp_path)  # never started: nothing listens on this port
     bus, _, host = make_host(broker.port, outbox_size=10, connect_timeout_s=0.1)
     await host.start()
-    (plugin,) = host.running
+    plugin = only(host)
     for i in range(1, 26):
         bus.publish(delta("s1", i))
     await until(lambda: plugin.conn.dropped == 15, what="overflow counted")

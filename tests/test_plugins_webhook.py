@@ -133,3 +133,37 @@ def test_config_errors() -> None:
         make_host({"url": "not a url", "secret": "s"})
     with pytest.raises(ValueError, match="secret"):
         make_host({"url": "http://x/"})
+
+
+async def test_malformed_reply_bodies_do_not_matter(receiver_url) -> None:
+    """Only the reply's status counts: a receiver answering with JSON nested 60000 deep, a
+    5000-digit number, invalid UTF-8 or 4 MB of junk is neither parsed nor a crash."""
+    bodies = [b"[" * 60000 + b"]" * 60000, b'{"ok": ' + b"9" * 5000 + b"}", b"\xff\xfe{", b"x" * (4 << 20)]
+    seen: list[int] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        event = json.loads(await request.read())
+        seen.append(event["seq"])
+        body = bodies[(event["seq"] - 1) % len(bodies)]
+        status = 200 if event["seq"] <= len(bodies) else 400  # then refusals with the same bodies
+        return web.Response(status=status, body=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/hook", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        bus, host = make_host({"url": f"http://127.0.0.1:{port}/hook", "secret": SECRET, "max_retries": 0})
+        await host.start()
+        (plugin,) = host.running
+        assert isinstance(plugin, WebhookPlugin)
+        for seq in range(1, 2 * len(bodies) + 1):
+            bus.publish(ResponseDelta(session_id="s", seq=seq, turn_id="t", text="x"))
+        await until(lambda: plugin.sent + plugin.failed == 2 * len(bodies), what="every event answered")
+        assert (plugin.sent, plugin.failed) == (len(bodies), len(bodies))  # 2xx delivered, 4xx refused
+        assert seen == list(range(1, 2 * len(bodies) + 1)) and host.status() == {"webhook": "running"}
+        await host.stop()
+    finally:
+        await runner.cleanup()

@@ -59,6 +59,18 @@ async def stack(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
         await runtime.close()
 
 
+async def voice_metrics(server: Server) -> dict[str, float]:
+    """/metrics' speech-out samples, e.g. {"voice_agent_speech_backchannels_total": 1.0}."""
+    import aiohttp
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with aiohttp.ClientSession() as http, http.get(f"{server.url}/metrics") as r:
+        text = await r.text()
+    return {(s.name + "".join(f"{{{v}}}" for v in s.labels.values())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name.startswith("voice_agent_speech_")}
+
+
 class Recorder:
     """The agent's track as the peer hears it: (arrival time, 48 kHz mono float) per frame,
     and every event's arrival time."""
@@ -145,6 +157,10 @@ async def test_two_spoken_turns_get_spoken_answers(stack: Any) -> None:
     played = sum(d["duration_s"] for d in done)  # speech has quiet stretches: audible is less
     assert 0.4 * played < rec.audible_s() <= played + 0.1
     print(f"first audio after first delta: {[d['timings']['tts_first_audio_s'] for d in done]} s")
+    m = await voice_metrics(server)
+    assert m["voice_agent_speech_answers_total{played}"] == 2 and m["voice_agent_speech_answers_total{interrupted}"] == 0
+    assert m["voice_agent_speech_played_seconds_total"] == pytest.approx(played, abs=0.01)
+    print(f"speech underruns (gaps while the engine was behind): {m['voice_agent_speech_underruns_total']:g}")
     await rec.stop()
     await client.close()
 
@@ -172,6 +188,9 @@ async def test_barge_in_stops_the_voice_and_keeps_only_what_was_heard(stack: Any
     said = [m["content"] for m in second.messages if m["role"] == "assistant"]
     assert said and said[0] in (heard, [{"type": "text", "text": heard}])
     assert len(client.of_type("turn.committed")) == 2
+    m = await voice_metrics(server)
+    assert m["voice_agent_speech_answers_total{interrupted}"] == 1 and m["voice_agent_speech_answers_total{played}"] == 1
+    assert m["voice_agent_speech_flushed_seconds_total"] > 0.5  # the rest of LONG, never played
     await rec.stop()
     await client.close()
 
@@ -187,6 +206,8 @@ async def test_a_backchannel_does_not_interrupt(stack: Any) -> None:
     assert not done[0]["interrupted"] and done[0]["spoken_text"] == LONG  # … and did not cut the answer
     assert not client.of_type("response.cancelled")
     assert len(client.of_type("turn.committed")) == 1  # nor became a turn of its own
+    m = await voice_metrics(server)
+    assert m["voice_agent_speech_backchannels_total"] == 1 and m["voice_agent_speech_flushed_seconds_total"] == 0
     await rec.stop()
     await client.close()
 
@@ -207,6 +228,9 @@ async def test_the_agents_own_voice_fed_back_does_not_cancel_it(stack: Any) -> N
     assert session_voice is not None
     print(f"speech starts over the agent's voice: {len(client.of_type('speech.started')) - 1}, "
           f"gated as echo: {session_voice.echo_gated}")
+    m = await voice_metrics(server)
+    assert m["voice_agent_speech_echo_gated_total"] == session_voice.echo_gated
+    assert m["voice_agent_speech_backchannels_total"] == 0 and m["voice_agent_speech_answers_total{interrupted}"] == 0
     await rec.stop()
     await client.close()
 

@@ -141,3 +141,17 @@ async def test_a_session_closed_from_any_side_frees_its_webrtc_peer(runtime: Age
         await again.close()
     finally:
         await srv.runner.cleanup()
+
+
+async def test_a_client_the_bus_cuts_off_takes_its_transport_down(runtime: AgentRuntime, speech_two: Any) -> None:
+    srv = await start_server(runtime)
+    try:
+        client = await connect(srv.url, BufferTrack(speech_two.samples, loop=True))
+        await client.wait_open()
+        peer = srv.app[MANAGER].peers[client.session_id]
+        peer._events._disconnect("test: too slow")  # what the bus does to a hopeless subscriber
+        await until(lambda: not srv.app[MANAGER].peers and not runtime.sessions)
+        assert peer.session.closed
+        await client.close()
+    finally:
+        await srv.runner.cleanup()

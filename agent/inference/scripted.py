@@ -26,10 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from agent.errors import describe_validation_error, yaml_problem
+from agent.errors import describe_validation_error, read_yaml
 from agent.inference.base import GenerationRequest, GenerationStats
 from agent.model.qwen2_audio import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
@@ -91,13 +90,9 @@ def _output(value: Any, where: str) -> str:
 def load_script(path: str | Path) -> Script:
     """Read and validate a script file; raises ValueError naming the file and the problem."""
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ValueError(f"script {path}: {(exc.strerror or str(exc)).lower()}") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"script {path}: not UTF-8 text") from None
-    except yaml.YAMLError as exc:
-        raise ValueError(f"script {path}, {yaml_problem(exc)}") from None
+        data = read_yaml(path)
+    except ValueError as exc:
+        raise ValueError(f"script {exc}") from None
     if isinstance(data, list):
         data = {"turns": data}
     if not isinstance(data, dict):

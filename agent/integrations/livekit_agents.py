@@ -44,6 +44,10 @@ from agent.session import Session
 from agent.tools import Tool, ToolOutcome, ToolRegistry, format_tool_responses
 
 log = logging.getLogger(__name__)
+# The chat context mirrored for livekit keeps this many items (plus leading instructions): our
+# Conversation holds the real history under its own token budget; livekit only reads this
+# mirror back to append to it, and diffs it against its own with an O(n·m) LCS.
+MAX_CHAT_ITEMS = 128
 MAX_QUEUED_S = 30.0  # audio waiting for the pipeline (e.g. while the model loads); beyond it new frames are dropped, counted
 _Op = Callable[[Session], Awaitable[None]]  # ordered with the audio: commit, clear, reply, …
 
@@ -129,6 +133,7 @@ class QwenRealtimeSession(llm.RealtimeSession):
         self._model = model
         self._manual = manual_turns
         self._chat_ctx = llm.ChatContext.empty()
+        self._chat_trimmed = False  # older items were let go: livekit may still send them
         self._first_event_type: str | None = None
         self._tools = llm.ToolContext.empty()
         self._tool_choice: llm.ToolChoice | None = None
@@ -163,9 +168,11 @@ class QwenRealtimeSession(llm.RealtimeSession):
     async def update_chat_ctx(self, chat_ctx: llm.ChatContext) -> None:
         """New items reach our conversation: typed user turns, assistant text, tool results.
         Removals are ignored (`mutable_chat_context=False`)."""
+        chat_ctx = self._known_tail(chat_ctx)
         diff = llm.utils.compute_chat_ctx_diff(self._chat_ctx, chat_ctx)
         added = [item for _, item_id in diff.to_create if (item := chat_ctx.get_by_id(item_id)) is not None]
         self._chat_ctx = chat_ctx.copy()
+        self._bound_chat_ctx()
         outputs = [i for i in added if isinstance(i, llm.FunctionCallOutput)]
 
         async def apply(session: Session) -> None:
@@ -287,6 +294,23 @@ class QwenRealtimeSession(llm.RealtimeSession):
         await asyncio.gather(self._main, return_exceptions=True)
 
     # ---- internals -------------------------------------------------------------------
+    def _bound_chat_ctx(self) -> None:
+        if len(self._chat_ctx.items) > MAX_CHAT_ITEMS:
+            self._chat_ctx.truncate(max_items=MAX_CHAT_ITEMS)
+            self._chat_trimmed = True
+
+    def _known_tail(self, chat_ctx: llm.ChatContext) -> llm.ChatContext:
+        """Once the mirror was trimmed, what livekit sends from before our oldest kept item is
+        old, not new: cut it off, so it is neither added to the conversation twice nor diffed."""
+        if not self._chat_trimmed:
+            return chat_ctx
+        oldest = next((item.id for item in self._chat_ctx.items
+                       if not (isinstance(item, llm.ChatMessage) and item.role in ("system", "developer"))), None)
+        start = next((i for i, item in enumerate(chat_ctx.items) if item.id == oldest), None)
+        if not start:  # not there (livekit replaced its context), or nothing to cut
+            return chat_ctx
+        return llm.ChatContext(chat_ctx.items[start:])
+
     def _enqueue(self, op: Callable[[Session], Awaitable[Any]]) -> None:
         self._input.put_nowait(op)  # type: ignore[arg-type]
 
@@ -349,6 +373,7 @@ class QwenRealtimeSession(llm.RealtimeSession):
                 call = llm.FunctionCall(call_id=event.call_id, name=event.name,
                                         arguments=json.dumps(event.arguments))
                 self._chat_ctx.items.append(call)
+                self._bound_chat_ctx()
                 self._latest_called_tools |= gen.message_id == self._latest_message_id
                 gen.function_ch.send_nowait(call)
             elif isinstance(event, (ev.ResponseDone, ev.ResponseCancelled)):
@@ -384,6 +409,7 @@ class QwenRealtimeSession(llm.RealtimeSession):
             return
         if gen.text:
             self._chat_ctx.add_message(role="assistant", content="".join(gen.text), id=gen.message_id)
+            self._bound_chat_ctx()
         gen.close()
 
     def _error(self, exc: Exception, *, recoverable: bool) -> None:

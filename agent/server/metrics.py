@@ -2,14 +2,36 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from agent import events as ev
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BUS_COUNTERS = {  # EventBus.stats key → (metric, help)
+    "events_dropped": ("voice_agent_bus_events_dropped", "Events a slow subscriber did not get (bus backpressure)"),
+    "deltas_merged": ("voice_agent_bus_deltas_merged", "response.delta events merged for a slow subscriber"),
+    "subscribers_disconnected": ("voice_agent_bus_subscribers_disconnected",
+                                 "Event subscribers disconnected because they could not keep up"),
+}
+
+
+class _BusCollector:
+    """The bus's own counters, read at scrape time."""
+
+    def __init__(self, runtime: Any) -> None:
+        self.runtime = runtime
+
+    def collect(self) -> Any:
+        stats = getattr(getattr(self.runtime, "bus", None), "stats", None) or {}
+        for key, (name, doc) in BUS_COUNTERS.items():
+            family = CounterMetricFamily(name, doc)
+            family.add_metric([], float(stats.get(key, 0)))
+            yield family
 
 
 class Metrics:
@@ -34,6 +56,8 @@ class Metrics:
                                      buckets=LATENCY_BUCKETS, registry=r)
         self.response_total = Histogram("voice_agent_response_seconds", "Turn commit to response done",
                                         buckets=LATENCY_BUCKETS, registry=r)
+        r.register(VoiceCollector(runtime))  # TTS failures are voice_agent_errors{code="tts_…"}
+        r.register(_BusCollector(runtime))  # type: ignore[arg-type]
 
     def on_event(self, event: ev.Event) -> None:
         """Bus listener: synchronous and cheap."""
@@ -74,3 +98,31 @@ class Metrics:
             if isinstance(value, (int, float)):
                 self.kv.labels(stat).set(value)
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class VoiceCollector(Collector):
+    """Speech-out totals, read at scrape time from the runtime's `VoiceCounters`."""
+
+    def __init__(self, runtime: Any) -> None:
+        self.runtime = runtime
+
+    def collect(self) -> Iterator[Metric]:
+        c = getattr(self.runtime, "voice_counters", None)
+        if c is None:
+            return
+        answers = CounterMetricFamily("voice_agent_speech_answers", "Spoken answers whose playback ended",
+                                      labels=["outcome"])
+        answers.add_metric(["played"], c.answers - c.interrupted)
+        answers.add_metric(["interrupted"], c.interrupted)
+        yield answers
+        for name, doc, value in (
+                ("voice_agent_speech_played_seconds", "Agent audio sent out", c.played_s),
+                ("voice_agent_speech_flushed_seconds", "Agent audio dropped unplayed when an answer was cut",
+                 c.flushed_s),
+                ("voice_agent_speech_underruns", "Frames in which speech synthesis was behind playback",
+                 c.underruns),
+                ("voice_agent_speech_echo_gated", "Speech over the agent's voice taken for its own echo",
+                 c.echo_gated),
+                ("voice_agent_speech_backchannels", "Speech over the agent's voice too short to interrupt it",
+                 c.backchannels)):
+            yield CounterMetricFamily(name, doc, value=value)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -48,10 +49,23 @@ def voiced_rms(samples: np.ndarray, frame: int) -> float:
     return float(np.sqrt((voiced**2).mean())) if voiced.size else 0.0
 
 
+@dataclass
+class VoiceCounters:
+    """Totals over every session's voice in one process (the runtime's), read by /metrics."""
+
+    answers: int = 0  # answers whose playback ended (played out or cut)
+    interrupted: int = 0  # of those, cut (barge-in, a new answer, the client, a close)
+    played_s: float = 0.0  # audio that went out
+    flushed_s: float = 0.0  # audio made but dropped unplayed when an answer was cut
+    underruns: int = 0  # frames in which the engine was behind playback: a gap the user hears
+    echo_gated: int = 0  # speech over the agent's voice taken for its own echo
+    backchannels: int = 0  # speech over the agent's voice too short to interrupt it
+
+
 class Voice:
     def __init__(self, engine: SpeechEngine, emit: Callable[[Any], None], *, realtime: bool = True,
                  on_audio: Callable[[str, np.ndarray, int], None] | None = None,
-                 echo_margin_db: float = 6.0) -> None:
+                 echo_margin_db: float = 6.0, counters: VoiceCounters | None = None) -> None:
         self.engine = engine
         self.emit = emit
         self.realtime = realtime
@@ -65,7 +79,10 @@ class Voice:
         self._idle = asyncio.Event()
         self._idle.set()
         self._frames: list[np.ndarray] = []  # offline: the answer rendered so far
-        self.echo_gated = 0  # speech starts taken for our own voice (for /metrics and logs)
+        self.counters = counters if counters is not None else VoiceCounters()
+        self.echo_gated = 0  # this session's speech starts taken for our own voice
+        self.backchannels = 0
+        self._accounted = (0, 0)  # the player's (underruns, flushed samples) already counted
 
     # ---- driven by the session ------------------------------------------------------
     @property
@@ -106,6 +123,16 @@ class Voice:
         self.interrupt()
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
+
+    def note_echo(self) -> None:
+        """Speech over the agent's voice was taken for its own echo (the session decides)."""
+        self.echo_gated += 1
+        self.counters.echo_gated += 1
+
+    def note_backchannel(self) -> None:
+        """Speech over the agent's voice ended too soon to interrupt it."""
+        self.backchannels += 1
+        self.counters.backchannels += 1
 
     # ---- self-echo ------------------------------------------------------------------
     def is_echo(self, mic: np.ndarray, mic_rate: int = 16000) -> bool:
@@ -157,6 +184,14 @@ class Voice:
         self.emit(ev.ResponseAudioStarted(turn_id=turn_id or ""))
 
     def _done(self, report: PlaybackReport) -> None:
+        c, player = self.counters, self.player
+        c.answers += 1
+        c.interrupted += report.interrupted
+        c.played_s += report.played_s
+        underruns, flushed = self._accounted
+        c.underruns += player.underruns - underruns
+        c.flushed_s += (player.flushed_samples - flushed) / player.sample_rate
+        self._accounted = (player.underruns, player.flushed_samples)
         timings = self._stage.stats.timings() if self._stage is not None else {}
         self.emit(ev.ResponseAudioDone(turn_id=report.turn_id or "", duration_s=round(report.played_s, 3),
                                        spoken_text=report.spoken_text, interrupted=report.interrupted,

@@ -140,7 +140,7 @@ class EventEgress:
         self.task = asyncio.create_task(self._pump(), name=f"{name}-egress-{session_id}")
 
     async def _pump(self) -> None:
-        async for event in self._events:
+        async for event in self._events:  # ends early if the bus cut us off (could not keep up)
             try:
                 result = self._send(event)
                 if inspect.isawaitable(result):
@@ -154,6 +154,13 @@ class EventEgress:
                     if inspect.isawaitable(result):
                         await result
                 return
+        # The bus disconnected this client (it fell too far behind): the transport goes too,
+        # rather than staying open with no events.
+        log.warning("session %s: event stream cut off (client too slow): closing", self.session_id)
+        if self._on_ended is not None:
+            result = self._on_ended("events_overflow")
+            if inspect.isawaitable(result):
+                await result
 
     async def wait(self, timeout: float) -> None:
         """Wait for `session.ended` to go out (bounded), then stop."""

@@ -16,6 +16,7 @@ from typing import Any
 import aiomqtt
 from pydantic import Field, ValidationError, field_validator
 
+from agent.errors import describe_validation_error
 from agent.events import Event, parse_command
 from agent.plugin import Plugin, PluginConfig, PluginContext
 from agent.tools import Tool
@@ -39,6 +40,7 @@ class MqttConfig(PluginConfig):
     agent_id: str | None = None  # default: the agent's id
     allowed_publish_topics: list[str] = Field(default_factory=list)
     outbox_size: int = Field(10_000, ge=1)
+    inflight_window: int = Field(64, ge=1, le=65535)  # QoS 1 messages sent before their PUBACK
     reconnect_min_s: float = Field(0.1, gt=0)
     reconnect_max_s: float = Field(10.0, gt=0)
     keepalive: int = Field(30, ge=5)
@@ -87,7 +89,7 @@ class MqttPlugin(Plugin):
             subscriptions=(f"{self.base}/sessions/+/commands", f"{self.base}/commands"),
             on_message=self._on_message, on_connect=self._birth, outbox_size=config.outbox_size,
             backoff_min=config.reconnect_min_s, backoff_max=config.reconnect_max_s,
-            keepalive=config.keepalive, name=f"mqtt {config.host}:{config.port}")
+            keepalive=config.keepalive, window=config.inflight_window, name=f"mqtt {config.host}:{config.port}")
 
     def _birth(self) -> list[Outgoing]:
         return [Outgoing(self.status_topic, "online", 1, True)]
@@ -111,20 +113,24 @@ class MqttPlugin(Plugin):
     async def _on_message(self, message: aiomqtt.Message) -> None:
         levels = message.topic.value.split("/")
         session_id = levels[-2] if message.topic.matches(f"{self.base}/sessions/+/commands") else None
-        payload = message.payload
-        if isinstance(payload, (bytes, bytearray)):
+        raw = message.payload
+        if isinstance(raw, (bytes, bytearray)):
             try:
-                payload = payload.decode()
+                payload = raw.decode()
             except UnicodeDecodeError:
                 self.context.commands.report_error(session_id, "bad_command", "command payload is not UTF-8")
                 return
-        if not isinstance(payload, str):
-            payload = json.dumps(payload)  # paho hands small numbers over as int/float
+        else:
+            payload = raw if isinstance(raw, str) else json.dumps(raw)  # paho hands small numbers over as int/float
         try:
             command = parse_command(payload)
         except ValidationError as exc:
-            reason = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'command'}: {e['msg']}" for e in exc.errors())
+            reason = describe_validation_error(exc, "command")
             self.context.commands.report_error(session_id, "bad_command", f"invalid command on MQTT: {reason}")
+            return
+        except (ValueError, RecursionError) as exc:  # belt and braces: the JSON parser's own limits
+            self.context.commands.report_error(session_id, "bad_command",
+                                               f"invalid command on MQTT: {type(exc).__name__}")
             return
         try:
             await self.context.commands.send_command(session_id, command)

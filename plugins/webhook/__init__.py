@@ -84,7 +84,7 @@ class WebhookPlugin(Plugin):
         if self._task is not None:
             try:  # give queued events a short chance to go out
                 await asyncio.wait_for(self._idle.wait(), self.config.flush_timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.warning("webhook: %d events not delivered at stop", len(self.queue))
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -127,13 +127,15 @@ class WebhookPlugin(Plugin):
         delay = self.config.backoff_initial_s
         for attempt in range(self.config.max_retries + 1):
             try:
+                # Only the status counts: the reply's body is never read or parsed, so a
+                # receiver answering with malformed or huge JSON cannot hurt us.
                 async with self._session.post(str(self.config.url), data=body, headers=headers) as resp:
                     if resp.status < 300:
                         return
                     reason = f"HTTP {resp.status}"
                     if 400 <= resp.status < 500 and resp.status not in (408, 429):
                         raise _Permanent(reason)
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 reason = f"{type(exc).__name__}: {exc}"
             if attempt == self.config.max_retries:
                 raise RuntimeError(reason)

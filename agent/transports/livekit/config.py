@@ -46,15 +46,17 @@ class LiveKitConfig(PluginConfig):
         return v
 
     @model_validator(mode="after")
-    def _backoff(self) -> "LiveKitConfig":
+    def _backoff(self) -> LiveKitConfig:
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError(f"reconnect_max_s ({self.reconnect_max_s}) is below reconnect_min_s ({self.reconnect_min_s})")
         return self
 
 
-def make_token(config: LiveKitConfig, identity: str) -> str:
-    """A JWT that lets the agent join `config.room`, subscribe to audio and send data."""
-    grants = api.VideoGrants(room_join=True, room=config.room, can_subscribe=True, can_publish=False,
+def make_token(config: LiveKitConfig, identity: str, *, publish: bool = False) -> str:
+    """A JWT that lets the agent join `config.room`, subscribe to audio and send data;
+    `publish`: also publish its voice (a microphone-source audio track), when TTS is on."""
+    grants = api.VideoGrants(room_join=True, room=config.room, can_subscribe=True, can_publish=publish,
+                             can_publish_sources=["microphone"] if publish else None,
                              can_publish_data=True, agent=True)
     return (api.AccessToken(config.api_key, config.api_secret.get_secret_value())
             .with_identity(identity)

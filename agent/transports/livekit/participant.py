@@ -11,6 +11,9 @@ and each response's text as an `lk.transcription` text stream (the livekit-agent
 LiveKit's own client components show the answers; commands come in on `commands_topic`.
 Both are addressed to that participant only: a session is one person's conversation, others
 in the room would otherwise see it, and would have to filter everyone's traffic by session id.
+
+With a `RoomVoice` (TTS on) each session opens with a live voice whose player is mixed into
+the agent's one published audio track (voice.py); without one, sessions are text only.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ import asyncio
 import logging
 import re
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from livekit import rtc
@@ -31,6 +35,7 @@ from agent.model.qwen2_audio import SAMPLE_RATE
 from agent.plugin import SessionFactory
 from agent.session import Session
 from agent.transports.base import AudioIngress, EventEgress, handle_command
+from agent.transports.livekit.voice import RoomVoice
 
 log = logging.getLogger(__name__)
 
@@ -84,15 +89,15 @@ class AudioPump:
         finally:
             self.ingress.end()
 
-    async def aclose(self, timeout: float = 2.0) -> None:
+    async def aclose(self, wait_s: float = 2.0) -> None:
         """Stop reading; what was already received still reaches the session (bounded wait)."""
         try:
-            await asyncio.wait_for(self._stream.aclose(), timeout)
+            await asyncio.wait_for(self._stream.aclose(), wait_s)
         except Exception as exc:
             log.debug("livekit: closing the audio stream: %s", exc)
         self._reader.cancel()
         await asyncio.gather(self._reader, return_exceptions=True)
-        await self.ingress.aclose(timeout)
+        await self.ingress.aclose(wait_s)
 
 
 class TextWriter(Protocol):
@@ -160,8 +165,10 @@ class Participant:
 
 class ParticipantRouter:
     def __init__(self, sessions: SessionFactory, bus: EventBus, *, events_topic: str = "voice-agent.events",
-                 commands_topic: str = "voice-agent.commands", max_queue_s: float = 2.0) -> None:
+                 commands_topic: str = "voice-agent.commands", max_queue_s: float = 2.0,
+                 voice: RoomVoice | None = None) -> None:
         self.sessions = sessions
+        self.voice = voice  # the agent's voice track in the room (None: text only)
         self.bus = bus
         self.events_topic = events_topic
         self.commands_topic = commands_topic
@@ -198,7 +205,12 @@ class ParticipantRouter:
         return p.session
 
     def _open(self, identity: str) -> Participant:
-        session, sub = self.sessions.open_session(session_id_for(identity))
+        if self.voice is None:
+            session, sub = self.sessions.open_session(session_id_for(identity))
+        else:
+            session, sub = self.sessions.open_session(session_id_for(identity), voice_output="live")
+            if session.voice is not None:
+                self.voice.add(session.id, session.voice.player)
         p = Participant(identity, session, sub, Transcript(identity))
         # A session that ends from any side (session.close, MQTT) releases its participant.
         p.egress = EventEgress(session.id, sub, lambda event: self._publish(p, event),
@@ -240,6 +252,8 @@ class ParticipantRouter:
             pump, p.pump = p.pump, None
             await pump.aclose()
         await p.session.close(reason)
+        if self.voice is not None:
+            self.voice.remove(p.session.id)
         if p.egress is not None:  # it stops after publishing session.ended
             await p.egress.wait(5.0)
         p.sub.close()
@@ -255,6 +269,8 @@ class ParticipantRouter:
     # ---- events out -----------------------------------------------------------------
     def _release(self, p: Participant) -> None:
         p.sub.close()
+        if self.voice is not None:  # its session ended: nothing more to mix
+            self.voice.remove(p.session.id)
         if self.participants.get(p.identity) is p:  # ended by the client (session.close) or the agent
             self.on_participant_left(p.identity)
 

@@ -2,6 +2,7 @@
 
     room events ──▶ ParticipantRouter (participant.py) ──▶ Session.push_audio / handle
     session events ──▶ data packets on `events_topic` + `lk.transcription` text streams
+    sessions' voices (TTS on) ──▶ RoomVoice (voice.py) ──▶ one published audio track
 
 `start()` joins the room or raises with the URL and the reason (bounded by
 `connect_timeout_s`). Short network drops are the SDK's business (it resumes by itself); a
@@ -21,6 +22,7 @@ from livekit import rtc
 from agent.plugin import Plugin, PluginContext
 from agent.transports.livekit.config import LiveKitConfig, make_token
 from agent.transports.livekit.participant import ParticipantRouter
+from agent.transports.livekit.voice import RoomVoice
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,7 @@ class LiveKitPlugin(Plugin):
         self.identity = config.identity or context.agent_id
         self.room: rtc.Room | None = None
         self.router: ParticipantRouter | None = None
+        self.voice: RoomVoice | None = None  # the agent's voice track, when a TTS engine is on
         self.reconnects = 0
         self._stopping = False
         self._rejoin: asyncio.Task[None] | None = None
@@ -66,8 +69,12 @@ class LiveKitPlugin(Plugin):
         if self.context.sessions is None:
             raise RuntimeError("the livekit plugin needs a runtime that creates sessions (PluginContext.sessions)")
         c = self.config
+        if getattr(self.context.sessions, "tts", None) is not None:  # the runtime started a TTS engine
+            self.voice = RoomVoice()
+            self.voice.start()
         self.router = ParticipantRouter(self.context.sessions, self.context.bus, events_topic=c.events_topic,
-                                        commands_topic=c.commands_topic, max_queue_s=c.max_queue_s)
+                                        commands_topic=c.commands_topic, max_queue_s=c.max_queue_s,
+                                        voice=self.voice)
         await self._join()
         log.info("livekit: joined %s as %r", self.where(), self.identity)
 
@@ -84,6 +91,8 @@ class LiveKitPlugin(Plugin):
                 await asyncio.wait_for(room.disconnect(), self.config.connect_timeout_s)
             except Exception as exc:
                 log.warning("livekit: leaving %s: %s", self.where(), exc)
+        if self.voice is not None:
+            await self.voice.aclose()
 
     # ---- connection -----------------------------------------------------------------
     async def _join(self) -> None:
@@ -100,7 +109,7 @@ class LiveKitPlugin(Plugin):
             try:
                 await self._attempt(deadline - loop.time())
                 return
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 reason = f"{explain(last)} (kept trying for {budget:g} s)" if last else f"no answer within {budget:g} s"
                 raise ConnectionError(f"cannot join {self.where()}: {reason}") from None
             except rtc.ConnectError as exc:
@@ -113,7 +122,7 @@ class LiveKitPlugin(Plugin):
             await asyncio.sleep(pause)
             pause = min(pause * 2, 2.0)
 
-    async def _attempt(self, timeout: float) -> None:
+    async def _attempt(self, budget_s: float) -> None:
         c, router = self.config, self.router
         assert router is not None
         room = rtc.Room()
@@ -121,20 +130,35 @@ class LiveKitPlugin(Plugin):
         self.room = room  # handlers ignore the events of any other (stale) room
 
         async def connect() -> None:
-            await room.connect(c.url, make_token(c, self.identity),
-                               rtc.RoomOptions(auto_subscribe=True, connect_timeout=max(timeout, 0.1)))
+            await room.connect(c.url, make_token(c, self.identity, publish=self.voice is not None),
+                               rtc.RoomOptions(auto_subscribe=True, connect_timeout=max(budget_s, 0.1)))
+            if self.voice is not None:
+                await self._publish_voice(room)
             if self.room is room:  # before any room event runs: the first session.started goes out
                 router.outbound = room.local_participant
 
         task = asyncio.ensure_future(connect())
         try:
             # shield: on timeout the SDK's connect goes on; `_leave_late` undoes it if it lands.
-            await asyncio.wait_for(asyncio.shield(task), timeout)
+            await asyncio.wait_for(asyncio.shield(task), budget_s)
         except BaseException:  # timeout, connect error, or start() cancelled
             if self.room is room:
                 self.room = None
             task.add_done_callback(lambda t: _leave_late(t, room))
             raise
+
+    async def _publish_voice(self, room: rtc.Room) -> None:
+        """Publish the agent's one voice track in this room; a refusal leaves the room again
+        and fails the join (a voice agent nobody can hear is not running)."""
+        assert self.voice is not None
+        options = rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE)
+        try:
+            await room.local_participant.publish_track(self.voice.new_track(), options)
+        except Exception as exc:
+            if self.room is room:
+                self.room = None  # our own leaving is not a drop to answer with a rejoin
+            await room.disconnect()
+            raise ConnectionError(f"cannot publish the agent's voice in {self.where()}: {exc}") from None
 
     def _attach(self, room: rtc.Room) -> None:
         router = self.router
