@@ -13,16 +13,16 @@ import asyncio
 import importlib
 import importlib.metadata
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Protocol
+from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from agent.errors import describe_validation_error
 from agent.bus import CommandTarget, EventBus, Subscription, SubscriptionClosed
+from agent.errors import describe_validation_error
 from agent.events import Event
 from agent.tools import Tool
-
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class PluginHost:
 
     @classmethod
     def from_config(cls, mapping: Mapping[str, Mapping[str, Any] | None], context: PluginContext, *,
-                    classes: Mapping[str, type[Plugin]] | None = None, **options: Any) -> "PluginHost":
+                    classes: Mapping[str, type[Plugin]] | None = None, **options: Any) -> PluginHost:
         """Instantiate the configured plugins; raises ValueError naming every problem first."""
         if not isinstance(mapping, Mapping):
             raise ValueError(f"plugins must be a mapping of name → config, got {type(mapping).__name__}")
@@ -186,7 +186,7 @@ class PluginHost:
             sub.close()
             try:  # let it handle what was already published (e.g. a session's last events)
                 await asyncio.wait_for(sub.queue.join(), self.drain_timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.warning("plugin %s: %d events not handled at stop", plugin.name, sub.queue.qsize())
             feed.cancel()
             await asyncio.gather(feed, return_exceptions=True)

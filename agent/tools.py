@@ -15,8 +15,9 @@ import itertools
 import json
 import re
 import typing
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError, create_model
 
@@ -138,7 +139,7 @@ class ParsedToolCall:
     error: str | None = None  # set when the call itself is malformed
 
     @classmethod
-    def parse(cls, raw: str) -> "ParsedToolCall":
+    def parse(cls, raw: str) -> ParsedToolCall:
         try:
             data = json.loads(raw)
         except (ValueError, RecursionError) as exc:  # bad JSON, nesting too deep, an integer too long
@@ -240,7 +241,7 @@ class ToolRegistry:
         """The `<tools>` section of the system message."""
         return tools_system_block([t.schema() for t in self._tools.values()])
 
-    def copy(self) -> "ToolRegistry":
+    def copy(self) -> ToolRegistry:
         """A registry of its own with the same tools (a session's view, changeable alone)."""
         other = ToolRegistry()
         other._tools = dict(self._tools)

@@ -24,7 +24,8 @@ import asyncio
 import json
 import resource
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import numpy as np
 
@@ -46,7 +47,7 @@ class _Discard:
 
     async def publish_data(self, payload: bytes | str, **_: Any) -> None: ...
 
-    async def stream_text(self, **_: Any) -> "_Discard":
+    async def stream_text(self, **_: Any) -> _Discard:
         return self
 
     async def send_text(self, text: str, **_: Any) -> None: ...

@@ -71,7 +71,7 @@ async def _clients(url: str, peers: int, audio: np.ndarray, stop: Any) -> None:
                 answer = await r.json()
             await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type="answer"))
             pcs.append(pc)
-    while not stop.is_set():
+    while not stop.is_set():  # noqa: ASYNC110 - a multiprocessing.Event (another process sets it)
         await asyncio.sleep(0.1)
     await asyncio.gather(*(pc.close() for pc in pcs))
 

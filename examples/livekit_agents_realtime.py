@@ -17,8 +17,18 @@ which dispatches rooms across them.
 from __future__ import annotations
 
 import os
-from livekit.agents import (Agent, AgentSession, JobContext, JobProcess, RunContext, WorkerOptions, cli,
-                            function_tool, room_io)
+
+from livekit.agents import (
+    Agent,
+    AgentSession,
+    JobContext,
+    JobProcess,
+    RunContext,
+    WorkerOptions,
+    cli,
+    function_tool,
+    room_io,
+)
 
 from agent.integrations.livekit_agents import QwenRealtimeModel
 

@@ -18,8 +18,9 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import aiomqtt
 
@@ -70,7 +71,7 @@ class Broker:
         conf.write_text("\n".join(lines) + "\n")
         return conf
 
-    def start(self) -> "Broker":
+    def start(self) -> Broker:
         conf = self._write_config()
         self.proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)
@@ -166,7 +167,7 @@ class Observer:
                 await asyncio.sleep(0.05)
 
     @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator["Observer"]:
+    async def running(self) -> AsyncIterator[Observer]:
         self._task = asyncio.create_task(self._run())
         try:
             await asyncio.wait_for(self.subscribed.wait(), 10)

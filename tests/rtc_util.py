@@ -102,7 +102,7 @@ class RtcClient:
 
         try:
             return await asyncio.wait_for(until(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             seen = [e["type"] for e in self.events]
             raise AssertionError(f"no {count}× {kind} within {timeout} s; events: {seen}") from None
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,8 +20,8 @@ from livekit.agents.voice.turn import TurnHandlingOptions
 from agent import events as ev
 from agent.config import load_settings
 from agent.inference.scripted import ScriptedBackend
-from agent.runtime import AgentRuntime
 from agent.integrations.livekit_agents import QwenRealtimeModel, QwenRealtimeSession
+from agent.runtime import AgentRuntime
 
 ROOT = Path(__file__).resolve().parent.parent
 FIRST = int(3.2 * 16000)  # speech_two: the first utterance and the pause after it
@@ -57,6 +58,7 @@ class Recorder:
         self.kinds: list[str] = []
         self.generations: list[dict[str, Any]] = []
         self.errors: list[Any] = []
+        self.tasks: set[asyncio.Task[None]] = set()
         for kind in ("input_speech_started", "input_speech_stopped"):
             session.on(kind, lambda _e, k=kind: self.kinds.append(k))
         session.on("generation_created", self._created)
@@ -65,7 +67,9 @@ class Recorder:
     def _created(self, event: llm.GenerationCreatedEvent) -> None:
         self.kinds.append("generation_created")
         self.generations.append(g := {"event": event, "text": "", "calls": [], "done": False})
-        asyncio.create_task(self._read(event, g))
+        task = asyncio.create_task(self._read(event, g))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     async def _read(self, event: llm.GenerationCreatedEvent, g: dict[str, Any]) -> None:
         async def calls() -> None:

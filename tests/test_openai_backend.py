@@ -11,9 +11,9 @@ import pytest
 from agent import events as ev
 from agent.config import load_settings
 from agent.conversation import Conversation
-from agent.transports.files import run_files
 from agent.inference.base import GenerationStats, InferenceError
 from agent.inference.openai import OpenAIBackend
+from agent.transports.files import run_files
 from tests.fake_openai import MODEL, FakeOpenAI
 
 SR = 16000

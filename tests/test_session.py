@@ -1,6 +1,5 @@
 """Sessions driven the way transports drive them: audio in, commands in, events out."""
 
-import asyncio
 import importlib.util
 import io
 import json

@@ -11,8 +11,7 @@ from pydantic import BaseModel
 
 from agent.inference.base import GenerationRequest, InferenceError
 from agent.inference.scripted import ScriptedBackend
-from agent.tools import (ParsedToolCall, TextPiece, Tool, ToolCallParser, ToolRegistry, format_tool_responses,
-                         tool)
+from agent.tools import ParsedToolCall, TextPiece, Tool, ToolCallParser, ToolRegistry, format_tool_responses, tool
 
 
 class Colour(BaseModel):

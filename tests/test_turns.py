@@ -3,8 +3,15 @@
 import numpy as np
 import pytest
 
-from agent.turns import (SilenceBegan, SpeechResumed, SpeechStarted, SpeechStopped, TurnCommitted,
-                         TurnConfig, TurnDetector)
+from agent.turns import (
+    SilenceBegan,
+    SpeechResumed,
+    SpeechStarted,
+    SpeechStopped,
+    TurnCommitted,
+    TurnConfig,
+    TurnDetector,
+)
 
 CHUNK = 512
 SR = 16000

@@ -7,7 +7,7 @@ A session hands a `GenerationRequest` (its whole conversation, audio included) t
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -68,7 +68,7 @@ class Backend(Protocol):
 
     async def close(self) -> None: ...
 
-    def generate(self, request: GenerationRequest, stats: GenerationStats | None = None) -> AsyncIterator[str]:
+    def generate(self, request: GenerationRequest, stats: GenerationStats | None = None) -> AsyncGenerator[str, None]:
         """Stream text deltas. Raises InferenceError. Closing the iterator cancels it."""
         ...
 

@@ -25,7 +25,7 @@ import json
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
 
@@ -131,7 +131,7 @@ class OpenAIBackend:
             self._http = None
 
     async def generate(self, request: GenerationRequest,
-                       stats: GenerationStats | None = None) -> AsyncIterator[str]:
+                       stats: GenerationStats | None = None) -> AsyncGenerator[str, None]:
         """Stream the answer's text deltas. Closing the iterator closes the HTTP stream,
         which is how vLLM learns to stop generating."""
         if self._http is None:

@@ -28,7 +28,7 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -368,7 +368,7 @@ class InferencePool:
             raise InferenceError("backend_unavailable", "generate() must run on the event loop that called start()")
 
     async def generate(self, request: GenerationRequest,
-                       stats: GenerationStats | None = None) -> AsyncIterator[str]:
+                       stats: GenerationStats | None = None) -> AsyncGenerator[str, None]:
         self._check_running()
         if len(self._requests) >= self.max_queue:  # backpressure: refuse now, never queue unboundedly
             raise InferenceError("busy", f"{len(self._requests)} requests in flight (max_queue={self.max_queue})")

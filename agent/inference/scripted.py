@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -165,7 +165,7 @@ class ScriptedBackend:
         return self.default
 
     async def generate(self, request: GenerationRequest,
-                       stats: GenerationStats | None = None) -> AsyncIterator[str]:
+                       stats: GenerationStats | None = None) -> AsyncGenerator[str, None]:
         self.requests.append(request)
         text = self._next_output(request)
         if isinstance(text, BaseException):

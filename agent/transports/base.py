@@ -115,7 +115,7 @@ class AudioIngress:
         self.end()
         try:
             await asyncio.wait_for(asyncio.shield(self._feeder), timeout)
-        except (asyncio.TimeoutError, Exception):
+        except (TimeoutError, Exception):
             self._feeder.cancel()
             await asyncio.gather(self._feeder, return_exceptions=True)
         if self._closing is not None:
@@ -166,7 +166,7 @@ class EventEgress:
         """Wait for `session.ended` to go out (bounded), then stop."""
         try:
             await asyncio.wait_for(asyncio.shield(self.task), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         await self.aclose()
 

@@ -16,7 +16,8 @@ import ipaddress
 import logging
 import time
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import av
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
@@ -69,7 +70,10 @@ def use_loopback_candidates() -> None:
     """Offer only 127.0.0.1 host candidates (process-wide): nothing leaves the machine."""
     import aioice.ice
 
-    aioice.ice.get_host_addresses = lambda use_ipv4=True, use_ipv6=True: ["127.0.0.1"]
+    def loopback(use_ipv4: bool = True, use_ipv6: bool = True) -> list[str]:
+        return ["127.0.0.1"]
+
+    aioice.ice.get_host_addresses = loopback
 
 
 def is_loopback(host: str) -> bool:
@@ -82,7 +86,7 @@ def is_loopback(host: str) -> bool:
 class Peer:
     """One peer connection and the session it drives."""
 
-    def __init__(self, manager: "PeerManager", pc: RTCPeerConnection, session: Session,
+    def __init__(self, manager: PeerManager, pc: RTCPeerConnection, session: Session,
                  events: Subscription) -> None:
         self.manager = manager
         self.pc = pc

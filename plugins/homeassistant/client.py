@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aiohttp
 
@@ -50,7 +51,7 @@ class HomeAssistantClient:
                     raise HomeAssistantError(f"Home Assistant answered {resp.status} to {method} {path}: {text}",
                                              resp.status)
                 return await resp.json(content_type=None)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise HomeAssistantError(f"Home Assistant unreachable at {self.url}: {type(exc).__name__}: {exc}") from None
 
     async def states(self) -> list[dict[str, Any]]:
@@ -84,7 +85,7 @@ class HomeAssistantClient:
                 backoff = 0.5
             except HomeAssistantError as exc:
                 log.warning("homeassistant: websocket: %s; retrying in %.0f s", exc, backoff)
-            except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
+            except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
                 log.warning("homeassistant: websocket lost (%s); retrying in %.0f s", exc, backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff_max, backoff * 2)
