@@ -15,6 +15,7 @@ from agent.config import Settings
 from agent.context import AgentHooks
 from agent.conversation import Conversation
 from agent.events import Command, Error
+from agent.heap import TrimScheduler
 from agent.inference.base import Backend
 from agent.model.qwen2_audio import DEFAULT_SYSTEM
 from agent.session import Session, SessionDeps
@@ -61,6 +62,7 @@ class AgentRuntime:
         self.tools = ToolRegistry()
         self.tools.extend(tools or [])
         self.sessions: dict[str, Session] = {}
+        self.heap = TrimScheduler()
         self._plugin_classes = plugin_classes
         self.plugins: PluginHost | None = None
         self.tts: SpeechEngine | None = None  # started once, shared by every session (speech out)
@@ -119,6 +121,7 @@ class AgentRuntime:
             await self.plugins.stop()
         await self.backend.close()
         await self.vad.close()
+        self.heap.cancel()
         if self.tts is not None:
             await self.tts.aclose()
 
@@ -146,6 +149,9 @@ class AgentRuntime:
     def _closed(self, session: Session) -> None:
         if self.sessions.get(session.id) is session:
             del self.sessions[session.id]
+        # A session's transport (aiortc above all) leaves freed heap glibc would keep: hand it
+        # back once things are quiet, so a long-running server stays flat (bench soak).
+        self.heap.soon()
 
     # ---- CommandTarget ------------------------------------------------------------
     async def send_command(self, session_id: str | None, command: Command) -> None:

@@ -155,3 +155,18 @@ async def test_a_client_the_bus_cuts_off_takes_its_transport_down(runtime: Agent
         await client.close()
     finally:
         await srv.runner.cleanup()
+
+
+async def test_ended_sessions_hand_freed_heap_back_once_quiet(runtime: AgentRuntime) -> None:
+    runtime.heap.delay_s, runtime.heap.min_interval_s = 0.05, 60.0
+    before = runtime.heap.trims
+    for _ in range(3):  # three sessions end together: one trim, not three
+        session, events = runtime.open_session()
+        await session.close("client")
+        events.close()
+    await until(lambda: runtime.heap.trims == before + 1, timeout=5)
+    session, events = runtime.open_session()
+    await session.close("client")  # within the minimum interval: postponed, not run now
+    events.close()
+    await asyncio.sleep(0.2)
+    assert runtime.heap.trims == before + 1

@@ -15,11 +15,12 @@ audio flood.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import queue
 from typing import Any
+
+from agent.heap import trim_heap
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +43,6 @@ def _handle(engine: Any, msg: tuple[Any, ...]) -> bool:
     return True
 
 
-def _trimmer() -> Any:
-    """glibc's malloc_trim, or a no-op elsewhere (musl, macOS)."""
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return lambda pad: 0
-
-
 def worker_main(model: str, device: str | None, options: dict[str, Any], inbox: Any, outbox: Any) -> None:
     """Process entry point: must stay a module-level function so `spawn` can import it.
     `options` are the Engine's keyword arguments (max_batch, kv_budget_tokens, …)."""
@@ -64,7 +57,6 @@ def worker_main(model: str, device: str | None, options: dict[str, Any], inbox: 
         outbox.put(("load_error", str(exc) or type(exc).__name__))
         return
     outbox.put(("ready", loaded.name, loaded.warning, os.getpid(), engine.info()))
-    trim = _trimmer()
     running, busy = True, False
     while running:
         msgs: list[tuple[Any, ...]] = []
@@ -80,7 +72,7 @@ def worker_main(model: str, device: str | None, options: dict[str, Any], inbox: 
             if os.getppid() != parent:  # orphaned: the pool is gone
                 return
             if busy:  # idle for IDLE_POLL_S: give freed heap back (never between a user's turns)
-                trim(0)
+                trim_heap()
                 busy = False
         for msg in msgs:
             running = _handle(engine, msg) and running

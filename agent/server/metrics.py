@@ -12,6 +12,10 @@ from prometheus_client.registry import Collector
 from agent import events as ev
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+VAD_COUNTERS = {  # VADService.stats key → (metric, help)
+    "silent_chunks": ("voice_agent_vad_silent_chunks", "Chunks of digital silence scored without the network"),
+    "failed_chunks": ("voice_agent_vad_failed_chunks", "Audio chunks refused by the VAD (NaN or infinite samples)"),
+}
 BUS_COUNTERS = {  # EventBus.stats key → (metric, help)
     "events_dropped": ("voice_agent_bus_events_dropped", "Events a slow subscriber did not get (bus backpressure)"),
     "deltas_merged": ("voice_agent_bus_deltas_merged", "response.delta events merged for a slow subscriber"),
@@ -20,15 +24,17 @@ BUS_COUNTERS = {  # EventBus.stats key → (metric, help)
 }
 
 
-class _BusCollector:
-    """The bus's own counters, read at scrape time."""
+class _StatsCollector:
+    """Counters another object keeps in a `stats` dict (the bus, the VAD), read at scrape time."""
 
-    def __init__(self, runtime: Any) -> None:
+    def __init__(self, runtime: Any, part: str, counters: dict[str, tuple[str, str]]) -> None:
         self.runtime = runtime
+        self.part = part
+        self.counters = counters
 
     def collect(self) -> Any:
-        stats = getattr(getattr(self.runtime, "bus", None), "stats", None) or {}
-        for key, (name, doc) in BUS_COUNTERS.items():
+        stats = getattr(getattr(self.runtime, self.part, None), "stats", None) or {}
+        for key, (name, doc) in self.counters.items():
             family = CounterMetricFamily(name, doc)
             family.add_metric([], float(stats.get(key, 0)))
             yield family
@@ -57,7 +63,8 @@ class Metrics:
         self.response_total = Histogram("voice_agent_response_seconds", "Turn commit to response done",
                                         buckets=LATENCY_BUCKETS, registry=r)
         r.register(VoiceCollector(runtime))  # TTS failures are voice_agent_errors{code="tts_…"}
-        r.register(_BusCollector(runtime))  # type: ignore[arg-type]
+        r.register(_StatsCollector(runtime, "bus", BUS_COUNTERS))  # type: ignore[arg-type]
+        r.register(_StatsCollector(runtime, "vad", VAD_COUNTERS))  # type: ignore[arg-type]
 
     def on_event(self, event: ev.Event) -> None:
         """Bus listener: synchronous and cheap."""
