@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from agent.errors import describe_validation_error
 
 Mode = Literal["chat", "analysis"]
 
@@ -188,6 +190,22 @@ def parse_command(data: str | bytes | dict[str, Any]) -> Command:
     if isinstance(data, dict):
         return COMMAND_ADAPTER.validate_python(data)
     return COMMAND_ADAPTER.validate_json(data)
+
+
+def read_command(message: str | bytes) -> Command | str:
+    """A client command from any transport (WebRTC, WebSocket, LiveKit, MQTT), or the reason
+    it is not one: the one place that says what is wrong with a command."""
+    if isinstance(message, (bytes, bytearray)):
+        try:
+            message = bytes(message).decode()
+        except UnicodeDecodeError:
+            return "a command is UTF-8 JSON text"
+    try:
+        return parse_command(message)
+    except ValidationError as exc:
+        return f"invalid command: {describe_validation_error(exc, 'command')}"
+    except (ValueError, RecursionError) as exc:  # the JSON parser's own limits (deep nesting, huge numbers)
+        return f"invalid command: {type(exc).__name__}"
 
 
 def json_schema() -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from agent.errors import Float
+from agent.errors import Float, describe_validation_error
 
 ENTRY_POINT_GROUP = "voice_agent.tts"
 
@@ -81,7 +81,7 @@ class SpeechEngine(ABC):
         try:
             self.options = self.Options.model_validate(settings.options)
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            problems = describe_validation_error(exc, "options")
             raise TTSError("tts_config", f"{self.name} options: {problems}") from None
         self.sample_rate = 0  # declared by start()
 

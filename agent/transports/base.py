@@ -26,10 +26,8 @@ from collections.abc import AsyncIterable, Awaitable, Callable
 from typing import Any, Protocol
 
 import numpy as np
-import pydantic
 
 from agent import events as ev
-from agent.errors import describe_validation_error
 from agent.model.qwen2_audio import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
@@ -178,19 +176,9 @@ class EventEgress:
 
 async def handle_command(session: SessionLike, message: str | bytes) -> None:
     """A client command from any transport; a bad one becomes an `error` event."""
-    if isinstance(message, bytes):
-        try:
-            message = message.decode()
-        except UnicodeDecodeError:
-            session.report_error("bad_command", "a command is UTF-8 JSON text")
-            return
-    try:
-        command = ev.parse_command(message)
-    except pydantic.ValidationError as exc:
-        session.report_error("bad_command", f"invalid command: {describe_validation_error(exc, 'command')}")
-        return
-    except (ValueError, RecursionError) as exc:  # e.g. JSON nested too deep, an integer too long
-        session.report_error("bad_command", f"invalid command: {type(exc).__name__}")
+    command = ev.read_command(message)
+    if isinstance(command, str):
+        session.report_error("bad_command", command)
         return
     if session.closed:
         return

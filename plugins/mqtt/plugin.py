@@ -14,10 +14,9 @@ import logging
 from typing import Any
 
 import aiomqtt
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
-from agent.errors import describe_validation_error
-from agent.events import Event, parse_command
+from agent.events import Event, read_command
 from agent.plugin import Plugin, PluginConfig, PluginContext
 from agent.tools import Tool
 from plugins.mqtt.connection import MqttConnection, Outgoing
@@ -114,23 +113,11 @@ class MqttPlugin(Plugin):
         levels = message.topic.value.split("/")
         session_id = levels[-2] if message.topic.matches(f"{self.base}/sessions/+/commands") else None
         raw = message.payload
-        if isinstance(raw, (bytes, bytearray)):
-            try:
-                payload = raw.decode()
-            except UnicodeDecodeError:
-                self.context.commands.report_error(session_id, "bad_command", "command payload is not UTF-8")
-                return
-        else:
-            payload = raw if isinstance(raw, str) else json.dumps(raw)  # paho hands small numbers over as int/float
-        try:
-            command = parse_command(payload)
-        except ValidationError as exc:
-            reason = describe_validation_error(exc, "command")
-            self.context.commands.report_error(session_id, "bad_command", f"invalid command on MQTT: {reason}")
-            return
-        except (ValueError, RecursionError) as exc:  # belt and braces: the JSON parser's own limits
-            self.context.commands.report_error(session_id, "bad_command",
-                                               f"invalid command on MQTT: {type(exc).__name__}")
+        # paho hands small numbers over as int/float
+        payload = raw if isinstance(raw, (str, bytes, bytearray)) else json.dumps(raw)
+        command = read_command(payload)
+        if isinstance(command, str):
+            self.context.commands.report_error(session_id, "bad_command", f"{command} (on MQTT)")
             return
         try:
             await self.context.commands.send_command(session_id, command)
