@@ -29,6 +29,8 @@ from agent.context import AgentHooks, RunContext, UserTurn
 from agent.conversation import Conversation
 from agent.inference.base import Backend, GenerationStats, InferenceError
 from agent.speech.base import SpeechEngine
+from agent.speech.overlap import Kind as OverlapKind
+from agent.speech.overlap import Overlap
 from agent.speech.voice import Voice, VoiceCounters
 from agent.tools import ParsedToolCall, TextPiece, ToolCallParser, ToolOutcome, ToolRegistry, format_tool_responses
 from agent.vad import CHUNK, VADStream
@@ -106,13 +108,10 @@ class Session:
         if deps.tts is not None and voice_output in ("live", "offline"):
             self.voice = Voice(deps.tts, self.emit, realtime=voice_output == "live",
                                counters=deps.voice_counters)
-        self._interrupt_min_s = s.turns.interrupt_min_speech_s
         self._pos = 0  # samples the detector has seen
         self._recent_in: deque[np.ndarray] = deque(maxlen=16)  # ~0.5 s of input, for the echo gate
-        self._talking = False  # the user's voice is on now (speech, not its trailing silence)
-        # Speech that began while the agent was answering: its start and what it turned out
-        # to be — None (undecided yet: a backchannel if it ends so), "barge", "echo", "turn".
-        self._overlap: tuple[float, str | None] | None = None
+        # Speech that began while the agent was answering: barge-in, backchannel or echo.
+        self._overlap = Overlap(s.turns.interrupt_min_speech_s)
         self._heard: str | None = None  # what the user heard of an answer cut by a barge-in
 
     # ---- events -------------------------------------------------------------------
@@ -165,7 +164,7 @@ class Session:
                 self._recent_in.append(chunk)
                 for signal in self._detector.feed(chunk, float(p)):
                     await self._on_signal(signal)
-                if self._overlap is not None:
+                if self.voice is not None:
                     await self._check_overlap()
 
     async def finish(self) -> None:
@@ -187,23 +186,15 @@ class Session:
     async def _check_overlap(self) -> None:
         """Speech over the agent's answer interrupts it only once it has lasted
         `interrupt_min_speech_s` and is not the agent's own voice coming back."""
-        assert self._overlap is not None and self.voice is not None
-        start, kind = self._overlap
-        if kind in ("barge", "turn") or not self._talking:
-            return
-        if self._pos / turns.SAMPLE_RATE - start < self._interrupt_min_s:
-            return
-        if not self._agent_busy():
-            self._overlap = (start, "turn")  # the answer ended meanwhile: an ordinary turn
-            return
-        if self.voice.is_echo(np.concatenate(self._recent_in)):
-            if kind is None:
-                self.voice.note_echo()
-                log.info("session %s: speech at %.2f s taken for the agent's own voice", self.id, start)
-            self._overlap = (start, "echo")  # re-checked each chunk: the user may join in
-            return
-        self._overlap = (start, "barge")
-        await self._interrupt("barge_in")
+        voice = self.voice
+        assert voice is not None
+        decided = self._overlap.step(self._pos / turns.SAMPLE_RATE, self._agent_busy(),
+                                     lambda: voice.is_echo(np.concatenate(self._recent_in)))
+        if decided is OverlapKind.ECHO:
+            voice.note_echo()
+            log.info("session %s: speech at %.2f s taken for the agent's own voice", self.id, self._overlap.start)
+        elif decided is OverlapKind.BARGE:
+            await self._interrupt("barge_in")
 
     async def _interrupt(self, reason: str) -> None:
         """Stop the answer (text and voice); the history keeps only what was heard."""
@@ -222,18 +213,17 @@ class Session:
         backend = self.backend
         if isinstance(signal, turns.SpeechStarted):
             self.emit(ev.SpeechStarted(t=signal.t))
-            self._talking = True
             if self.manual_turns:
                 return  # the owner decides about barge-in
             if self.voice is not None:
-                self._overlap = (signal.t, None) if self._agent_busy() else None
+                self._overlap.speech_started(signal.t, self._agent_busy())
             elif self._response is not None and not self._response.done():
                 self._response.cancel("barge_in")  # the user talks over the answer
         elif isinstance(signal, turns.SpeechStopped):
             self.emit(ev.SpeechStopped(t=signal.t))
-            self._talking = False
+            self._overlap.speech_paused()
         elif isinstance(signal, turns.SilenceBegan):
-            self._talking = False
+            self._overlap.speech_paused()
             if self.manual_turns:
                 return  # the committed turn will join held parts: no prefill can match it
             turn_id = self._new_turn_id()
@@ -247,19 +237,18 @@ class Session:
             request.speculative = True
             await self._guard(backend.prefill(request))
         elif isinstance(signal, turns.SpeechResumed):
-            self._talking = True
+            self._overlap.speech_resumed()
             await self._drop_speculative()
         elif isinstance(signal, turns.TurnCommitted):
-            overlap = self._overlap
-            if not signal.split:
-                self._overlap = None
-            if overlap is not None and overlap[1] in (None, "echo"):
+            start = self._overlap.start
+            ignored = self._overlap.turn_committed(signal.split)
+            if ignored is not None:
                 # A backchannel ("mm-hm", shorter than interrupt_min_speech_s) or our own
                 # voice: the agent goes on speaking and this is no user turn.
-                if overlap[1] is None and self.voice is not None:
+                if ignored is OverlapKind.UNDECIDED and self.voice is not None:
                     self.voice.note_backchannel()
                 log.info("session %s: %s at %.2f s ignored while the agent speaks", self.id,
-                         "echo" if overlap[1] else "backchannel", overlap[0])
+                         "echo" if ignored is OverlapKind.ECHO else "backchannel", start)
                 await self._drop_speculative()
                 return
             if self.manual_turns:
