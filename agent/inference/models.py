@@ -127,6 +127,9 @@ def load_tokenizer(name: str) -> Any | None:
     dropped sooner) — or for random-7b, whose byte-level tokenizer makes bytes exact."""
     if name == RANDOM_7B:
         return None
+    # The agent process only counts prompt tokens: the Rust tokenizer's thread pool (one
+    # thread per core, started on first use) buys nothing here and showed as thread growth.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers import AutoTokenizer
 
     source = str(tiny_random_dir()) if name == TINY_RANDOM else name
