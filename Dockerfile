@@ -56,7 +56,7 @@ COPY deploy/agent.yaml /etc/voice-agent/config.yaml
 
 USER agent
 VOLUME ["/cache"]
-EXPOSE 8080
+EXPOSE 8080 10300
 
 # /healthz answers without the bearer token; it answers once the model is loaded, so the start
 # period covers a first download of the weights. The image has no curl: Python does the request.
