@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from agent.inference import encoder, memory
+from agent.inference import encoder, memory, prompts
 from agent.inference.base import GenerationRequest, GenerationStats, InferenceError
 from agent.inference.batch import KV, Batch, crop
 from agent.inference.models import LoadedModel
@@ -104,13 +104,13 @@ class Engine:
         self.model = loaded.model
         self.processor = loaded.processor
         self.tokenizer = loaded.processor.tokenizer
+        self._segments = prompts.SegmentTokenizer(self.tokenizer)  # history's prompt pieces memoised
         self.device = torch.device(loaded.device)
         self.max_batch = max_batch
         self.prefill_chunk_tokens = max(1, prefill_chunk_tokens)
         self.encoder_padded = encoder_padded
         self.audio_token_id = int(self.processor.audio_token_id)
-        self.eos_ids = {int(self.tokenizer.convert_tokens_to_ids(t)) for t in EOS_TOKENS}
-        self.eos_ids.discard(self.tokenizer.unk_token_id)
+        self.eos_ids = {int(self.tokenizer.convert_tokens_to_ids(t)) for t in EOS_TOKENS} - {self.tokenizer.unk_token_id}
         self._lm = self.model.model.language_model
         self._embed = self._lm.get_input_embeddings()
         # transformers 5.x renamed `past_key_values` to `cache` (older 5.x releases lack it).
@@ -228,7 +228,7 @@ class Engine:
         return out
 
     def build_prompt(self, request: GenerationRequest) -> Prompt:
-        return build_prompt(self.tokenizer, self.audio_token_id, request)
+        return build_prompt(self._segments, self.audio_token_id, request)
 
     # ---- admission ----------------------------------------------------------------------
 

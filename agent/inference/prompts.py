@@ -6,13 +6,14 @@ Also the engine's text side: incremental detokenizing, audio identity for histor
 from __future__ import annotations
 
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from agent.inference.base import AudioRef, GenerationRequest
-from agent.model.qwen2_audio import audio_token_count, render_prompt
+from agent.model.qwen2_audio import SPECIAL_RE, audio_token_count, render_prompt
 
 
 class RequestError(Exception):
@@ -43,6 +44,50 @@ def lcp(a: list[int], b: list[int]) -> int:
         return 0
     diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
     return int(diff[0]) if diff.size else n
+
+
+class SegmentTokenizer:
+    """Token ids of a rendered prompt, tokenizing only text it has not seen.
+
+    The tokenizer splits special tokens out before anything else, so a prompt's ids are the
+    concatenation of the ids of its pieces between special tokens. A conversation's prompt
+    repeats its history's pieces every turn: they come from a bounded memo, and only the new
+    turn is tokenized (a 20-turn prompt is otherwise re-tokenized whole at every turn).
+    """
+
+    def __init__(self, tokenizer: Any, max_pieces: int = 8192) -> None:
+        self.tokenizer = tokenizer
+        self.max_pieces = max_pieces
+        self._memo: OrderedDict[str, list[int]] = OrderedDict()
+        self._special: dict[str, int] = {}
+
+    def __call__(self, text: str) -> list[int]:
+        ids: list[int] = []
+        pos = 0
+        for match in SPECIAL_RE.finditer(text):
+            if match.start() > pos:
+                ids += self._piece(text[pos : match.start()])
+            ids.append(self._special_id(match.group()))
+            pos = match.end()
+        if pos < len(text):
+            ids += self._piece(text[pos:])
+        return ids
+
+    def _special_id(self, token: str) -> int:
+        if token not in self._special:
+            self._special[token] = int(self.tokenizer.convert_tokens_to_ids(token))
+        return self._special[token]
+
+    def _piece(self, text: str) -> list[int]:
+        hit = self._memo.get(text)
+        if hit is not None:
+            self._memo.move_to_end(text)
+            return hit
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        self._memo[text] = ids
+        if len(self._memo) > self.max_pieces:
+            self._memo.popitem(last=False)
+        return ids
 
 
 def build_prompt(tokenizer: Any, audio_token_id: int, request: GenerationRequest) -> Prompt:
@@ -80,7 +125,9 @@ def build_prompt(tokenizer: Any, audio_token_id: int, request: GenerationRequest
             if not np.isfinite(audio).all():
                 raise RequestError(f"audio {index} holds NaN or infinite samples")
             ordered.append(audio)
-    base = tokenizer(render_prompt(messages), add_special_tokens=False)["input_ids"]
+    text = render_prompt(messages)
+    base = tokenizer(text) if isinstance(tokenizer, SegmentTokenizer) else \
+        tokenizer(text, add_special_tokens=False)["input_ids"]
     ids: list[int] = []
     spans: list[tuple[int, int, str]] = []
     for token in base:
