@@ -96,14 +96,14 @@ class Conversation:
         if not np.isfinite(clip).all():
             raise ValueError("a turn's audio holds NaN or infinite samples")
         if instruction:
-            self._check_text(instruction)
+            self.check_text(instruction)
         self._append(("user", split_clips(clip), instruction or None))
 
     def add_user_text(self, text: str) -> None:
         """A typed user turn, no audio (e.g. livekit-agents' `generate_reply(user_input=…)`)."""
         if not text:
             raise ValueError("empty turn: no text")
-        self._check_text(text)
+        self.check_text(text)
         self._append(("user", [], text))
 
     def add_assistant(self, text: str) -> None:
@@ -201,11 +201,13 @@ class Conversation:
         return n
 
     # ---- internals ------------------------------------------------------------------
-    def _check_text(self, text: str) -> None:
+    def check_text(self, text: str, what: str = "instruction") -> None:
+        """Text that goes into every prompt of a turn (an instruction, a system prompt) may
+        take at most half the context budget; ValueError saying so otherwise."""
         limit = self.context_tokens // 2
         n = self._text_tokens(text)
         if n > limit:
-            raise ValueError(f"instruction of {n} tokens is over the limit of {limit} "
+            raise ValueError(f"{what} of {n} tokens is over the limit of {limit} "
                              f"(half the context budget of {self.context_tokens} tokens)")
 
     def _text_tokens(self, text: str) -> int:

@@ -501,10 +501,11 @@ class Session:
             elif self._response is not None and not self._response.done():
                 self._response.cancel("client")
         elif isinstance(command, ev.SessionUpdate):
-            probe = Conversation(command.system_prompt, self.conversation.context_tokens, self.conversation.tokenizer)
-            if command.system_prompt and (n := probe.system_tokens()) > (limit := probe.context_tokens // 2):
-                # instruction.set's rule (half the context); refused, nothing of the update applies
-                self.report_error("bad_request", f"system prompt of {n} tokens is over the limit of {limit}")
+            try:  # instruction.set's rule (half the context); refused, nothing of the update applies
+                if command.system_prompt:
+                    self.conversation.check_text(command.system_prompt, "system prompt")
+            except ValueError as exc:
+                self.report_error("bad_request", str(exc))
                 return
             if command.system_prompt is not None:
                 self.conversation.system_prompt = command.system_prompt or None
