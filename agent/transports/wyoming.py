@@ -33,6 +33,7 @@ import time
 import unicodedata
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -437,20 +438,27 @@ class WyomingConnection(AsyncEventHandler):
         return TRANSCRIBE
 
     async def _transcribe(self, session: Session, events: Subscription) -> str:
-        context = self._context
-        turn_id = await session.reply()
-        if TRANSCRIPT_STREAMING:
-            await self.write_event(TranscriptStart(language=self._language, context=context).event())
+        language, context = self._language, self._context
+        streaming = (TranscriptStart(language=language, context=context), TranscriptChunk, TranscriptStop()) \
+            if TRANSCRIPT_STREAMING else None
+        text = await self._stream(events, await session.reply(), streaming)
+        await self.write_event(asr.Transcript(text=text, language=language, context=context).event())
+        if streaming is not None:
+            await self.write_event(streaming[2].event())
+        return text
+
+    async def _stream(self, events: Subscription, turn_id: str, streaming: tuple[Any, Any, Any] | None) -> str:
+        """One answer's text; with `streaming` (start event, chunk class, stop event: the
+        transcript-* or handled-* family) its start and chunks go out as it comes. The caller
+        sends the final event, then the stop."""
+        if streaming is not None:
+            await self.write_event(streaming[0].event())
         said: list[str] = []
         async for delta in self._answer(events, turn_id):
             said.append(delta)
-            if TRANSCRIPT_STREAMING:
-                await self.write_event(TranscriptChunk(text=delta).event())
-        text = "".join(said).strip()
-        await self.write_event(asr.Transcript(text=text, language=self._language, context=context).event())
-        if TRANSCRIPT_STREAMING:
-            await self.write_event(TranscriptStop().event())
-        return text
+            if streaming is not None:
+                await self.write_event(streaming[1](text=delta).event())
+        return "".join(said).strip()
 
     async def _answer(self, events: Subscription, turn_id: str) -> AsyncIterator[str]:
         """The text deltas of one response; WyomingError when it fails."""
@@ -486,14 +494,11 @@ class WyomingConnection(AsyncEventHandler):
             audio = self.server.recall(transcript.text)
         if key is None:
             session, events = self._session()
-            lock: asyncio.Lock | None = None
+            lock: AbstractAsyncContextManager[Any] = nullcontext()
         else:
             chat = await self.server.chat(key)
             session, events, lock = chat.session, chat.events, chat.lock
-        if lock is not None:
-            async with lock:
-                await self._handle(session, events, transcript.text, audio, context)
-        else:
+        async with lock:  # one answer at a time per satellite
             await self._handle(session, events, transcript.text, audio, context)
 
     async def _handle(self, session: Session, events: Subscription, text: str, audio: np.ndarray | None,
@@ -506,15 +511,9 @@ class WyomingConnection(AsyncEventHandler):
             committed = await session.commit()
         if not committed:
             session.conversation.add_user_text(text)
-        turn_id = await session.reply()
         reply_context = {**context, "conversation_id": context.get("conversation_id") or session.id}
-        if HANDLED_STREAMING:
-            await self.write_event(HandledStart(context=reply_context).event())
-        said: list[str] = []
-        async for delta in self._answer(events, turn_id):
-            said.append(delta)
-            if HANDLED_STREAMING:
-                await self.write_event(HandledChunk(text=delta).event())
-        await self.write_event(handle.Handled(text="".join(said).strip(), context=reply_context).event())
-        if HANDLED_STREAMING:
-            await self.write_event(HandledStop().event())
+        streaming = (HandledStart(context=reply_context), HandledChunk, HandledStop()) if HANDLED_STREAMING else None
+        text = await self._stream(events, await session.reply(), streaming)
+        await self.write_event(handle.Handled(text=text, context=reply_context).event())
+        if streaming is not None:
+            await self.write_event(streaming[2].event())
