@@ -89,8 +89,11 @@ def split_clips(audio: np.ndarray) -> list[np.ndarray]:
 
 
 def to_wav_bytes(samples: np.ndarray, rate: int = SAMPLE_RATE) -> bytes:
-    """float32 mono → 16-bit PCM WAV."""
-    pcm = (np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2")
+    """Mono samples (float in [-1, 1], or int16 as they are) → 16-bit PCM WAV."""
+    if samples.dtype == np.int16:
+        pcm = samples.astype("<i2", copy=False)
+    else:
+        pcm = (np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2")
     buf = io.BytesIO()
     with wave.open(buf, "wb") as w:
         w.setnchannels(1)

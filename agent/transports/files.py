@@ -14,7 +14,6 @@ import asyncio
 import errno
 import os
 import sys
-import wave
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -25,6 +24,7 @@ from agent import events as ev
 from agent.audio import AudioFileError, read_file
 from agent.config import Settings
 from agent.inference.base import InferenceError
+from agent.model.qwen2_audio import to_wav_bytes
 
 FEED_SAMPLES = 16000  # one second per push: large enough to be cheap, small enough to stream
 EXIT_FAILED_TURNS = 1
@@ -53,14 +53,6 @@ def transcript_line(event: ev.Event, label: str) -> str | None:
     if isinstance(event, ev.SessionStarted) and event.warning:
         return f"{label}warning: {event.warning}"
     return None
-
-
-def write_wav(path: Path, pcm: np.ndarray, rate: int) -> None:
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes(pcm.astype("<i2").tobytes())
 
 
 async def _feed(session: Any, samples: np.ndarray) -> None:
@@ -157,7 +149,8 @@ async def run_files(settings: Settings, paths: Sequence[str], *, instruction: st
                                              voice_output="offline" if runtime.tts is not None else "none")
             if session.voice is not None and speak_dir is not None:
                 target = Path(speak_dir)
-                session.voice.on_audio = lambda turn_id, pcm, rate, d=target: write_wav(d / f"{turn_id}.wav", pcm, rate)
+                session.voice.on_audio = lambda turn_id, pcm, rate, d=target: (d / f"{turn_id}.wav").write_bytes(
+                    to_wav_bytes(pcm, rate))
             printer.labels[session.id] = f"{Path(path).name}: " if len(paths) > 1 else ""
             feeds.append(_feed(session, samples))
         feeding = asyncio.gather(*feeds)
