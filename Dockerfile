@@ -46,7 +46,6 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY agent ./agent
 COPY plugins ./plugins
-COPY benchmarks ./benchmarks
 COPY examples ./examples
 RUN pip install ".[${EXTRAS}]" \
  && voice-agent schema > /dev/null \

@@ -41,7 +41,7 @@ demo: setup
 	$(VENV)/bin/voice-agent serve --model auto --host 127.0.0.1 --port 8080
 
 lint: setup
-	$(VENV)/bin/ruff check agent plugins benchmarks examples tests
+	$(VENV)/bin/ruff check agent plugins examples tests
 	$(VENV)/bin/mypy
 
 test: lint

@@ -149,7 +149,7 @@ def main(argv: Sequence[str] | None = None, *, agent: Any = None) -> int:
         print(json.dumps(json_schema(), indent=2))
         return 0
     if args.command == "bench":
-        module = importlib.import_module(f"benchmarks.{args.name}")
+        module = importlib.import_module(f"agent.bench.{args.name}")
         return int(module.main(args.args) or 0)
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

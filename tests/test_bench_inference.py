@@ -7,11 +7,11 @@ import os
 import subprocess
 import sys
 
-from benchmarks.inference import KEYS
+from agent.bench.inference import KEYS
 
 
 def test_bench_inference_quick_json_last_line() -> None:
-    out = subprocess.run([sys.executable, "-m", "benchmarks.inference", "--quick", "--json"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "agent.bench.inference", "--quick", "--json"], capture_output=True,
                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()
@@ -24,7 +24,7 @@ def test_bench_inference_quick_json_last_line() -> None:
     assert result["delivered_ttft_p50_s"] <= result["delivered_ttft_p95_s"]
     assert any(line.startswith("  sequential generate") for line in lines)
     # no baselines: their fields are null, never missing
-    out = subprocess.run([sys.executable, "-m", "benchmarks.inference", "--quick", "--no-baselines",
+    out = subprocess.run([sys.executable, "-m", "agent.bench.inference", "--quick", "--no-baselines",
                           "--history-turns", "2", "--json"], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from agent.bench.mqtt import DelayProxy
 from agent.bus import EventBus
 from agent.events import InstructionSet, ResponseDelta, SessionClose, SpeechStarted
 from agent.plugin import PluginContext, PluginHost
 from agent.tools import ParsedToolCall, ToolRegistry
-from benchmarks.mqtt import DelayProxy
 from plugins.mqtt import MqttPlugin
 from tests.mosquitto import Broker, FakeCommands, Observer, send, until
 

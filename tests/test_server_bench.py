@@ -9,7 +9,7 @@ import sys
 
 
 def test_bench_webrtc_json_last_line() -> None:
-    out = subprocess.run([sys.executable, "-m", "benchmarks.webrtc", "--peers", "2", "--seconds", "1", "--json"],
+    out = subprocess.run([sys.executable, "-m", "agent.bench.webrtc", "--peers", "2", "--seconds", "1", "--json"],
                          capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmarks import vad as bench
+from agent.bench import vad as bench
 
 pytestmark = pytest.mark.timeout(300)
 

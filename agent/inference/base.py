@@ -45,6 +45,12 @@ class GenerationRequest:
     max_new_tokens: int = 256
     # Set when the turn is not final yet (speculative start on silence): prefill only.
     speculative: bool = False
+    # A preemptive answer: a full generation started before the turn commits (silence began),
+    # its output held by the session until the commit, discarded (the iterator closed) if
+    # speech resumes. Backends run it below committed work: admitted after every committed
+    # request, counted in max_queue, at most one per session, never evicting another
+    # session's cached history. `Backend.promote` lifts it to a committed request.
+    preemptive: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -81,6 +87,11 @@ class Backend(Protocol):
         ...
 
     async def drop(self, session_id: str, turn_id: str) -> None: ...
+
+    async def promote(self, session_id: str, turn_id: str) -> None:
+        """The turn of a running preemptive `generate` committed: from now on it has the
+        priority of committed work. Backends without priorities do nothing."""
+        ...
 
     async def forget(self, session_id: str) -> None:
         """The session ended: free its cached history."""

@@ -186,6 +186,9 @@ class OpenAIBackend:
     async def drop(self, session_id: str, turn_id: str) -> None:
         """No speculative state to drop."""
 
+    async def promote(self, session_id: str, turn_id: str) -> None:
+        """The server schedules every request alike: nothing to raise."""
+
     async def forget(self, session_id: str) -> None:
         """No per-session state: every request carries the whole conversation."""
 

@@ -449,6 +449,9 @@ class InferencePool:
             if w.index == index and w.live:
                 self._send(w, ("drop_turn", session_id, turn_id))
 
+    async def promote(self, session_id: str, turn_id: str) -> None:
+        """Preemptive requests are not yet scheduled apart: nothing to raise (engine work)."""
+
     async def forget(self, session_id: str) -> None:
         for rid, spec in list(self._specs.items()):
             if spec[1] == session_id:

@@ -137,6 +137,7 @@ class ScriptedBackend:
         self.requests: _Log[GenerationRequest] = _Log()
         self.prefills: _Log[GenerationRequest] = _Log()
         self.dropped: _Log[str] = _Log()
+        self.promoted: _Log[str] = _Log()
         self.forgotten: _Log[str] = _Log()
 
     @classmethod
@@ -182,6 +183,9 @@ class ScriptedBackend:
 
     async def drop(self, session_id: str, turn_id: str) -> None:
         self.dropped.append(turn_id)
+
+    async def promote(self, session_id: str, turn_id: str) -> None:
+        self.promoted.append(turn_id)
 
     async def forget(self, session_id: str) -> None:
         self._cursors.pop(session_id, None)

@@ -140,10 +140,10 @@ async def _run(path: str, n: int, runtime: Any, audio: np.ndarray, seconds: floa
 
 
 async def _bench(counts: list[int], seconds: float) -> dict[str, Any]:
+    from agent.bench.vad import load_audio
     from agent.config import load_settings
     from agent.inference.scripted import ScriptedBackend
     from agent.runtime import AgentRuntime
-    from benchmarks.vad import load_audio
 
     audio, source = load_audio()
     runtime = AgentRuntime(load_settings(None, model="tiny-random"), backend=ScriptedBackend([], default="ok"))

@@ -141,7 +141,7 @@ class Server:
     def _spawn(self) -> subprocess.Popen[bytes]:
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         with self.log.open("wb") as log:
-            return subprocess.Popen([sys.executable, "-m", "benchmarks.soak", "--serve", "--", *self.serve_args],
+            return subprocess.Popen([sys.executable, "-m", "agent.bench.soak", "--serve", "--", *self.serve_args],
                                     stdout=log, stderr=subprocess.STDOUT, env=env)
 
     async def start(self, within_s: float = 180.0) -> None:

@@ -138,12 +138,12 @@ async def _run_direct(runtime: Any, peers: int, audio: np.ndarray, seconds: floa
 async def _bench(peer_counts: list[int], seconds: float) -> dict[str, Any]:
     from aiohttp import web
 
+    from agent.bench.vad import load_audio
     from agent.config import load_settings
     from agent.inference.scripted import ScriptedBackend
     from agent.runtime import AgentRuntime
     from agent.server.app import MANAGER, create_app
     from agent.transports.webrtc import use_loopback_candidates
-    from benchmarks.vad import load_audio
 
     use_loopback_candidates()
     audio, source = load_audio()
