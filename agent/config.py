@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from agent.errors import Float, Int, describe_validation_error, did_you_mean, read_yaml
+from agent.speech.backchannel import BargeInConfig, available_detectors
 from agent.speech.base import TTSSettings
 from agent.turns import TurnConfig
 
@@ -42,9 +43,33 @@ class TurnSettings(BaseModel):
     # Speech while the agent speaks interrupts it only once it lasted this long: a shorter
     # backchannel ("mm-hm") neither stops the voice nor becomes a turn.
     interrupt_min_speech_s: Float = Field(default=0.3, ge=0, le=5)
+    # Speech over the agent's voice (agent/speech/bargein.py): the voice pauses at once and the
+    # detector decides — a backchannel resumes it (no turn), an interruption cancels it.
+    backchannel: str = "features"  # duration (interrupt_min_speech_s) | features | an entry point
+    pause_on_speech: bool = True  # False: the answer plays on until the detector says interruption
+    backchannel_max_s: Float = Field(default=0.9, gt=0, le=5)  # features: longer speech interrupts
+    backchannel_max_syllables: Int = Field(default=3, ge=1, le=20)  # features: more is content
+    backchannel_louder_db: Float = Field(default=6.0, ge=0, le=40)  # features: louder than the user's own speech
+    resume_after_s: Float = Field(default=0.2, ge=0, le=2)  # silence after a backchannel before resuming
+    echo_playout_s: Float = Field(default=0.3, ge=0, le=2)  # echo gate kept after the last audible frame
+
+    @field_validator("backchannel")
+    @classmethod
+    def _known_detector(cls, value: str) -> str:
+        if value not in available_detectors():
+            raise ValueError(f"unknown interruption detector {value!r}; available: {', '.join(available_detectors())}")
+        return value
 
     def to_turn_config(self) -> TurnConfig:
-        return TurnConfig(**self.model_dump(exclude={"interrupt_min_speech_s"}))
+        return TurnConfig(**self.model_dump(exclude={"interrupt_min_speech_s", *_BARGEIN_KEYS}))
+
+    def to_bargein_config(self) -> BargeInConfig:
+        return BargeInConfig(pause=self.pause_on_speech, threshold=self.threshold,
+                             **self.model_dump(include={"interrupt_min_speech_s", *_BARGEIN_KEYS} - {"pause_on_speech"}))
+
+
+_BARGEIN_KEYS = {"backchannel", "pause_on_speech", "backchannel_max_s", "backchannel_max_syllables",
+                 "backchannel_louder_db", "resume_after_s", "echo_playout_s"}
 
 
 class ServerSettings(BaseModel):

@@ -123,6 +123,35 @@ class Error(_Event):
     turn_id: str | None = None
 
 
+class ResponsePaused(_Event):
+    """Speech began over the answer's voice: the voice holds (`t`, seconds of session audio)
+    while it is judged; text and audio keep coming and wait."""
+
+    type: Literal["response.paused"] = "response.paused"
+    turn_id: str
+    t: float
+
+
+class ResponseResumed(_Event):
+    """The speech was a backchannel: the voice goes on where it paused."""
+
+    type: Literal["response.resumed"] = "response.resumed"
+    turn_id: str
+    t: float
+    paused_s: float  # how long the voice held
+
+
+class SpeechBackchannel(_Event):
+    """Speech over the agent's voice judged a backchannel ("yeah", "mm-hm"): no turn, no answer."""
+
+    type: Literal["speech.backchannel"] = "speech.backchannel"
+    start: float
+    end: float
+    turn_id: str | None = None  # the answer it was said over
+    detector: str  # turns.backchannel
+    features: dict[str, float] = Field(default_factory=dict)  # what the detector measured
+
+
 Event = Annotated[
     SessionStarted
     | SessionEnded
@@ -137,7 +166,10 @@ Event = Annotated[
     | ResponseAudioDone
     | ToolCall
     | ToolResult
-    | Error,
+    | Error
+    | ResponsePaused
+    | ResponseResumed
+    | SpeechBackchannel,
     Field(discriminator="type"),
 ]
 

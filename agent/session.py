@@ -14,7 +14,6 @@ import inspect
 import logging
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -28,9 +27,8 @@ from agent.config import Settings
 from agent.context import AgentHooks, RunContext, UserTurn
 from agent.conversation import Conversation
 from agent.inference.base import Backend, GenerationStats, InferenceError
+from agent.speech.bargein import BargeIn
 from agent.speech.base import SpeechEngine
-from agent.speech.overlap import Kind as OverlapKind
-from agent.speech.overlap import Overlap
 from agent.speech.voice import Voice, VoiceCounters
 from agent.tools import ParsedToolCall, TextPiece, ToolCallParser, ToolOutcome, ToolRegistry, format_tool_responses
 from agent.vad import CHUNK, VADStream
@@ -107,11 +105,10 @@ class Session:
         self.voice: Voice | None = None
         if deps.tts is not None and voice_output in ("live", "offline"):
             self.voice = Voice(deps.tts, self.emit, realtime=voice_output == "live",
-                               counters=deps.voice_counters)
+                               counters=deps.voice_counters, playout_margin_s=s.turns.echo_playout_s)
         self._pos = 0  # samples the detector has seen
-        self._recent_in: deque[np.ndarray] = deque(maxlen=16)  # ~0.5 s of input, for the echo gate
-        # Speech that began while the agent was answering: barge-in, backchannel or echo.
-        self._overlap = Overlap(s.turns.interrupt_min_speech_s)
+        # Speech that began while the agent was answering: pause, then backchannel, barge-in or echo.
+        self._overlap = BargeIn(s.turns.to_bargein_config(), self.voice, self.emit)
         self._heard: str | None = None  # what the user heard of an answer cut by a barge-in
 
     # ---- events -------------------------------------------------------------------
@@ -161,11 +158,10 @@ class Session:
             for i, p in enumerate(probs):
                 chunk = buf[i * CHUNK : (i + 1) * CHUNK]
                 self._pos += CHUNK
-                self._recent_in.append(chunk)
                 for signal in self._detector.feed(chunk, float(p)):
                     await self._on_signal(signal)
                 if self.voice is not None:
-                    await self._check_overlap()
+                    await self._check_overlap(chunk, float(p))
 
     async def finish(self) -> None:
         """End of input: a turn in progress commits; wait for its response."""
@@ -183,17 +179,10 @@ class Session:
         running = self._response is not None and not self._response.done()
         return running or (self.voice is not None and self.voice.active)
 
-    async def _check_overlap(self) -> None:
-        """Speech over the agent's answer interrupts it only once it has lasted
-        `interrupt_min_speech_s` and is not the agent's own voice coming back."""
-        voice = self.voice
-        assert voice is not None
-        decided = self._overlap.step(self._pos / turns.SAMPLE_RATE, self._agent_busy(),
-                                     lambda: voice.is_echo(np.concatenate(self._recent_in)))
-        if decided is OverlapKind.ECHO:
-            voice.note_echo()
-            log.info("session %s: speech at %.2f s taken for the agent's own voice", self.id, self._overlap.start)
-        elif decided is OverlapKind.BARGE:
+    async def _check_overlap(self, chunk: np.ndarray, prob: float) -> None:
+        """Speech over the agent's answer pauses its voice, then resumes it (a backchannel) or
+        interrupts it (agent/speech/bargein.py); the agent's own voice coming back does neither."""
+        if self._overlap.step(chunk, prob, self._pos / turns.SAMPLE_RATE, self._agent_busy()):
             await self._interrupt("barge_in")
 
     async def _interrupt(self, reason: str) -> None:
@@ -221,9 +210,9 @@ class Session:
                 self._response.cancel("barge_in")  # the user talks over the answer
         elif isinstance(signal, turns.SpeechStopped):
             self.emit(ev.SpeechStopped(t=signal.t))
-            self._overlap.speech_paused()
+            self._overlap.speech_paused(signal.t)
         elif isinstance(signal, turns.SilenceBegan):
-            self._overlap.speech_paused()
+            self._overlap.speech_paused(signal.t)
             if self.manual_turns:
                 return  # the committed turn will join held parts: no prefill can match it
             turn_id = self._new_turn_id()
@@ -240,15 +229,12 @@ class Session:
             self._overlap.speech_resumed()
             await self._drop_speculative()
         elif isinstance(signal, turns.TurnCommitted):
-            start = self._overlap.start
-            ignored = self._overlap.turn_committed(signal.split)
+            ignored, cancel = self._overlap.turn_committed(signal.audio, signal.split, self._pos / turns.SAMPLE_RATE)
+            if cancel and self.voice is not None:
+                await self._interrupt("barge_in")
             if ignored is not None:
-                # A backchannel ("mm-hm", shorter than interrupt_min_speech_s) or our own
-                # voice: the agent goes on speaking and this is no user turn.
-                if ignored is OverlapKind.UNDECIDED and self.voice is not None:
-                    self.voice.note_backchannel()
-                log.info("session %s: %s at %.2f s ignored while the agent speaks", self.id,
-                         "echo" if ignored is OverlapKind.ECHO else "backchannel", start)
+                # A backchannel ("mm-hm") or our own voice: the agent goes on speaking and
+                # this is no user turn (bargein.py reports it).
                 await self._drop_speculative()
                 return
             if self.manual_turns:

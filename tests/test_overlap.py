@@ -1,61 +1,200 @@
-"""The barge-in / backchannel / echo state machine, on a virtual clock (no audio, no asyncio)."""
+"""Speech over the agent's voice — pause, then decide — on a virtual clock (no audio, no asyncio).
 
-from agent.speech.overlap import Kind, Overlap
+The judge here is the duration rule on the virtual clock's speech (the detectors themselves
+are tested on real speech in test_bargein.py), so each test says exactly when what happens."""
 
+from __future__ import annotations
 
-def run(overlap: Overlap, until: float, busy: bool = True, echo: bool = False, step: float = 0.032) -> list[Kind]:
-    seen, t = [], overlap.start or 0.0
-    while t <= until:
-        decided = overlap.step(t, busy, lambda: echo)
-        if decided is not None:
-            seen.append(decided)
-        t += step
-    return seen
+import numpy as np
 
+from agent.speech.backchannel import BargeInConfig
+from agent.speech.chunker import Piece
+from agent.speech.overlap import Action, Kind, Overlap, Verdict
+from agent.speech.playback import Player
+from agent.speech.stage import SpeechChunk
 
-def test_long_speech_over_the_answer_barges_in_once() -> None:
-    o = Overlap(min_speech_s=0.3)
-    o.speech_started(10.0, agent_busy=True)
-    assert run(o, 10.25) == []  # not yet: could still be a backchannel
-    assert run(o, 11.0) == [Kind.BARGE]  # once, however long it goes on
-    assert o.turn_committed(split=False) is None  # the barge-in is a real turn
+STEP = 0.032  # one VAD chunk
 
 
-def test_a_backchannel_is_ignored_and_no_turn() -> None:
-    o = Overlap(min_speech_s=0.3)
-    o.speech_started(5.0, agent_busy=True)
-    assert run(o, 5.2) == []
-    o.speech_paused()
-    assert run(o, 6.0) == []  # silence after it does not count as speech
-    assert o.turn_committed(split=False) is Kind.UNDECIDED
-    assert o.start is None
+class Clock:
+    """Drives an Overlap chunk by chunk; the user's speech is on between `speak` and `quiet`."""
+
+    def __init__(self, overlap: Overlap, max_backchannel_s: float = 0.8) -> None:
+        self.o = overlap
+        self.t = 0.0
+        self.max_s = max_backchannel_s
+        self.spoken = 0.0  # seconds of the current overlap's speech
+        self.log: list[tuple[float, Action]] = []
+        self.busy = True
+        self.echo = False
+
+    def judge(self, ended: bool) -> Verdict:
+        if self.spoken > self.max_s:
+            return Verdict.INTERRUPTION
+        return Verdict.BACKCHANNEL if ended else Verdict.UNDECIDED
+
+    def run(self, seconds: float) -> list[Action]:
+        seen: list[Action] = []
+        end = self.t + seconds
+        while self.t < end - 1e-9:
+            self.t += STEP
+            if self.o.talking:
+                self.spoken += STEP
+            for action in self.o.step(self.t, self.busy, lambda: self.echo, self.judge):
+                self.log.append((self.t, action))
+                seen.append(action)
+        return seen
+
+    def speak(self) -> None:
+        self.spoken = 0.0 if self.o.start is None else self.spoken
+        self.o.speech_started(self.t, self.busy)
+
+    def commit(self) -> tuple[Kind | None, list[Action]]:
+        return self.o.turn_committed(False, self.judge)
+
+    def when(self, action: Action) -> float:
+        return next(t for t, a in self.log if a is action)
+
+
+def test_a_backchannel_pauses_the_voice_at_once_then_resumes_it_and_is_no_turn() -> None:
+    c = Clock(Overlap(resume_after_s=0.2))
+    c.run(1.0)
+    c.speak()  # "yeah", 0.4 s
+    assert c.run(STEP) == [Action.PAUSE]  # the first chunk after speech is known: paused
+    c.run(0.4 - STEP)
+    c.o.speech_paused(silent := c.t)
+    assert c.run(0.15) == []  # silence, but not yet long enough to go on
+    assert c.run(0.1) == [Action.RESUME]
+    assert 0.2 - 1e-6 <= c.when(Action.RESUME) - silent <= 0.2 + STEP + 1e-6
+    assert c.run(1.0) == []
+    ignored, actions = c.commit()
+    assert ignored is Kind.RESUMED and actions == []  # a backchannel: no turn, nothing to do
+    assert c.o.start is None
+
+
+def test_an_interruption_pauses_then_cancels_once_it_is_too_long() -> None:
+    c = Clock(Overlap())
+    c.run(0.5)
+    c.speak()
+    assert c.run(STEP) == [Action.PAUSE]
+    assert c.run(0.7) == []  # paused, not yet decided
+    assert c.run(0.2) == [Action.CANCEL]
+    assert c.when(Action.CANCEL) - 0.5 > 0.8
+    assert c.run(2.0) == []  # once
+    assert c.commit() == (None, [])  # the interruption is a real turn
+
+
+def test_speech_that_goes_on_after_a_resume_pauses_again_and_interrupts() -> None:
+    c = Clock(Overlap(resume_after_s=0.1))
+    c.speak()
+    c.run(0.3)
+    c.o.speech_paused(c.t)
+    assert c.run(0.2) == [Action.RESUME]
+    c.o.speech_resumed()  # "yeah … but wait, I meant the other one"
+    assert c.run(STEP) == [Action.PAUSE]
+    assert c.run(1.0) == [Action.CANCEL]
+    assert c.commit() == (None, [])
+
+
+def test_a_speech_still_paused_when_its_turn_commits_is_judged_then() -> None:
+    c = Clock(Overlap(resume_after_s=5.0))  # never resumes on silence alone
+    c.speak()
+    c.run(0.3)
+    c.o.speech_paused(c.t)
+    c.run(0.5)
+    assert c.commit() == (Kind.RESUMED, [Action.RESUME])
+    c.speak()
+    c.run(1.0)  # too long: cancelled while speaking
+    assert c.commit() == (None, [])
+    undecided = Overlap()
+    undecided.speech_started(0.0, True)
+    undecided.step(0.1, True, lambda: False, lambda ended: Verdict.UNDECIDED)
+    assert undecided.turn_committed(False, lambda ended: Verdict.UNDECIDED) == (None, [Action.CANCEL])
+
+
+def test_without_pause_the_voice_plays_on_until_the_judge_says_interruption() -> None:
+    c = Clock(Overlap(pause=False), max_backchannel_s=0.3)  # the old duration-only rule
+    c.speak()
+    assert c.run(0.25) == []
+    assert c.run(0.2) == [Action.CANCEL]
+    c.commit()
+    c.speak()
+    c.run(0.2)
+    c.o.speech_paused(c.t)
+    c.run(0.5)
+    assert c.commit() == (Kind.RESUMED, [])  # short: a backchannel, never paused
 
 
 def test_the_agents_own_voice_is_echo_until_the_user_really_joins_in() -> None:
-    o = Overlap(min_speech_s=0.3)
-    o.speech_started(1.0, agent_busy=True)
-    assert run(o, 2.0, echo=True) == [Kind.ECHO]  # reported once
-    assert run(o, 3.0, echo=False) == [Kind.BARGE]  # louder than the echo: the user speaks
+    c = Clock(Overlap())
+    c.echo = True
+    c.speak()
+    assert c.run(1.0) == [Action.ECHO]  # reported once, nothing paused
+    c.echo = False  # louder than the echo: the user speaks, and has for long enough to interrupt
+    assert c.run(STEP) == [Action.PAUSE, Action.CANCEL]
+    e = Clock(Overlap())
+    e.echo = True
+    e.speak()
+    e.run(1.0)
+    e.o.speech_paused(e.t)
+    assert e.commit() == (Kind.ECHO, [])
 
 
-def test_echo_that_ends_is_ignored() -> None:
-    o = Overlap(min_speech_s=0.3)
-    o.speech_started(1.0, agent_busy=True)
-    run(o, 2.0, echo=True)
-    assert o.turn_committed(split=False) is Kind.ECHO
-
-
-def test_speech_when_the_agent_is_quiet_or_finishes_is_an_ordinary_turn() -> None:
-    o = Overlap(min_speech_s=0.3)
-    o.speech_started(1.0, agent_busy=False)
-    assert run(o, 2.0) == [] and o.turn_committed(split=False) is None
-    o.speech_started(3.0, agent_busy=True)
-    assert run(o, 4.0, busy=False) == []  # the answer ended meanwhile
-    assert o.kind is Kind.TURN and o.turn_committed(split=False) is None
+def test_speech_when_the_agent_is_quiet_or_stops_meanwhile_is_an_ordinary_turn() -> None:
+    c = Clock(Overlap())
+    c.busy = False
+    c.speak()
+    assert c.run(1.0) == [] and c.commit() == (None, [])
+    c.busy = True
+    c.speak()
+    assert c.run(STEP) == [Action.PAUSE]
+    c.busy = False  # the answer was cancelled meanwhile (the client, a new answer)
+    assert c.run(1.0) == []
+    assert c.o.kind is Kind.TURN and c.commit() == (None, [])
 
 
 def test_a_split_turn_keeps_its_overlap_for_the_next_part() -> None:
-    o = Overlap(min_speech_s=0.3)
+    o = Overlap(pause=False)
     o.speech_started(1.0, agent_busy=True)
-    assert o.turn_committed(split=True) is Kind.UNDECIDED and o.start == 1.0
-    assert o.turn_committed(split=False) is Kind.UNDECIDED and o.start is None
+    o.step(1.1, True, lambda: False, lambda ended: Verdict.UNDECIDED)
+    assert o.turn_committed(True, lambda ended: Verdict.UNDECIDED) == (Kind.RESUMED, []) and o.start == 1.0
+    assert o.turn_committed(False, lambda ended: Verdict.UNDECIDED) == (Kind.RESUMED, []) and o.start is None
+
+
+# ---- the echo tail: the far end still plays what was sent ---------------------------------
+
+def _voice_player() -> Player:
+    player = Player(sample_rate=16000)
+    player.begin("t1")
+    piece = Piece("hello there", "hello there")
+    player.feed(SpeechChunk(np.full(16000, 3000, np.int16), 16000, piece, 0))
+    player.feed(SpeechChunk(np.zeros(0, np.int16), 16000, piece, 0, piece_end=True))
+    player.end()
+    return player
+
+
+def test_the_echo_gate_stays_on_for_the_playout_margin_after_the_last_frame() -> None:
+    player = _voice_player()
+    margin = BargeInConfig().echo_playout_s
+    for _ in range(50):  # one second of voice, sent
+        player.next_frame()
+    player.next_frame()  # the answer is done: nothing is being sent any more …
+    assert not player.speaking
+    assert player.audible_within(margin)  # … but the far end still plays its buffers
+    for _ in range(round(margin / player.frame_s) - 1):
+        player.next_frame()
+    assert player.audible_within(margin)
+    player.next_frame()
+    assert not player.audible_within(margin)  # past the margin: an ordinary turn again
+
+
+def test_a_paused_player_sends_silence_keeps_its_place_and_goes_on_from_there() -> None:
+    player = _voice_player()
+    first = [player.next_frame() for _ in range(10)]
+    assert player.pause() and not player.speaking
+    held = [player.next_frame() for _ in range(30)]
+    assert all(not f.any() for f in held) and player.underruns == 0
+    assert player.resume()
+    rest = [player.next_frame() for _ in range(41)]
+    assert sum(f.size for f in first + rest if f.any()) == 16000  # every sample, once
+    assert player.spoken_text() == "hello there"

@@ -94,6 +94,8 @@ class Player:
         self._ended = False  # its last chunk is fed
         self._started = False  # its first audio frame went out
         self._played = 0
+        self.paused = False  # held: frames are silence, the queue waits (pause, then decide)
+        self._last_audible = -1  # index of the last frame that carried audio (the echo tail)
         # the last `echo_s` of output, for an echo gate that needs to know what is playing
         self._recent: deque[np.ndarray] = deque(maxlen=max(1, round(echo_s / self.frame_s)))
         self.frames = 0  # counters for /metrics: frames out, silent frames while speaking, samples flushed
@@ -109,6 +111,7 @@ class Player:
         self._pieces = {}
         self._resampler = None
         self._active, self._ended, self._started, self._played = True, False, False, 0
+        self.paused = False
         return report
 
     def feed(self, chunk: SpeechChunk) -> None:
@@ -142,8 +145,27 @@ class Player:
     # ---- output ----
     @property
     def speaking(self) -> bool:
-        """Whether the agent's voice is going out (an answer has begun and is not done)."""
-        return self._active and self._started
+        """Whether the agent's voice is going out (an answer has begun, is not done nor paused)."""
+        return self._active and self._started and not self.paused
+
+    def pause(self) -> bool:
+        """Hold the answer: the next frame is silence, nothing queued is lost. Whether it paused."""
+        if not self._active or self.paused:
+            return False
+        self.paused = True
+        return True
+
+    def resume(self) -> bool:
+        """Go on exactly where `pause()` held it. Whether it was paused."""
+        if not self.paused:
+            return False
+        self.paused = False
+        return True
+
+    def audible_within(self, seconds: float) -> bool:
+        """Whether audio went out in the last `seconds` of frames: the far end still plays
+        what its jitter and output buffers hold after the last frame is sent (the echo tail)."""
+        return self._last_audible >= 0 and (self.frames - 1 - self._last_audible) * self.frame_s <= seconds
 
     @property
     def queued_s(self) -> float:
@@ -153,7 +175,7 @@ class Player:
         """The next frame: queued audio, or silence."""
         out = np.zeros(self.frame_samples, np.int16)
         filled = 0
-        while filled < self.frame_samples and self._queue:
+        while filled < self.frame_samples and self._queue and not self.paused:
             piece, pcm = self._queue[0]
             take = min(self.frame_samples - filled, pcm.size)
             out[filled : filled + take] = pcm[:take]
@@ -165,11 +187,13 @@ class Player:
                 self._queue[0] = (piece, pcm[take:])
         self.frames += 1
         self._played += filled
+        if filled:
+            self._last_audible = self.frames - 1
         if filled and not self._started:
             self._started = True
             if self.on_started is not None:
                 self.on_started(self.turn_id)
-        if self._active and filled < self.frame_samples:
+        if self._active and filled < self.frame_samples and not self.paused:
             if self._ended and not self._queue:
                 self._finish(interrupted=False, flushed=0)
             elif self._started:
@@ -190,6 +214,7 @@ class Player:
         report = PlaybackReport(self.turn_id, self.spoken_text(), self._played / self.sample_rate,
                                 flushed / self.sample_rate, interrupted)
         self._active = False
+        self.paused = False
         self._resampler = None
         if self.on_done is not None:
             self.on_done(report)

@@ -65,7 +65,8 @@ class VoiceCounters:
 class Voice:
     def __init__(self, engine: SpeechEngine, emit: Callable[[Any], None], *, realtime: bool = True,
                  on_audio: Callable[[str, np.ndarray, int], None] | None = None,
-                 echo_margin_db: float = 6.0, counters: VoiceCounters | None = None) -> None:
+                 echo_margin_db: float = 6.0, counters: VoiceCounters | None = None,
+                 playout_margin_s: float = 0.3) -> None:
         self.engine = engine
         self.emit = emit
         self.realtime = realtime
@@ -73,12 +74,16 @@ class Voice:
         rate = OUTPUT_RATE if realtime else engine.sample_rate  # offline: no resampling
         self.player = Player(sample_rate=rate, frame_s=FRAME_S, on_started=self._started, on_done=self._done)
         self.echo_ratio = 10 ** (-echo_margin_db / 20)
+        # The far end plays a frame this long after we send it (jitter + output buffers): the
+        # echo gate stays on for it after the last audible frame went out.
+        self.playout_margin_s = playout_margin_s
         self._queue: asyncio.Queue[str | None] | None = None
         self._stage: SpeechStage | None = None
         self._task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
         self._frames: list[np.ndarray] = []  # offline: the answer rendered so far
+        self.turn_id: str | None = None  # the answer begun last
         self.counters = counters if counters is not None else VoiceCounters()
         self.echo_gated = 0  # this session's speech starts taken for our own voice
         self.backchannels = 0
@@ -92,6 +97,7 @@ class Voice:
 
     def begin(self, turn_id: str) -> None:
         self.interrupt()  # a previous answer still speaking is superseded
+        self.turn_id = turn_id
         self._queue = queue = asyncio.Queue[str | None]()
         self._idle.clear()
         self._frames = []
@@ -124,6 +130,22 @@ class Voice:
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
 
+    def pause(self) -> bool:
+        """Hold the answer's voice (speech over it, undecided yet); synthesis goes on into the queue."""
+        return self.player.pause()
+
+    def resume(self) -> bool:
+        return self.player.resume()
+
+    @property
+    def paused(self) -> bool:
+        return self.player.paused
+
+    @property
+    def sounding(self) -> bool:
+        """The agent's voice may still be heard at the far end: playing, or within the playout margin."""
+        return self.player.speaking or self.player.audible_within(self.playout_margin_s)
+
     def note_echo(self) -> None:
         """Speech over the agent's voice was taken for its own echo (the session decides)."""
         self.echo_gated += 1
@@ -142,9 +164,10 @@ class Voice:
         loudspeaker, attenuated by the room. Speech counts as the user's only when its level
         is clearly above (more than `echo_margin_db` below at most) the level of what we sent
         out in the last second; the echo of our own voice is quieter than that, a user
-        talking over it is not. With nothing playing there is no echo.
+        talking over it is not. With nothing playing (for longer than the playout margin)
+        there is no echo.
         """
-        if not self.player.speaking:
+        if not self.sounding:
             return False
         out = self.player.recent_output()[-round(ECHO_WINDOW_S * self.player.sample_rate):]
         out_level = voiced_rms(out.astype(np.float32) / 32768, self.player.frame_samples)
