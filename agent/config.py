@@ -50,7 +50,7 @@ class TurnSettings(BaseModel):
     backchannel_max_s: Float = Field(default=0.9, gt=0, le=5)  # features: longer speech interrupts
     backchannel_max_syllables: Int = Field(default=3, ge=1, le=20)  # features: more is content
     backchannel_louder_db: Float = Field(default=6.0, ge=0, le=40)  # features: louder than the user's own speech
-    resume_after_s: Float = Field(default=0.2, ge=0, le=2)  # silence after a backchannel before resuming
+    resume_after_s: Float = Field(default=0.5, ge=0, le=2)  # silence after a backchannel before resuming
     echo_playout_s: Float = Field(default=0.3, ge=0, le=2)  # echo gate kept after the last audible frame
 
     @field_validator("backchannel")

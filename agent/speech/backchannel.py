@@ -42,7 +42,7 @@ class BargeInConfig:
     backchannel_max_s: float = 0.9  # features: longer speech always interrupts
     backchannel_max_syllables: int = 3  # features: more syllables is content, not a backchannel
     backchannel_louder_db: float = 6.0  # features: this much louder than the user's own speech interrupts
-    resume_after_s: float = 0.2  # silence after a backchannel before the voice goes on
+    resume_after_s: float = 0.5  # silence after a backchannel before the voice goes on (as long as a turn's end: shorter pauses are within a sentence)
     echo_playout_s: float = 0.3  # the echo gate stays on this long after the last audible frame
     threshold: float = 0.5  # the VAD probability that counts as speech
 
