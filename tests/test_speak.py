@@ -235,3 +235,32 @@ async def test_the_agents_own_voice_fed_back_does_not_cancel_it(stack: Any) -> N
     await client.close()
 
 
+
+
+async def test_a_yeah_pauses_the_voice_and_it_resumes_a_real_interruption_stops_it(stack: Any) -> None:
+    runtime, server = await stack([LONG, "Sure, I will wait."])
+    backend = runtime.backend
+    assert isinstance(backend, ScriptedBackend)
+    speech = make_speech([0.8, "turn on the kitchen light", 3.5, "yeah", 2.5,
+                          "wait, stop, I have another question for you", 4.0], "speak-bargein")
+    client = await connect(server.url, BufferTrack(speech.samples), wait=False)
+    rec = Recorder(client)
+    await client.wait_connected()
+    await client.wait_for("response.audio.done", 2, timeout=90)
+    kinds = [e["type"] for e in client.events]
+    assert kinds.count("response.paused") == 2 and kinds.count("response.resumed") == 1
+    assert kinds.count("speech.backchannel") == 1 and kinds.count("turn.committed") == 2
+    (cancelled,) = client.of_type("response.cancelled")
+    assert cancelled["reason"] == "barge_in"
+    heard = cancelled["spoken_text"]
+    assert heard and LONG.startswith(heard) and len(heard) < len(LONG)
+    # the peer hears the pause, the voice again after the yeah, and silence after the interruption
+    paused, resumed = rec.when("response.paused"), rec.when("response.resumed")
+    assert rec.audible_s(paused + 0.2, resumed) < 0.1 < rec.audible_s(resumed, rec.when("response.paused", 1))
+    assert rec.audible_s(rec.when("response.paused", 1) + 0.2, rec.when("response.audio.started", 1)) < 0.1
+    # "yeah" was no turn; the model's next request holds what the user heard of the answer, once
+    second = [r for r in backend.requests if not r.speculative][-1]
+    said = [m["content"] for m in second.messages if m["role"] == "assistant"]
+    assert said in ([heard], [[{"type": "text", "text": heard}]])
+    await rec.stop()
+    await client.close()
