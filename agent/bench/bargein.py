@@ -1,0 +1,393 @@
+"""Backchannels and interruptions over the agent's voice, over real WebRTC.
+
+Real aiortc peers (in a second process) talk to a real server (in this one) that speaks
+a long scripted answer with espeak. While it speaks, each peer says short backchannels
+("yeah", "mm-hm", "uh-huh", "okay", "right": several espeak voices and speeds, 0.3–0.6 s)
+and real interruptions (questions and commands of 1 s and more). Everything is measured at
+the peer, from the audio it receives and the events on its data channel:
+
+- backchannels that cancelled the answer or became a turn (share);
+- interruptions that did not stop the voice (share), and the time from the interruption's
+  first sample leaving the peer to the voice going quiet there (p50 / p95);
+- the gap a resumed answer left in the voice around a backchannel.
+
+Side by side in the same run: pause-then-decide with the feature detector (the default) and
+the duration-only rule it replaced (0.3 s, no pause).
+
+    voice-agent bench bargein [--peers 2] [--cycles 4] [--quick] [--json]
+
+Exit code 0 when the targets held for pause-then-decide: ≤ 5 % of backchannels cancel or
+become a turn, every interruption stops the voice, quiet within 0.35 s at p95.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import random
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RATE = 16000
+FRAME = 320  # 20 ms sent per frame, as a browser does
+AUDIBLE = 0.02  # received frame RMS above this is the agent's voice (Opus silence decodes near zero)
+BACKCHANNELS = ["yeah", "mhm", "uh huh", "okay", "right"]
+INTERRUPTIONS = ["wait, stop, I have another question for you", "hold on, what time is it in Tokyo?",
+                 "stop talking please", "can you tell me about the weather instead?",
+                 "no no, the other light", "what about tomorrow?"]
+VOICES = ["en-us", "en-gb", "en-us+f3", "en-gb-scotland", "en-029"]
+SPEEDS = [140, 160, 180, 200, 230]
+QUESTION = "tell me a long story about the house"
+ANSWER = " ".join([
+    "Here is a long story about the house, told slowly so that there is time to listen.",
+    "In the morning the kitchen light comes on, the kettle starts, and the radio plays the news.",
+    "Later the sun moves across the living room, and the plants by the window lean towards it.",
+    "In the afternoon the hall is quiet, apart from the clock and the cat walking past the stairs.",
+    "When the evening comes, the lamps in the study glow, and someone reads a book by the fire.",
+    "At night every light goes out, one room after another, until only the porch light is left on.",
+] * 2)
+TARGETS = {"backchannel_cancel_share": 0.05, "interruption_miss_share": 0.0, "quiet_p95_s": 0.35}
+
+
+@dataclass
+class Clip:
+    kind: str  # backchannel | interruption | question
+    text: str
+    voice: str
+    speed: int
+    samples: np.ndarray  # 16 kHz mono float32, leading and trailing silence trimmed
+
+    @property
+    def duration_s(self) -> float:
+        return self.samples.size / RATE
+
+    @property
+    def label(self) -> str:
+        return f"{self.text!r} {self.voice} {self.speed} wpm {self.duration_s:.2f} s"
+
+
+def _say(text: str, voice: str, speed: int, tmp: Path) -> np.ndarray:
+    raw, out = tmp / "raw.wav", tmp / "out.wav"
+    subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(raw), text], check=True,
+                   capture_output=True)
+    subprocess.run(["sox", str(raw), "-r", str(RATE), "-c", "1", "-b", "16", str(out)], check=True,
+                   capture_output=True)
+    from agent.audio import read_file
+
+    audio = read_file(out)
+    voiced = np.flatnonzero(np.abs(audio) > 1e-3)
+    return audio[voiced[0] : voiced[-1] + 1] if voiced.size else audio
+
+
+def make_clips(quick: bool) -> dict[str, list[Clip]]:
+    """Backchannels of 0.3–0.6 s (each word, voice: the speeds that land in range), interruptions ≥ 1 s."""
+    voices = VOICES[:2] if quick else VOICES
+    clips: dict[str, list[Clip]] = {"backchannel": [], "interruption": []}
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        for word in BACKCHANNELS:
+            for voice in voices:
+                for speed in SPEEDS:
+                    clip = Clip("backchannel", word, voice, speed, _say(word, voice, speed, tmp))
+                    if 0.3 <= clip.duration_s <= 0.6:
+                        clips["backchannel"].append(clip)
+        for text in INTERRUPTIONS:
+            for voice in voices:
+                speed = 160 if voice != "en-029" else 180
+                clip = Clip("interruption", text, voice, speed, _say(text, voice, speed, tmp))
+                if clip.duration_s >= 1.0:
+                    clips["interruption"].append(clip)
+        clips["question"] = [Clip("question", QUESTION, "en-us", 160, _say(QUESTION, "en-us", 160, tmp))]
+    return clips
+
+
+# ---- the peers' process ----------------------------------------------------------------
+def _peers_main(url: str, peers: int, cycles: int, clips: dict[str, list[Clip]], seed: int, out: Any) -> None:
+    try:
+        out.put(asyncio.run(_peers(url, peers, cycles, clips, seed)))
+    except BaseException as exc:  # the parent reports it
+        out.put({"error": f"{type(exc).__name__}: {exc}"})
+
+
+async def _peers(url: str, peers: int, cycles: int, clips: dict[str, list[Clip]], seed: int) -> list[dict[str, Any]]:
+    from agent.transports.webrtc import use_loopback_candidates
+
+    use_loopback_candidates()
+    rng = random.Random(seed)
+    plans = []
+    for _ in range(peers):
+        plan = []
+        for _ in range(cycles):
+            plan += [rng.choice(clips["backchannel"]) for _ in range(3)] + [rng.choice(clips["interruption"])]
+        plans.append(plan)
+    results = await asyncio.gather(*(_peer(url, clips["question"][0], plan, i) for i, plan in enumerate(plans)))
+    return [trial for trials in results for trial in trials]
+
+
+async def _peer(url: str, question: Clip, plan: list[Clip], index: int) -> list[dict[str, Any]]:
+    import aiohttp
+    import av
+    from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+    from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+    class Mic(MediaStreamTrack):
+        """16 kHz mono in real time: queued clips, else silence; stamps each clip's first frame."""
+
+        kind = "audio"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.pos, self.t0 = 0, time.monotonic()
+            self.clip: np.ndarray | None = None
+            self.at = 0
+            self.started: asyncio.Future[float] | None = None
+            self.ended: asyncio.Future[float] | None = None
+
+        def play(self, samples: np.ndarray) -> tuple[asyncio.Future[float], asyncio.Future[float]]:
+            loop = asyncio.get_running_loop()
+            self.clip, self.at = (np.clip(samples, -1, 1) * 32767).astype(np.int16), 0
+            self.started, self.ended = loop.create_future(), loop.create_future()
+            return self.started, self.ended
+
+        async def recv(self) -> av.AudioFrame:
+            if self.readyState != "live":
+                raise MediaStreamError
+            wait = self.t0 + self.pos / RATE - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            pcm = np.zeros(FRAME, np.int16)
+            if self.clip is not None:
+                part = self.clip[self.at : self.at + FRAME]
+                pcm[: part.size] = part
+                now = time.monotonic()
+                if self.at == 0 and self.started is not None:
+                    self.started.set_result(now)  # handed to the encoder now: the onset leaves the peer
+                self.at += FRAME
+                if self.at >= self.clip.size:
+                    self.clip = None
+                    if self.ended is not None:
+                        # its last sample's time: the frame's start + the part's length
+                        self.ended.set_result(now + part.size / RATE)
+            frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
+            frame.sample_rate, frame.pts = RATE, self.pos
+            self.pos += FRAME
+            return frame
+
+    mic = Mic()
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    channel = pc.createDataChannel("events")
+    pc.addTrack(mic)
+    events: list[tuple[float, dict[str, Any]]] = []
+    heard: list[tuple[float, bool]] = []  # (arrival, audible) per received frame
+    channel.on("message", lambda m: events.append((time.monotonic(), json.loads(m))))
+
+    async def listen(track: Any) -> None:
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            pcm = frame.to_ndarray().astype(np.float32).reshape(-1) / 32768
+            heard.append((time.monotonic(), float(np.sqrt((pcm**2).mean())) > AUDIBLE))
+
+    listeners: list[asyncio.Task[None]] = []
+    pc.on("track", lambda track: listeners.append(asyncio.ensure_future(listen(track))))
+    await pc.setLocalDescription(await pc.createOffer())
+    async with aiohttp.ClientSession() as http, \
+            http.post(f"{url}/v1/sessions", json={"type": "offer", "sdp": pc.localDescription.sdp}) as r:
+        answer = await r.json()
+        if r.status != 200:
+            raise RuntimeError(f"POST /v1/sessions: {r.status} {answer}")
+    await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type="answer"))
+    await asyncio.sleep(1.0 + 0.37 * index)  # connected; peers out of phase
+
+    async def voice_on(for_s: float, timeout: float = 30.0) -> bool:
+        """Wait until the agent's voice has been audible for `for_s` of the last `for_s + 0.4` s."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            now = time.monotonic()
+            recent = [a for t, a in heard if t >= now - for_s - 0.4]
+            if sum(recent) * 0.02 >= for_s:
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    trials: list[dict[str, Any]] = []
+    started, ended = mic.play(question.samples)
+    await ended
+    for clip in plan:
+        if not await voice_on(1.0):
+            trials.append({"kind": clip.kind, "clip": clip.label, "skipped": "the agent was not speaking"})
+            continue
+        started, ended = mic.play(clip.samples)
+        onset, end = await started, await ended
+        await asyncio.sleep(2.5 if clip.kind == "backchannel" else 3.0)
+        trials.append(_judge(clip, onset, end, events, heard))
+    await pc.close()
+    for task in listeners:
+        task.cancel()
+    return trials
+
+
+def _judge(clip: Clip, onset: float, end: float, events: list[tuple[float, dict[str, Any]]],
+           heard: list[tuple[float, bool]]) -> dict[str, Any]:
+    """One trial, from what the peer received."""
+    trial: dict[str, Any] = {"kind": clip.kind, "clip": clip.label, "duration_s": round(clip.duration_s, 3)}
+    after = [(t, e["type"]) for t, e in events if t >= onset]
+    if clip.kind == "backchannel":
+        window = [k for t, k in after if t <= end + 1.5]
+        trial["cancelled"] = "response.cancelled" in window
+        trial["turn"] = "turn.committed" in window
+        trial["paused"] = "response.paused" in window
+        resumed = [t for t, k in after if k == "response.resumed" and t <= end + 3.0]
+        if resumed:
+            trial["resumed_event_after_end_s"] = round(resumed[0] - end, 3)
+        # the silence around the backchannel: the last audible frame before its end, the first after
+        before = [t for t, a in heard if a and onset - 0.5 <= t <= end]
+        later = [t for t, a in heard if a and t > end]
+        if before and later and not (trial["cancelled"] or trial["turn"]):
+            trial["gap_s"] = round(later[0] - before[-1], 3)
+            trial["resumed_after_end_s"] = round(later[0] - end, 3)
+        return trial
+    # interruption: from its onset to the next answer's voice, was the agent quiet, and from when?
+    nxt = [t for t, k in after if k == "response.audio.started"]
+    until = min(nxt[0] if nxt else onset + 6.0, onset + 6.0)
+    audible = [t for t, a in heard if a and onset <= t < until]
+    late = [t for t in audible if t >= onset + 0.6]
+    trial["stopped"] = not late
+    trial["next_voice_s"] = round(until - onset, 3)
+    if late:
+        trial["audible_late_s"] = [round(late[0] - onset, 3), round(late[-1] - onset, 3), len(late)]
+    if trial["stopped"]:
+        trial["quiet_s"] = round((audible[-1] + 0.02 if audible else onset) - onset, 3)
+    trial["cancelled"] = any(k == "response.cancelled" for t, k in after if t <= until + 0.5)
+    return trial
+
+
+# ---- the server side ---------------------------------------------------------------------
+CONFIGS: dict[str, dict[str, Any]] = {
+    "pause_features": {},  # the defaults: pause at once, the feature detector decides
+    "duration_0.3": {"backchannel": "duration", "pause_on_speech": False, "interrupt_min_speech_s": 0.3},
+}
+
+
+async def _run_config(name: str, peers: int, cycles: int, clips: dict[str, list[Clip]], seed: int) -> dict[str, Any]:
+    from aiohttp import web
+
+    from agent.config import load_settings
+    from agent.inference.scripted import ScriptedBackend
+    from agent.runtime import AgentRuntime
+    from agent.server.app import create_app
+    from agent.transports.webrtc import use_loopback_candidates
+
+    use_loopback_candidates()
+    settings = load_settings(None, model="tiny-random", tts={"engine": "espeak"}, turns=CONFIGS[name] or None)
+    runtime = AgentRuntime(settings, backend=ScriptedBackend([], chunk=4, delay=0.025, default=ANSWER))
+    await runtime.start()
+    runner = web.AppRunner(create_app(runtime, settings))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    proc = ctx.Process(target=_peers_main, args=(url, peers, cycles, clips, seed, out), daemon=True)
+    started = time.monotonic()
+    proc.start()
+    try:
+        result = await asyncio.to_thread(out.get, True, 60 + cycles * 40.0)
+    finally:
+        await asyncio.to_thread(proc.join, 10)
+        if proc.is_alive():
+            proc.kill()
+        await runner.cleanup()
+        await runtime.close()
+    if isinstance(result, dict):
+        raise RuntimeError(f"the peers failed: {result['error']}")
+    return {"config": name, "turns": CONFIGS[name], "wall_s": round(time.monotonic() - started, 1),
+            **summarise(result), "trials": result}
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 3) if values else None
+
+
+def summarise(trials: list[dict[str, Any]]) -> dict[str, Any]:
+    bcs = [t for t in trials if t["kind"] == "backchannel" and "skipped" not in t]
+    ints = [t for t in trials if t["kind"] == "interruption" and "skipped" not in t]
+    bad = [t for t in bcs if t["cancelled"] or t["turn"]]
+    quiet = [t["quiet_s"] for t in ints if t["stopped"]]
+    gaps = [t["gap_s"] for t in bcs if "gap_s" in t]
+    waits = [t["resumed_after_end_s"] for t in bcs if "resumed_after_end_s" in t]
+    return {
+        "backchannels": len(bcs), "interruptions": len(ints),
+        "skipped": sum("skipped" in t for t in trials),
+        "backchannel_cancel_share": round(len(bad) / len(bcs), 3) if bcs else None,
+        "interruption_miss_share": round(sum(not t["stopped"] for t in ints) / len(ints), 3) if ints else None,
+        "quiet_p50_s": _pct(quiet, 50), "quiet_p95_s": _pct(quiet, 95),
+        "resume_gap_p50_s": _pct(gaps, 50), "resume_gap_p95_s": _pct(gaps, 95),
+        "resume_after_end_p50_s": _pct(waits, 50),
+    }
+
+
+def targets_held(run: dict[str, Any]) -> bool:
+    share, miss, p95 = run["backchannel_cancel_share"], run["interruption_miss_share"], run["quiet_p95_s"]
+    return (share is not None and share <= TARGETS["backchannel_cancel_share"] and miss is not None
+            and miss <= TARGETS["interruption_miss_share"] and p95 is not None and p95 <= TARGETS["quiet_p95_s"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="voice-agent bench bargein", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--peers", type=int, default=2, help="peers at once (each its own session)")
+    parser.add_argument("--cycles", type=int, default=4,
+                        help="per peer: cycles of 3 backchannels and 1 interruption over the answer")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--quick", action="store_true", help="1 peer, 1 cycle, 2 voices: a sanity run")
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    args = parser.parse_args(argv)
+    if args.peers < 1 or args.cycles < 1:
+        parser.error("--peers and --cycles must be ≥ 1")
+    if shutil.which("espeak-ng") is None or shutil.which("sox") is None:
+        print("bench bargein needs espeak-ng and sox (apt-get install espeak-ng sox)")
+        return 2
+    peers, cycles = (1, 1) if args.quick else (args.peers, args.cycles)
+    clips = make_clips(args.quick)
+    print(f"clips: {len(clips['backchannel'])} backchannels "
+          f"({min(c.duration_s for c in clips['backchannel']):.2f}–{max(c.duration_s for c in clips['backchannel']):.2f} s), "
+          f"{len(clips['interruption'])} interruptions "
+          f"({min(c.duration_s for c in clips['interruption']):.2f}–{max(c.duration_s for c in clips['interruption']):.2f} s); "
+          f"{peers} peer(s) × {cycles} cycle(s) per configuration")
+    runs = [asyncio.run(_run_config(name, peers, cycles, clips, args.seed)) for name in CONFIGS]
+    print(f"{'config':>15} {'backch.':>7} {'cancel/turn':>11} {'interr.':>7} {'missed':>7} "
+          f"{'quiet p50':>9} {'p95':>6} {'resume gap p50':>14} {'p95':>6}")
+
+    def fmt(v: float | None, pct: bool = False) -> str:
+        return "-" if v is None else f"{100 * v:.0f} %" if pct else f"{v:.2f}"
+
+    for r in runs:
+        print(f"{r['config']:>15} {r['backchannels']:7d} {fmt(r['backchannel_cancel_share'], True):>11} "
+              f"{r['interruptions']:7d} {fmt(r['interruption_miss_share'], True):>7} {fmt(r['quiet_p50_s']):>9} "
+              f"{fmt(r['quiet_p95_s']):>6} {fmt(r['resume_gap_p50_s']):>14} {fmt(r['resume_gap_p95_s']):>6}")
+    new, old = runs
+    held = targets_held(new)
+    print(f"targets (pause_features): backchannels cancel ≤ 5 %, every interruption stops, quiet p95 ≤ 0.35 s: "
+          f"{'held' if held else 'MISSED'}")
+    if args.json:
+        result = {"benchmark": "bargein", "peers": peers, "cycles": cycles, "targets": TARGETS,
+                  "targets_held": held, **{k: v for k, v in new.items() if k != "trials"},
+                  "baseline": {k: v for k, v in old.items() if k != "trials"},
+                  "runs": runs}
+        print(json.dumps(result))
+    return 0 if held else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
