@@ -27,7 +27,7 @@ from agent.config import Settings
 from agent.context import AgentHooks, RunContext, UserTurn
 from agent.conversation import Conversation
 from agent.inference.base import Backend, GenerationStats, InferenceError
-from agent.speech.bargein import BargeIn
+from agent.speech.bargein import BargeIn, Playout
 from agent.speech.base import SpeechEngine
 from agent.speech.voice import Voice, VoiceCounters
 from agent.tools import ParsedToolCall, TextPiece, ToolCallParser, ToolOutcome, ToolRegistry, format_tool_responses
@@ -160,7 +160,7 @@ class Session:
                 self._pos += CHUNK
                 for signal in self._detector.feed(chunk, float(p)):
                     await self._on_signal(signal)
-                if self.voice is not None:
+                if self._overlap.voice is not None:
                     await self._check_overlap(chunk, float(p))
 
     async def finish(self) -> None:
@@ -177,7 +177,7 @@ class Session:
     # ---- speech out: barge-in, backchannels, self-echo ---------------------------------
     def _agent_busy(self) -> bool:
         running = self._response is not None and not self._response.done()
-        return running or (self.voice is not None and self.voice.active)
+        return running or (self._overlap.voice is not None and self._overlap.voice.active)
 
     async def _check_overlap(self, chunk: np.ndarray, prob: float) -> None:
         """Speech over the agent's answer pauses its voice, then resumes it (a backchannel) or
@@ -185,10 +185,15 @@ class Session:
         if self._overlap.step(chunk, prob, self._pos / turns.SAMPLE_RATE, self._agent_busy()):
             await self._interrupt("barge_in")
 
+    def attach_voice(self, voice: Playout) -> None:
+        """The agent's voice is played by the owner (livekit-agents): speech over it is paused,
+        judged and cancelled through `voice` as over our own (agent/speech/bargein.py)."""
+        self._overlap = BargeIn(self.settings.turns.to_bargein_config(), voice, self.emit)
+
     async def _interrupt(self, reason: str) -> None:
         """Stop the answer (text and voice); the history keeps only what was heard."""
-        assert self.voice is not None
-        report = self.voice.interrupt()
+        assert self._overlap.voice is not None
+        report = self._overlap.voice.interrupt()
         heard = report.spoken_text if report is not None else ""
         if self._response is not None and not self._response.done():
             self._heard = heard  # _respond reports it and truncates the history
@@ -204,7 +209,7 @@ class Session:
             self.emit(ev.SpeechStarted(t=signal.t))
             if self.manual_turns:
                 return  # the owner decides about barge-in
-            if self.voice is not None:
+            if self._overlap.voice is not None:
                 self._overlap.speech_started(signal.t, self._agent_busy())
             elif self._response is not None and not self._response.done():
                 self._response.cancel("barge_in")  # the user talks over the answer
@@ -230,7 +235,7 @@ class Session:
             await self._drop_speculative()
         elif isinstance(signal, turns.TurnCommitted):
             ignored, cancel = self._overlap.turn_committed(signal.audio, signal.split, self._pos / turns.SAMPLE_RATE)
-            if cancel and self.voice is not None:
+            if cancel:
                 await self._interrupt("barge_in")
             if ignored is not None:
                 # A backchannel ("mm-hm") or our own voice: the agent goes on speaking and

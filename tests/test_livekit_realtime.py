@@ -456,3 +456,58 @@ async def test_truncate_keeps_what_the_user_heard_of_an_interrupted_answer(speec
     assert [m["content"] for m in history if m["role"] == "assistant"] == ["word word"]
     assert [m.text_content for m in session.chat_ctx.messages() if m.role == "assistant"] == ["word word",
                                                                                               "next answer"]
+
+
+class _PausableOutput:
+    can_pause = True
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def pause(self) -> None:
+        self.calls.append("pause")
+
+    def resume(self) -> None:
+        self.calls.append("resume")
+
+
+class _FollowedAgentSession:
+    """What model.follow() reads of livekit's AgentSession: its state and its audio output."""
+
+    def __init__(self) -> None:
+        self.agent_state = "listening"
+        self.output = type("Output", (), {"audio": _PausableOutput()})()
+
+
+async def test_followed_a_yeah_pauses_and_resumes_livekits_voice_and_never_reaches_it(make_speech_fixture: Any) -> None:
+    long = ("A long answer. " * 40).strip()
+    runtime, backend = await scripted_runtime([long, "Sure, I will wait."], delay=0.005)
+    model = QwenRealtimeModel(runtime=runtime)
+    agent = _FollowedAgentSession()
+    model.follow(agent)
+    session = model.session()
+    rec = Recorder(session)
+    audio = agent.output.audio
+
+    def push(parts: list[str | float]) -> None:
+        for frame in frames_48k_stereo(make_speech_fixture(parts).samples):
+            session.push_audio(frame)
+
+    push([0.5, "turn on the kitchen light", 1.0])
+    await until(lambda: len(rec.generations) == 1 and rec.generations[0]["done"])
+    agent.agent_state = "speaking"  # livekit's TTS speaks the answer (its text is all there)
+    push([0.5, "yeah", 1.5])
+    await until(lambda: audio.calls == ["pause", "resume"])
+    push([1.0])
+    await until(lambda: session._queued_samples == 0)
+    assert rec.kinds.count("input_speech_started") == 1  # the question's only: livekit never heard the yeah
+    assert len(rec.generations) == 1 and backend.requests and len(backend.requests) == 1
+    push([0.3, "wait, stop, I have another question for you", 1.5])
+    await until(lambda: len(rec.generations) == 2)
+    assert audio.calls == ["pause", "resume", "pause"]
+    assert rec.kinds.count("input_speech_started") == 2  # the interruption reached livekit, which cuts its voice
+    await until(lambda: rec.generations[1]["done"])
+    # the answer once, whole (livekit's truncate() would say how much was heard), then the next
+    assert [m.text_content for m in session.chat_ctx.messages() if m.role == "assistant"] == [long, "Sure, I will wait."]
+    await session.aclose()
+    await runtime.close()

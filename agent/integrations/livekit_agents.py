@@ -18,6 +18,13 @@ through `update_chat_ctx` (→ `<tool_response>` in our conversation) and, since
 `auto_tool_reply_generation` is False, calls `generate_reply()` for the follow-up. Running
 them inside our Session instead would bypass all of that.
 
+Speech over the agent's voice: after `model.follow(agent_session)` our barge-in decides it as
+over our own voice (agent/speech/bargein.py): the AgentSession's audio output is paused at once;
+a backchannel ("yeah") resumes it and never reaches livekit — no `input_speech_started`, no
+turn, no generation, nothing in the chat context; an interruption is handed to livekit as
+`input_speech_started`, which interrupts its speech (and `truncate()` says what was heard).
+Without `follow`, livekit-agents is told of every speech at once and interrupts on it.
+
 Qwen2-Audio does not transcribe the user in chat mode (`user_transcription=False`); the chat
 context mirrored here holds the text turns, the answers and the tool items, not the audio.
 """
@@ -28,6 +35,7 @@ import asyncio
 import json
 import logging
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -74,6 +82,15 @@ class QwenRealtimeModel(llm.RealtimeModel):
         # Validated now: a bad option fails where the model is built, not mid-call.
         self._settings = runtime.settings if runtime else settings or load_settings(config, **options)
         self._start: asyncio.Task[AgentRuntime] | None = None
+        self._followed: Any = None  # the AgentSession whose voice barge-in pauses (follow())
+        self._sessions: weakref.WeakSet[QwenRealtimeSession] = weakref.WeakSet()
+
+    def follow(self, agent_session: Any) -> None:
+        """Let speech over `agent_session`'s voice pause it and be judged (backchannel or
+        interruption) before livekit-agents hears of it; see the module doc."""
+        self._followed = agent_session
+        for session in list(self._sessions):
+            session._follow(agent_session)
 
     @property
     def model(self) -> str:
@@ -101,7 +118,11 @@ class QwenRealtimeModel(llm.RealtimeModel):
         return runtime
 
     def session(self, *, turn_detection_disabled: bool = False) -> QwenRealtimeSession:
-        return QwenRealtimeSession(self, manual_turns=turn_detection_disabled)
+        session = QwenRealtimeSession(self, manual_turns=turn_detection_disabled)
+        self._sessions.add(session)
+        if self._followed is not None:
+            session._follow(self._followed)
+        return session
 
     async def aclose(self) -> None:
         if self._owns_runtime and self._start is not None:
@@ -128,6 +149,63 @@ class _Generation:
             ch.close()
 
 
+class _AgentVoice:
+    """The AgentSession's voice as our barge-in sees it (agent.speech.bargein.Playout)."""
+
+    realtime = True
+
+    def __init__(self, agent_session: Any, on_interrupt: Callable[[], None]) -> None:
+        self._agent = agent_session
+        self._on_interrupt = on_interrupt
+        self.turn_id: str | None = None  # the generation it speaks
+        self.paused = False
+        self.echo_gated = 0
+        self.backchannels = 0
+
+    @property
+    def active(self) -> bool:
+        return self.paused or getattr(self._agent, "agent_state", None) == "speaking"
+
+    @property
+    def sounding(self) -> bool:
+        return self.active
+
+    def is_echo(self, mic: np.ndarray, mic_rate: int = SAMPLE_RATE) -> bool:
+        return False  # LiveKit's clients cancel the echo of what they play
+
+    def _output(self) -> Any:
+        out = getattr(getattr(self._agent, "output", None), "audio", None)
+        return out if out is not None and getattr(out, "can_pause", False) else None
+
+    def pause(self) -> bool:
+        out = self._output()
+        if out is None or self.paused:
+            return False
+        out.pause()
+        self.paused = True
+        return True
+
+    def resume(self) -> bool:
+        out = self._output()
+        if not self.paused:
+            return False
+        self.paused = False
+        if out is not None:
+            out.resume()
+        return True
+
+    def interrupt(self) -> None:
+        """An interruption: livekit hears of the speech now and interrupts its own voice."""
+        self.paused = False
+        self._on_interrupt()
+
+    def note_echo(self) -> None:
+        self.echo_gated += 1
+
+    def note_backchannel(self) -> None:
+        self.backchannels += 1
+
+
 class QwenRealtimeSession(llm.RealtimeSession):
     def __init__(self, model: QwenRealtimeModel, *, manual_turns: bool = False) -> None:
         super().__init__(model)
@@ -152,6 +230,8 @@ class QwenRealtimeSession(llm.RealtimeSession):
         self._latest_message_id: str | None = None  # truncate() applies to this answer only,
         self._latest_called_tools = False  # and not when it called tools
         self._resampler_rate = 0
+        self._voice: _AgentVoice | None = None  # with model.follow(): the AgentSession's voice
+        self._held: list[str] = []  # speech events kept from livekit while barge-in decides
         self._main = asyncio.create_task(self._run(), name="QwenRealtimeSession")
 
     # ---- state -----------------------------------------------------------------------
@@ -290,6 +370,23 @@ class QwenRealtimeSession(llm.RealtimeSession):
         if isinstance(item, llm.ChatMessage):
             item.content = [heard]
 
+    def _follow(self, agent_session: Any) -> None:
+        voice = self._voice = _AgentVoice(agent_session, self._release_speech)
+
+        async def attach(session: Session) -> None:
+            session.attach_voice(voice)
+
+        self._enqueue(attach)
+
+    def _release_speech(self) -> None:
+        """Speech held while it was judged is an interruption (or a turn): livekit hears of it."""
+        held, self._held = self._held, []
+        for kind in held:
+            if kind == "started":
+                self.emit("input_speech_started", llm.InputSpeechStartedEvent())
+            else:
+                self.emit("input_speech_stopped", llm.InputSpeechStoppedEvent(user_transcription_enabled=False))
+
     async def aclose(self) -> None:
         self._main.cancel()
         await asyncio.gather(self._main, return_exceptions=True)
@@ -362,9 +459,19 @@ class QwenRealtimeSession(llm.RealtimeSession):
             if self._first_event_type is None:
                 self._first_event_type = event.type  # session.started, by open_session (tests check)
             if isinstance(event, ev.SpeechStarted) and not self._manual:
-                self.emit("input_speech_started", llm.InputSpeechStartedEvent())
+                if self._voice is not None and self._voice.active:
+                    self._held = ["started"]  # over the agent's voice: livekit hears of it if it interrupts
+                else:
+                    self.emit("input_speech_started", llm.InputSpeechStartedEvent())
             elif isinstance(event, ev.SpeechStopped) and not self._manual:
-                self.emit("input_speech_stopped", llm.InputSpeechStoppedEvent(user_transcription_enabled=False))
+                if self._held:
+                    self._held.append("stopped")
+                else:
+                    self.emit("input_speech_stopped", llm.InputSpeechStoppedEvent(user_transcription_enabled=False))
+            elif isinstance(event, ev.SpeechBackchannel):
+                self._held = []  # a backchannel: livekit never hears of it, no turn, no generation
+            elif isinstance(event, ev.TurnCommitted):
+                self._release_speech()  # a turn after all (the agent stopped meanwhile)
             elif isinstance(event, ev.ResponseStarted):
                 self._start_generation(event.turn_id)
             elif isinstance(event, ev.ResponseDelta) and (gen := self._generations.get(event.turn_id)):
@@ -386,6 +493,8 @@ class QwenRealtimeSession(llm.RealtimeSession):
 
     def _start_generation(self, turn_id: str) -> None:
         gen = self._generations[turn_id] = _Generation(turn_id)
+        if self._voice is not None:
+            self._voice.turn_id = turn_id
         self._latest_message_id, self._latest_called_tools = gen.message_id, False
         modalities: asyncio.Future[list[Literal["text", "audio"]]] = asyncio.get_running_loop().create_future()
         modalities.set_result(["text"])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -27,7 +27,7 @@ from agent.speech.backchannel import (
     load_detector,
 )
 from agent.speech.overlap import Action, Kind, Overlap, Verdict
-from agent.speech.voice import Voice
+from agent.speech.playback import PlaybackReport
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,34 @@ MAX_OVERLAP_S = 4.0  # audio kept of one overlap: far past any backchannel's len
 USER_LEVEL_WEIGHT = 0.3  # the user's level follows their latest turns (an exponential average)
 
 
+class Playout(Protocol):
+    """What barge-in needs of the agent's voice: our own `Voice`, or one an owner plays
+    (livekit-agents' AgentSession, agent/integrations/livekit_agents.py)."""
+
+    realtime: bool
+    turn_id: str | None
+
+    @property
+    def active(self) -> bool: ...  # an answer is playing or about to: something to pause or cancel
+
+    @property
+    def sounding(self) -> bool: ...  # it may still be heard (playout margin): echo is possible
+
+    def is_echo(self, mic: np.ndarray, mic_rate: int = 16000) -> bool: ...
+
+    def pause(self) -> bool: ...
+
+    def resume(self) -> bool: ...
+
+    def interrupt(self) -> PlaybackReport | None: ...
+
+    def note_echo(self) -> None: ...
+
+    def note_backchannel(self) -> None: ...
+
+
 class BargeIn:
-    def __init__(self, config: BargeInConfig, voice: Voice | None, emit: Callable[[Any], None],
+    def __init__(self, config: BargeInConfig, voice: Playout | None, emit: Callable[[Any], None],
                  detector: InterruptionDetector | None = None) -> None:
         self.config = config
         self.voice = voice
