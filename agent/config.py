@@ -64,7 +64,7 @@ class TurnSettings(BaseModel):
         return TurnConfig(**self.model_dump(exclude={"interrupt_min_speech_s", *_BARGEIN_KEYS}))
 
     def to_bargein_config(self) -> BargeInConfig:
-        return BargeInConfig(pause=self.pause_on_speech, threshold=self.threshold,
+        return BargeInConfig(pause=self.pause_on_speech, threshold=self.threshold, neg_threshold=self.neg_threshold,
                              **self.model_dump(include={"interrupt_min_speech_s", *_BARGEIN_KEYS} - {"pause_on_speech"}))
 
 

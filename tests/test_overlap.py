@@ -6,6 +6,7 @@ are tested on real speech in test_bargein.py), so each test says exactly when wh
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from agent.speech.backchannel import BargeInConfig
 from agent.speech.chunker import Piece
@@ -198,3 +199,62 @@ def test_a_paused_player_sends_silence_keeps_its_place_and_goes_on_from_there() 
     rest = [player.next_frame() for _ in range(41)]
     assert sum(f.size for f in first + rest if f.any()) == 16000  # every sample, once
     assert player.spoken_text() == "hello there"
+
+
+# ---- the adapter: paused at the first chunk of speech, a blip dismissed ---------------------
+
+class FakeVoice:
+    """A Playout that records what barge-in does to it."""
+
+    realtime = True
+    turn_id = "t1"
+    active = True
+    sounding = True
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def is_echo(self, mic: np.ndarray, mic_rate: int = 16000) -> bool:
+        return False
+
+    def pause(self) -> bool:
+        self.calls.append("pause")
+        return True
+
+    def resume(self) -> bool:
+        self.calls.append("resume")
+        return True
+
+    def interrupt(self) -> None:
+        self.calls.append("interrupt")
+
+    def note_echo(self) -> None:
+        pass
+
+    def note_backchannel(self) -> None:
+        self.calls.append("backchannel")
+
+
+def test_the_voice_pauses_at_the_first_chunk_of_speech_and_a_blip_lets_it_go_on() -> None:
+    from agent.speech.bargein import BargeIn
+
+    voice, seen = FakeVoice(), []
+    b = BargeIn(BargeInConfig(backchannel="duration"), voice, seen.append)
+    chunk, t = np.zeros(512, np.float32), 0.0
+
+    def feed(prob: float) -> bool:
+        nonlocal t
+        t += 0.032
+        return b.step(chunk, prob, t, busy=True)
+
+    feed(0.1)
+    feed(0.9)  # one chunk of speech: paused now, before the turn detector calls it speech
+    assert voice.calls == ["pause"] and [e.type for e in seen] == ["response.paused"]
+    feed(0.1)  # gone again: a click, a cough
+    assert voice.calls == ["pause", "resume"] and b.start is None
+    feed(0.9)
+    feed(0.9)
+    b.speech_started(t - 0.064, busy=True)  # the turn detector confirms it: the same overlap
+    assert voice.calls == ["pause", "resume", "pause"] and b.start == pytest.approx(t - 0.064)
+    cancelled = [feed(0.9) for _ in range(10)]  # 0.3 s: the duration rule interrupts
+    assert cancelled.count(True) == 1

@@ -248,20 +248,28 @@ def _judge(clip: Clip, onset: float, end: float, events: list[tuple[float, dict[
         trial["cancelled"] = "response.cancelled" in window
         trial["turn"] = "turn.committed" in window
         trial["paused"] = "response.paused" in window
-        resumed = [t for t, k in after if k == "response.resumed" and t <= end + 3.0]
-        if resumed:
-            trial["resumed_event_after_end_s"] = round(resumed[0] - end, 3)
-        # the silence around the backchannel: the last audible frame before its end, the first after
-        before = [t for t, a in heard if a and onset - 0.5 <= t <= end]
-        later = [t for t, a in heard if a and t > end]
-        if before and later and not (trial["cancelled"] or trial["turn"]):
-            trial["gap_s"] = round(later[0] - before[-1], 3)
-            trial["resumed_after_end_s"] = round(later[0] - end, 3)
+        paused = [(t, e) for t, e in events if e["type"] == "response.paused" and onset <= t <= end + 1.5]
+        resumed = [(t, e) for t, e in events if e["type"] == "response.resumed" and onset <= t <= end + 3.0]
+        if paused:
+            trial["pause_event_s"] = round(paused[0][0] - onset, 3)
+        if paused and resumed and not (trial["cancelled"] or trial["turn"]):
+            # the gap the peer heard: its last audible frame of the voice before the pause (frames
+            # still in flight arrive up to ~0.15 s after the event) to the first after the resume
+            t_p, t_r = paused[0][0], resumed[-1][0]
+            before = [t for t, a in heard if a and onset - 0.5 <= t <= t_p + 0.15]
+            later = [t for t, a in heard if a and t >= t_r]
+            trial["paused_s"] = resumed[-1][1]["paused_s"]  # the server's own figure
+            trial["resumed_after_end_s"] = round(t_r - end, 3)
+            if before and later:
+                trial["gap_s"] = round(later[0] - before[-1], 3)
         return trial
     # interruption: from its onset to the next answer's voice, was the agent quiet, and from when?
     nxt = [t for t, k in after if k == "response.audio.started"]
     until = min(nxt[0] if nxt else onset + 6.0, onset + 6.0)
     audible = [t for t, a in heard if a and onset <= t < until]
+    paused = [t for t, k in after if k == "response.paused" and t <= until]
+    if paused:
+        trial["pause_event_s"] = round(paused[0] - onset, 3)
     late = [t for t in audible if t >= onset + 0.6]
     trial["stopped"] = not late
     trial["next_voice_s"] = round(until - onset, 3)
@@ -327,6 +335,8 @@ def summarise(trials: list[dict[str, Any]]) -> dict[str, Any]:
     quiet = [t["quiet_s"] for t in ints if t["stopped"]]
     gaps = [t["gap_s"] for t in bcs if "gap_s" in t]
     waits = [t["resumed_after_end_s"] for t in bcs if "resumed_after_end_s" in t]
+    held = [t["paused_s"] for t in bcs if "paused_s" in t]
+    detect = [t["pause_event_s"] for t in ints if "pause_event_s" in t]
     return {
         "backchannels": len(bcs), "interruptions": len(ints),
         "skipped": sum("skipped" in t for t in trials),
@@ -334,7 +344,8 @@ def summarise(trials: list[dict[str, Any]]) -> dict[str, Any]:
         "interruption_miss_share": round(sum(not t["stopped"] for t in ints) / len(ints), 3) if ints else None,
         "quiet_p50_s": _pct(quiet, 50), "quiet_p95_s": _pct(quiet, 95),
         "resume_gap_p50_s": _pct(gaps, 50), "resume_gap_p95_s": _pct(gaps, 95),
-        "resume_after_end_p50_s": _pct(waits, 50),
+        "resume_after_end_p50_s": _pct(waits, 50), "paused_p50_s": _pct(held, 50),
+        "pause_event_p50_s": _pct(detect, 50), "pause_event_p95_s": _pct(detect, 95),
     }
 
 

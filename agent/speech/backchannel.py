@@ -44,7 +44,8 @@ class BargeInConfig:
     backchannel_louder_db: float = 6.0  # features: this much louder than the user's own speech interrupts
     resume_after_s: float = 0.5  # silence after a backchannel before the voice goes on (as long as a turn's end: shorter pauses are within a sentence)
     echo_playout_s: float = 0.3  # the echo gate stays on this long after the last audible frame
-    threshold: float = 0.5  # the VAD probability that counts as speech
+    threshold: float = 0.5  # the VAD probability that counts as speech …
+    neg_threshold: float = 0.35  # … and below which it stopped
 
 
 @dataclass

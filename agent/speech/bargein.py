@@ -78,6 +78,9 @@ class BargeIn:
         self._probs: list[float] = []
         self._paused_at: float | None = None
         self._paused_turn = ""
+        # Paused at the first chunk of speech (not 0.15 s later, when the turn detector calls it
+        # speech): until it does, the overlap is tentative, dismissed if the VAD drops it.
+        self._tentative = False
         self.user_level_db: float | None = None
 
     @property
@@ -87,6 +90,11 @@ class BargeIn:
     # ---- signals ----------------------------------------------------------------------
     def speech_started(self, t: float, busy: bool) -> None:
         """`busy`: an answer runs or plays; its echo may also still come back (playout margin)."""
+        if self._tentative and self.overlap.start is not None:
+            self._tentative = False  # the speech paused for at its first chunk is confirmed
+            self.overlap.speech_resumed()
+            return
+        self._tentative = False
         tail = self.voice is not None and self.voice.sounding
         self.overlap.speech_started(t, busy or tail)
         self._audio, self._probs, self._paused_turn = [], [], ""
@@ -105,8 +113,17 @@ class BargeIn:
     # ---- after each chunk ----------------------------------------------------------------
     def step(self, chunk: np.ndarray, prob: float, now: float, busy: bool) -> bool:
         """One chunk heard (ending at `now`, seconds of session audio). True: cancel the answer now."""
-        self._recent.append((now - chunk.size / SAMPLE_RATE, chunk, prob))
+        start = now - chunk.size / SAMPLE_RATE
+        self._recent.append((start, chunk, prob))
         o = self.overlap
+        if o.start is None and o.pause and prob >= self.config.threshold and self.voice is not None \
+                and (busy or self.voice.sounding):
+            o.speech_started(start, True)  # pause now; the turn detector confirms it later
+            self._tentative, self._audio, self._probs, self._paused_turn = True, [], [], ""
+        elif self._tentative and prob < self.config.neg_threshold:
+            self._tentative = False  # a blip (a click, a cough): no speech after all
+            self._audio, self._probs = [], []
+            return self._apply(o.dismiss(), now)
         if o.start is None or o.kind in (Kind.BARGE, Kind.TURN):
             return False
         if len(self._probs) * chunk.size < MAX_OVERLAP_S * SAMPLE_RATE:
@@ -147,6 +164,8 @@ class BargeIn:
                              self.config.threshold)
 
     def _judge(self, ended: bool) -> Verdict:
+        if self._tentative:
+            return Verdict.UNDECIDED  # not speech yet: nothing to judge
         try:
             return self.detector.judge(self._speech(ended))
         except Exception:  # a plugin's detector failing must not cost the answer nor the turn

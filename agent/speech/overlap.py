@@ -71,6 +71,13 @@ class Overlap:
     def speech_resumed(self) -> None:
         self.talking, self.silent_since = True, None
 
+    def dismiss(self) -> list[Action]:
+        """The speech never was (a blip the turn detector dropped before calling it speech):
+        forget it; a voice paused for it goes on."""
+        paused = self.kind is Kind.PAUSED
+        self.start, self.kind, self.talking, self.silent_since, self.paused_at = None, Kind.UNDECIDED, False, None, None
+        return [Action.RESUME] if paused else []
+
     # ---- after each chunk ----------------------------------------------------------------
     def step(self, now: float, agent_busy: bool, is_echo: Callable[[], bool], judge: Judge) -> list[Action]:
         """`agent_busy`: an answer is running or playing (something to pause or cancel);
