@@ -267,9 +267,9 @@ def _judge(clip: Clip, onset: float, end: float, events: list[tuple[float, dict[
     nxt = [t for t, k in after if k == "response.audio.started"]
     until = min(nxt[0] if nxt else onset + 6.0, onset + 6.0)
     audible = [t for t, a in heard if a and onset <= t < until]
-    paused = [t for t, k in after if k == "response.paused" and t <= until]
-    if paused:
-        trial["pause_event_s"] = round(paused[0] - onset, 3)
+    pauses = [t for t, k in after if k == "response.paused" and t <= until]
+    if pauses:
+        trial["pause_event_s"] = round(pauses[0] - onset, 3)
     late = [t for t in audible if t >= onset + 0.6]
     trial["stopped"] = not late
     trial["next_voice_s"] = round(until - onset, 3)
