@@ -147,3 +147,32 @@ def _drain(sub: Any) -> list[Any]:
     while not sub.queue.empty():
         out.append(sub.queue.get_nowait())
     return out
+
+
+class NeverInterrupts:
+    """A detector from another package: everything is a backchannel."""
+
+    def __init__(self, config: BargeInConfig) -> None:
+        self.config = config
+
+    def judge(self, speech: OverlapSpeech) -> Verdict:
+        return Verdict.BACKCHANNEL if speech.ended else Verdict.UNDECIDED
+
+
+def test_other_detectors_come_from_the_entry_point_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata
+
+    from agent.speech import backchannel
+
+    ours = importlib.metadata.EntryPoint("patient", f"{__name__}:NeverInterrupts", backchannel.ENTRY_POINT_GROUP)
+    real = importlib.metadata.entry_points
+
+    def entry_points(**kw: Any) -> Any:
+        found = real(**kw)
+        return [*found, ours] if kw.get("group") == backchannel.ENTRY_POINT_GROUP else found
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
+    settings = load_settings(None, turns={"backchannel": "patient"})
+    detector = load_detector(settings.turns.to_bargein_config())
+    assert isinstance(detector, NeverInterrupts)
+    assert detector.judge(overlap_speech("what time is it in tokyo")) is Verdict.BACKCHANNEL

@@ -198,6 +198,41 @@ async def test_two_participants_hear_their_answers_on_the_agents_one_track() -> 
         await runtime.close()
 
 
+@needs_espeak
+async def test_in_the_room_a_yeah_pauses_one_voice_and_it_resumes_an_interruption_stops_it() -> None:
+    long = ("Here is a fairly long answer that keeps going for quite a while. It talks about the lights "
+            "in the kitchen, the weather outside, and the music in the living room, and goes on.")
+    settings = load_settings(None, model="tiny-random", tts={"engine": "espeak"})
+    runtime = AgentRuntime(settings, backend=ScriptedBackend([long], chunk=4, delay=0.01, default="Sure."))
+    await runtime.start()
+    voice = RoomVoice()
+    voice.start()
+    router = ParticipantRouter(runtime, runtime.bus, max_queue_s=5.0, voice=voice)
+    router.outbound = out = Stamped()
+    listener = Listener(voice.new_track())
+    alice = Mic()
+    try:
+        router.on_track_subscribed(alice.track, "alice")
+        said = make_speech([0.8, "turn on the kitchen light", 3.5, "yeah", 2.5,
+                            "wait, stop, I have another question for you", 3.0], "lk-bargein")
+        await alice.say(said.samples)
+        await until(lambda: len(out.of("alice", "response.audio.done")) == 2, timeout=30, what="two answers")
+        kinds = [k for _, k, dests in out.stamps if dests == ["alice"]]
+        assert kinds.count("response.paused") == 2 and kinds.count("response.resumed") == 1
+        assert kinds.count("speech.backchannel") == 1 and kinds.count("turn.committed") == 2
+        (cancelled,) = out.of("alice", "response.cancelled")
+        assert cancelled["reason"] == "barge_in" and long.startswith(cancelled["spoken_text"])
+        paused, resumed = out.when("alice", "response.paused"), out.when("alice", "response.resumed")
+        assert listener.audible_s(paused + 0.1, resumed) < 0.05  # the room heard the pause …
+        assert listener.audible_s(resumed, out.when("alice", "response.paused", 1)) > 0.1  # … and the voice again
+    finally:
+        await listener.aclose()
+        await router.aclose()
+        await voice.aclose()
+        await alice.aclose()
+        await runtime.close()
+
+
 async def test_without_tts_sessions_are_text_only_and_nothing_is_published() -> None:
     settings = load_settings(None, model="tiny-random")
     runtime = AgentRuntime(settings, backend=ScriptedBackend([]))

@@ -130,6 +130,6 @@ class VoiceCollector(Collector):
                  c.underruns),
                 ("voice_agent_speech_echo_gated", "Speech over the agent's voice taken for its own echo",
                  c.echo_gated),
-                ("voice_agent_speech_backchannels", "Speech over the agent's voice too short to interrupt it",
+                ("voice_agent_speech_backchannels", "Speech over the agent's voice judged a backchannel",
                  c.backchannels)):
             yield CounterMetricFamily(name, doc, value=value)

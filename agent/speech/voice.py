@@ -59,7 +59,7 @@ class VoiceCounters:
     flushed_s: float = 0.0  # audio made but dropped unplayed when an answer was cut
     underruns: int = 0  # frames in which the engine was behind playback: a gap the user hears
     echo_gated: int = 0  # speech over the agent's voice taken for its own echo
-    backchannels: int = 0  # speech over the agent's voice too short to interrupt it
+    backchannels: int = 0  # speech over the agent's voice judged a backchannel (it went on)
 
 
 class Voice:
