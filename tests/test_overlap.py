@@ -258,3 +258,16 @@ def test_the_voice_pauses_at_the_first_chunk_of_speech_and_a_blip_lets_it_go_on(
     assert voice.calls == ["pause", "resume", "pause"] and b.start == pytest.approx(t - 0.064)
     cancelled = [feed(0.9) for _ in range(10)]  # 0.3 s: the duration rule interrupts
     assert cancelled.count(True) == 1
+
+
+def test_a_pause_before_the_answers_audio_holds_it_until_resumed_and_a_flush_clears_it() -> None:
+    player = Player(sample_rate=16000)
+    assert player.pause()  # the user spoke while the answer was still being written
+    piece = Piece("hi", "hi")
+    player.begin("t1")
+    player.feed(SpeechChunk(np.full(3200, 3000, np.int16), 16000, piece, 0))
+    assert not player.next_frame().any() and player.paused  # held: its audio waits
+    assert player.resume() and player.next_frame().any()
+    player.pause()
+    player.flush()  # cancelled while paused: the next answer is not held
+    assert not player.paused

@@ -111,8 +111,7 @@ class Player:
         self._pieces = {}
         self._resampler = None
         self._active, self._ended, self._started, self._played = True, False, False, 0
-        self.paused = False
-        return report
+        return report  # a pause holds on: speech over the agent began before this answer's audio
 
     def feed(self, chunk: SpeechChunk) -> None:
         if not self._active:
@@ -149,8 +148,9 @@ class Player:
         return self._active and self._started and not self.paused
 
     def pause(self) -> bool:
-        """Hold the answer: the next frame is silence, nothing queued is lost. Whether it paused."""
-        if not self._active or self.paused:
+        """Hold the answer (or the one about to begin): the next frame is silence, nothing
+        queued is lost, until `resume()` or `flush()`. Whether it paused."""
+        if self.paused:
             return False
         self.paused = True
         return True
@@ -203,6 +203,7 @@ class Player:
 
     def flush(self) -> PlaybackReport | None:
         """Barge-in: drop all queued audio now; the next frame is silence. None when idle."""
+        self.paused = False
         if not self._active:
             return None
         flushed = sum(pcm.size for _, pcm in self._queue)
