@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import queue
 import random
 import shutil
 import subprocess
@@ -310,8 +311,11 @@ async def _run_config(name: str, peers: int, cycles: int, clips: dict[str, list[
     proc = ctx.Process(target=_peers_main, args=(url, peers, cycles, clips, seed, out), daemon=True)
     started = time.monotonic()
     proc.start()
+    limit = 120 + cycles * 120.0  # a cycle takes ~20 s; a loaded machine is slower
     try:
-        result = await asyncio.to_thread(out.get, True, 60 + cycles * 40.0)
+        result = await asyncio.to_thread(out.get, True, limit)
+    except queue.Empty:
+        raise RuntimeError(f"the peers did not finish within {limit:.0f} s") from None
     finally:
         await asyncio.to_thread(proc.join, 10)
         if proc.is_alive():
@@ -376,7 +380,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(clips['interruption'])} interruptions "
           f"({min(c.duration_s for c in clips['interruption']):.2f}–{max(c.duration_s for c in clips['interruption']):.2f} s); "
           f"{peers} peer(s) × {cycles} cycle(s) per configuration")
-    runs = [asyncio.run(_run_config(name, peers, cycles, clips, args.seed)) for name in CONFIGS]
+    try:
+        runs = [asyncio.run(_run_config(name, peers, cycles, clips, args.seed)) for name in CONFIGS]
+    except RuntimeError as exc:
+        print(f"bench bargein: {exc}")
+        return 1
     print(f"{'config':>15} {'backch.':>7} {'cancel/turn':>11} {'interr.':>7} {'missed':>7} "
           f"{'quiet p50':>9} {'p95':>6} {'resume gap p50':>14} {'p95':>6}")
 
