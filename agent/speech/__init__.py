@@ -9,7 +9,8 @@ Wiring, as a session/transport would do it:
     pc.addTrack(AgentAudioTrack(player))      # WebRTC (agent.speech.track): 20 ms, 48 kHz, paced
     # per answer, fed the turn's response.delta texts:
     task = asyncio.create_task(play_answer(player, SpeechStage(engine, deltas, on_error=…), turn_id))
-    # barge-in: report = player.flush(); task.cancel()
+    # speech over it: player.pause() at once, then player.resume() (a backchannel) or
+    # barge-in: report = player.flush(); task.cancel() — decided by overlap.py / bargein.py
     #   → response.cancelled with report.spoken_text; keep only that in the history
     # TTSError out of the task (fatal) or via on_error (one piece lost) → an `error` event;
     # the text answer is unaffected. `player.speaking` / `recent_output()` say what is playing.
