@@ -5,11 +5,11 @@ onset, the VAD's per-chunk probabilities, whether it has stopped, the user's own
 level). Built in, chosen by `turns.backchannel`:
 
 - `duration` — the old rule: speech lasting `interrupt_min_speech_s` interrupts.
-- `features` — cheap acoustic cues, computed per overlap in well under a millisecond of
-  numpy: an interruption goes on (`backchannel_max_s`), carries content (more syllables than
-  `backchannel_max_syllables`: "what time is it" has 4+, "uh-huh" 2), or is said louder
-  than the user's own speech (`backchannel_louder_db` over their level in earlier turns).
-  Pitch range and voicing are measured and reported with each decision, but not used: on
+- `features` — cheap acoustic cues (about a millisecond of numpy per 32 ms chunk of
+  overlapping speech): an interruption goes on (`backchannel_max_s`), carries content
+  (more syllables than `backchannel_max_syllables`: "what time is it" has 4+, "uh-huh" 2),
+  or is said louder than the user's own speech (`backchannel_louder_db` over their level in earlier turns).
+  Pitch range and voicing are measured and reported (in `speech.backchannel`), not used: on
   the synthetic voices this machine can test with they did not separate the two (espeak's
   prosody is the same for both); a detector trained on recorded speech may use them.
 
@@ -60,7 +60,7 @@ class OverlapSpeech:
     def duration_s(self) -> float:
         """From the onset to the end of its last chunk of speech."""
         speech = np.flatnonzero(self.probs >= self.threshold)
-        return (speech[-1] + 1) * CHUNK / SAMPLE_RATE if speech.size else 0.0
+        return float((speech[-1] + 1) * CHUNK / SAMPLE_RATE) if speech.size else 0.0
 
     def speech_part(self) -> np.ndarray:
         return self.audio[: round(self.duration_s * SAMPLE_RATE)]
@@ -110,23 +110,21 @@ def syllables(x: np.ndarray, dip_db: float = 4.0) -> int:
 
 def pitch(x: np.ndarray) -> tuple[float, float]:
     """(pitch range in semitones p10–p90, share of loud frames that are voiced), by autocorrelation."""
-    f = _frames(x, 640, 160)  # 40 ms every 10 ms
+    f = _frames(x, 640, 320)  # 40 ms every 20 ms
     if not len(f):
         return 0.0, 0.0
     f = f.astype(np.float64)
     db = 10 * np.log10((f**2).mean(axis=1) + 1e-12)
     loud = f[db >= db.max() - 20]
+    loud = loud - loud.mean(axis=1, keepdims=True)
     lo, hi = SAMPLE_RATE // 400, SAMPLE_RATE // 70
-    f0 = []
-    for frame in loud:
-        frame = frame - frame.mean()
-        spec = np.fft.rfft(frame, 2 * frame.size)
-        ac = np.fft.irfft(spec * np.conj(spec))[: frame.size]
-        if ac[0] <= 0:
-            continue
-        lag = lo + int(np.argmax(ac[lo:hi]))
-        if ac[lag] / ac[0] >= 0.5:
-            f0.append(SAMPLE_RATE / lag)
+    spec = np.fft.rfft(loud, 2 * loud.shape[1], axis=1)  # all frames' autocorrelations at once
+    ac = np.fft.irfft(spec * np.conj(spec), axis=1)[:, : loud.shape[1]]
+    energy = ac[:, 0]
+    lags = lo + np.argmax(ac[:, lo:hi], axis=1)
+    peak = ac[np.arange(len(ac)), lags]
+    ok = (energy > 0) & (peak >= 0.5 * np.where(energy > 0, energy, 1.0))
+    f0 = list(SAMPLE_RATE / lags[ok])
     voiced = len(f0) / max(len(loud), 1)
     if len(f0) < 3:
         return 0.0, voiced
@@ -140,25 +138,23 @@ class Features:
     syllables: int
     level_db: float
     vs_user_db: float | None  # level over the user's own (None: no earlier turn to compare)
-    pitch_range_st: float
-    voiced: float
     reasons: list[str] = field(default_factory=list)  # what made it an interruption
 
     def as_dict(self) -> dict[str, Any]:
         out = {"duration_s": round(self.duration_s, 3), "syllables": self.syllables,
-               "level_db": round(self.level_db, 1), "pitch_range_st": round(self.pitch_range_st, 1),
-               "voiced": round(self.voiced, 2)}
+               "level_db": round(self.level_db, 1)}
         if self.vs_user_db is not None:
             out["vs_user_db"] = round(self.vs_user_db, 1)
         return out
 
 
 def measure(speech: OverlapSpeech) -> Features:
+    """What the decision uses: about a millisecond per call (pitch, reported only, costs more:
+    `pitch()` runs once per backchannel, for its event)."""
     part = speech.speech_part()
     level = level_db(part)
-    rng, voiced = pitch(part)
     vs_user = None if speech.user_level_db is None else level - speech.user_level_db
-    return Features(speech.duration_s, syllables(part), level, vs_user, rng, voiced)
+    return Features(speech.duration_s, syllables(part), level, vs_user)
 
 
 # ---- detectors ----------------------------------------------------------------------------

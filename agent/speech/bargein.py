@@ -25,6 +25,7 @@ from agent.speech.backchannel import (
     OverlapSpeech,
     level_db,
     load_detector,
+    pitch,
 )
 from agent.speech.overlap import Action, Kind, Overlap, Verdict
 from agent.speech.playback import PlaybackReport
@@ -203,6 +204,8 @@ class BargeIn:
         speech = self._speech(True)
         features = self.detector.last.as_dict() if isinstance(self.detector, FeatureDetector) \
             and self.detector.last is not None else {"duration_s": round(speech.duration_s, 3)}
+        pitch_range, voiced = pitch(speech.speech_part())  # reported, not decided on: once, here
+        features.update(pitch_range_st=round(pitch_range, 1), voiced=round(voiced, 2))
         if self.voice is not None:
             self.voice.note_backchannel()
         self.emit(ev.SpeechBackchannel(start=round(start, 3), end=round(start + speech.duration_s, 3),
