@@ -46,6 +46,8 @@ def _common(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
                    f"(default: {(defaults.get('tts') or {}).get('engine', 'none')})")
     p.add_argument("--tts-voice", metavar="VOICE", help="the TTS engine's voice: espeak name, Piper .onnx path, "
                    "server voice (default: the engine's own)")
+    p.add_argument("--record", metavar="DIR", help="record every turn (the user's audio, the prompt history, the "
+                   "answer, tool calls, feedback) into DIR: it stores people's voices (default: off)")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="log progress at INFO, with model loading progress bars (default: warnings only)")
 
@@ -111,7 +113,7 @@ def load_cli_settings(args: argparse.Namespace, defaults: dict[str, Any] | None 
     overrides |= {k: v for k, v in {
         "model": args.model, "backend": args.backend, "script": args.script, "openai_url": args.openai_url,
         "max_new_tokens": args.max_new_tokens, "system_prompt": args.system_prompt,
-        "wyoming": getattr(args, "wyoming", None),
+        "wyoming": getattr(args, "wyoming", None), "record": getattr(args, "record", None),
     }.items() if v is not None}
     tts = getattr(args, "tts", None)
     voice = getattr(args, "tts_voice", None)
