@@ -1,4 +1,4 @@
-"""`voice-agent`: serve | run | schema | bench."""
+"""`voice-agent`: serve | run | eval | data | export | schema | bench."""
 
 from __future__ import annotations
 
@@ -84,6 +84,23 @@ def build_parser(*, description: str | None = None, prog: str | None = "voice-ag
     run.add_argument("--speak-dir", metavar="DIR", help="with --tts: write each spoken answer as DIR/<turn_id>.wav "
                      "(default: none)")
 
+    data = sub.add_parser("data", help="recordings (--record DIR): list sessions, delete them",
+                          description="List or delete what --record DIR stored (people's voices).")
+    data.add_argument("action", choices=["list", "delete"], help="list sessions, or delete the named ones")
+    data.add_argument("sessions", nargs="*", metavar="SESSION", help="session ids to delete")
+    data.add_argument("--dir", metavar="DIR", help="the recording (default: `record` of --config or VOICE_AGENT_RECORD)")
+    data.add_argument("--config", metavar="FILE", help="YAML configuration file (default: none)")
+
+    export = sub.add_parser("export", help="recorded feedback as training data (dpo pairs, sft rows)",
+                            description="Turn a recording's rated answers into training rows: dpo (rated down "
+                            "vs. its correction, or an answer rated up to the same audio) or sft (rated up).")
+    export.add_argument("kind", choices=["dpo", "sft"], help="preference pairs or supervised rows")
+    export.add_argument("dir", metavar="DIR", help="the recording (what --record DIR wrote)")
+    export.add_argument("out", metavar="OUT", help="output directory")
+    export.add_argument("--format", required=True, choices=["llamafactory", "ms-swift"], help="the trainer's row format")
+    export.add_argument("--with-corrections", action="store_true",
+                        help="sft: corrections of answers rated down are rows too (default: only answers rated up)")
+
     sub.add_parser("schema", help="print the JSON Schema of all events and commands",
                    description="Print the JSON Schema of all events and commands.")
 
@@ -153,6 +170,10 @@ def main(argv: Sequence[str] | None = None, *, agent: Any = None) -> int:
     if args.command == "bench":
         module = importlib.import_module(f"agent.bench.{args.name}")
         return int(module.main(args.args) or 0)
+    if args.command in ("data", "export"):
+        from agent.record.cli import run_data, run_export
+
+        return run_data(args) if args.command == "data" else run_export(args)
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
