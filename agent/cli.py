@@ -84,6 +84,14 @@ def build_parser(*, description: str | None = None, prog: str | None = "voice-ag
     run.add_argument("--speak-dir", metavar="DIR", help="with --tts: write each spoken answer as DIR/<turn_id>.wav "
                      "(default: none)")
 
+    evaluate = sub.add_parser("eval", help="run an evaluation suite: pass/fail per case, WER, tool-call accuracy, "
+                              "latency", description="Run a suite of audio cases through the live pipeline and "
+                              "check what happens. Exit status: 0 all passed, 1 a case failed, 2 bad input.")
+    _common(evaluate, defaults)
+    from agent.eval.cli import add_arguments
+
+    add_arguments(evaluate)
+
     data = sub.add_parser("data", help="recordings (--record DIR): list sessions, delete them",
                           description="List or delete what --record DIR stored (people's voices).")
     data.add_argument("action", choices=["list", "delete"], help="list sessions, or delete the named ones")
@@ -181,6 +189,10 @@ def main(argv: Sequence[str] | None = None, *, agent: Any = None) -> int:
         # Weight-loading progress bars (transformers, huggingface_hub) in this process and
         # the inference workers, which inherit the environment; a user's own setting wins.
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if args.command == "eval":  # the suite's own configuration joins in: it loads the settings itself
+        from agent.eval.cli import run_eval
+
+        return run_eval(args, agent=agent)
     from agent.config import ConfigError
 
     try:
