@@ -94,10 +94,13 @@ def build_parser(*, description: str | None = None, prog: str | None = "voice-ag
 
     data = sub.add_parser("data", help="recordings (--record DIR): list sessions, delete them",
                           description="List or delete what --record DIR stored (people's voices).")
-    data.add_argument("action", choices=["list", "delete"], help="list sessions, or delete the named ones")
-    data.add_argument("sessions", nargs="*", metavar="SESSION", help="session ids to delete")
-    data.add_argument("--dir", metavar="DIR", help="the recording (default: `record` of --config or VOICE_AGENT_RECORD)")
-    data.add_argument("--config", metavar="FILE", help="YAML configuration file (default: none)")
+    actions = data.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="the recorded sessions: id, start, turns, ratings, model")
+    deleting = actions.add_parser("delete", help="remove sessions' recordings: rows and audio files")
+    deleting.add_argument("sessions", nargs="+", metavar="SESSION", help="session ids (see `data list`)")
+    for p in (listing, deleting):
+        p.add_argument("--dir", metavar="DIR", help="the recording (default: `record` of --config or VOICE_AGENT_RECORD)")
+        p.add_argument("--config", metavar="FILE", help="YAML configuration file (default: none)")
 
     export = sub.add_parser("export", help="recorded feedback as training data (dpo pairs, sft rows)",
                             description="Turn a recording's rated answers into training rows: dpo (rated down "

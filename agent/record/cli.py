@@ -27,9 +27,6 @@ def run_data(args: argparse.Namespace) -> int:
     if not directory:
         print("voice-agent data: which recording? --dir DIR (or `record:` in --config)", file=sys.stderr)
         return 2
-    if args.action == "delete" and not args.sessions:
-        print("voice-agent data delete: name the SESSION(s) to delete", file=sys.stderr)
-        return 2
     try:
         store = RecordingStore.open(directory, create=False)
     except (OSError, sqlite3.Error) as exc:
