@@ -70,21 +70,25 @@ async def test_feedback_over_webrtc_lands_in_the_recording(tmp_path: Path, monke
         errors = await client.wait_for("error", 1)
         assert errors[0]["code"] == "bad_command" and "nope-t1" in errors[0]["message"]
         await until(lambda: stored(rec)[1], timeout=15)
-        turns, feedback = stored(rec)
-        assert [(f["turn_id"], f["rating"], f["correction"]) for f in feedback] == [
-            (done["turn_id"], "down", "Hi! What can I do for you?")]
-        first = turns[0]
-        assert first["turn_id"] == done["turn_id"] and first["answer"] == "Hello, how can I help?"
-        assert first["status"] == "done" and first["history"] == [] and Path(first["audio"]).is_file()
-        # Private to the server's user: 0700 folders, 0600 files, whatever the umask.
-        assert stat.S_IMODE(rec.stat().st_mode) == 0o700
-        assert stat.S_IMODE(Path(first["audio"]).parent.stat().st_mode) == 0o700
-        for path in [Path(first["audio"]), *rec.glob("recordings.db*")]:
-            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+        await asyncio.to_thread(check_webrtc_recording, rec, done["turn_id"])
     finally:
         await client.close()
         await server.runner.cleanup()
         await runtime.close()
+
+
+def check_webrtc_recording(rec: Path, turn_id: str) -> None:
+    turns, feedback = stored(rec)
+    assert [(f["turn_id"], f["rating"], f["correction"]) for f in feedback] == [
+        (turn_id, "down", "Hi! What can I do for you?")]
+    first = turns[0]
+    assert first["turn_id"] == turn_id and first["answer"] == "Hello, how can I help?"
+    assert first["status"] == "done" and first["history"] == [] and Path(first["audio"]).is_file()
+    # Private to the server's user: 0700 folders, 0600 files, whatever the umask.
+    assert stat.S_IMODE(rec.stat().st_mode) == 0o700
+    assert stat.S_IMODE(Path(first["audio"]).parent.stat().st_mode) == 0o700
+    for path in [Path(first["audio"]), *rec.glob("recordings.db*")]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
 
 
 async def test_feedback_over_mqtt_then_export_dpo_and_sft(tmp_path: Path, speech_two) -> None:
@@ -104,6 +108,11 @@ async def test_feedback_over_mqtt_then_export_dpo_and_sft(tmp_path: Path, speech
     finally:
         await runtime.close()
         broker.stop()
+    await asyncio.to_thread(check_export_and_delete, rec, tmp_path, session.id)
+
+
+def check_export_and_delete(rec: Path, tmp_path: Path, session_id: str) -> None:
+    t1, t2 = f"{session_id}-t1", f"{session_id}-t2"
     turns, feedback = stored(rec)
     assert [t["turn_id"] for t in turns] == [t1, t2] and turns[1]["history"] == [t1]
     assert {f["turn_id"]: f["rating"] for f in feedback} == {t1: "up", t2: "down"}
@@ -142,10 +151,10 @@ async def test_feedback_over_mqtt_then_export_dpo_and_sft(tmp_path: Path, speech
     # voice-agent data list / delete: the session's rows and audio go, others stay untouched.
     listed = subprocess.run([sys.executable, "-m", "agent.cli", "data", "list", "--dir", str(rec)],
                             capture_output=True, text=True, cwd=ROOT)
-    assert listed.returncode == 0 and session.id in listed.stdout and "2 turns" in listed.stdout
-    gone = subprocess.run([sys.executable, "-m", "agent.cli", "data", "delete", "--dir", str(rec), session.id, "ghost"],
+    assert listed.returncode == 0 and session_id in listed.stdout and "2 turns" in listed.stdout
+    gone = subprocess.run([sys.executable, "-m", "agent.cli", "data", "delete", "--dir", str(rec), session_id, "ghost"],
                           capture_output=True, text=True, cwd=ROOT)
-    assert gone.returncode == 1 and f"deleted {session.id}" in gone.stdout and "ghost" in gone.stderr
+    assert gone.returncode == 1 and f"deleted {session_id}" in gone.stdout and "ghost" in gone.stderr
     assert stored(rec) == ([], []) and not Path(turns[0]["audio"]).parent.exists()
 
 

@@ -147,6 +147,13 @@ def run_eval(args: argparse.Namespace, *, agent: Any = None) -> int:
         return EXIT_BAD
     runtime_options = agent.runtime_options() if agent is not None else {}
     try:
+        import jiwer  # noqa: F401
+        import matplotlib  # noqa: F401
+        import whisper_normalizer  # noqa: F401
+    except ImportError as exc:
+        print(f"voice-agent eval: {exc.name} is missing: pip install 'qwen-voice-agent[eval]'", file=sys.stderr)
+        return EXIT_BAD
+    try:
         report, audios = asyncio.run(_run(args, suite, settings, scripted, runtime_options))
     except (SuiteError, InferenceError, ValueError, OSError) as exc:
         print(f"voice-agent eval: cannot run: {exc}", file=sys.stderr)
