@@ -173,3 +173,22 @@ async def test_html_report_in_chromium(smoke_run: dict[str, Any], tmp_path: Path
     assert len(seen["plots"]) == 2
     assert all(p["w"] > 200 and p["h"] > 100 and p["shapes"] > 5 for p in seen["plots"])
     assert "tool-call accuracy: 100.0%" in seen["text"]
+
+
+@pytest.mark.slow
+def test_eval_on_the_local_pool(tmp_path: Path) -> None:
+    """The same command on the real inference pool (tiny-random: gibberish words, real prompts,
+    batching and timings): two cases at once, the transcription pass in analysis mode."""
+    path = tmp_path / "pool.yaml"
+    path.write_text(yaml.safe_dump({"name": "pool", "cases": [
+        {"id": "light", "speak": [0.5, "turn on the kitchen light", 1.0],
+         "expect": {"turns": 1, "transcript": {"text": "turn on the kitchen light", "max_wer": 1000}}},
+        {"id": "two", "speak": [0.5, "hello there", 1.5, "goodbye", 1.0], "expect": {"turns": 2}},
+    ]}))
+    proc = voice_agent("eval", str(path), "--model", "tiny-random", "--max-new-tokens", "6", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["backend"] == "transformers" and "tiny-random" in report["model"]
+    assert report["passed"] == 2 and report["turn_accuracy"] == 1.0
+    assert report["wer"] >= 0 and report["tool_call_accuracy"] is None  # no tool expectation, no figure
+    assert report["latency"]["first_token_s"]["n"] == 3 and report["latency"]["first_audio_s"]["n"] == 0

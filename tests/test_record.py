@@ -234,3 +234,31 @@ def test_sigkill_mid_turn_loses_no_finished_turn(tmp_path: Path, speech_two) -> 
     store = RecordingStore.open(rec)  # a restart: opens fine, stale temporary files are gone
     store.close()
     assert not list(rec.glob("*/.*.tmp"))
+
+
+async def test_agent_api_feedback_reaches_the_hook_and_the_recording(tmp_path: Path, speech_two) -> None:
+    """From code: `ctx.feedback(…)` on a RunContext; `Agent.on_feedback` sees every rating."""
+    from agent import Agent
+
+    class Rated(Agent):
+        def __init__(self, **settings: Any) -> None:
+            super().__init__(**settings)
+            self.ratings: list[tuple[str, str, str | None]] = []
+
+        async def on_feedback(self, ctx: Any, feedback: Any) -> None:
+            self.ratings.append((feedback.turn_id, feedback.rating, feedback.correction))
+
+    rec = tmp_path / "rec"
+    agent = Rated(record=str(rec))
+    runtime = agent.runtime(backend=ScriptedBackend(default="Sure."))
+    await runtime.start()
+    try:
+        session = await feed(runtime, speech_two.samples)
+        await session.context.feedback(f"{session.id}-t2", "down", "No.")
+        with pytest.raises(ValueError):  # validated like a client's command
+            await session.context.feedback(f"{session.id}-t1", "meh")
+    finally:
+        await runtime.close()
+    assert agent.ratings == [(f"{session.id}-t2", "down", "No.")]
+    turns, feedback = stored(rec)
+    assert len(turns) == 2 and [(f["turn_id"], f["correction"]) for f in feedback] == [(f"{session.id}-t2", "No.")]
