@@ -132,7 +132,8 @@ class Recorder:
             self._finish(sid, state, event.turn_id, "done", event.text, event.timings)
         elif isinstance(event, ev.ResponseCancelled):
             self._finish(sid, state, event.turn_id, "cancelled", event.spoken_text, {})
-        elif isinstance(event, ev.Error) and event.turn_id:
+        elif isinstance(event, ev.Error) and event.turn_id and not event.code.startswith("tts_"):
+            # The answer failed (inference); a speech-out error leaves the text answer running.
             self._finish(sid, state, event.turn_id, "error", None, {})
         elif isinstance(event, ev.FeedbackReceived):
             self._store.add_feedback(sid, event.turn_id, event.rating, event.correction)
