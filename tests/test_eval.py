@@ -80,10 +80,10 @@ def test_a_wrong_expectation_fails_naming_the_case(tmp_path: Path, smoke_run: di
         data["cases"][1]["expect"]["tool_call"]["arguments"]["timezone"] = "Asia/Tokyo"
         data["cases"] = data["cases"][:2]
 
-    proc = voice_agent("eval", str(_suite_copy(tmp_path, edit)), "--backend", "scripted",
-                       "--json", str(tmp_path / "b.json"))
+    proc = voice_agent("eval", str(_suite_copy(tmp_path, edit)), "--backend", "scripted", "--json")
     assert proc.returncode == 1, proc.stderr
-    assert "FAIL  time_in_paris" in proc.stdout and "PASS  kitchen_light" in proc.stdout
+    (tmp_path / "b.json").write_text(proc.stdout)
+    assert "FAIL  time_in_paris" in proc.stderr and "PASS  kitchen_light" in proc.stderr
     assert "time_in_paris: no tool call current_time({'timezone': 'Asia/Tokyo'})" in proc.stderr
     assert "1 of 2 cases failed" in proc.stderr
 

@@ -22,8 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("suite", nargs="?", metavar="SUITE.yaml", help="the suite to run")
     p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
                    help="compare two --json reports instead of running: what got better or worse")
-    p.add_argument("--json", nargs="?", const="-", metavar="FILE",
-                   help="the JSON report, to FILE or (no FILE) to stdout, the summary then on stderr")
+    p.add_argument("--json", action="store_true",
+                   help="print the JSON report (one object) on stdout, the summary on stderr (default: the summary)")
     p.add_argument("--junit", metavar="FILE", help="JUnit XML for CI systems (default: none)")
     p.add_argument("--html", metavar="FILE", help="an HTML report: table, audio players, latency plots (default: none)")
     p.add_argument("--concurrency", type=int, metavar="N", help="cases at once (default: the suite's, else 4)")
@@ -114,12 +114,8 @@ def _compare(args: argparse.Namespace) -> int:
         reports.append(report)
     diff = compare(reports[0], reports[1])
     if args.json:
-        out = json.dumps(diff, indent=2)
-        if args.json == "-":
-            print(out)
-        else:
-            _write(args.json, out)
-    print(compare_text(diff), file=sys.stderr if args.json == "-" else sys.stdout)
+        print(json.dumps(diff))
+    print(compare_text(diff), file=sys.stderr if args.json else sys.stdout)
     return EXIT_FAILED if diff["broken_cases"] else 0
 
 
@@ -162,13 +158,9 @@ def run_eval(args: argparse.Namespace, *, agent: Any = None) -> int:
         _write(args.junit, junit_xml(report))
     if args.html:
         _write(args.html, html_report(report, audios))
-    summary_to = sys.stdout
-    if args.json == "-":
+    if args.json:
         print(json.dumps(report))
-        summary_to = sys.stderr
-    elif args.json:
-        _write(args.json, json.dumps(report, indent=1))
-    print(text_report(report), file=summary_to)
+    print(text_report(report), file=sys.stderr if args.json else sys.stdout)
     failed = [r for r in report["cases"] if not r["passed"]]
     if failed:
         print(f"voice-agent eval: {len(failed)} of {report['total']} cases failed: "

@@ -194,6 +194,9 @@ FIGURES = [("wer", False), ("tool_call_accuracy", True), ("analysis_accuracy", T
            ("turn_accuracy", True)]
 
 
+LATENCY_TOLERANCE = 0.10
+
+
 def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     """What got better or worse from run `a` to run `b`."""
     better, worse, same = [], [], []
@@ -205,7 +208,9 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
         if old is None or new is None:
             continue
         entry = {"figure": name, "a": old, "b": new, "change": new - old}
-        if abs(new - old) < 1e-9:
+        # Latency is noisy: within LATENCY_TOLERANCE of A it counts as unchanged.
+        tolerance = LATENCY_TOLERANCE * abs(old) if name.startswith("latency") else 1e-9
+        if abs(new - old) <= tolerance:
             same.append(entry)
         elif (new > old) == up:
             better.append(entry)
