@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
-import os
 import signal
 import sqlite3
 import stat
@@ -23,7 +22,7 @@ from agent.export import AUDIO_TAG, check_rows, export
 from agent.inference.scripted import ScriptedBackend
 from agent.record import RecordingStore
 from agent.runtime import AgentRuntime
-from tests.mosquitto import Broker, send
+from tests.mosquitto import Broker, free_port, send
 from tests.rtc_util import BufferTrack, connect, loopback_only
 from tests.test_server import start_server, until
 
@@ -200,37 +199,59 @@ turns:
 """
 
 
-def test_sigkill_mid_turn_loses_no_finished_turn(tmp_path: Path, speech_two) -> None:
-    """A real process recording to disk, killed with SIGKILL while its second turn is being
-    answered: the first turn is whole (row and audio), no row is half-written, the database
-    is intact, and a restart opens it and cleans up what the crash left."""
+async def test_sigkill_of_the_server_mid_turn_loses_no_finished_turn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    speech_two) -> None:
+    """A real `voice-agent serve --record` with a WebRTC caller, killed with SIGKILL while its
+    second answer streams: the first turn is whole (row and audio), no row is half-written,
+    the database is intact, and a restart opens it and cleans up what the crash left."""
+    import aiohttp
+
+    loopback_only(monkeypatch)
     script = tmp_path / "script.yaml"
     script.write_text(KILL_SCRIPT)
     rec = tmp_path / "rec"
-    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--backend", "scripted", "--script", str(script),
-                             "--record", str(rec), "--jsonl", str(speech_two.path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    seen: list[dict[str, Any]] = []
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent.cli", "serve", "--backend", "scripted", "--script", str(script),
+        "--record", str(rec), "--port", str(port), cwd=ROOT,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    client = None
     try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            seen.append(json.loads(line))
-            if seen[-1]["type"] == "response.delta" and seen[-1]["turn_id"].endswith("-t2"):
-                break  # the second answer is under way
-        proc.send_signal(signal.SIGKILL)
+        async with aiohttp.ClientSession() as http:
+            async def healthy() -> None:
+                while True:
+                    try:
+                        async with http.get(f"{url}/healthz") as r:
+                            if r.status == 200:
+                                return
+                    except aiohttp.ClientError:
+                        pass
+                    await asyncio.sleep(0.2)
+
+            await asyncio.wait_for(healthy(), 120)
+        client = await connect(url, BufferTrack(speech_two.samples))
+        (done,) = await client.wait_for("response.done", 1)
+        await until(lambda: any(e["type"] == "response.delta" and e["turn_id"].endswith("-t2")
+                                for e in client.events), timeout=60)
+        proc.send_signal(signal.SIGKILL)  # the second answer is under way
+        assert await asyncio.wait_for(proc.wait(), 30) == -signal.SIGKILL
     finally:
-        proc.kill()
-        proc.wait(30)
-    assert proc.returncode == -signal.SIGKILL
-    done = [e for e in seen if e["type"] == "response.done"]
-    assert [e["turn_id"][-3:] for e in done] == ["-t1"]
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        if client is not None:
+            await client.close()
+    await asyncio.to_thread(check_after_kill, rec, done["turn_id"])
+
+
+def check_after_kill(rec: Path, turn_id: str) -> None:
     db = sqlite3.connect(rec / "recordings.db")
     assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     rows = db.execute("SELECT turn_id, answer, status, audio FROM turns").fetchall()
     db.close()
-    assert [(r[0], r[1], r[2]) for r in rows] == [(done[0]["turn_id"], "Done.", "done")]
-    assert (rec / rows[0][3]).stat().st_size > 44  # a whole WAV, not a header
+    assert [(r[0], r[1], r[2]) for r in rows] == [(turn_id, "Done.", "done")]
+    assert (rec / rows[0][3]).stat().st_size > 16000  # a whole WAV of the turn, not a header
     store = RecordingStore.open(rec)  # a restart: opens fine, stale temporary files are gone
     store.close()
     assert not list(rec.glob("*/.*.tmp"))
