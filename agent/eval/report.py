@@ -178,7 +178,7 @@ def html_report(report: dict[str, Any], audios: dict[str, np.ndarray] | None = N
             f'{"<ul>" + failures + "</ul>" if failures else ""}</td><td>{player}</td>'
             f'<td>{e(" / ".join(a.strip() for a in r["answers"]))}</td><td>{calls}</td><td>{transcript}</td>'
             f'<td>{len(r["turns"])}</td><td>{latency}</td></tr>')
-    figures = "".join(f"<span>{e(line)}</span><br>" for line in figure_lines(report))
+    figures = "<br>".join(" · ".join(e(part) for part in line.split("   ")) for line in figure_lines(report))
     plots = "".join(f'<div class="plot"><h3>{e(title)}</h3>{svg}</div>' for title, svg in latency_plots(report))
     return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{e(report['suite'])} — voice-agent eval"
             f"</title><style>{_CSS}</style></head><body><h1>{e(report['suite'])}</h1>"
