@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import numpy as np
 import pytest
 
@@ -70,6 +71,8 @@ async def test_feedback_over_webrtc_lands_in_the_recording(tmp_path: Path, monke
         assert errors[0]["code"] == "bad_command" and "nope-t1" in errors[0]["message"]
         await until(lambda: stored(rec)[1], timeout=15)
         await asyncio.to_thread(check_webrtc_recording, rec, done["turn_id"])
+        async with aiohttp.ClientSession() as http, http.get(f"{server.url}/metrics") as r:
+            assert 'voice_agent_feedback_total{rating="down"} 1.0' in await r.text()
     finally:
         await client.close()
         await server.runner.cleanup()
