@@ -192,3 +192,24 @@ def test_eval_on_the_local_pool(tmp_path: Path) -> None:
     assert report["passed"] == 2 and report["turn_accuracy"] == 1.0
     assert report["wer"] >= 0 and report["tool_call_accuracy"] is None  # no tool expectation, no figure
     assert report["latency"]["first_token_s"]["n"] == 3 and report["latency"]["first_audio_s"]["n"] == 0
+
+
+def test_recorded_files_joined_into_one_session(tmp_path: Path) -> None:
+    """`audio:` with two files: one session, `gap_s` of silence between them, two turns."""
+    from tests.speech import make_speech
+
+    first = make_speech([0.3, "turn on the kitchen light", 0.3], "eval-a")
+    second = make_speech([0.3, "and the hall light", 0.5], "eval-b")
+    path = tmp_path / "files.yaml"
+    path.write_text(yaml.safe_dump({"name": "files", "gap_s": 1.2, "cases": [
+        {"id": "both", "audio": [str(first.path), str(second.path)],
+         # The speech of each file, shifted by what comes before it; a turn starts 0.25 s early (pre-roll).
+         "expect": {"turns": [[s - 0.25 + offset, e + offset] for (s, e), offset in
+                              ((first.segments[0], 0.0), (second.segments[0], first.samples.size / 16000 + 1.2))],
+                    "answer": {"contains": ["kitchen", "hall"]}},
+         "scripted": {"turns": ["The kitchen light is on.", "The hall light is on too."]}}]}))
+    proc = voice_agent("eval", str(path), "--backend", "scripted", "--json")
+    assert proc.returncode == 0, proc.stderr
+    (case,) = json.loads(proc.stdout)["cases"]
+    assert case["answers"] == ["The kitchen light is on.", "The hall light is on too."]
+    assert len(case["turns"]) == 2
