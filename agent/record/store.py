@@ -52,7 +52,8 @@ CREATE TABLE IF NOT EXISTS turns (
     duration_s REAL NOT NULL,
     mode TEXT NOT NULL,                -- chat | analysis
     instruction TEXT,
-    history TEXT NOT NULL,             -- JSON: earlier turn_ids of the session the prompt carried
+    history TEXT NOT NULL,             -- JSON: the session's earlier turn_ids, in order (the prompt's history;
+                                       -- a long session's prompt may have dropped the oldest)
     messages TEXT NOT NULL,            -- JSON: this turn's messages (user, tool rounds, answer)
     answer TEXT NOT NULL,              -- what the user was shown
     tool_calls TEXT NOT NULL,          -- JSON list of {call_id, name, arguments}
