@@ -74,10 +74,14 @@ class CaseScriptedBackend(ScriptedBackend):
     """Replays each case's own `scripted:` answers (its sessions are named after the case);
     the transcription session gets the case's `scripted.transcript`."""
 
-    def __init__(self, suite: Suite, fallback: Script | None, delay: float = 0.01) -> None:
-        default = fallback.default if fallback is not None else "That is all I was scripted to say."
-        super().__init__(delay=delay, default=default, turns=fallback.rounds() if fallback else [],
-                         source=f"the suite {suite.path.name}")
+    def __init__(self, suite: Suite, fallback: Script | None) -> None:
+        """`fallback`: the `--script` file, for cases without `scripted:` answers."""
+        if fallback is not None:
+            super().__init__(chunk=fallback.chunk, delay=fallback.delay_s, default=fallback.default,
+                             turns=fallback.rounds(), source=f"the suite {suite.path.name}")
+        else:
+            super().__init__(chunk=3, delay=0.01, default=str(Script.model_fields["default"].default), turns=[],
+                             source=f"the suite {suite.path.name}")
         self._cases: dict[str, list[list[str]]] = {}
         for case in suite.cases:
             s = case.scripted
