@@ -213,3 +213,23 @@ def test_recorded_files_joined_into_one_session(tmp_path: Path) -> None:
     (case,) = json.loads(proc.stdout)["cases"]
     assert case["answers"] == ["The kitchen light is on.", "The hall light is on too."]
     assert len(case["turns"]) == 2
+
+
+async def test_eval_on_the_openai_backend(tmp_path: Path) -> None:
+    """`--backend openai` (what vLLM serves): the transcription pass sends the audio with the
+    transcription instruction as text (analysis mode); the chat pass sends audio only."""
+    from agent.cli import main
+    from agent.eval.suite import TRANSCRIBE
+    from tests.fake_openai import FakeOpenAI
+
+    path = tmp_path / "openai.yaml"
+    path.write_text(yaml.safe_dump({"name": "vllm", "concurrency": 1, "cases": [
+        {"id": "light", "speak": [0.5, "turn on the kitchen light", 1.0],
+         "expect": {"transcript": "Turn on the kitchen light.", "answer": {"contains": "kitchen"}}}]}))
+    async with FakeOpenAI(pieces=("turn on the ", "kitchen light")) as server:
+        code = await asyncio.to_thread(main, ["eval", str(path), "--backend", "openai", "--openai-url", server.url])
+        texts = [[part.get("text") for m in body["messages"] if m["role"] == "user" and isinstance(m["content"], list)
+                  for part in m["content"] if part["type"] == "text"] for body in server.requests]
+        clips = [len(a) for a in server.audios]
+    assert code == 0
+    assert texts == [[], [TRANSCRIBE]] and clips == [1, 1]
