@@ -6,7 +6,8 @@ answers rated up (`with_corrections`: corrections too). The latest rating of a t
 
 Rows carry the whole prompt: the session's earlier turns (their audio too, one `<audio>` tag
 each, in order), this turn's audio and instruction, and its tool rounds (the tool call as the
-model wrote it, the results as the `<tool_response>` user turn it saw). Formats:
+model wrote it, the results as the `<tool_response>` user turn it saw), and the session's system
+message (its instructions and tool schemas, as the model saw them). Formats:
 
 - LLaMA-Factory, sharegpt (ranking for dpo): `{"conversations": [{"from": "human", "value":
   "<audio>…"}, …], "chosen": {"from": "gpt", …}, "rejected": {…}, "audios": [paths]}`, plus
@@ -50,6 +51,7 @@ class Sample:
     chosen: str
     rejected: str | None = None
     turn_id: str = ""
+    system: str | None = None  # the session's system message (None: the chat template's default)
 
 
 def _latest_feedback(store: RecordingStore) -> dict[str, dict[str, Any]]:
@@ -85,7 +87,13 @@ def samples(store: RecordingStore, kind: Kind, with_corrections: bool = False) -
     turns = store.turns()
     by_id = {t["turn_id"]: t for t in turns}
     rated = _latest_feedback(store)
+    systems = {s["id"]: s["system_prompt"] for s in store.sessions()}
     out: list[Sample] = []
+
+    def sample(turn: dict[str, Any], chosen: str, rejected: str | None = None) -> Sample:
+        return Sample(*_prompt(turn, by_id), chosen=chosen, rejected=rejected, turn_id=turn["turn_id"],
+                      system=systems.get(turn["session_id"]))
+
     if kind == "sft":
         for turn in turns:
             fb = rated.get(turn["turn_id"])
@@ -93,7 +101,7 @@ def samples(store: RecordingStore, kind: Kind, with_corrections: bool = False) -
                 continue
             target = turn["answer"] if fb["rating"] == "up" else fb["correction"] if with_corrections else None
             if target:
-                out.append(Sample(*_prompt(turn, by_id), chosen=target, turn_id=turn["turn_id"]))
+                out.append(sample(turn, target))
         return out
     ups: dict[tuple[str, str | None], list[dict[str, Any]]] = {}
     for turn in turns:
@@ -109,21 +117,24 @@ def samples(store: RecordingStore, kind: Kind, with_corrections: bool = False) -
             liked = ups.get((turn["audio_sha256"], turn["instruction"]), [])
             chosen = liked[-1]["answer"] if liked else None
         if chosen and chosen != turn["answer"]:
-            out.append(Sample(*_prompt(turn, by_id), chosen=chosen, rejected=turn["answer"], turn_id=turn["turn_id"]))
+            out.append(sample(turn, chosen, turn["answer"]))
     return out
 
 
 def to_llamafactory(sample: Sample) -> dict[str, Any]:
     tag = {"user": "human", "assistant": "gpt"}
     conversations = [{"from": tag[m["role"]], "value": m["content"]} for m in sample.messages]
+    system = sample.system or ""  # "": the template's default system message
     if sample.rejected is None:
-        return {"conversations": [*conversations, {"from": "gpt", "value": sample.chosen}], "audios": sample.audios}
+        return {"conversations": [*conversations, {"from": "gpt", "value": sample.chosen}], "system": system,
+                "audios": sample.audios}
     return {"conversations": conversations, "chosen": {"from": "gpt", "value": sample.chosen},
-            "rejected": {"from": "gpt", "value": sample.rejected}, "audios": sample.audios}
+            "rejected": {"from": "gpt", "value": sample.rejected}, "system": system, "audios": sample.audios}
 
 
 def to_ms_swift(sample: Sample) -> dict[str, Any]:
-    row: dict[str, Any] = {"messages": [*sample.messages, {"role": "assistant", "content": sample.chosen}],
+    system = [{"role": "system", "content": sample.system}] if sample.system else []
+    row: dict[str, Any] = {"messages": [*system, *sample.messages, {"role": "assistant", "content": sample.chosen}],
                            "audios": sample.audios}
     if sample.rejected is not None:
         row["rejected_response"] = sample.rejected
@@ -132,7 +143,7 @@ def to_ms_swift(sample: Sample) -> dict[str, Any]:
 
 def dataset_info(kind: Kind, file_name: str) -> dict[str, Any]:
     """LLaMA-Factory's `dataset_info.json` entry for the exported file."""
-    columns = {"messages": "conversations", "audios": "audios"}
+    columns = {"messages": "conversations", "system": "system", "audios": "audios"}
     entry: dict[str, Any] = {"file_name": file_name, "formatting": "sharegpt", "columns": columns}
     if kind == "dpo":
         entry["ranking"] = True
@@ -180,6 +191,8 @@ def check_rows(rows: Iterable[dict[str, Any]], fmt: Format, kind: Kind) -> None:
                 raise ExportError(f"{where}: an sft conversation must end with the gpt answer")
         else:
             msgs = row.get("messages")
+            if isinstance(msgs, list) and msgs and isinstance(msgs[0], dict) and msgs[0].get("role") == "system":
+                msgs = msgs[1:]  # an optional system message first, then user/assistant turns
             if not isinstance(msgs, list) or len(msgs) < 2:
                 raise ExportError(f"{where}: `messages` must hold the prompt and the answer")
             for j, m in enumerate(msgs):

@@ -25,8 +25,8 @@ def test_pairs_from_an_up_rating_of_the_same_audio_and_sft_corrections(tmp_path:
     same = (rng.standard_normal(8000) * 0.1).astype(np.float32)
     other = (rng.standard_normal(8000) * 0.1).astype(np.float32)
     store = RecordingStore.open(tmp_path / "rec")
-    for sid in ("a", "b"):
-        store.add_session(sid, "m", None)
+    store.add_session("a", "m", "You keep the shopping list.")
+    store.add_session("b", "m", None)
     store.add_turn(_turn("a", 1, other, "", [], status="error"))  # no answer: left out of histories
     store.add_turn(_turn("a", 2, same, "Wrong answer.", ["a-t1"]))
     store.add_turn(_turn("b", 1, same, "Right answer.", []))
@@ -38,7 +38,8 @@ def test_pairs_from_an_up_rating_of_the_same_audio_and_sft_corrections(tmp_path:
     path, n = export(tmp_path / "rec", tmp_path / "out", "dpo", "ms-swift")
     (row,) = [json.loads(line) for line in path.read_text().splitlines()]
     assert n == 1 and row["rejected_response"] == "Wrong answer."
-    assert row["messages"] == [{"role": "user", "content": "<audio>"}, {"role": "assistant", "content": "Right answer."}]
+    assert row["messages"] == [{"role": "system", "content": "You keep the shopping list."},
+                               {"role": "user", "content": "<audio>"}, {"role": "assistant", "content": "Right answer."}]
     assert row["audios"] == [str((tmp_path / "rec" / "a" / "a-t2.wav").resolve())]
 
     path, n = export(tmp_path / "rec", tmp_path / "out", "sft", "ms-swift")
@@ -52,3 +53,4 @@ def test_pairs_from_an_up_rating_of_the_same_audio_and_sft_corrections(tmp_path:
     path, n = export(tmp_path / "rec", tmp_path / "out", "dpo", "llamafactory")
     (pair,) = json.loads(path.read_text())
     assert pair["chosen"]["value"] == "Better answer."  # a correction wins over another session's answer
+    assert pair["system"] == "You keep the shopping list."

@@ -131,7 +131,8 @@ def check_export_and_delete(rec: Path, tmp_path: Path, session_id: str) -> None:
     info = json.loads((tmp_path / "lf" / "dataset_info.json").read_text())["voice_agent_dpo"]
     assert info == {"file_name": lf.name, "formatting": "sharegpt", "ranking": True,
                     "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected",
-                                "audios": "audios"}}
+                                "system": "system", "audios": "audios"}}
+    assert row["system"] == ""  # no instructions, no tools: the template's default system message
 
     swift, n = export(rec, tmp_path / "swift", "dpo", "ms-swift")
     (srow,) = [json.loads(line) for line in swift.read_text().splitlines()]

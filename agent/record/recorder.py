@@ -102,7 +102,9 @@ class Recorder:
         sid = event.session_id
         if isinstance(event, ev.SessionStarted):
             session = self._lookup(sid)
-            prompt = session.conversation.system_prompt if session is not None else None
+            prompt = None  # the system message the model sees, tool schemas included (None: the template's)
+            if session is not None:
+                prompt = session.conversation.system_message(session.tools.system_block() if len(session.tools) else None)
             self._sessions[sid] = _SessionState()
             self._store.add_session(sid, event.model, prompt)
             return
