@@ -108,7 +108,7 @@ def build_parser(*, description: str | None = None, prog: str | None = "voice-ag
     export.add_argument("kind", choices=["dpo", "sft"], help="preference pairs or supervised rows")
     export.add_argument("dir", metavar="DIR", help="the recording (what --record DIR wrote)")
     export.add_argument("out", metavar="OUT", help="output directory")
-    export.add_argument("--format", required=True, choices=["llamafactory", "ms-swift"], help="the trainer's row format")
+    export.add_argument("--format", required=True, choices=["llamafactory", "ms-swift"], help="the trainer's row format (default: none, required)")
     export.add_argument("--with-corrections", action="store_true",
                         help="sft: corrections of answers rated down are rows too (default: only answers rated up)")
 

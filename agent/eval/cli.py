@@ -21,7 +21,7 @@ EXIT_BAD = 2
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("suite", nargs="?", metavar="SUITE.yaml", help="the suite to run")
     p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
-                   help="compare two --json reports instead of running: what got better or worse")
+                   help="compare two --json reports instead of running: what got better or worse (default: run the suite)")
     p.add_argument("--json", action="store_true",
                    help="print the JSON report (one object) on stdout, the summary on stderr (default: the summary)")
     p.add_argument("--junit", metavar="FILE", help="JUnit XML for CI systems (default: none)")
