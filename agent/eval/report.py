@@ -144,7 +144,8 @@ def latency_plots(report: dict[str, Any]) -> list[tuple[str, str]]:
     ax.set_xlabel("ms after the turn's commit (dotted: p50, dashed: p95)")
     ax.set_ylabel("share of turns")
     ax.set_ylim(0, 1.05)
-    ax.legend(loc="lower right", fontsize="small")
+    if ax.get_legend_handles_labels()[0]:  # no answered turn: nothing to label
+        ax.legend(loc="lower right", fontsize="small")
     plots.append(("Latency over all turns", _svg(fig)))
     return plots
 
