@@ -7,7 +7,8 @@ and real interruptions (questions and commands of 1 s and more). Everything is m
 the peer, from the audio it receives and the events on its data channel:
 
 - backchannels that cancelled the answer or became a turn (share);
-- interruptions that did not stop the voice (share), and the time from the interruption's
+- interruptions that did not stop the voice: not quiet from 0.6 s after their onset on (share;
+  and those never stopped: the answer was not cancelled), and the time from the interruption's
   first sample leaving the peer to the voice going quiet there (p50 / p95);
 - the gap a resumed answer left in the voice around a backchannel.
 
@@ -345,7 +346,9 @@ def summarise(trials: list[dict[str, Any]]) -> dict[str, Any]:
         "backchannels": len(bcs), "interruptions": len(ints),
         "skipped": sum("skipped" in t for t in trials),
         "backchannel_cancel_share": round(len(bad) / len(bcs), 3) if bcs else None,
+        # not quiet from 0.6 s after the onset on (late or never); never: the answer was not cancelled
         "interruption_miss_share": round(sum(not t["stopped"] for t in ints) / len(ints), 3) if ints else None,
+        "interruption_never_stopped_share": round(sum(not t["cancelled"] for t in ints) / len(ints), 3) if ints else None,
         "quiet_p50_s": _pct(quiet, 50), "quiet_p95_s": _pct(quiet, 95),
         "resume_gap_p50_s": _pct(gaps, 50), "resume_gap_p95_s": _pct(gaps, 95),
         "resume_after_end_p50_s": _pct(waits, 50), "paused_p50_s": _pct(held, 50),
