@@ -271,3 +271,25 @@ def test_a_pause_before_the_answers_audio_holds_it_until_resumed_and_a_flush_cle
     player.pause()
     player.flush()  # cancelled while paused: the next answer is not held
     assert not player.paused
+
+
+def test_the_echo_of_an_answer_just_ended_is_no_turn() -> None:
+    from agent.speech.bargein import BargeIn
+
+    class Tail(FakeVoice):
+        active = False  # the last frame went out: nothing to pause or cancel …
+        sounding = True  # … but the far end still plays it (within the playout margin)
+
+        def is_echo(self, mic: np.ndarray, mic_rate: int = 16000) -> bool:
+            return True
+
+    voice = Tail()
+    b = BargeIn(BargeInConfig(), voice, lambda e: None)
+    b.speech_started(1.0, busy=False)
+    assert not b.step(np.full(512, 0.01, np.float32), 0.9, 1.032, busy=False)
+    assert b.turn_committed(np.zeros(8000, np.float32), False, 1.6) == (Kind.ECHO, False)
+    assert voice.calls == []  # nothing paused, nothing cancelled: the agent's own tail
+    voice.sounding = False  # past the margin the same speech is the user's turn
+    b.speech_started(3.0, busy=False)
+    b.step(np.full(512, 0.01, np.float32), 0.9, 3.032, busy=False)
+    assert b.turn_committed(np.zeros(8000, np.float32), False, 3.6) == (None, False)
