@@ -14,6 +14,7 @@ from agent.bus import EventBus, Subscription
 from agent.config import Settings
 from agent.context import AgentHooks
 from agent.conversation import Conversation
+from agent.eot import SILENCE, EndOfTurnService, detector_factory
 from agent.events import Command, Error
 from agent.heap import TrimScheduler
 from agent.inference.base import Backend
@@ -58,6 +59,7 @@ class AgentRuntime:
         self.hooks = hooks or AgentHooks()
         self.bus = EventBus()
         self.vad = VADService()
+        self.end_of_turn: EndOfTurnService | None = None  # turns.end_of_turn's model, shared (started by start())
         self.backend: Backend = backend or create_backend(settings)
         self.tools = ToolRegistry()
         self.tools.extend(tools or [])
@@ -77,6 +79,9 @@ class AgentRuntime:
             # Configs are validated before anything starts: a typo fails fast.
             self.plugins = PluginHost.from_config(self.settings.plugins, context, classes=self._plugin_classes)
         await self.vad.start()
+        if self.settings.turns.end_of_turn != SILENCE:
+            self.end_of_turn = EndOfTurnService(detector_factory(self.settings.turns.end_of_turn))
+            await self.end_of_turn.start()
         await self._start_tts()
         await self.backend.start()
         if self.plugins is not None:
@@ -121,6 +126,8 @@ class AgentRuntime:
             await self.plugins.stop()
         await self.backend.close()
         await self.vad.close()
+        if self.end_of_turn is not None:
+            await self.end_of_turn.close()
         self.heap.cancel()
         if self.tts is not None:
             await self.tts.aclose()
@@ -140,7 +147,7 @@ class AgentRuntime:
         deps = SessionDeps(settings=self.settings, vad=self.vad.open_stream(), backend=self.backend,
                            tools=self.tools.copy(), publish=self.bus.publish, system_prompt=self.system_prompt(),
                            hooks=self.hooks, on_closed=self._closed, tts=self.tts,
-                           voice_counters=self.voice_counters)
+                           voice_counters=self.voice_counters, end_of_turn=self.end_of_turn)
         session = Session(deps, session_id, **options)
         self.sessions[session.id] = session
         session.start()
