@@ -125,7 +125,8 @@ class Session:
 
     # ---- events -------------------------------------------------------------------
     def emit(self, event: ev._Event) -> None:
-        if self._held_answer is not None and self._held_answer.hold(event):
+        held = self._held_answer
+        if held is not None and not isinstance(event, ev.TurnCommitted) and held.hold(event):
             return  # a preemptive answer's: published when its turn commits, never if dropped
         if isinstance(event, (ev.ResponseDelta, ev.ResponseDone, ev.ResponseAudioStarted)):
             self._stage_timings(event)
@@ -452,6 +453,7 @@ class Session:
             if old.task is not None:
                 old.task.cancel("preempt_discarded")
                 await asyncio.gather(old.task, return_exceptions=True)
+            await self._guard(self.backend.drop(self.id, old.turn_id))
             self._held_answer = None  # after the task ended: its last events are held (dropped) too
 
     def _preempt_request(self, turn_id: str, audio: np.ndarray) -> GenerationRequest | None:
@@ -542,6 +544,8 @@ class Session:
                             calls += self._show(turn_id, parser.feed(delta), said)
                     calls += self._show(turn_id, parser.flush(), said)
                     if held is not None:
+                        if not calls and self.voice is not None:
+                            self.voice.end()  # the last round: its last clause is spoken now, held
                         await held.opened()
                 finally:
                     stats.tokens += round_stats.tokens
