@@ -48,7 +48,8 @@ class TurnSettings(BaseModel):
     end_of_turn: str = "silence"
     min_silence_s_complete: Float = Field(default=0.2, ge=0.05, le=5)
     max_silence_s: Float = Field(default=2.0, ge=0.1, le=10)
-    complete_threshold: Float = Field(default=0.5, gt=0, lt=1)
+    complete_threshold: Float = Field(default=0.5, gt=0, lt=1)  # P(complete) ≥ this: complete
+    incomplete_threshold: Float = Field(default=0.5, gt=0, lt=1)  # < this: incomplete; between: fixed rule
     # Preemptive answers: the answer (text and speech) starts after preempt_after_s of
     # silence, held until the turn commits, dropped if speech resumes (agent/preempt.py).
     preemptive: bool = True

@@ -10,7 +10,8 @@ from files and tests need no sleeps. The session maps its signals to events.
 Adaptive endpointing: an end-of-turn model's verdict on the silence (`set_verdict`, given by
 the session after SilenceBegan) changes the silence that commits: complete → after
 `min_silence_s_complete`, incomplete ("turn on the, um") → after `max_silence_s`; without a
-verdict (model off or failed) the fixed `min_silence_s` holds.
+verdict (model off or failed), or one between `incomplete_threshold` and
+`complete_threshold` (unsure), the fixed `min_silence_s` holds.
 """
 
 from __future__ import annotations
@@ -34,12 +35,15 @@ class TurnConfig:
     min_silence_s_complete: float = 0.2  # silence that ends a turn the end-of-turn model calls complete
     max_silence_s: float = 2.0  # … and one it calls incomplete
     complete_threshold: float = 0.5  # P(complete) at or above which the model's verdict is "complete"
+    incomplete_threshold: float = 0.5  # … and below which "incomplete"; between the two: the fixed rule
 
     def __post_init__(self) -> None:
         if not 0.0 < self.neg_threshold <= self.threshold < 1.0:
             raise ValueError("need 0 < neg_threshold <= threshold < 1")
         if not 0.0 < self.min_silence_s_complete <= self.min_silence_s <= self.max_silence_s:
             raise ValueError("need 0 < min_silence_s_complete <= min_silence_s <= max_silence_s")
+        if not 0.0 < self.incomplete_threshold <= self.complete_threshold < 1.0:
+            raise ValueError("need 0 < incomplete_threshold <= complete_threshold < 1")
         if self.max_turn_s <= self.min_speech_s or self.max_turn_s > 30.0:
             raise ValueError("max_turn_s must be in (min_speech_s, 30]")
 
@@ -117,7 +121,11 @@ class TurnDetector:
         """The end-of-turn model's P(complete) on the silence that began at `t` (SilenceBegan.t);
         None: it failed (the fixed rule decides). A verdict on an earlier silence is ignored."""
         if self._state is _State.TRAILING and round(t * SAMPLE_RATE) == self._silence_start:
-            self._verdict = None if p_complete is None else p_complete >= self.config.complete_threshold
+            c = self.config
+            if p_complete is None or c.incomplete_threshold <= p_complete < c.complete_threshold:
+                self._verdict = None  # failed, or unsure: the fixed rule
+            else:
+                self._verdict = p_complete >= c.complete_threshold
 
     def _silence_needed(self) -> int:
         if self._verdict is None:
