@@ -159,3 +159,18 @@ async def test_a_commit_publishes_the_held_answer_at_once(make_speech_fixture) -
     at_commit, backend = await _first_delta_at_commit(make_speech_fixture, preemptive=False)
     assert not any(isinstance(e, ev.ResponseDelta) for e in at_commit)
     assert [r.preemptive for r in backend.requests] == [False] and backend.promoted == []
+
+
+def test_stage_timings_reach_the_metrics_histograms() -> None:
+    from agent.server.metrics import Metrics
+
+    metrics = Metrics(runtime=None, active_sessions=lambda: 0)
+    metrics.on_event(ev.ResponseDone(turn_id="t1", text="ok", timings={
+        "total": 0.3, "speech_end_to_end_detected": 0.05, "speech_end_to_commit": 0.55,
+        "speech_end_to_first_token": 0.56}))
+    metrics.on_event(ev.ResponseAudioStarted(turn_id="t1", timings={
+        "speech_end_to_commit": 0.55, "speech_end_to_first_clause": 0.6, "speech_end_to_first_audio": 0.65,
+        "speech_end_to_first_frame": 0.7}))
+    text = metrics.render()[0].decode()
+    for stage in ("end_detected", "commit", "first_token", "first_clause", "first_audio", "first_frame"):
+        assert f'voice_agent_turn_stage_seconds_count{{stage="{stage}"}} 1.0' in text  # each stage once
