@@ -122,6 +122,7 @@ class Session:
         self._held_answer: Held | None = None
         self._stamps = TurnStamps()  # the turn in progress
         self._answer_stamps: tuple[str, TurnStamps] | None = None  # the answer being given
+        self._verdict: tuple[float, asyncio.Task[float | None]] | None = None  # (silence start, model call)
 
     # ---- events -------------------------------------------------------------------
     def emit(self, event: ev._Event) -> None:
@@ -178,6 +179,8 @@ class Session:
                 self._recent_in.append(chunk)
                 if p >= self._detector.config.neg_threshold:
                     self._stamps.speech_end = time.monotonic()
+                if self._verdict is not None:
+                    await self._take_verdict()
                 for signal in self._detector.feed(chunk, float(p)):
                     await self._on_signal(signal)
                 if (start := self._preempt.tick(self._pos / turns.SAMPLE_RATE)) is not None:
@@ -245,7 +248,7 @@ class Session:
             self._stamps.end_detected = time.monotonic()
             await self._preempted(self._preempt.on_signal(signal, self._may_preempt()))
             if self._eot is not None:  # the model's verdict decides how long this silence must last
-                self._detector.set_verdict(signal.t, await self._end_of_turn(signal.audio))
+                self._verdict = (signal.t, self._spawn(self._end_of_turn(signal.audio), "end-of-turn"))
             if self.manual_turns:
                 return  # the committed turn will join held parts: no prefill can match it
             turn_id = self._new_turn_id()
@@ -476,9 +479,21 @@ class Session:
             self.voice.release()
         return held.task
 
+    async def _take_verdict(self) -> None:
+        """Audio goes on while the model thinks (a preemptive answer starts meanwhile); the
+        detector waits for its verdict only where it decides: before the chunk that would
+        make the silence long enough to commit a complete turn. So live input and files fed
+        faster than real time decide alike."""
+        assert self._verdict is not None
+        t, call = self._verdict
+        needed = self._detector.config.min_silence_s_complete
+        if not call.done() and self._detector.silence_s + CHUNK / turns.SAMPLE_RATE < needed:
+            return
+        self._verdict = None
+        self._detector.set_verdict(t, await call)  # ignored if speech resumed meanwhile
+
     async def _end_of_turn(self, audio: np.ndarray) -> float | None:
-        """The end-of-turn model's P(complete), awaited in line: the detector's clock (the
-        audio fed) waits for it, so live and file input decide alike. None: it failed."""
+        """The end-of-turn model's P(complete); None: it failed (the fixed rule decides)."""
         assert self._eot is not None
         try:
             return await self._eot.predict(audio)

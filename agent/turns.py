@@ -133,6 +133,11 @@ class TurnDetector:
         return self._min_silence_complete if self._verdict else self._max_silence
 
     @property
+    def silence_s(self) -> float:
+        """Seconds of the silence in progress (0 outside one)."""
+        return (self._pos - self._silence_start) / SAMPLE_RATE if self._state is _State.TRAILING else 0.0
+
+    @property
     def in_speech(self) -> bool:
         return self._state in (_State.SPEECH, _State.TRAILING)
 
