@@ -127,3 +127,18 @@ async def test_a_session_waits_through_a_hesitation_the_fixed_rule_cuts(make_spe
     assert len(fixed) == 2  # cut after "um"
     (turn,) = await _turns_committed(speech, "smart-turn")  # one turn: the model heard the "um"
     assert turn.start < speech.segments[0][0] and turn.end >= speech.segments[1][1] - 0.1
+
+
+@pytest.mark.slow
+def test_bench_turns_reports_both_rules_side_by_side(capsys) -> None:
+    import json
+
+    from agent.bench.turns import main
+
+    code = main(["--pauses", "0.8", "--json"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["utterances"] == {"complete": 16, "filler": 6, "mid_sentence": 6}
+    assert result["baseline_premature_by_kind"]["filler"] == "6/6"  # 0.8 s > 0.5 s: the fixed rule cuts in
+    assert result["premature_by_kind"]["filler"] == "0/6"  # the model hears the "um"
+    assert result["model_calls"] > 0 and result["baseline_mean_wait_complete_s"] > 0.5
+    assert code == (0 if result["targets_met"] else 1)
