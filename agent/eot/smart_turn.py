@@ -46,6 +46,7 @@ class SmartTurn:
         with importlib.resources.as_file(path) as file:
             self._session: Any = onnxruntime.InferenceSession(str(file), sess_options=opts,
                                                               providers=["CPUExecutionProvider"])
+        self.predict([np.zeros(SAMPLE_RATE, np.float32)])  # the first run allocates: not on a user's turn
 
     def features(self, clips: list[np.ndarray]) -> np.ndarray:
         """float32 [B, 80, 800]."""
