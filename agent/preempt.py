@@ -155,6 +155,21 @@ class TurnStamps:
     TEXT = ("end_detected", "commit", "first_token")
     SPEECH = ("first_clause", "first_audio", "first_frame")
 
+    def observe(self, event: Any, speech: Any = None) -> None:
+        """Stamp an answer's event as it goes out: its first `response.delta`, `response.done`
+        (timings of the text stages added), `response.audio.started` (all stages; `speech`:
+        the voice's `SpeechStats`, for the first clause and the engine's first audio)."""
+        kind = getattr(event, "type", "")
+        if kind == "response.delta":
+            self.first_token = self.first_token or time.monotonic()
+        elif kind == "response.done":
+            event.timings.update(self.timings(self.TEXT))
+        elif kind == "response.audio.started":
+            self.first_frame = time.monotonic()
+            if speech is not None:
+                self.first_clause, self.first_audio = speech.first_piece_at, speech.first_audio_at
+            event.timings.update(self.timings())
+
     def timings(self, stages: tuple[str, ...] = TEXT + SPEECH) -> dict[str, float]:
         """`speech_end_to_<stage>`: seconds from the end of speech to each stage reached."""
         if self.speech_end is None:

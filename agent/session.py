@@ -27,7 +27,7 @@ from agent import turns
 from agent.config import Settings
 from agent.context import AgentHooks, RunContext, UserTurn
 from agent.conversation import Conversation
-from agent.eot import EndOfTurnService
+from agent.eot import EndOfTurnService, PendingVerdict
 from agent.inference.base import Backend, GenerationRequest, GenerationStats, InferenceError
 from agent.preempt import Discard, Held, Preemption, Promote, Start, TurnStamps
 from agent.speech.base import SpeechEngine
@@ -122,15 +122,15 @@ class Session:
         self._held_answer: Held | None = None
         self._stamps = TurnStamps()  # the turn in progress
         self._answer_stamps: tuple[str, TurnStamps] | None = None  # the answer being given
-        self._verdict: tuple[float, asyncio.Task[float | None]] | None = None  # (silence start, model call)
+        self._verdict: PendingVerdict | None = None  # the end-of-turn model on this silence
 
     # ---- events -------------------------------------------------------------------
     def emit(self, event: ev._Event) -> None:
         held = self._held_answer
         if held is not None and not isinstance(event, ev.TurnCommitted) and held.hold(event):
             return  # a preemptive answer's: published when its turn commits, never if dropped
-        if isinstance(event, (ev.ResponseDelta, ev.ResponseDone, ev.ResponseAudioStarted)):
-            self._stage_timings(event)
+        if self._answer_stamps is not None and getattr(event, "turn_id", None) == self._answer_stamps[0]:
+            self._answer_stamps[1].observe(event, self.voice.stage_stats if self.voice is not None else None)
         self.deps.publish(self._stamper.stamp(event))  # type: ignore[arg-type]
 
     def start(self) -> None:
@@ -179,8 +179,11 @@ class Session:
                 self._recent_in.append(chunk)
                 if p >= self._detector.config.neg_threshold:
                     self._stamps.speech_end = time.monotonic()
-                if self._verdict is not None:
-                    await self._take_verdict()
+                det = self._detector
+                if (verdict := self._verdict) is not None and verdict.needed(
+                        det.silence_s, CHUNK / turns.SAMPLE_RATE, det.config.min_silence_s_complete):
+                    self._verdict = None
+                    det.set_verdict(verdict.t, await verdict.result())  # stale: ignored
                 for signal in self._detector.feed(chunk, float(p)):
                     await self._on_signal(signal)
                 if (start := self._preempt.tick(self._pos / turns.SAMPLE_RATE)) is not None:
@@ -248,7 +251,7 @@ class Session:
             self._stamps.end_detected = time.monotonic()
             await self._preempted(self._preempt.on_signal(signal, self._may_preempt()))
             if self._eot is not None:  # the model's verdict decides how long this silence must last
-                self._verdict = (signal.t, self._spawn(self._end_of_turn(signal.audio), "end-of-turn"))
+                self._verdict = PendingVerdict(signal.t, self._spawn(self._eot.predict(signal.audio), "eot"))
             if self.manual_turns:
                 return  # the committed turn will join held parts: no prefill can match it
             turn_id = self._new_turn_id()
@@ -478,44 +481,6 @@ class Session:
         if self.voice is not None:
             self.voice.release()
         return held.task
-
-    async def _take_verdict(self) -> None:
-        """Audio goes on while the model thinks (a preemptive answer starts meanwhile); the
-        detector waits for its verdict only where it decides: before the chunk that would
-        make the silence long enough to commit a complete turn. So live input and files fed
-        faster than real time decide alike."""
-        assert self._verdict is not None
-        t, call = self._verdict
-        needed = self._detector.config.min_silence_s_complete
-        if not call.done() and self._detector.silence_s + CHUNK / turns.SAMPLE_RATE < needed:
-            return
-        self._verdict = None
-        self._detector.set_verdict(t, await call)  # ignored if speech resumed meanwhile
-
-    async def _end_of_turn(self, audio: np.ndarray) -> float | None:
-        """The end-of-turn model's P(complete); None: it failed (the fixed rule decides)."""
-        assert self._eot is not None
-        try:
-            return await self._eot.predict(audio)
-        except Exception as exc:
-            log.warning("session %s: end-of-turn model failed (%s): fixed silence rule", self.id, exc)
-            return None
-
-    def _stage_timings(self, event: ev.ResponseDelta | ev.ResponseDone | ev.ResponseAudioStarted) -> None:
-        """Stamp the answer's stages as its events go out; `timings` count from the end of speech."""
-        if self._answer_stamps is None or self._answer_stamps[0] != event.turn_id:
-            return
-        stamps = self._answer_stamps[1]
-        if isinstance(event, ev.ResponseDelta):
-            stamps.first_token = stamps.first_token or time.monotonic()
-        elif isinstance(event, ev.ResponseDone):
-            event.timings.update(stamps.timings(TurnStamps.TEXT))
-        else:  # the answer's first frame is going out now
-            stamps.first_frame = time.monotonic()
-            stats = self.voice.stage_stats if self.voice is not None else None
-            if stats is not None:
-                stamps.first_clause, stamps.first_audio = stats.first_piece_at, stats.first_audio_at
-            event.timings.update(stamps.timings())
 
     def _tools_block(self) -> str | None:
         return self.tools.system_block() if len(self.tools) else None

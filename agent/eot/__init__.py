@@ -55,6 +55,27 @@ def detector_factory(name: str) -> Callable[[], EndOfTurnModel]:
     return factory
 
 
+class PendingVerdict:
+    """One session's question to the service, asked when silence begins. Audio goes on while
+    the model thinks (a preemptive answer starts meanwhile); the detector waits for the
+    verdict only where it decides: before the chunk that would make the silence long enough
+    to commit a complete turn — so live input and files fed faster than real time decide alike."""
+
+    def __init__(self, t: float, call: asyncio.Task[float | None]) -> None:
+        self.t = t  # the silence's start (SilenceBegan.t)
+        self.call = call
+
+    def needed(self, silence_s: float, chunk_s: float, min_silence_s_complete: float) -> bool:
+        return self.call.done() or silence_s + chunk_s >= min_silence_s_complete
+
+    async def result(self) -> float | None:
+        try:
+            return await self.call
+        except Exception as exc:  # the fixed rule decides
+            log.warning("end-of-turn model failed (%s): fixed silence rule", exc)
+            return None
+
+
 class EndOfTurnService:
     """One model, every session: `await predict(audio)` → P(complete), or None when it failed."""
 
