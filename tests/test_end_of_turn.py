@@ -142,3 +142,46 @@ def test_bench_turns_reports_both_rules_side_by_side(capsys) -> None:
     assert result["premature_by_kind"]["filler"] == "0/6"  # the model hears the "um"
     assert result["model_calls"] > 0 and result["baseline_mean_wait_complete_s"] > 0.5
     assert code == (0 if result["targets_met"] else 1)
+
+
+class _Fixed:
+    """A stand-in end-of-turn model: always the same P(complete), or a failure."""
+
+    name = "fixed"
+
+    def __init__(self, p: float | None) -> None:
+        self.p = p
+        self.clips = 0
+
+    def predict(self, clips: list[np.ndarray]) -> np.ndarray:
+        self.clips += len(clips)
+        if self.p is None:
+            raise RuntimeError("model failed")
+        return np.full(len(clips), self.p)
+
+
+@pytest.mark.parametrize(("p", "turns"), [(None, 2), (0.01, 1), (0.99, 2)])
+async def test_a_session_follows_the_verdict_and_falls_back_to_the_fixed_rule(make_speech_fixture, p, turns) -> None:
+    from agent import events as ev
+    from agent.inference.scripted import ScriptedBackend
+    from agent.runtime import AgentRuntime
+
+    speech = make_speech_fixture([0.5, "turn on the, um", 0.9, "the kitchen light", 2.5], "eot-hesitation")
+    runtime = AgentRuntime(load_settings(None, model="tiny-random"), backend=ScriptedBackend(default="ok"))
+    await runtime.start()
+    model = _Fixed(p)
+    runtime.end_of_turn = service = EndOfTurnService(lambda: model)
+    await service.start()
+    session, sub = runtime.open_session()
+    for i in range(0, speech.samples.size, 4096):
+        await session.push_audio(speech.samples[i : i + 4096])
+    await session.wait_idle()
+    await runtime.close()
+    await service.close()
+    committed = []
+    while not sub.queue.empty():
+        if isinstance(event := sub.queue.get_nowait(), ev.TurnCommitted):
+            committed.append(event)
+    # failed: the fixed 0.5 s rule cuts at the 0.9 s pause; incomplete: waits (up to 2 s) through
+    # it; complete: commits early, at the pause too.
+    assert len(committed) == turns and model.clips >= 2
