@@ -118,6 +118,7 @@ class Held:
         self.events: list[Any] = []
         self.committed = False
         self.committed_at = 0.0  # monotonic
+        self.failed = False  # its generation failed before the commit
         self.task: asyncio.Task[None] | None = None
         self._open = asyncio.Event()
 
@@ -125,6 +126,8 @@ class Held:
         """Keep `event` if it belongs to this answer and the turn has not committed."""
         if self.committed or getattr(event, "turn_id", None) != self.turn_id:
             return False
+        if getattr(event, "type", "") == "error" and not str(getattr(event, "code", "")).startswith("tts_"):
+            self.failed = True  # e.g. busy: the commit asks again rather than report it
         self.events.append(event)
         return True
 

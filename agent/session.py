@@ -331,6 +331,7 @@ class Session:
         or tool results; with nothing pending, `instructions` become a typed user turn.
         `instructions` join the system prompt of this response only. Returns its turn_id;
         raises ValueError when there is nothing to answer."""
+        await self._preempted(self._preempt.cancel())  # the agent speaks first: no held answer
         await self._stop_response("superseded")
         if not self.conversation.awaiting_reply:
             if not instructions:
@@ -367,7 +368,7 @@ class Session:
         instruction = user.instruction or None
         held = self._held_answer
         if held is not None and (held.turn_id != turn_id or user.skipped or isinstance(direct, str) or not respond
-                                 or held.instruction != instruction):
+                                 or held.instruction != instruction or held.failed):
             await self._preempted(Discard())  # the hook changed the turn: the held answer is not its answer
             held = None
         if user.skipped:
@@ -409,6 +410,7 @@ class Session:
     async def say(self, text: str) -> str:
         """Speak `text` as the agent now (a hook, a tool, a greeting): events and history as if
         the model had said it; the running response, if any, is superseded. Its turn_id."""
+        await self._preempted(self._preempt.cancel())  # the agent speaks first: no held answer
         await self._stop_response("superseded")
         turn_id = self._new_turn_id()
         self._answer_directly(turn_id, text)

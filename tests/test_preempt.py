@@ -11,6 +11,7 @@ import numpy as np
 from agent import events as ev
 from agent import turns
 from agent.config import load_settings
+from agent.inference.base import InferenceError
 from agent.inference.scripted import ScriptedBackend
 from agent.preempt import Discard, Preemption, Promote, Start
 from agent.runtime import AgentRuntime
@@ -174,3 +175,28 @@ def test_stage_timings_reach_the_metrics_histograms() -> None:
     text = metrics.render()[0].decode()
     for stage in ("end_detected", "commit", "first_token", "first_clause", "first_audio", "first_frame"):
         assert f'voice_agent_turn_stage_seconds_count{{stage="{stage}"}} 1.0' in text  # each stage once
+
+
+class BusyForPreemptive(ScriptedBackend):
+    """Refuses preemptive work (a full queue): only committed turns are answered."""
+
+    async def generate(self, request, stats=None):
+        if request.preemptive:
+            self.requests.append(request)
+            raise InferenceError("busy", "no room for preemptive work")
+        async for delta in super().generate(request, stats):
+            yield delta
+
+
+async def test_a_refused_preemptive_answer_is_asked_again_at_the_commit(make_speech_fixture) -> None:
+    speech = make_speech_fixture([0.5, "turn on the kitchen light", 1.0], "preempt-commit")
+    backend = BusyForPreemptive([ANSWER], chunk=4)
+    runtime = await _runtime(backend)
+    session, sub = runtime.open_session()
+    await _feed(session, speech.samples)
+    await asyncio.wait_for(session.wait_idle(), 10)
+    events = _drain(sub)
+    await runtime.close()
+    assert not any(isinstance(e, ev.Error) for e in events)  # the refusal never reaches the user
+    assert "".join(e.text for e in events if isinstance(e, ev.ResponseDelta)) == ANSWER
+    assert [r.preemptive for r in backend.requests] == [True, False]
