@@ -193,7 +193,7 @@ def score(utterances: list[Utterance], probs: list[np.ndarray], config: TurnConf
     return out
 
 
-def summary(outcomes: dict[str, Outcome], counts: dict[str, int]) -> dict[str, Any]:
+def summary(outcomes: dict[str, Outcome], counts: dict[str, int], max_silence_s: float) -> dict[str, Any]:
     def mean(values: list[float]) -> float | None:
         return round(statistics.fmean(values), 3) if values else None
 
@@ -204,6 +204,8 @@ def summary(outcomes: dict[str, Outcome], counts: dict[str, int]) -> dict[str, A
         "premature_by_kind": {k: f"{outcomes[k].premature}/{counts[k]}" for k in broken},
         "mean_wait_complete_s": mean(complete.waits),
         "max_wait_complete_s": round(max(complete.waits), 3) if complete.waits else None,
+        # complete turns taken for unfinished: they waited out max_silence_s
+        "complete_waited_max": f"{sum(w >= max_silence_s for w in complete.waits)}/{counts.get('complete', 0)}",
         "mean_wait_broken_s": mean([w for k in broken for w in outcomes[k].final_waits]),
         "missed": sum(o.missed for o in outcomes.values()),
     }
@@ -272,12 +274,12 @@ def main(argv: list[str] | None = None) -> int:
                           complete_threshold=complete, incomplete_threshold=min(incomplete, complete))
 
     fixed = config(args.complete_threshold, args.incomplete_threshold)
-    base = summary(score(utterances, probs, fixed, None), counts)
-    model_side = summary(score(utterances, probs, fixed, verdict), counts)
+    base = summary(score(utterances, probs, fixed, None), counts, fixed.max_silence_s)
+    model_side = summary(score(utterances, probs, fixed, verdict), counts, fixed.max_silence_s)
     sweep = {}
     if args.sweep:
         for complete, incomplete in ((0.5, 0.5), (0.5, 0.1), (0.3, 0.1), (0.2, 0.1), (0.1, 0.1)):
-            s = summary(score(utterances, probs, config(complete, incomplete), verdict), counts)
+            s = summary(score(utterances, probs, config(complete, incomplete), verdict), counts, fixed.max_silence_s)
             sweep[f"{complete}/{incomplete}"] = {k: s[k] for k in ("premature_cutoffs", "premature_by_kind",
                                                                     "mean_wait_complete_s")}
     held = (model_side["premature_cutoffs"] < base["premature_cutoffs"]
@@ -297,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         result["sweep_complete/incomplete_threshold"] = sweep
     print(f"{len(utterances)} utterances ({source}); detector {args.detector} vs fixed {args.min_silence} s")
     print(f"{'':24}{'fixed rule':>14}{args.detector:>14}")
-    for key in ("premature_cutoffs", "mean_wait_complete_s", "max_wait_complete_s", "mean_wait_broken_s"):
+    for key in ("premature_cutoffs", "mean_wait_complete_s", "max_wait_complete_s", "complete_waited_max",
+                "mean_wait_broken_s"):
         print(f"{key:24}{base[key]!s:>14}{model_side[key]!s:>14}")
     for kind in model_side["premature_by_kind"]:
         print(f"  premature, {kind:12}{base['premature_by_kind'][kind]:>14}{model_side['premature_by_kind'][kind]:>14}")
