@@ -113,6 +113,7 @@ class Settings(BaseSettings):
     plugins: dict[str, dict[str, Any]] = Field(default_factory=dict)
     tts: TTSSettings = Field(default_factory=TTSSettings)  # speech out; engine `none` = text only
     wyoming: str | None = Field(default=None, pattern=r"^(tcp|unix)://")  # Wyoming server, e.g. tcp://0.0.0.0:10300
+    record: str | None = None  # a directory: record every turn's audio, history, answer and feedback (people's voices)
 
     _yaml: dict[str, Any] = {}
 

@@ -8,6 +8,7 @@ transports send commands to.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from agent.bus import EventBus, Subscription
@@ -15,10 +16,11 @@ from agent.config import Settings
 from agent.context import AgentHooks
 from agent.conversation import Conversation
 from agent.eot import SILENCE, EndOfTurnService, detector_factory
-from agent.events import Command, Error
+from agent.events import Command, Error, Event
 from agent.heap import TrimScheduler
 from agent.inference.base import Backend
 from agent.model.qwen2_audio import DEFAULT_SYSTEM
+from agent.record.recorder import Recorder
 from agent.session import Session, SessionDeps
 from agent.speech.base import SpeechEngine, TTSError, load_engine
 from agent.speech.voice import VoiceCounters
@@ -69,6 +71,9 @@ class AgentRuntime:
         self.plugins: PluginHost | None = None
         self.tts: SpeechEngine | None = None  # started once, shared by every session (speech out)
         self.voice_counters = VoiceCounters()  # every session's speech out, added up (for /metrics)
+        self.recorder: Recorder | None = None  # `record: DIR`: turns and feedback on disk
+        if settings.record:
+            self.recorder = Recorder(settings.record, self.sessions.get)
 
     async def start(self) -> None:
         """Start everything; raises (InferenceError, ValueError) with a clear message."""
@@ -78,6 +83,8 @@ class AgentRuntime:
             context = PluginContext(bus=self.bus, commands=self, agent_id=self.settings.agent_id, sessions=self)
             # Configs are validated before anything starts: a typo fails fast.
             self.plugins = PluginHost.from_config(self.settings.plugins, context, classes=self._plugin_classes)
+        if self.recorder is not None:
+            self.recorder.open()  # an unwritable directory fails the start, with its reason
         await self.vad.start()
         if self.settings.turns.end_of_turn != SILENCE:
             self.end_of_turn = EndOfTurnService(detector_factory(self.settings.turns.end_of_turn))
@@ -131,6 +138,8 @@ class AgentRuntime:
         self.heap.cancel()
         if self.tts is not None:
             await self.tts.aclose()
+        if self.recorder is not None:
+            self.recorder.close()
 
     def open_session(self, session_id: str | None = None, *, queue_size: int = 1024,
                      **options: Any) -> tuple[Session, Subscription]:
@@ -145,13 +154,16 @@ class AgentRuntime:
     def create_session(self, session_id: str | None = None, **options: Any) -> Session:
         """A started session (prefer `open_session`, which also gives its events)."""
         deps = SessionDeps(settings=self.settings, vad=self.vad.open_stream(), backend=self.backend,
-                           tools=self.tools.copy(), publish=self.bus.publish, system_prompt=self.system_prompt(),
+                           tools=self.tools.copy(), publish=self._publish(), system_prompt=self.system_prompt(),
                            hooks=self.hooks, on_closed=self._closed, tts=self.tts,
                            voice_counters=self.voice_counters, end_of_turn=self.end_of_turn)
         session = Session(deps, session_id, **options)
         self.sessions[session.id] = session
         session.start()
         return session
+
+    def _publish(self) -> Callable[[Event], None]:
+        return self.bus.publish if self.recorder is None else self.recorder.sink(self.bus.publish)
 
     def _closed(self, session: Session) -> None:
         if self.sessions.get(session.id) is session:
