@@ -43,6 +43,19 @@ class TurnSettings(BaseModel):
     # Speech while the agent speaks interrupts it only once it lasted this long: a shorter
     # backchannel ("mm-hm") neither stops the voice nor becomes a turn.
     interrupt_min_speech_s: Float = Field(default=0.3, ge=0, le=5)
+    # End of turn: `silence` (the fixed min_silence_s) or an audio model (`smart-turn`, any
+    # `voice_agent.turn_detectors` entry point): complete → commit after
+    # min_silence_s_complete, incomplete → wait up to max_silence_s (agent/eot).
+    end_of_turn: str = "silence"
+    min_silence_s_complete: Float = Field(default=0.2, ge=0.05, le=5)
+    max_silence_s: Float = Field(default=2.0, ge=0.1, le=10)
+    complete_threshold: Float = Field(default=0.5, gt=0, lt=1)  # P(complete) ≥ this: complete
+    incomplete_threshold: Float = Field(default=0.5, gt=0, lt=1)  # < this: incomplete; between: fixed rule
+    # Preemptive answers: the answer (text and speech) starts after preempt_after_s of
+    # silence, held until the turn commits, dropped if speech resumes (agent/preempt.py).
+    preemptive: bool = True
+    preempt_after_s: Float = Field(default=0.16, ge=0.03, le=2)
+
     # Speech over the agent's voice (agent/speech/bargein.py): the voice pauses at once and the
     # detector decides — a backchannel resumes it (no turn), an interruption cancels it.
     backchannel: str = "features"  # duration (interrupt_min_speech_s) | features | an entry point
@@ -53,15 +66,25 @@ class TurnSettings(BaseModel):
     resume_after_s: Float = Field(default=0.5, ge=0, le=2)  # silence after a backchannel before resuming
     echo_playout_s: Float = Field(default=0.3, ge=0, le=2)  # echo gate kept after the last audible frame
 
-    @field_validator("backchannel")
+    @field_validator("end_of_turn")
     @classmethod
     def _known_detector(cls, value: str) -> str:
+        from agent.eot import SILENCE, detector_factory
+
+        if value != SILENCE:
+            detector_factory(value)  # ValueError names the installed ones
+        return value
+
+    @field_validator("backchannel")
+    @classmethod
+    def _known_interruption_detector(cls, value: str) -> str:
         if value not in available_detectors():
             raise ValueError(f"unknown interruption detector {value!r}; available: {', '.join(available_detectors())}")
         return value
 
     def to_turn_config(self) -> TurnConfig:
-        return TurnConfig(**self.model_dump(exclude={"interrupt_min_speech_s", *_BARGEIN_KEYS}))
+        return TurnConfig(**self.model_dump(exclude={"interrupt_min_speech_s", "end_of_turn", "preemptive",
+                                                     "preempt_after_s", *_BARGEIN_KEYS}))
 
     def to_bargein_config(self) -> BargeInConfig:
         return BargeInConfig(pause=self.pause_on_speech, threshold=self.threshold, neg_threshold=self.neg_threshold,

@@ -87,6 +87,9 @@ class ResponseAudioStarted(_Event):
 
     type: Literal["response.audio.started"] = "response.audio.started"
     turn_id: str
+    # speech_end_to_<stage>: seconds from the end of the user's speech (the VAD's last speech
+    # chunk) to end_detected, commit, first_token, first_clause, first_audio, first_frame
+    timings: dict[str, float] = Field(default_factory=dict)
 
 
 class ResponseAudioDone(_Event):

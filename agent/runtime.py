@@ -15,6 +15,7 @@ from agent.bus import EventBus, Subscription
 from agent.config import Settings
 from agent.context import AgentHooks
 from agent.conversation import Conversation
+from agent.eot import SILENCE, EndOfTurnService, detector_factory
 from agent.events import Command, Error, Event
 from agent.heap import TrimScheduler
 from agent.inference.base import Backend
@@ -60,6 +61,7 @@ class AgentRuntime:
         self.hooks = hooks or AgentHooks()
         self.bus = EventBus()
         self.vad = VADService()
+        self.end_of_turn: EndOfTurnService | None = None  # turns.end_of_turn's model, shared (started by start())
         self.backend: Backend = backend or create_backend(settings)
         self.tools = ToolRegistry()
         self.tools.extend(tools or [])
@@ -84,6 +86,9 @@ class AgentRuntime:
         if self.recorder is not None:
             self.recorder.open()  # an unwritable directory fails the start, with its reason
         await self.vad.start()
+        if self.settings.turns.end_of_turn != SILENCE:
+            self.end_of_turn = EndOfTurnService(detector_factory(self.settings.turns.end_of_turn))
+            await self.end_of_turn.start()
         await self._start_tts()
         await self.backend.start()
         if self.plugins is not None:
@@ -128,6 +133,8 @@ class AgentRuntime:
             await self.plugins.stop()
         await self.backend.close()
         await self.vad.close()
+        if self.end_of_turn is not None:
+            await self.end_of_turn.close()
         self.heap.cancel()
         if self.tts is not None:
             await self.tts.aclose()
@@ -149,7 +156,7 @@ class AgentRuntime:
         deps = SessionDeps(settings=self.settings, vad=self.vad.open_stream(), backend=self.backend,
                            tools=self.tools.copy(), publish=self._publish(), system_prompt=self.system_prompt(),
                            hooks=self.hooks, on_closed=self._closed, tts=self.tts,
-                           voice_counters=self.voice_counters)
+                           voice_counters=self.voice_counters, end_of_turn=self.end_of_turn)
         session = Session(deps, session_id, **options)
         self.sessions[session.id] = session
         session.start()

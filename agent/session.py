@@ -26,7 +26,9 @@ from agent import turns
 from agent.config import Settings
 from agent.context import AgentHooks, RunContext, UserTurn
 from agent.conversation import Conversation
-from agent.inference.base import Backend, GenerationStats, InferenceError
+from agent.eot import EndOfTurnService, PendingVerdict
+from agent.inference.base import Backend, GenerationRequest, GenerationStats, InferenceError
+from agent.preempt import Discard, Held, Preemption, Promote, Start, TurnStamps
 from agent.speech.bargein import BargeIn, Playout
 from agent.speech.base import SpeechEngine
 from agent.speech.voice import Voice, VoiceCounters
@@ -52,6 +54,7 @@ class SessionDeps:
     on_closed: Callable[[Session], None] = lambda session: None
     tts: SpeechEngine | None = None  # speech out, started and shared (None: text only)
     voice_counters: VoiceCounters | None = None  # the process's speech-out totals (for /metrics)
+    end_of_turn: EndOfTurnService | None = None  # the process's end-of-turn model (None: fixed silence rule)
 
 
 async def _call(result: Any) -> Any:
@@ -77,6 +80,7 @@ class Session:
         self._stamper = ev.EventStamper(self.id)
         self._detector = turns.TurnDetector(s.turns.to_turn_config())
         self._vad = deps.vad
+        self._eot = deps.end_of_turn
         self.conversation = Conversation(deps.system_prompt, s.context_tokens,
                                          tokenizer=getattr(deps.backend, "tokenizer", None))
         self.hooks = deps.hooks
@@ -110,9 +114,20 @@ class Session:
         # Speech that began while the agent was answering: pause, then backchannel, barge-in or echo.
         self._overlap = BargeIn(s.turns.to_bargein_config(), self.voice, self.emit)
         self._heard: str | None = None  # what the user heard of an answer cut by a barge-in
+        # Preemptive answers (agent/preempt.py) and the stamps of each turn's stages.
+        self._preempt = Preemption(s.turns.preempt_after_s, s.turns.preemptive)
+        self._held_answer: Held | None = None
+        self._stamps = TurnStamps()  # the turn in progress
+        self._answer_stamps: tuple[str, TurnStamps] | None = None  # the answer being given
+        self._verdict: PendingVerdict | None = None  # the end-of-turn model on this silence
 
     # ---- events -------------------------------------------------------------------
     def emit(self, event: ev._Event) -> None:
+        held = self._held_answer
+        if held is not None and not isinstance(event, ev.TurnCommitted) and held.hold(event):
+            return  # a preemptive answer's: published when its turn commits, never if dropped
+        if self._answer_stamps is not None and getattr(event, "turn_id", None) == self._answer_stamps[0]:
+            self._answer_stamps[1].observe(event, self.voice.stage_stats if self.voice is not None else None)
         self.deps.publish(self._stamper.stamp(event))  # type: ignore[arg-type]
 
     def start(self) -> None:
@@ -158,8 +173,17 @@ class Session:
             for i, p in enumerate(probs):
                 chunk = buf[i * CHUNK : (i + 1) * CHUNK]
                 self._pos += CHUNK
+                if p >= self._detector.config.neg_threshold:
+                    self._stamps.speech_end = time.monotonic()
+                det = self._detector
+                if (verdict := self._verdict) is not None and verdict.needed(
+                        det.silence_s, CHUNK / turns.SAMPLE_RATE, det.config.min_silence_s_complete):
+                    self._verdict = None
+                    det.set_verdict(verdict.t, await verdict.result())  # stale: ignored
                 for signal in self._detector.feed(chunk, float(p)):
                     await self._on_signal(signal)
+                if (start := self._preempt.tick(self._pos / turns.SAMPLE_RATE)) is not None:
+                    await self._preempted(start)
                 if self._overlap.voice is not None:
                     await self._check_overlap(chunk, float(p))
 
@@ -177,7 +201,9 @@ class Session:
     # ---- speech out: barge-in, backchannels, self-echo ---------------------------------
     def _agent_busy(self) -> bool:
         running = self._response is not None and not self._response.done()
-        return running or (self._overlap.voice is not None and self._overlap.voice.active)
+        voice = self._overlap.voice  # ours, or the owner's (attach_voice)
+        held = self.voice is not None and self.voice.held  # a preemptive answer nobody hears yet
+        return running or (voice is not None and voice.active and not held)
 
     async def _check_overlap(self, chunk: np.ndarray, prob: float) -> None:
         """Speech over the agent's answer pauses its voice, then resumes it (a backchannel) or
@@ -218,6 +244,10 @@ class Session:
             self._overlap.speech_paused(signal.t)
         elif isinstance(signal, turns.SilenceBegan):
             self._overlap.speech_paused(signal.t)
+            self._stamps.end_detected = time.monotonic()
+            await self._preempted(self._preempt.on_signal(signal, self._may_preempt()))
+            if self._eot is not None:  # the model's verdict decides how long this silence must last
+                self._verdict = PendingVerdict(signal.t, self._spawn(self._eot.predict(signal.audio), "eot"))
             if self.manual_turns:
                 return  # the committed turn will join held parts: no prefill can match it
             turn_id = self._new_turn_id()
@@ -232,14 +262,18 @@ class Session:
             await self._guard(backend.prefill(request))
         elif isinstance(signal, turns.SpeechResumed):
             self._overlap.speech_resumed()
+            await self._preempted(self._preempt.on_signal(signal))
             await self._drop_speculative()
         elif isinstance(signal, turns.TurnCommitted):
+            self._stamps.commit = time.monotonic()
+            await self._preempted(self._preempt.on_signal(signal))
             ignored, cancel = self._overlap.turn_committed(signal.audio, signal.split, self._pos / turns.SAMPLE_RATE)
             if cancel:
                 await self._interrupt("barge_in")
             if ignored is not None:
                 # A backchannel ("mm-hm") or our own voice: the agent goes on speaking and
                 # this is no user turn (bargein.py reports it).
+                await self._preempted(Discard())
                 await self._drop_speculative()
                 return
             if self.manual_turns:
@@ -282,6 +316,7 @@ class Session:
             for signal in self._detector.flush():
                 if not isinstance(signal, turns.TurnCommitted):
                     await self._on_signal(signal)  # speech.stopped; the turn itself is dropped
+            await self._preempted(self._preempt.cancel())
             await self._drop_speculative()
 
     async def reply(self, instructions: str | None = None) -> str:
@@ -289,6 +324,7 @@ class Session:
         or tool results; with nothing pending, `instructions` become a typed user turn.
         `instructions` join the system prompt of this response only. Returns its turn_id;
         raises ValueError when there is nothing to answer."""
+        await self._preempted(self._preempt.cancel())  # the agent speaks first: no held answer
         await self._stop_response("superseded")
         if not self.conversation.awaiting_reply:
             if not instructions:
@@ -317,15 +353,24 @@ class Session:
             turn_id = self._new_turn_id()
         await self._stop_response("superseded")
         committed_at = time.monotonic()
+        stamps, self._stamps = self._stamps, TurnStamps()
+        stamps.commit = stamps.commit or committed_at
+        self._answer_stamps = (turn_id, stamps)
         user = UserTurn(turn_id, turn.audio, turn.start, turn.end, self._take_instruction())
         direct = await self._run_hook("on_user_turn", user)
+        instruction = user.instruction or None
+        held = self._held_answer
+        if held is not None and (held.turn_id != turn_id or user.skipped or isinstance(direct, str) or not respond
+                                 or held.instruction != instruction or held.failed):
+            await self._preempted(Discard())  # the hook changed the turn: the held answer is not its answer
+            held = None
         if user.skipped:
             await self._guard(self.backend.drop(self.id, turn_id))
             return
-        instruction = user.instruction or None
         try:
             self.conversation.add_user(turn.audio, instruction)
         except ValueError as exc:  # e.g. an oversized instruction: this turn fails, the session goes on
+            await self._preempted(Discard())
             self.emit(ev.Error(code="bad_request", message=str(exc), turn_id=turn_id))
             return
         self.emit(ev.TurnCommitted(turn_id=turn_id, start=turn.start, end=turn.end,
@@ -336,7 +381,10 @@ class Session:
             return
         if not respond:
             return
-        self._response = asyncio.create_task(self._respond(turn_id, committed_at))
+        if held is not None:
+            self._response = await self._promote(held)
+        else:
+            self._response = asyncio.create_task(self._respond(turn_id, committed_at))
         if self._wait:
             await self.wait_idle()
 
@@ -355,6 +403,7 @@ class Session:
     async def say(self, text: str) -> str:
         """Speak `text` as the agent now (a hook, a tool, a greeting): events and history as if
         the model had said it; the running response, if any, is superseded. Its turn_id."""
+        await self._preempted(self._preempt.cancel())  # the agent speaks first: no held answer
         await self._stop_response("superseded")
         turn_id = self._new_turn_id()
         self._answer_directly(turn_id, text)
@@ -383,6 +432,51 @@ class Session:
         if spec[0] == self._last_turn_id():
             self._turn_n -= 1
 
+    # ---- preemptive answers and end of turn ------------------------------------------
+    def _may_preempt(self) -> bool:
+        """Not while the agent speaks (overlap rules), nor for turns the owner ends, nor for
+        files fed faster than real time (nothing to gain), nor with offline speech."""
+        offline_voice = self.voice is not None and not self.voice.realtime
+        return not (self.manual_turns or self._wait or offline_voice or self._agent_busy() or self.closed)
+
+    async def _preempted(self, action: Start | Promote | Discard | None) -> None:
+        """Carry out what `Preemption` decided (Promote is done by `_commit`)."""
+        if isinstance(action, Start):
+            spec = self._speculative  # the turn id the speculative prefill took
+            if spec is None or spec[1] != action.end or self._held_answer is not None:
+                return
+            request = self._preempt_request(spec[0], action.audio)
+            if request is None:
+                return
+            new = self._held_answer = Held(spec[0], self._take_instruction(peek=True))
+            new.task = asyncio.create_task(self._respond(spec[0], 0.0, held=new, request=request))
+        elif isinstance(action, Discard) and (old := self._held_answer) is not None:
+            if old.task is not None:
+                old.task.cancel("preempt_discarded")
+                await asyncio.gather(old.task, return_exceptions=True)
+            await self._guard(self.backend.drop(self.id, old.turn_id))
+            self._held_answer = None  # after the task ended: its last events are held (dropped) too
+
+    def _preempt_request(self, turn_id: str, audio: np.ndarray) -> GenerationRequest | None:
+        try:
+            self.conversation.add_user(audio, self._take_instruction(peek=True))
+        except ValueError:
+            return None  # the commit reports it
+        request = self.conversation.request(self.id, turn_id, self.max_new_tokens, self._tools_block())
+        self.conversation.pop_last_user()
+        request.preemptive = True
+        return request
+
+    async def _promote(self, held: Held) -> asyncio.Task[None] | None:
+        """The turn committed as preempted: lift its priority, publish what it held, play it."""
+        self._held_answer = None
+        await self._guard(self.backend.promote(self.id, held.turn_id))
+        for event in held.release():
+            self.emit(event)
+        if self.voice is not None:
+            self.voice.release()
+        return held.task
+
     def _tools_block(self) -> str | None:
         return self.tools.system_block() if len(self.tools) else None
 
@@ -394,12 +488,15 @@ class Session:
             log.debug("speculative step failed: %s", exc)
 
     # ---- responses ----------------------------------------------------------------
-    async def _respond(self, turn_id: str, committed_at: float, instructions: str | None = None) -> None:
-        """Generate the answer; run tool calls and give the model follow-up rounds."""
+    async def _respond(self, turn_id: str, committed_at: float, instructions: str | None = None,
+                       held: Held | None = None, request: GenerationRequest | None = None) -> None:
+        """Generate the answer; run tool calls and give the model follow-up rounds.
+        `held`: a preemptive answer (to `request`), whose events and voice are held until
+        its turn commits; it waits for that before anything irreversible (history, tools)."""
         settings = self.settings
         self.emit(ev.ResponseStarted(turn_id=turn_id))
         if self.voice is not None:
-            self.voice.begin(turn_id)
+            self.voice.begin(turn_id, held=held is not None)
         said: list[str] = []  # text the user was shown, across rounds
         stats = GenerationStats()
         first_token: float | None = None
@@ -408,8 +505,9 @@ class Session:
                 raw: list[str] = []
                 calls: list[ParsedToolCall] = []
                 parser = ToolCallParser()
-                request = self.conversation.request(self.id, turn_id, self.max_new_tokens, self._tools_block(),
-                                                    instructions)
+                if request is None or round_n > 0:
+                    request = self.conversation.request(self.id, turn_id, self.max_new_tokens,
+                                                        self._tools_block(), instructions)
                 round_stats = GenerationStats()
                 try:
                     # aclosing: a cancelled turn closes the stream, which frees the slot.
@@ -420,10 +518,14 @@ class Session:
                             raw.append(delta)
                             calls += self._show(turn_id, parser.feed(delta), said)
                     calls += self._show(turn_id, parser.flush(), said)
+                    if held is not None:
+                        if not calls and self.voice is not None:
+                            self.voice.end()  # the last round: its last clause is spoken now, held
+                        await held.opened()
                 finally:
                     stats.tokens += round_stats.tokens
                     stats.reused_tokens += round_stats.reused_tokens
-                    if raw:
+                    if raw and (held is None or held.committed):
                         self.conversation.add_assistant("".join(raw))
                 if not calls or round_n == settings.max_tool_rounds or self.defer_tool_calls:
                     break
@@ -434,6 +536,10 @@ class Session:
                                             result=outcome.result, error=outcome.error))
                 self.conversation.add_tool_results(format_tool_responses(outcomes))
         except asyncio.CancelledError as exc:
+            if held is not None and not held.committed:  # speech resumed: it never was
+                if self.voice is not None:
+                    self.voice.discard()
+                return
             reason = exc.args[0] if exc.args else "cancelled"
             heard: str | None = None
             if self.voice is not None:
@@ -455,9 +561,11 @@ class Session:
             if self.voice is not None:
                 self.voice.end()  # the text is complete (or cut): the voice says what it has
         done = time.monotonic()
+        if held is not None:
+            committed_at = held.committed_at
         timings = {"total": done - committed_at, **stats.timings}
         if first_token is not None:
-            timings["first_token"] = first_token - committed_at
+            timings["first_token"] = max(first_token - committed_at, 0.0)
         text = "".join(said)
         self.emit(ev.ResponseDone(turn_id=turn_id, text=text, tokens=stats.tokens, timings=timings))
         self._spawn(self._run_hook("on_response", text), "on-response")
@@ -503,7 +611,10 @@ class Session:
             if command.max_new_tokens is not None:
                 self.max_new_tokens = command.max_new_tokens
             if command.min_silence_s is not None:
-                self._detector.reconfigure(min_silence_s=command.min_silence_s)
+                try:  # it must stay within [min_silence_s_complete, max_silence_s]
+                    self._detector.reconfigure(min_silence_s=command.min_silence_s)
+                except ValueError as exc:
+                    self.report_error("bad_request", str(exc))
         elif isinstance(command, ev.SessionClose):
             await self.close("client")
         elif isinstance(command, ev.Feedback):
@@ -525,6 +636,7 @@ class Session:
         if self.closed:
             return
         self.closed = True
+        await self._preempted(self._preempt.cancel())
         if self._response is not None and not self._response.done():
             self._response.cancel("session_closed")
             await asyncio.gather(self._response, return_exceptions=True)
