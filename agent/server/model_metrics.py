@@ -29,7 +29,7 @@ class ModelMetrics:
         self.response_total = Histogram("voice_agent_response_seconds", "Request to last token",
                                         buckets=LATENCY_BUCKETS, registry=r)
         self.phases = Histogram("voice_agent_model_request_phase_seconds",
-                                "Engine timings of finished requests (queue, encoder, prefill, ttft, total)",
+                                "Engine timings of finished requests (queue, encoder, prefill, speculative_prefill, ttft, total)",
                                 ["phase"], buckets=LATENCY_BUCKETS, registry=r)
         self.tokens = Counter("voice_agent_model_tokens", "Tokens: prompt, of it reused from cached KV, generated",
                               ["kind"], registry=r)
@@ -42,7 +42,7 @@ class ModelMetrics:
             self.first_token.observe(first - started)
         if outcome == "done":
             self.response_total.observe(now - started)
-        for phase in ("queue", "encoder", "prefill", "ttft", "total"):
+        for phase in ("queue", "encoder", "prefill", "speculative_prefill", "ttft", "total"):
             if phase in stats.timings:
                 self.phases.labels(phase).observe(stats.timings[phase])
         self.tokens.labels("prompt").inc(stats.prompt_tokens)

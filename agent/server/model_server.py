@@ -102,6 +102,11 @@ class ModelServer:
         app.on_cleanup.append(self._stop_sweeper)
         return app
 
+    def runner(self) -> web.AppRunner:
+        """The app's runner: a handler is cancelled when its client disconnects, which
+        closes the generation (the pool then cancels it in its worker)."""
+        return web.AppRunner(self.app(), handle_signals=False, handler_cancellation=True)
+
     @staticmethod
     async def _features_header(request: web.Request, response: web.StreamResponse) -> None:
         response.headers[FEATURES_HEADER] = ", ".join(FEATURES)  # how our client tells us from vLLM
@@ -412,7 +417,7 @@ async def run_model_server(settings: Settings, listen: str | None = None, token:
         await _quietly(pool.close())
         return 2
     server = ModelServer(pool, settings, token or None)
-    runner = web.AppRunner(server.app(), handle_signals=False, handler_cancellation=True)
+    runner = server.runner()
     await runner.setup()
     try:
         if kind == "unix":
