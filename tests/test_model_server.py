@@ -383,3 +383,17 @@ async def test_the_livekit_example_job_uses_the_pool_server(served: Served, spee
     # The job's session ended with the AgentSession: its conversation was freed on the server.
     await until(lambda: served.metric("voice_agent_model_conversations_forgotten_total", reason="deleted") > forgotten)
     await model.aclose()
+
+
+async def test_serve_model_settings_are_validated_and_the_cli_refuses_an_open_port(tmp_path: Path) -> None:
+    from agent.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model_server.listen"):
+        load_settings(None, model_server={"listen": "http://127.0.0.1:8000"})
+    with pytest.raises(ConfigError, match="max_conversation"):
+        load_settings(None, model_server={"max_conversation": 5})  # a typo is named, not ignored
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent.cli", "serve-model", "--listen", "tcp://0.0.0.0:0", "--max-queue", "4",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), GUARD)
+    assert proc.returncode == 2 and "set a token" in err.decode() and "Traceback" not in err.decode()
