@@ -6,8 +6,10 @@ The workload is `agent.bench.inference`'s (seeded: N sessions, turns of speech-l
 with their history, answers of a set length with EOS suppressed — `min_tokens` on the
 wire — so both paths generate the same tokens). Reported per path: delivered TTFT p50/p95
 (commit → first delta in the caller), inter-token time and tokens/s; then the served path
-over the in-process one. `voice-agent bench model_server [--json]`; exit 1 when the served
-path's tokens/s fall below `--min-ratio` of the in-process pool's.
+over the in-process one, and the CPU each process spent per generated token (from
+/proc: the caller, the model server, the inference workers) — less noisy than wall time on
+a shared machine. `voice-agent bench model_server [--json]`; exit 1 when the served path's
+tokens/s fall below `--min-ratio` of the in-process pool's.
 """
 
 from __future__ import annotations
@@ -23,8 +25,27 @@ from pathlib import Path
 from typing import Any
 
 from agent.bench.inference import Result, _request, _turn, pct, rounded, run_pool, speech_like, workload
+from agent.bench.soak import _proc_tree
 
 KEYS = ("workload", "in_process", "served", "ttft_p50_added_s", "tokens_per_s_ratio", "target_held")
+CPU = ("caller", "server", "workers")  # seconds of CPU per part, summed over runs
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process, all its threads (0 once it has ended)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def snapshot(caller: int, server: int | None) -> dict[str, float]:
+    """CPU so far of the caller, the server process (if any) and the inference workers."""
+    root = server if server is not None else caller
+    workers = [pid for pid in _proc_tree(root) if pid != root]
+    return {"caller": cpu_s(caller), "server": cpu_s(server) if server is not None else 0.0,
+            "workers": sum(cpu_s(pid) for pid in workers)}
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -58,10 +79,12 @@ def pool(total: Result, run: Result) -> None:
     total.seconds += run.seconds
 
 
-def summary(r: Result) -> dict[str, Any]:
+def summary(r: Result, cpu: dict[str, float]) -> dict[str, Any]:
+    per_token = {part: round(1e3 * cpu[part] / r.tokens, 3) if r.tokens else None for part in CPU}
     return {"delivered_ttft_p50_s": rounded(pct(r.ttft, 50)), "delivered_ttft_p95_s": rounded(pct(r.ttft, 95)),
             "itl_p50_s": rounded(pct(r.itl, 50), 5), "tokens_per_s": round(r.tokens_per_s, 1), "tokens": r.tokens,
-            "wall_s": round(r.seconds, 2)}
+            "wall_s": round(r.seconds, 2), "cpu_ms_per_token": per_token,
+            "cpu_ms_per_token_total": round(1e3 * sum(cpu.values()) / r.tokens, 3) if r.tokens else None}
 
 
 async def warm(backend: Any) -> None:
@@ -69,14 +92,19 @@ async def warm(backend: Any) -> None:
                                   [speech_like(1.0, 1)], 4), None)
 
 
-async def in_process(args: argparse.Namespace) -> Result:
+async def in_process(args: argparse.Namespace, cpu: dict[str, float]) -> Result:
     from agent.inference.pool import InferencePool
 
     pool = InferencePool(args.model, workers=1, max_batch=args.sessions, max_queue=4 * args.sessions + 8)
     await pool.start()
     try:
         await warm(pool)
-        return await run_pool(pool, workload(args))
+        before = snapshot(os.getpid(), None)
+        result = await run_pool(pool, workload(args))
+        after = snapshot(os.getpid(), None)
+        for part in CPU:
+            cpu[part] += after[part] - before[part]
+        return result
     finally:
         await pool.close()
 
@@ -96,7 +124,7 @@ def _reachable(listen: str) -> bool:
             return False
 
 
-async def served(args: argparse.Namespace, listen: str) -> Result:
+async def served(args: argparse.Namespace, listen: str, cpu: dict[str, float]) -> Result:
     from agent.inference.openai import OpenAIBackend
 
     server = await asyncio.create_subprocess_exec(
@@ -113,7 +141,12 @@ async def served(args: argparse.Namespace, listen: str) -> Result:
         await backend.start()
         try:
             await warm(backend)
-            return await run_pool(backend, workload(args))
+            before = snapshot(os.getpid(), server.pid)
+            result = await run_pool(backend, workload(args))
+            after = snapshot(os.getpid(), server.pid)
+            for part in CPU:
+                cpu[part] += after[part] - before[part]
+            return result
         finally:
             await backend.close()
     finally:
@@ -126,13 +159,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # the workers of both paths alike
     local, wire = Result(), Result()
+    local_cpu, wire_cpu = dict.fromkeys(CPU, 0.0), dict.fromkeys(CPU, 0.0)
     with tempfile.TemporaryDirectory() as tmp:
         listen = args.listen or f"unix://{Path(tmp) / 'model.sock'}"
         transport = listen.split("://")[0]
         for _ in range(args.repeats):  # alternating, so drift in the machine's load hits both
-            pool(local, asyncio.run(in_process(args)))
-            pool(wire, asyncio.run(served(args, listen)))
-    a, b = summary(local), summary(wire)
+            pool(local, asyncio.run(in_process(args, local_cpu)))
+            pool(wire, asyncio.run(served(args, listen, wire_cpu)))
+    a, b = summary(local, local_cpu), summary(wire, wire_cpu)
     ratio = round(wire.tokens_per_s / local.tokens_per_s, 3) if local.tokens_per_s else None
     added = (pct(wire.ttft, 50) or 0) - (pct(local.ttft, 50) or 0)
     result = {"workload": {"model": args.model, "sessions": args.sessions, "turns": args.turns,
@@ -143,10 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     assert tuple(result) == KEYS
     print(f"model server benchmark · {args.model} · {args.sessions} sessions × {args.turns} turns · "
           f"serve-model over {transport} · {args.repeats} runs of each, pooled")
-    print(f"  {'':14}{'tokens/s':>10}{'TTFT p50':>10}{'TTFT p95':>10}{'ITL p50':>10}{'tokens':>8}")
+    print(f"  {'':14}{'tokens/s':>10}{'TTFT p50':>10}{'TTFT p95':>10}{'ITL p50':>10}{'tokens':>8}"
+          f"   CPU ms/token: caller, server, workers")
     for name, r in (("in-process", a), ("serve-model", b)):
+        c = r["cpu_ms_per_token"]
         print(f"  {name:14}{r['tokens_per_s']:>10.1f}{r['delivered_ttft_p50_s'] or 0:>10.3f}"
-              f"{r['delivered_ttft_p95_s'] or 0:>10.3f}{1e3 * (r['itl_p50_s'] or 0):>8.1f}ms{r['tokens']:>8}")
+              f"{r['delivered_ttft_p95_s'] or 0:>10.3f}{1e3 * (r['itl_p50_s'] or 0):>8.1f}ms{r['tokens']:>8}"
+              f"   {c['caller']:.2f}, {c['server']:.2f}, {c['workers']:.2f}")
     print(f"  served/in-process tokens/s ×{ratio}; TTFT p50 {added * 1e3:+.1f} ms over the wire")
     if args.json:
         print(json.dumps(result))
