@@ -4,6 +4,7 @@ driven by our own `openai` backend over TCP and over a Unix socket."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import importlib.util
 import json
 import signal
@@ -397,3 +398,26 @@ async def test_serve_model_settings_are_validated_and_the_cli_refuses_an_open_po
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     _, err = await asyncio.wait_for(proc.communicate(), GUARD)
     assert proc.returncode == 2 and "set a token" in err.decode() and "Traceback" not in err.decode()
+
+
+async def test_input_audio_of_any_rate_and_channels_becomes_16k_mono() -> None:
+    import io
+    import wave
+
+    from agent.server.model_wire import decode_audio
+
+    t = np.arange(48000) / 48000
+    tone = (0.5 * np.sin(2 * np.pi * 440 * t) * 32767).astype("<i2")
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(2)
+        w.setsampwidth(2)
+        w.setframerate(48000)
+        w.writeframes(np.repeat(tone[:, None], 2, axis=1).tobytes())
+    samples = decode_audio(base64.b64encode(buf.getvalue()).decode(), "wav")
+    assert samples.dtype == np.float32 and abs(samples.size - 16000) <= 64  # one second, at 16 kHz, mono
+    assert 0.45 < float(np.abs(samples).max()) < 0.55  # channels averaged, not summed
+    with pytest.raises(ValueError, match="base64"):
+        decode_audio("not base64!", "wav")
+    with pytest.raises(ValueError, match="WAV"):
+        decode_audio(audio_base64(noise(0.1))[:40], "wav")
