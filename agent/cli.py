@@ -68,6 +68,8 @@ def build_parser(*, description: str | None = None, prog: str | None = "voice-ag
                        f"e.g. tcp://0.0.0.0:10300 (default: {_default(defaults, 'wyoming')})")
     serve.add_argument("--no-http", action="store_true",
                        help="no HTTP server, e.g. only --wyoming (default: HTTP on)")
+    serve.add_argument("--processes", type=_positive, metavar="N", help="media frontend processes around one model "
+                       "server; 1: a single process (default: the cores available, at most 8)")
 
     run = sub.add_parser("run", help="run the pipeline over audio files, faster than real time",
                          description="Each file is one session, fed faster than real time; the transcript "
@@ -90,6 +92,13 @@ def build_parser(*, description: str | None = None, prog: str | None = "voice-ag
     bench.add_argument("name", choices=BENCHMARKS, help="which benchmark")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark (--json, …; default: none)")
     return parser
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
 
 
 def _tools_text(tools: Sequence[Any]) -> str | None:
@@ -128,6 +137,8 @@ def load_cli_settings(args: argparse.Namespace, defaults: dict[str, Any] | None 
         settings.server.port = args.port
     if getattr(args, "no_http", False):
         settings.server.http = False
+    if getattr(args, "processes", None) is not None:
+        settings.server.processes = args.processes
     return settings
 
 
@@ -174,9 +185,9 @@ def main(argv: Sequence[str] | None = None, *, agent: Any = None) -> int:
             return 2
         return asyncio.run(run_files(settings, args.files, instruction=args.instruction, jsonl=args.jsonl,
                                      runtime_options=runtime_options, speak_dir=args.speak_dir))
-    from agent.server.app import serve
+    from agent.server.frontends import serve_processes
 
-    return asyncio.run(serve(settings, runtime_options=runtime_options))
+    return serve_processes(settings, runtime_options)
 
 
 if __name__ == "__main__":
