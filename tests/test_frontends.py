@@ -50,9 +50,9 @@ class Served:
 async def start_serve(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Served:
     script = tmp / "answers.yaml"
     script.write_text(f"turns: ['{ANSWER}']\ndefault: '{ANSWER}'\nchunk: 4\ndelay_s: 0.01\n")
-    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "serve", "--processes", "2", "--backend", "scripted",
+    proc = await asyncio.to_thread(subprocess.Popen, [sys.executable, "-m", "agent.cli", "serve", "--processes", "2", "--backend", "scripted",
                              "--script", str(script), "--port", "0", *args], cwd=ROOT, text=True,
-                            stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
+                            stderr=subprocess.PIPE, env={**os.environ, **(env or {})})  # fmt: skip
     lines: list[str] = []
     assert proc.stderr is not None
     while True:
