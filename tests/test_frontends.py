@@ -156,8 +156,8 @@ async def _exercise(served: Served, samples: Any, mqtt: Observer, broker: Broker
             assert r.status == 405  # the holder's own answer (WHIP PATCH), not a 404 from the wrong process
 
     # MQTT: each frontend publishes its own sessions' events and acts only on its own sessions' commands.
-    for client in (a, b):
-        await until(lambda c=client: mqtt.json_on(f"va/agent/sessions/{c.session_id}/events"), 30, "mqtt events")
+    await until(lambda: all(mqtt.json_on(f"va/agent/sessions/{c.session_id}/events") for c in (a, b)), 30,
+                "mqtt events")
     await until(lambda: mqtt.on("va/agent/frontends/1/status")[-1:] == ["online"], 10, "frontend 1 online")
     assert mqtt.on("va/agent/status")[-1] == "online"
     await send(broker.port, f"va/agent/sessions/{b.session_id}/commands", json.dumps({"type": "response.cancel"}))
