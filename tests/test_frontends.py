@@ -18,8 +18,10 @@ import aiohttp
 import psutil
 import pytest
 
+from agent.events import SpeechStarted
 from agent.server.router import FRONTEND_ENV, FrontendInfo, merge_metrics
-from tests.mosquitto import Broker, Observer, send, until
+from plugins.homeassistant.discovery import Discovery, DiscoveryConfig
+from tests.mosquitto import Broker, Observer, free_port, send, until
 from tests.rtc_util import BufferTrack, RtcClient, connect, loopback_only
 from tests.speech import make_speech
 
@@ -117,7 +119,9 @@ async def test_two_frontends_route_aggregate_and_survive_a_killed_one(tmp_path: 
     config.write_text(f"plugins:\n  mqtt:\n    port: {broker.port}\n    prefix: va\n")
     speech = make_speech([0.4, "turn on the kitchen light", 1.2], "frontends")
     async with Observer(broker.port, "va/#").running() as mqtt:
-        served = await start_serve(tmp_path, "--config", str(config))
+        wyoming = f"tcp://127.0.0.1:{free_port()}"  # one owner: a second frontend would fail to bind it
+        served = await start_serve(tmp_path, "--config", str(config), "--wyoming", wyoming)
+        assert sum("Wyoming on" in line for line in served.lines) == 1
         try:
             await _exercise(served, speech.samples, mqtt, broker)
         finally:
@@ -222,3 +226,22 @@ def test_session_ids_name_their_frontend_and_max_sessions_is_split() -> None:
     sid = infos[2].new_session_id()
     assert [f.owns(sid) for f in infos] == [False, False, True]
     assert infos[0].owns(None) and infos[0].owns("legacy-id") and infos[0].owns("f9-abc")  # unknown: frontend 0
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_home_assistant_discovery_has_one_owner(broker: Broker) -> None:
+    """Every frontend publishes its sessions' states; only frontend 0 announces the device and its
+    availability, so another frontend stopping (or dying) does not take the device offline."""
+    config = DiscoveryConfig(port=broker.port, state_prefix="one")
+    async with Observer(broker.port, "#").running() as mqtt:
+        owner, other = Discovery(config, "agent"), Discovery(config, "agent", owner=False)
+        owner.start()
+        other.start()
+        await until(lambda: owner.conn.connected.is_set() and other.conn.connected.is_set(), 10, "connected")
+        other.on_event(SpeechStarted(session_id="f1-abc", t=0.0))
+        await until(lambda: mqtt.on("one/agent/ha/listening")[-1:] == ["ON"], 10, "listening from frontend 1")
+        await other.stop()
+        await owner.stop()
+        await until(lambda: mqtt.on("one/agent/ha/availability")[-1:] == ["offline"], 10, "owner offline")
+        assert mqtt.on("one/agent/ha/availability") == ["online", "offline"]  # the owner's only
+        assert len(mqtt.on("homeassistant/switch/agent/muted/config")) == 1
