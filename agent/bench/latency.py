@@ -4,7 +4,8 @@ Real aiortc peers (spread over a few client processes) call a real `voice-agent 
 subprocess (`--processes 1,2`). Each peer speaks espeak-ng utterances paced in real time, with
 pauses between them long enough for the answer, from a track that stamps the time it hands
 over each frame, so the moment the last speech sample of each utterance left is known. The
-latency of a turn is the first received frame louder than `AUDIBLE_RMS` after that moment.
+latency of a turn is the first received frame louder than `AUDIBLE_RMS` after that moment
+that starts a stretch of the agent's voice (not the tail of an earlier answer still arriving).
 One utterance in each peer's list hesitates ("set a timer for, um," … "ten minutes"): a
 commit inside it is a premature cut-off (counted from `turn.committed` against the known
 bounds). Answers are scripted, paced like a 7B on a GPU (`--token-ms` per 4-character chunk,
@@ -45,6 +46,7 @@ import numpy as np
 RATE = 16000
 FRAME = 320  # 20 ms, what a browser sends per packet
 AUDIBLE_RMS = 500.0  # int16 RMS: well above Opus noise on silence, well below espeak's speech
+ONSET_GAP_S = 0.25  # an answer starts at an audible frame after this long without one (not a late tail)
 ANSWER = "Sure thing, the kitchen light is on now."
 UTTERANCES: list[list[str | float]] = [  # text, or seconds of a pause inside the utterance
     ["turn on the kitchen light"],
@@ -148,10 +150,11 @@ async def _clients(url: str, scripts: list[Script]) -> list[dict[str, Any]]:
         mic = Mic(script.samples)
         channel = pc.createDataChannel("events")
         events: list[dict[str, Any]] = []
-        audible: list[float] = []
+        onsets: list[float] = []  # when each stretch of the agent's voice began to arrive
         channel.on("message", lambda m: events.append(json.loads(m)))
 
         async def listen(track: Any) -> None:
+            last = -1.0
             while True:
                 try:
                     frame = await track.recv()
@@ -159,7 +162,10 @@ async def _clients(url: str, scripts: list[Script]) -> list[dict[str, Any]]:
                     return
                 pcm = frame.to_ndarray().astype(np.float32)
                 if float(np.sqrt(np.mean(pcm * pcm))) > AUDIBLE_RMS:
-                    audible.append(time.monotonic())
+                    now = time.monotonic()
+                    if now - last > ONSET_GAP_S:
+                        onsets.append(now)
+                    last = now
 
         listeners: list[asyncio.Task[None]] = []
         pc.on("track", lambda track: listeners.append(asyncio.ensure_future(listen(track))))
@@ -180,7 +186,7 @@ async def _clients(url: str, scripts: list[Script]) -> list[dict[str, Any]]:
         for start, stop in script.utterances:
             last = (stop - 1) // FRAME  # the frame that carries the last speech sample
             sent = mic.sent[last] if last < len(mic.sent) else None
-            heard = next((t for t in audible if sent is not None and t > sent), None)
+            heard = next((t for t in onsets if sent is not None and t > sent), None)
             turns.append({"start_s": start / RATE, "end_s": stop / RATE,
                           "v2v_s": None if heard is None or sent is None or heard - sent > GAP_S else heard - sent})
         return {"session_id": answer.get("session_id", ""), "turns": turns,
