@@ -84,6 +84,12 @@ def build_parser(*, description: str | None = None, prog: str | None = "voice-ag
     run.add_argument("--speak-dir", metavar="DIR", help="with --tts: write each spoken answer as DIR/<turn_id>.wav "
                      "(default: none)")
 
+    model = sub.add_parser("serve-model", help="the inference pool as an OpenAI-compatible model server",
+                           description="Serve the inference pool (workers, batching, KV reuse) on the OpenAI "
+                           "chat-completions wire, for `--backend openai --openai-url URL` clients: "
+                           "POST /v1/chat/completions, /v1/models, /healthz, /metrics.")
+    _model_server_options(model, defaults)
+
     sub.add_parser("schema", help="print the JSON Schema of all events and commands",
                    description="Print the JSON Schema of all events and commands.")
 
@@ -99,6 +105,26 @@ def _positive(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
     return n
+
+
+def _model_server_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    d = lambda key: _default(defaults, key)  # noqa: E731
+    p.add_argument("--config", metavar="FILE", help="YAML configuration file; VOICE_AGENT_* variables and "
+                   "these flags override it (default: none)")
+    p.add_argument("--model", help=f"as for serve (default: {d('model')})")
+    p.add_argument("--workers", type=int, metavar="N", help="worker processes (default: one per GPU, else 1)")
+    p.add_argument("--max-batch", type=int, metavar="N", help=f"requests decoded together per worker "
+                   f"(default: {d('max_batch')})")
+    p.add_argument("--max-queue", type=int, metavar="N", help=f"requests in flight before HTTP 429 "
+                   f"(default: {d('max_queue')})")
+    p.add_argument("--max-new-tokens", type=int, metavar="N",
+                   help=f"answer length when a request gives no max_tokens (default: {d('max_new_tokens')})")
+    p.add_argument("--listen", metavar="URI", help="tcp://HOST:PORT or unix:///PATH "
+                   "(default: tcp://127.0.0.1:8000, model_server.listen)")
+    p.add_argument("--token", help="bearer token clients must send; required beyond loopback "
+                   "(default: none, model_server.token)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO (default: warnings only)")
+    p.set_defaults(backend=None, script=None, openai_url=None, system_prompt=None)  # not a model server's
 
 
 def _tools_text(tools: Sequence[Any]) -> str | None:
@@ -121,6 +147,8 @@ def load_cli_settings(args: argparse.Namespace, defaults: dict[str, Any] | None 
         "model": args.model, "backend": args.backend, "script": args.script, "openai_url": args.openai_url,
         "max_new_tokens": args.max_new_tokens, "system_prompt": args.system_prompt,
         "wyoming": getattr(args, "wyoming", None),
+        "workers": getattr(args, "workers", None), "max_batch": getattr(args, "max_batch", None),
+        "max_queue": getattr(args, "max_queue", None),
     }.items() if v is not None}
     tts = getattr(args, "tts", None)
     voice = getattr(args, "tts_voice", None)
@@ -185,9 +213,13 @@ def main(argv: Sequence[str] | None = None, *, agent: Any = None) -> int:
             return 2
         return asyncio.run(run_files(settings, args.files, instruction=args.instruction, jsonl=args.jsonl,
                                      runtime_options=runtime_options, speak_dir=args.speak_dir))
+    if args.command == "serve-model":
+        from agent.server.model_server import run_model_server
+
+        return asyncio.run(run_model_server(settings, args.listen, args.token))
     from agent.server.frontends import serve_processes
 
-    return serve_processes(settings, runtime_options)
+    return serve_processes(settings, runtime_options, config=args.config)
 
 
 if __name__ == "__main__":

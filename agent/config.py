@@ -63,6 +63,18 @@ class ServerSettings(BaseModel):
     processes: Int | None = Field(default=None, ge=1)  # serve: frontend processes; None: the cores, at most 8
 
 
+class ModelServerSettings(BaseModel):
+    """`voice-agent serve-model`: the inference pool behind the OpenAI chat-completions wire."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    listen: str = Field(default="tcp://127.0.0.1:8000", pattern=r"^(tcp|unix)://.+")
+    token: str | None = None  # bearer token; required when listening beyond loopback
+    max_conversations: Int = Field(default=1024, ge=1)  # conversation keys (their KV) kept, LRU
+    conversation_ttl_s: Float = Field(default=600.0, gt=0)  # a key idle this long is forgotten
+    max_body_bytes: Int = Field(default=64 * 1024**2, ge=1024)  # a whole conversation, audio as base64 WAV
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid")
 
@@ -92,6 +104,7 @@ class Settings(BaseSettings):
     plugins: dict[str, dict[str, Any]] = Field(default_factory=dict)
     tts: TTSSettings = Field(default_factory=TTSSettings)  # speech out; engine `none` = text only
     wyoming: str | None = Field(default=None, pattern=r"^(tcp|unix)://")  # Wyoming server, e.g. tcp://0.0.0.0:10300
+    model_server: ModelServerSettings = Field(default_factory=ModelServerSettings)
 
     _yaml: dict[str, Any] = {}
 

@@ -55,7 +55,7 @@ def default_processes() -> int:
     return max(1, min(cores, MAX_DEFAULT_PROCESSES))
 
 
-def serve_processes(settings: Settings, runtime_options: dict[str, Any]) -> int:
+def serve_processes(settings: Settings, runtime_options: dict[str, Any], config: str | None = None) -> int:
     """`serve`: a frontend when the supervisor started this process, else one process or N."""
     from agent.server.app import serve
 
@@ -66,7 +66,7 @@ def serve_processes(settings: Settings, runtime_options: dict[str, Any]) -> int:
     n = settings.server.processes or default_processes()
     if n <= 1 or not settings.server.http:
         return asyncio.run(serve(settings, runtime_options=runtime_options))
-    return asyncio.run(Supervisor(settings, n).run())
+    return asyncio.run(Supervisor(settings, n, config).run())
 
 
 async def run_frontend(settings: Settings, info: FrontendInfo, runtime_options: dict[str, Any]) -> int:
@@ -78,15 +78,21 @@ async def run_frontend(settings: Settings, info: FrontendInfo, runtime_options: 
         settings.wyoming = None  # one owner: HA's later connections must reach the same process
     if info.openai_url is not None:  # the supervisor's model server
         settings.backend, settings.openai_url = "openai", info.openai_url
+        settings.openai_api_key = settings.model_server.token or settings.openai_api_key
     return await serve(settings, runtime_options=runtime_options, frontend=Router(info))
 
 
-def model_server_command(settings: Settings, sock: str) -> list[str] | None:
-    """How the supervisor starts the pool (None: the frontends use the configured backend)."""
+def model_server_command(settings: Settings, sock: str, config: str | None = None) -> list[str] | None:
+    """How the supervisor starts the pool (None: the frontends use the configured backend):
+    the settings `serve` resolved (flags, environment, file), the rest from the same file."""
     if settings.backend != "transformers":
         return None
-    cmd = [sys.executable, "-m", "agent.cli", "serve-model", "--model", settings.model, "--socket", sock]
-    return cmd + (["-v"] if log.isEnabledFor(logging.INFO) else [])
+    cmd = [sys.executable, "-m", "agent.cli", "serve-model", "--listen", f"unix://{sock}", "--model", settings.model,
+           "--max-batch", str(settings.max_batch), "--max-queue", str(settings.max_queue),
+           "--max-new-tokens", str(settings.max_new_tokens)]
+    cmd += ["--workers", str(settings.workers)] if settings.workers else []
+    cmd += ["--config", config] if config else []
+    return cmd + (["-v"] if logging.getLogger().isEnabledFor(logging.INFO) else [])
 
 
 @dataclass
@@ -111,9 +117,10 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, processes: int) -> None:
+    def __init__(self, settings: Settings, processes: int, config: str | None = None) -> None:
         self.settings = settings
         self.processes = processes
+        self.config = config
         self.run_dir = tempfile.mkdtemp(prefix="voice-agent-")
         self.children: list[Child] = []
         self.stopping = asyncio.Event()
@@ -135,7 +142,7 @@ class Supervisor:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stopping.set)
         model_sock = os.path.join(self.run_dir, "model.sock")
-        model_cmd = model_server_command(self.settings, model_sock)
+        model_cmd = model_server_command(self.settings, model_sock, self.config)
         if model_cmd is not None:
             self.children.append(Child("model server", model_cmd, dict(os.environ), model_sock, need_ok=True))
         for i in range(self.processes):
