@@ -49,11 +49,12 @@ class Served:
         return FrontendInfo(**json.loads(self.frontends()[index].environ()[FRONTEND_ENV]))
 
 
-async def start_serve(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Served:
+async def start_serve(tmp: Path, *args: str, env: dict[str, str] | None = None, scripted: bool = True) -> Served:
     script = tmp / "answers.yaml"
     script.write_text(f"turns: ['{ANSWER}']\ndefault: '{ANSWER}'\nchunk: 4\ndelay_s: 0.01\n")
-    proc = await asyncio.to_thread(subprocess.Popen, [sys.executable, "-m", "agent.cli", "serve", "--processes", "2", "--backend", "scripted",
-                             "--script", str(script), "--port", "0", *args], cwd=ROOT, text=True,
+    backend = ["--backend", "scripted", "--script", str(script)] if scripted else []
+    proc = await asyncio.to_thread(subprocess.Popen, [sys.executable, "-m", "agent.cli", "serve", "--processes", "2", *backend,
+                             "--port", "0", *args], cwd=ROOT, text=True,
                             stderr=subprocess.PIPE, env={**os.environ, **(env or {})})  # fmt: skip
     lines: list[str] = []
     assert proc.stderr is not None
@@ -245,3 +246,36 @@ async def test_home_assistant_discovery_has_one_owner(broker: Broker) -> None:
         await until(lambda: mqtt.on("one/agent/ha/availability")[-1:] == ["offline"], 10, "owner offline")
         assert mqtt.on("one/agent/ha/availability") == ["online", "offline"]  # the owner's only
         assert len(mqtt.on("homeassistant/switch/agent/muted/config")) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio(loop_scope="module")
+async def test_one_model_server_for_both_frontends_killed_and_restarted(tmp_path: Path) -> None:
+    """The local pool runs once, as `serve-model` on a Unix socket; killing it fails turns with
+    backend_unavailable until the supervisor has it back, and no frontend restarts."""
+    speech = make_speech([0.4, "turn on the kitchen light", 1.2], "frontends")
+    served = await start_serve(tmp_path, "--model", "tiny-random", "--max-new-tokens", "4",
+                               env={"OMP_NUM_THREADS": "1"}, scripted=False)
+    try:
+        model = next(p for p in psutil.Process(served.proc.pid).children() if "serve-model" in p.cmdline())
+        frontends = {i: p.pid for i, p in served.frontends().items()}
+        assert sorted(frontends) == [0, 1]
+        client = await connect(served.url, BufferTrack(speech.samples, loop=True))
+        await client.wait_for("response.done", timeout=120)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{served.url}/healthz") as r:
+                assert (await r.json())["model_server"] == "ok"
+            async with http.get(f"{served.url}/metrics") as r:
+                assert "voice_agent_kv_cache" in await r.text()  # the pool's own figures, from the model server
+            model.send_signal(signal.SIGKILL)
+            error = await client.wait_for("error", timeout=120)
+            assert error[0]["code"] == "backend_unavailable", error
+            answered = len(client.of_type("response.done"))
+            await client.wait_for("response.done", answered + 1, timeout=180)  # the restarted pool answers
+            async with http.get(f"{served.url}/healthz") as r:
+                assert (await r.json())["model_server"] == "ok"
+        assert {i: p.pid for i, p in served.frontends().items()} == frontends  # no frontend restarted
+        assert any("model server exited" in line for line in served.lines)
+        await client.close()
+    finally:
+        await asyncio.to_thread(stop_serve, served)

@@ -77,7 +77,7 @@ async def run_frontend(settings: Settings, info: FrontendInfo, runtime_options: 
     if info.index != 0:
         settings.wyoming = None  # one owner: HA's later connections must reach the same process
     if info.openai_url is not None:  # the supervisor's model server
-        settings.backend, settings.openai_url = "openai", info.openai_url
+        settings.backend, settings.openai_url, settings.openai_model = "openai", info.openai_url, settings.model
         settings.openai_api_key = settings.model_server.token or settings.openai_api_key
     return await serve(settings, runtime_options=runtime_options, frontend=Router(info))
 
@@ -150,9 +150,13 @@ class Supervisor:
                                 f"unix://{model_sock}" if model_cmd is not None else None)
             self.children.append(Child(f"frontend {i}", [sys.executable, *sys.orig_argv[1:]],
                                        {**os.environ, FRONTEND_ENV: info.to_env()}, info.socket(i)))
-        watchers = [asyncio.create_task(self._watch(child)) for child in self.children]
+        watchers = []
         try:
-            ok = await self._wait_ready()
+            if model_cmd is not None:  # first: the frontends' backends then see the model it serves
+                watchers.append(asyncio.create_task(self._watch(self.children[0])))
+                await self._wait_ready(self.children[:1])
+            watchers += [asyncio.create_task(self._watch(child)) for child in self.children[len(watchers):]]
+            ok = not self.stopping.is_set() and await self._wait_ready(self.children)
             reserved.close()  # the frontends listen on it now
             if not ok:
                 return 2
@@ -169,19 +173,19 @@ class Supervisor:
             await self._stop_all()
             await asyncio.gather(*watchers, return_exceptions=True)
 
-    async def _wait_ready(self) -> bool:
-        """True once every child answers; False (said why) when one exits first or never answers."""
+    async def _wait_ready(self, children: list[Child]) -> bool:
+        """True once these children answer; False (said why) when one exits first or never answers."""
         async def all_ready() -> None:
-            for child in self.children:
+            for child in children:
                 await child.ready.wait()
 
         ready = asyncio.create_task(all_ready())
         stop = asyncio.create_task(self.stopping.wait())
-        timeout = MODEL_START_TIMEOUT_S if len(self.children) > self.processes else START_TIMEOUT_S
+        timeout = MODEL_START_TIMEOUT_S if any(c.need_ok for c in children) else START_TIMEOUT_S
         await asyncio.wait([ready, stop], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         ready.cancel()
         stop.cancel()
-        failed = [c for c in self.children if not c.ready.is_set()]
+        failed = [c for c in children if not c.ready.is_set()]
         if failed:
             print(f"voice-agent: {', '.join(c.name for c in failed)} did not start", file=sys.stderr)
         return not failed

@@ -103,7 +103,7 @@ class Router:
 
     def __init__(self, info: FrontendInfo) -> None:
         self.info = info
-        self._clients: dict[int, aiohttp.ClientSession] = {}
+        self._clients: dict[str, aiohttp.ClientSession] = {}  # by Unix socket
         self._sessions: set[str] = set()
         self._sessions_file = Path(info.run_dir) / f"frontend-{info.index}.sessions"
 
@@ -147,12 +147,18 @@ class Router:
         tmp.write_text(json.dumps(sorted(self._sessions)))
         tmp.replace(self._sessions_file)
 
-    def client(self, index: int) -> aiohttp.ClientSession:
-        if index not in self._clients:
-            self._clients[index] = aiohttp.ClientSession(
-                connector=aiohttp.UnixConnector(path=self.info.socket(index)),
-                timeout=aiohttp.ClientTimeout(total=None, connect=5))
-        return self._clients[index]
+    def client(self, index: int | str) -> aiohttp.ClientSession:
+        """A client for frontend `index`'s socket, or for the socket at a path."""
+        path = self.info.socket(index) if isinstance(index, int) else index
+        if path not in self._clients:
+            self._clients[path] = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=path),
+                                                        timeout=aiohttp.ClientTimeout(total=None, connect=5))
+        return self._clients[path]
+
+    @property
+    def model_socket(self) -> str | None:
+        url = self.info.openai_url or ""
+        return url[len("unix://"):] if url.startswith("unix://") else None
 
     async def _close(self, app: web.Application) -> None:
         await asyncio.gather(*(c.close() for c in self._clients.values()))
@@ -249,9 +255,10 @@ class Router:
         return ws
 
     # ---- the whole server's view --------------------------------------------------
-    async def _gather(self, path: str, headers: dict[str, str] | None = None) -> list[tuple[int, Any]]:
-        """(index, (status, body) or None when down) for every frontend, this one included."""
-        async def one(index: int) -> tuple[int, Any]:
+    async def _gather(self, path: str, headers: dict[str, str] | None = None) -> list[tuple[int | str, Any]]:
+        """(index, (status, body) or None when down) for every frontend, this one included, and
+        ("model", …) for the supervisor's model server when there is one."""
+        async def one(index: int | str) -> tuple[int | str, Any]:
             try:
                 async with self.client(index).get(f"http://frontend{path}", headers={
                         **(headers or {}), FORWARDED: str(self.info.index)},
@@ -260,12 +267,16 @@ class Router:
             except (aiohttp.ClientError, OSError, TimeoutError):
                 return index, None
 
-        return list(await asyncio.gather(*(one(i) for i in range(self.info.count))))
+        model = [self.model_socket] if self.model_socket is not None else []
+        return list(await asyncio.gather(*(one(i) for i in [*range(self.info.count), *model])))
 
     async def healthz(self) -> web.Response:
         frontends: list[dict[str, Any]] = []
-        sessions, body0 = 0, dict[str, Any]()
+        sessions, body0, model_server = 0, dict[str, Any](), None
         for index, got in await self._gather("/healthz"):
+            if isinstance(index, str):  # the model server
+                model_server = "down" if got is None else json.loads(got[1]).get("status", "ok")
+                continue
             if got is None:
                 frontends.append({"index": index, "status": "down"})
                 continue
@@ -274,30 +285,41 @@ class Router:
             sessions += int(body.get("sessions", 0))
             frontends.append({"index": index, "status": body.get("status", "ok"), "sessions": body.get("sessions", 0)})
         up = sum(f["status"] == "ok" for f in frontends)
-        status = "ok" if up == len(frontends) else "degraded" if up else "unavailable"
-        return web.json_response({"status": status, "sessions": sessions, "model": body0.get("model", ""),
-                                  "plugins": body0.get("plugins", {}), "frontends": frontends},
-                                 status=200 if up else 503)
+        status = "ok" if up == len(frontends) and model_server in (None, "ok") else "degraded" if up else "unavailable"
+        body = {"status": status, "sessions": sessions, "model": body0.get("model", ""),
+                "plugins": body0.get("plugins", {}), "frontends": frontends}
+        if model_server is not None:
+            body["model_server"] = model_server
+        return web.json_response(body, status=200 if up else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
-        texts = {i: got[1].decode() for i, got in await self._gather("/metrics", self._headers(request))
-                 if got is not None and got[0] == 200}
+        got_all = await self._gather("/metrics", self._headers(request))
+        texts = {i: got[1].decode() for i, got in got_all if isinstance(i, int) and got is not None and got[0] == 200}
+        model = next((got[1].decode() for i, got in got_all if isinstance(i, str) and got is not None), None)
         if not texts:
             return error(503, "no frontend answered")
-        return web.Response(text=merge_metrics(texts, self.info.count),
+        return web.Response(text=merge_metrics(texts, self.info.count, model),
                             content_type="text/plain", charset="utf-8")
 
 
-def merge_metrics(texts: dict[int, str], count: int) -> str:
+def merge_metrics(texts: dict[int, str], count: int, model_server: str | None = None) -> str:
     """Prometheus text of several processes as one: samples with the same name and labels are
-    summed; `PER_PROCESS` families keep one sample per frontend (label `frontend`)."""
+    summed; `PER_PROCESS` families keep one sample per frontend (label `frontend`). The model
+    server's families are added where no frontend has one of that name (the frontends' own
+    view of the backend, e.g. requests in flight from them, is kept)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     families: dict[str, tuple[str, str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]] = {}
-    for index, text in sorted(texts.items()):
+    sources: list[tuple[int | None, str]] = [*sorted(texts.items()), *([(None, model_server)] if model_server else [])]
+    frontend_names: set[str] = set()
+    for index, text in sources:
         for family in text_string_to_metric_families(text):
             if family.name.endswith("_created"):
                 continue  # creation times, not amounts
+            if index is None and family.name in frontend_names:
+                continue
+            if index is not None:
+                frontend_names.add(family.name)
             _, _, samples = families.setdefault(family.name, (family.type, family.documentation, {}))
             for s in family.samples:
                 if s.name.endswith("_created"):
