@@ -22,7 +22,7 @@ from agent.events import SpeechStarted
 from agent.server.router import FRONTEND_ENV, FrontendInfo, merge_metrics
 from plugins.homeassistant.discovery import Discovery, DiscoveryConfig
 from tests.mosquitto import Broker, Observer, free_port, send, until
-from tests.rtc_util import BufferTrack, RtcClient, connect, loopback_only
+from tests.rtc_util import BufferTrack, RtcClient, connect, loopback_only, offer
 from tests.speech import make_speech
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,7 +91,8 @@ async def broker(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Brok
 
 
 async def peers_on_both(url: str, samples: Any) -> dict[int, RtcClient]:
-    """Offers over new connections until each frontend holds one (the kernel picks by hash)."""
+    """Offers over new connections until each frontend holds one (the kernel picks by hash; with
+    one session per frontend a full one passes the offer on)."""
     held: dict[int, RtcClient] = {}
     for _ in range(16):
         client = await connect(url, BufferTrack(samples, loop=True))
@@ -121,7 +122,8 @@ async def test_two_frontends_route_aggregate_and_survive_a_killed_one(tmp_path: 
     speech = make_speech([0.4, "turn on the kitchen light", 1.2], "frontends")
     async with Observer(broker.port, "va/#").running() as mqtt:
         wyoming = f"tcp://127.0.0.1:{free_port()}"  # one owner: a second frontend would fail to bind it
-        served = await start_serve(tmp_path, "--config", str(config), "--wyoming", wyoming)
+        served = await start_serve(tmp_path, "--config", str(config), "--wyoming", wyoming,
+                                   env={"VOICE_AGENT_SERVER__MAX_SESSIONS": "2"})  # one per frontend
         assert sum("Wyoming on" in line for line in served.lines) == 1
         try:
             await _exercise(served, speech.samples, mqtt, broker)
@@ -149,6 +151,11 @@ async def _exercise(served: Served, samples: Any, mqtt: Observer, broker: Broker
         assert {e["session_id"] for e in ws_events[i]} == {peers[i].session_id}
 
     async with aiohttp.ClientSession() as http:
+        # max_sessions is the whole server's: a full frontend passes offers on; both full → 503
+        pc, _ = await offer(BufferTrack(samples))
+        async with http.post(f"{served.url}/v1/sessions", json={"type": "offer", "sdp": pc.localDescription.sdp}) as r:
+            assert r.status == 503 and "limit of 2 sessions" in (await r.json())["error"]
+        await pc.close()
         async with http.get(f"{served.url}/healthz") as r:
             health = await r.json()
         assert r.status == 200 and health["status"] == "ok" and health["sessions"] == 2

@@ -8,7 +8,8 @@ latency of a turn is the first received frame louder than `AUDIBLE_RMS` after th
 that starts a stretch of the agent's voice (not the tail of an earlier answer still arriving).
 One utterance in each peer's list hesitates ("set a timer for, um," … "ten minutes"): a
 commit inside it is a premature cut-off (counted from `turn.committed` against the known
-bounds). Answers are scripted, paced like a 7B on a GPU (`--token-ms` per 4-character chunk,
+bounds; such an utterance counts as cut, not in the latency figures, whose `turns` are the
+utterances left whole). Answers are scripted, paced like a 7B on a GPU (`--token-ms` per 4-character chunk,
 ≈ one token) or come from `--backend tiny-random`; speech out is espeak.
 
 A baseline runs in the same invocation with today's turn-taking (`turns.min_silence_s=0.5`,
@@ -267,9 +268,11 @@ def run_point(server: Server, peers: int, scripts: list[Script], client_procs: i
     for p in procs:
         p.join(10)
     peer_results = [r for res in results for r in res["peers"]]
-    v2v = sorted(t["v2v_s"] for r in peer_results for t in r["turns"] if t["v2v_s"] is not None)
-    turns = sum(len(r["turns"]) for r in peer_results)
-    premature = sum(_premature(r) for r in peer_results)
+    cut = [_cut(r, t) for r in peer_results for t in r["turns"]]
+    whole = [t for r in peer_results for t in r["turns"] if not _cut(r, t)]
+    # What a cut-off turn's user hears first is the answer to half a sentence: not a latency.
+    v2v = sorted(t["v2v_s"] for t in whole if t["v2v_s"] is not None)
+    turns, premature = len(whole), sum(cut)
     stages: dict[str, list[float]] = {}
     for r in peer_results:
         for timing in r["timings"]:
@@ -284,10 +287,9 @@ def run_point(server: Server, peers: int, scripts: list[Script], client_procs: i
             "client_cpu_per_peer": round(sum(r["cpu_s"] for r in results) / wall / peers, 4)}
 
 
-def _premature(peer: dict[str, Any]) -> int:
-    """Commits whose turn ends inside an utterance (session seconds ≈ the peer's sample clock)."""
-    return sum(1 for c in peer["committed"] for t in peer["turns"]
-               if t["start_s"] + 0.2 < float(c.get("end", -1)) < t["end_s"] - 0.2)
+def _cut(peer: dict[str, Any], turn: dict[str, Any]) -> bool:
+    """A commit whose turn ends inside this utterance (session seconds ≈ the peer's sample clock)."""
+    return any(turn["start_s"] + 0.2 < float(c.get("end", -1)) < turn["end_s"] - 0.2 for c in peer["committed"])
 
 
 def _percentiles(values: list[float]) -> dict[str, float | None]:
