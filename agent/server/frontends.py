@@ -112,7 +112,8 @@ class Child:
         self.ready.clear()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.health)  # a dead process's socket: readiness means the new one's
-        self.proc = await asyncio.create_subprocess_exec(*self.argv, env=self.env, stdin=asyncio.subprocess.DEVNULL)
+        self.proc = await asyncio.create_subprocess_exec(*self.argv, env=self.env, stdin=asyncio.subprocess.DEVNULL,
+                                                         preexec_fn=_die_with_parent)
         self.started = time.monotonic()
 
 
@@ -243,6 +244,17 @@ class Supervisor:
                     with contextlib.suppress(ProcessLookupError):
                         proc.kill()
                     await proc.wait()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM when the supervisor dies, even by SIGKILL, so no
+    frontend or model server is left behind holding the port or the GPU."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
