@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-BENCHMARKS = ("vad", "inference", "webrtc", "livekit", "tts", "mqtt", "soak", "latency")
+BENCHMARKS = ("vad", "inference", "webrtc", "livekit", "tts", "mqtt", "soak", "model_server", "latency")
 DESCRIPTION = "Qwen2-Audio voice agent: audio in, text answers and tool calls out."
 
 

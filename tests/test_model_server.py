@@ -6,12 +6,9 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
-import os
 import signal
 import socket
-import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -328,19 +325,21 @@ def _connectable(path: str) -> bool:
 @pytest.mark.slow
 async def test_voice_agent_run_against_a_serve_model_process(tmp_path: Path, speech_two: Any) -> None:
     path = str(tmp_path / "pool.sock")
-    server = subprocess.Popen([sys.executable, "-m", "agent.cli", "serve-model", "--model", "tiny-random",
-                               "--listen", f"unix://{path}", "--max-new-tokens", "6"],
-                              stderr=subprocess.PIPE, text=True)
+    server = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent.cli", "serve-model", "--model", "tiny-random", "--listen", f"unix://{path}",
+        "--max-new-tokens", "6", stderr=asyncio.subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 180
-        while not _connectable(path):  # ready: the socket accepts once the pool has loaded
-            assert server.poll() is None and time.monotonic() < deadline, server.stderr and server.stderr.read()
-            await asyncio.sleep(0.2)
-        run = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "agent.cli", "run", str(speech_two.path), "--jsonl",
-                              "--backend", "openai", "--openai-url", f"unix://{path}", "--max-new-tokens", "6"],
-                             capture_output=True, text=True, timeout=240)
-        assert run.returncode == 0, run.stderr
-        events = [json.loads(line) for line in run.stdout.splitlines()]
+        async with asyncio.timeout(180):  # ready: the socket accepts once the pool has loaded
+            while not _connectable(path):
+                assert server.returncode is None
+                await asyncio.sleep(0.2)
+        run = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agent.cli", "run", str(speech_two.path), "--jsonl", "--backend", "openai",
+            "--openai-url", f"unix://{path}", "--max-new-tokens", "6",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(run.communicate(), 240)
+        assert run.returncode == 0, err.decode()
+        events = [json.loads(line) for line in out.decode().splitlines()]
         done = [e for e in events if e["type"] == "response.done"]
         assert events[0]["model"] == "tiny-random" and len(done) == 2 and all(d["tokens"] > 0 for d in done)
         metrics = await _metrics(path)
@@ -349,9 +348,11 @@ async def test_voice_agent_run_against_a_serve_model_process(tmp_path: Path, spe
         assert float(reused[0].split()[-1]) > 0  # the second turn reused the first turn's KV
         assert 'voice_agent_model_conversations_forgotten_total{reason="deleted"} 1.0' in metrics  # session end
     finally:
-        server.send_signal(signal.SIGTERM)
-        assert await asyncio.to_thread(server.wait, 60) == 0
-    assert not os.path.exists(path)
+        if server.returncode is None:
+            server.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(server.communicate(), 60)
+    assert server.returncode == 0, err.decode()
+    assert "model server on unix://" in err.decode() and not _connectable(path)
 
 
 async def _metrics(path: str) -> str:
@@ -382,3 +383,17 @@ async def test_the_livekit_example_job_uses_the_pool_server(served: Served, spee
     # The job's session ended with the AgentSession: its conversation was freed on the server.
     await until(lambda: served.metric("voice_agent_model_conversations_forgotten_total", reason="deleted") > forgotten)
     await model.aclose()
+
+
+async def test_serve_model_settings_are_validated_and_the_cli_refuses_an_open_port(tmp_path: Path) -> None:
+    from agent.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model_server.listen"):
+        load_settings(None, model_server={"listen": "http://127.0.0.1:8000"})
+    with pytest.raises(ConfigError, match="max_conversation"):
+        load_settings(None, model_server={"max_conversation": 5})  # a typo is named, not ignored
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent.cli", "serve-model", "--listen", "tcp://0.0.0.0:0", "--max-queue", "4",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), GUARD)
+    assert proc.returncode == 2 and "set a token" in err.decode() and "Traceback" not in err.decode()

@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SWEEP_S = 5.0  # how often idle conversation keys are looked for
+BIG_BODY = 256 * 1024  # bytes: a body this large is parsed in a thread
 PUBLIC = {"/healthz"}
 
 
@@ -198,41 +199,21 @@ class ModelServer:
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
-        try:
-            body = ChatRequest.model_validate(json.loads(await request.read()))
-        except (ValueError, RecursionError, ValidationError) as exc:
-            reason = describe_validation_error(exc, "body") if isinstance(exc, ValidationError) else \
-                f"the body is not JSON: {str(exc)[:200]}"
-            return fail(400, reason, "invalid_request_error", "invalid_request")
-        if body.model not in self.model_names:
-            return fail(404, f"the model {body.model!r} does not exist here; this server serves "
-                        f"{self.pool.model_name!r}", "invalid_request_error", "model_not_found")
-        if (problem := body.unsupported()) is not None:
-            return fail(400, problem, "invalid_request_error", "unsupported")
         key = request.headers.get(CONVERSATION_HEADER)
         if key is not None:
             key = _key(key)
         turn = _key(request.headers.get(TURN_HEADER) or uuid.uuid4().hex)
-        max_new = body.max_new_tokens(self.settings.max_new_tokens)
-        if max_new > self.max_model_len:
-            return fail(400, f"max_tokens {max_new} exceeds the model's context ({self.max_model_len})",
-                        "invalid_request_error", "invalid_request")
+        raw = await request.read()
         known = self.keys.clips(key) if key is not None else {}
-        used: dict[str, np.ndarray] = {}
-
-        def decode(data: str, fmt: str) -> np.ndarray:
-            clip = known.get(data)
-            if clip is None:
-                clip = decode_audio(data, fmt)
-            used[data] = clip
-            return clip
-
-        try:
-            messages, audios = from_openai_messages([m.model_dump() for m in body.messages], decode)
-        except ValueError as exc:
-            return fail(400, str(exc), "invalid_request_error", "invalid_audio")
+        # A whole conversation's audio is megabytes of JSON: parsed off the event loop, so
+        # other streams keep flowing meanwhile.
+        parsed = await asyncio.to_thread(self._parse, raw, known) if len(raw) > BIG_BODY else self._parse(raw, known)
+        if isinstance(parsed, web.Response):
+            return parsed
+        body, messages, audios, used = parsed
+        max_new = body.max_new_tokens(self.settings.max_new_tokens)
         min_tokens = (body.model_extra or {}).get("min_tokens")  # vLLM's extension: EOS suppressed until then
-        extra = {"min_new_tokens": min_tokens} if isinstance(min_tokens, int) and min_tokens > 0 else {}
+        extra = {"min_new_tokens": min_tokens} if type(min_tokens) is int and min_tokens > 0 else {}
         if body.prefill_only or max_new == 0:
             if key is None:
                 return fail(400, f"a prefill-only request needs the {CONVERSATION_HEADER} header",
@@ -256,6 +237,39 @@ class ModelServer:
                 self.keys.end(key)
             else:
                 self._spawn(self.pool.forget(session))  # no key: nothing of it is kept
+
+    def _parse(self, raw: bytes, known: dict[str, np.ndarray]) -> web.Response | tuple[
+            ChatRequest, list[dict[str, Any]], list[np.ndarray], dict[str, np.ndarray]]:
+        """The body, validated, and its messages in our format; or the 4xx answer."""
+        try:
+            body = ChatRequest.model_validate(json.loads(raw))
+        except (ValueError, RecursionError, ValidationError) as exc:
+            reason = describe_validation_error(exc, "body") if isinstance(exc, ValidationError) else \
+                f"the body is not JSON: {str(exc)[:200]}"
+            return fail(400, reason, "invalid_request_error", "invalid_request")
+        if body.model not in self.model_names:
+            return fail(404, f"the model {body.model!r} does not exist here; this server serves "
+                        f"{self.pool.model_name!r}", "invalid_request_error", "model_not_found")
+        if (problem := body.unsupported()) is not None:
+            return fail(400, problem, "invalid_request_error", "unsupported")
+        max_new = body.max_new_tokens(self.settings.max_new_tokens)
+        if max_new > self.max_model_len:
+            return fail(400, f"max_tokens {max_new} exceeds the model's context ({self.max_model_len})",
+                        "invalid_request_error", "invalid_request")
+        used: dict[str, np.ndarray] = {}
+
+        def decode(data: str, fmt: str) -> np.ndarray:
+            clip = known.get(data)
+            if clip is None:
+                clip = decode_audio(data, fmt)
+            used[data] = clip
+            return clip
+
+        try:
+            messages, audios = from_openai_messages([m.model_dump() for m in body.messages], decode)
+        except ValueError as exc:
+            return fail(400, str(exc), "invalid_request_error", "invalid_audio")
+        return body, messages, audios, used
 
     async def _answer(self, request: web.Request, body: ChatRequest, generation: GenerationRequest,
                       started: float) -> web.StreamResponse:
