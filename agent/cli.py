@@ -1,4 +1,4 @@
-"""`voice-agent`: serve | run | schema | bench."""
+"""`voice-agent`: serve | run | eval | data | export | schema | bench."""
 
 from __future__ import annotations
 
@@ -46,6 +46,8 @@ def _common(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
                    f"(default: {(defaults.get('tts') or {}).get('engine', 'none')})")
     p.add_argument("--tts-voice", metavar="VOICE", help="the TTS engine's voice: espeak name, Piper .onnx path, "
                    "server voice (default: the engine's own)")
+    p.add_argument("--record", metavar="DIR", help="record every turn (the user's audio, the prompt history, the "
+                   "answer, tool calls, feedback) into DIR: it stores people's voices (default: off)")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="log progress at INFO, with model loading progress bars (default: warnings only)")
 
@@ -89,6 +91,33 @@ def build_parser(*, description: str | None = None, prog: str | None = "voice-ag
                            "chat-completions wire, for `--backend openai --openai-url URL` clients: "
                            "POST /v1/chat/completions, /v1/models, /healthz, /metrics.")
     _model_server_options(model, defaults)
+    evaluate = sub.add_parser("eval", help="run an evaluation suite: pass/fail per case, WER, tool-call accuracy, "
+                              "latency", description="Run a suite of audio cases through the live pipeline and "
+                              "check what happens. Exit status: 0 all passed, 1 a case failed, 2 bad input.")
+    _common(evaluate, defaults)
+    from agent.eval.cli import add_arguments
+
+    add_arguments(evaluate)
+
+    data = sub.add_parser("data", help="recordings (--record DIR): list sessions, delete them",
+                          description="List or delete what --record DIR stored (people's voices).")
+    actions = data.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="the recorded sessions: id, start, turns, ratings, model")
+    deleting = actions.add_parser("delete", help="remove sessions' recordings: rows and audio files")
+    deleting.add_argument("sessions", nargs="+", metavar="SESSION", help="session ids (see `data list`)")
+    for p in (listing, deleting):
+        p.add_argument("--dir", metavar="DIR", help="the recording (default: `record` of --config or VOICE_AGENT_RECORD)")
+        p.add_argument("--config", metavar="FILE", help="YAML configuration file (default: none)")
+
+    export = sub.add_parser("export", help="recorded feedback as training data (dpo pairs, sft rows)",
+                            description="Turn a recording's rated answers into training rows: dpo (rated down "
+                            "vs. its correction, or an answer rated up to the same audio) or sft (rated up).")
+    export.add_argument("kind", choices=["dpo", "sft"], help="preference pairs or supervised rows")
+    export.add_argument("dir", metavar="DIR", help="the recording (what --record DIR wrote)")
+    export.add_argument("out", metavar="OUT", help="output directory")
+    export.add_argument("--format", required=True, choices=["llamafactory", "ms-swift"], help="the trainer's row format (default: none, required)")
+    export.add_argument("--with-corrections", action="store_true",
+                        help="sft: corrections of answers rated down are rows too (default: only answers rated up)")
 
     sub.add_parser("schema", help="print the JSON Schema of all events and commands",
                    description="Print the JSON Schema of all events and commands.")
@@ -146,7 +175,7 @@ def load_cli_settings(args: argparse.Namespace, defaults: dict[str, Any] | None 
     overrides |= {k: v for k, v in {
         "model": args.model, "backend": args.backend, "script": args.script, "openai_url": args.openai_url,
         "max_new_tokens": args.max_new_tokens, "system_prompt": args.system_prompt,
-        "wyoming": getattr(args, "wyoming", None),
+        "wyoming": getattr(args, "wyoming", None), "record": getattr(args, "record", None),
         "workers": getattr(args, "workers", None), "max_batch": getattr(args, "max_batch", None),
         "max_queue": getattr(args, "max_queue", None),
     }.items() if v is not None}
@@ -190,6 +219,10 @@ def main(argv: Sequence[str] | None = None, *, agent: Any = None) -> int:
     if args.command == "bench":
         module = importlib.import_module(f"agent.bench.{args.name}")
         return int(module.main(args.args) or 0)
+    if args.command in ("data", "export"):
+        from agent.record.cli import run_data, run_export
+
+        return run_data(args) if args.command == "data" else run_export(args)
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -197,6 +230,10 @@ def main(argv: Sequence[str] | None = None, *, agent: Any = None) -> int:
         # Weight-loading progress bars (transformers, huggingface_hub) in this process and
         # the inference workers, which inherit the environment; a user's own setting wins.
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if args.command == "eval":  # the suite's own configuration joins in: it loads the settings itself
+        from agent.eval.cli import run_eval
+
+        return run_eval(args, agent=agent)
     from agent.config import ConfigError
 
     try:

@@ -105,6 +105,7 @@ class Settings(BaseSettings):
     tts: TTSSettings = Field(default_factory=TTSSettings)  # speech out; engine `none` = text only
     wyoming: str | None = Field(default=None, pattern=r"^(tcp|unix)://")  # Wyoming server, e.g. tcp://0.0.0.0:10300
     model_server: ModelServerSettings = Field(default_factory=ModelServerSettings)
+    record: str | None = None  # a directory: record every turn's audio, history, answer and feedback (people's voices)
 
     _yaml: dict[str, Any] = {}
 

@@ -16,10 +16,11 @@ from agent.bus import EventBus, Subscription
 from agent.config import Settings
 from agent.context import AgentHooks
 from agent.conversation import Conversation
-from agent.events import Command, Error
+from agent.events import Command, Error, Event
 from agent.heap import TrimScheduler
 from agent.inference.base import Backend
 from agent.model.qwen2_audio import DEFAULT_SYSTEM
+from agent.record.recorder import Recorder
 from agent.session import Session, SessionDeps
 from agent.speech.base import SpeechEngine, TTSError, load_engine
 from agent.speech.voice import VoiceCounters
@@ -73,6 +74,9 @@ class AgentRuntime:
         self.new_session_id: Callable[[], str] = lambda: uuid.uuid4().hex[:12]
         self.owns: Callable[[str | None], bool] = lambda session_id: True
         self.frontend: int | None = None
+        self.recorder: Recorder | None = None  # `record: DIR`: turns and feedback on disk
+        if settings.record:
+            self.recorder = Recorder(settings.record, self.sessions.get)
 
     async def start(self) -> None:
         """Start everything; raises (InferenceError, ValueError) with a clear message."""
@@ -83,6 +87,8 @@ class AgentRuntime:
                                     owns=self.owns, frontend=self.frontend)
             # Configs are validated before anything starts: a typo fails fast.
             self.plugins = PluginHost.from_config(self.settings.plugins, context, classes=self._plugin_classes)
+        if self.recorder is not None:
+            self.recorder.open()  # an unwritable directory fails the start, with its reason
         await self.vad.start()
         await self._start_tts()
         await self.backend.start()
@@ -131,6 +137,8 @@ class AgentRuntime:
         self.heap.cancel()
         if self.tts is not None:
             await self.tts.aclose()
+        if self.recorder is not None:
+            self.recorder.close()
 
     def open_session(self, session_id: str | None = None, *, queue_size: int = 1024,
                      **options: Any) -> tuple[Session, Subscription]:
@@ -143,13 +151,16 @@ class AgentRuntime:
     def create_session(self, session_id: str | None = None, **options: Any) -> Session:
         """A started session (prefer `open_session`, which also gives its events)."""
         deps = SessionDeps(settings=self.settings, vad=self.vad.open_stream(), backend=self.backend,
-                           tools=self.tools.copy(), publish=self.bus.publish, system_prompt=self.system_prompt(),
+                           tools=self.tools.copy(), publish=self._publish(), system_prompt=self.system_prompt(),
                            hooks=self.hooks, on_closed=self._closed, tts=self.tts,
                            voice_counters=self.voice_counters)
         session = Session(deps, session_id, **options)
         self.sessions[session.id] = session
         session.start()
         return session
+
+    def _publish(self) -> Callable[[Event], None]:
+        return self.bus.publish if self.recorder is None else self.recorder.sink(self.bus.publish)
 
     def _closed(self, session: Session) -> None:
         if self.sessions.get(session.id) is session:

@@ -515,6 +515,17 @@ class Session:
                 self._detector.reconfigure(min_silence_s=command.min_silence_s)
         elif isinstance(command, ev.SessionClose):
             await self.close("client")
+        elif isinstance(command, ev.Feedback):
+            await self._feedback(command)
+
+    async def _feedback(self, command: ev.Feedback) -> None:
+        """A rating of one of this session's answers: an event (recorded with `--record`), then the hook."""
+        n = command.turn_id.removeprefix(f"{self.id}-t")
+        if n == command.turn_id or not n.isdigit() or not 0 < int(n) <= self._turn_n:
+            self.report_error("bad_command", f"feedback: no turn {command.turn_id!r} in this session")
+            return
+        self.emit(ev.FeedbackReceived(turn_id=command.turn_id, rating=command.rating, correction=command.correction))
+        await self._run_hook("on_feedback", command)
 
     def report_error(self, code: str, message: str) -> None:
         self.emit(ev.Error(code=code, message=message))

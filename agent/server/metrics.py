@@ -62,6 +62,8 @@ class Metrics:
                                      buckets=LATENCY_BUCKETS, registry=r)
         self.response_total = Histogram("voice_agent_response_seconds", "Turn commit to response done",
                                         buckets=LATENCY_BUCKETS, registry=r)
+        # Ratings of answers (the `feedback` command); failed recordings are voice_agent_errors{code="recording_failed"}.
+        self.feedback = Counter("voice_agent_feedback", "Answers rated by people", ["rating"], registry=r)
         r.register(VoiceCollector(runtime))  # TTS failures are voice_agent_errors{code="tts_…"}
         r.register(_StatsCollector(runtime, "bus", BUS_COUNTERS))  # type: ignore[arg-type]
         r.register(_StatsCollector(runtime, "vad", VAD_COUNTERS))  # type: ignore[arg-type]
@@ -84,6 +86,8 @@ class Metrics:
             self.responses.labels("cancelled").inc()
         elif isinstance(event, ev.ToolCall):
             self.tool_calls.inc()
+        elif isinstance(event, ev.FeedbackReceived):
+            self.feedback.labels(event.rating).inc()
         elif isinstance(event, ev.Error):
             self.errors.labels(event.code).inc()
             if event.turn_id is not None:
