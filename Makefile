@@ -38,7 +38,7 @@ $(VENV)/.pip-stamp: $(PY) pyproject.toml
 setup: $(VENV)/.pip-stamp
 
 demo: setup
-	$(VENV)/bin/voice-agent serve --model auto --host 127.0.0.1 --port 8080
+	$(VENV)/bin/voice-agent serve --model auto --host 127.0.0.1 --port 8080 --processes 1
 
 lint: setup
 	$(VENV)/bin/ruff check agent plugins examples tests

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-BENCHMARKS = ("vad", "inference", "webrtc", "livekit", "tts", "mqtt", "soak", "turns", "model_server")
+BENCHMARKS = ("vad", "inference", "webrtc", "livekit", "tts", "mqtt", "soak", "turns", "model_server", "latency")
 DESCRIPTION = "Qwen2-Audio voice agent: audio in, text answers and tool calls out."
 
 
@@ -70,6 +70,8 @@ def build_parser(*, description: str | None = None, prog: str | None = "voice-ag
                        f"e.g. tcp://0.0.0.0:10300 (default: {_default(defaults, 'wyoming')})")
     serve.add_argument("--no-http", action="store_true",
                        help="no HTTP server, e.g. only --wyoming (default: HTTP on)")
+    serve.add_argument("--processes", type=_positive, metavar="N", help="media frontend processes around one model "
+                       "server; 1: a single process (default: the cores available, at most 8)")
 
     run = sub.add_parser("run", help="run the pipeline over audio files, faster than real time",
                          description="Each file is one session, fed faster than real time; the transcript "
@@ -125,6 +127,13 @@ def build_parser(*, description: str | None = None, prog: str | None = "voice-ag
     bench.add_argument("name", choices=BENCHMARKS, help="which benchmark")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark (--json, …; default: none)")
     return parser
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
 
 
 def _model_server_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
@@ -185,6 +194,8 @@ def load_cli_settings(args: argparse.Namespace, defaults: dict[str, Any] | None 
         settings.server.port = args.port
     if getattr(args, "no_http", False):
         settings.server.http = False
+    if getattr(args, "processes", None) is not None:
+        settings.server.processes = args.processes
     return settings
 
 
@@ -243,9 +254,9 @@ def main(argv: Sequence[str] | None = None, *, agent: Any = None) -> int:
         from agent.server.model_server import run_model_server
 
         return asyncio.run(run_model_server(settings, args.listen, args.token))
-    from agent.server.app import serve
+    from agent.server.frontends import serve_processes
 
-    return asyncio.run(serve(settings, runtime_options=runtime_options))
+    return serve_processes(settings, runtime_options, config=args.config)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from agent.turns import TurnConfig
 
 ENV_PREFIX = "VOICE_AGENT_"
 # Our variables that are not settings (read elsewhere, e.g. where tiny-random is cached).
-OTHER_ENV = {"VOICE_AGENT_CACHE"}
+OTHER_ENV = {"VOICE_AGENT_CACHE", "VOICE_AGENT_FRONTEND"}  # FRONTEND: set by serve --processes
 
 
 class ConfigError(Exception):
@@ -82,6 +82,7 @@ class ServerSettings(BaseModel):
     no_audio_timeout_s: Float = Field(default=30.0, gt=0)  # connected but no audio frames
     ice_servers: list[str] = Field(default_factory=list)  # none by default: nothing leaves the host
     http: bool = True  # False: `serve` runs only the Wyoming server
+    processes: Int | None = Field(default=None, ge=1)  # serve: frontend processes; None: the cores, at most 8
 
 
 class ModelServerSettings(BaseModel):

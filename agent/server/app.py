@@ -163,11 +163,14 @@ def create_app(runtime: AgentRuntime, settings: Settings | ServerSettings) -> we
     return app
 
 
-async def serve(settings: Settings, runtime_options: dict[str, Any] | None = None) -> int:
-    """Run until SIGINT/SIGTERM; 0 on a clean stop, 2 when something cannot start."""
+async def serve(settings: Settings, runtime_options: dict[str, Any] | None = None, frontend: Any = None) -> int:
+    """Run until SIGINT/SIGTERM; 0 on a clean stop, 2 when something cannot start.
+    `frontend`: an `agent.server.router.Router` when this is one of `serve --processes N`."""
     server = settings.server
     try:
         runtime = AgentRuntime(settings, **(runtime_options or {}))
+        if frontend is not None:
+            frontend.attach_runtime(runtime)
         await runtime.start()
     except Exception as exc:
         print(f"voice-agent: cannot start the runtime: {exc}", file=sys.stderr)
@@ -195,11 +198,16 @@ async def serve(settings: Settings, runtime_options: dict[str, Any] | None = Non
     if server.http:
         if not server.ice_servers and is_loopback(server.host):
             use_loopback_candidates()  # no STUN and a loopback site: keep ICE on 127.0.0.1 too
-        runner = web.AppRunner(create_app(runtime, settings), handle_signals=False)
+        app = create_app(runtime, settings)
+        if frontend is not None:
+            frontend.attach_app(app)
+        runner = web.AppRunner(app, handle_signals=False)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, server.host, server.port)
+            site = web.TCPSite(runner, server.host, server.port, reuse_port=frontend is not None)
             await site.start()
+            if frontend is not None:
+                await frontend.site(runner).start()
         except OSError as exc:
             print(f"voice-agent: cannot listen on {server.host}:{server.port}: {exc.strerror or exc}",
                   file=sys.stderr)
@@ -209,7 +217,11 @@ async def serve(settings: Settings, runtime_options: dict[str, Any] | None = Non
             await _quietly(runtime.close())
             return 2
         port = runner.addresses[0][1] if runner.addresses else server.port
-        ready.append(f"voice-agent: serving on http://{server.host}:{port}/ (model {runtime.backend.model_name})")
+        # One of several frontends: the supervisor says "serving" once all of them are up.
+        what = "serving" if frontend is None else f"frontend {frontend.info.index}"
+        ready.append(f"voice-agent: {what} on http://{server.host}:{port}/ (model {runtime.backend.model_name})")
+    if frontend is not None:
+        frontend.announce_lost(runtime)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
