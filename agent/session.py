@@ -293,10 +293,11 @@ class Session:
                     await self._on_signal(signal)  # speech.stopped; the turn itself is dropped
             await self._drop_speculative()
 
-    async def reply(self, instructions: str | None = None) -> str:
+    async def reply(self, instructions: str | None = None, *, tools: bool = True) -> str:
         """Answer now rather than on a committed turn: the pending user turn (audio, typed)
         or tool results; with nothing pending, `instructions` become a typed user turn.
-        `instructions` join the system prompt of this response only. Returns its turn_id;
+        `instructions` join the system prompt of this response only; `tools=False`: no tool
+        is offered and nothing the model writes runs (a transcription). Returns its turn_id;
         raises ValueError when there is nothing to answer."""
         await self._stop_response("superseded")
         if not self.conversation.awaiting_reply:
@@ -305,7 +306,7 @@ class Session:
             self.conversation.add_user_text(instructions)
             instructions = None
         turn_id = self._new_turn_id()
-        self._response = asyncio.create_task(self._respond(turn_id, time.monotonic(), instructions))
+        self._response = asyncio.create_task(self._respond(turn_id, time.monotonic(), instructions, tools))
         return turn_id
 
     async def _stop_response(self, reason: str) -> None:
@@ -403,7 +404,8 @@ class Session:
             log.debug("speculative step failed: %s", exc)
 
     # ---- responses ----------------------------------------------------------------
-    async def _respond(self, turn_id: str, committed_at: float, instructions: str | None = None) -> None:
+    async def _respond(self, turn_id: str, committed_at: float, instructions: str | None = None,
+                       tools: bool = True) -> None:
         """Generate the answer; run tool calls and give the model follow-up rounds."""
         settings = self.settings
         self.emit(ev.ResponseStarted(turn_id=turn_id))
@@ -416,9 +418,9 @@ class Session:
             for round_n in range(settings.max_tool_rounds + 1):
                 raw: list[str] = []
                 calls: list[ParsedToolCall] = []
-                parser = ToolCallParser()
-                request = self.conversation.request(self.id, turn_id, self.max_new_tokens, self._tools_block(),
-                                                    instructions)
+                parser = ToolCallParser(calls=tools)
+                request = self.conversation.request(self.id, turn_id, self.max_new_tokens,
+                                                    self._tools_block() if tools else None, instructions)
                 round_stats = GenerationStats()
                 try:
                     # aclosing: a cancelled turn closes the stream, which frees the slot.
