@@ -63,7 +63,7 @@ def build_parser(*, description: str | None = None, prog: str | None = "voice-ag
     _common(serve, defaults)
     server = defaults.get("server") or {}
     serve.add_argument("--host", help=f"address to listen on (default: {server.get('host', '127.0.0.1')})")
-    serve.add_argument("--port", type=int, help=f"port to listen on, 0: any free one (default: {server.get('port', 8080)})")
+    serve.add_argument("--port", type=_port, help=f"port to listen on, 0: any free one (default: {server.get('port', 8080)})")
     serve.add_argument("--wyoming", metavar="URI", help="also serve the Wyoming protocol (Home Assistant), "
                        f"e.g. tcp://0.0.0.0:10300 (default: {_default(defaults, 'wyoming')})")
     serve.add_argument("--no-http", action="store_true",
@@ -90,6 +90,16 @@ def build_parser(*, description: str | None = None, prog: str | None = "voice-ag
     bench.add_argument("name", choices=BENCHMARKS, help="which benchmark")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark (--json, …; default: none)")
     return parser
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port: write 1 to 65535, or 0 for any free one")
+    return port
 
 
 def _tools_text(tools: Sequence[Any]) -> str | None:
@@ -146,7 +156,10 @@ def main(argv: Sequence[str] | None = None, *, agent: Any = None) -> int:
     if args.command == "schema":
         from agent.events import json_schema
 
-        print(json.dumps(json_schema(), indent=2))
+        try:
+            print(json.dumps(json_schema(), indent=2), flush=True)
+        except BrokenPipeError:  # `| head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0
     if args.command == "bench":
         module = importlib.import_module(f"agent.bench.{args.name}")

@@ -9,6 +9,7 @@ leave a setting at its default unnoticed. Numbers are numbers: `true` is not 1.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +21,7 @@ from agent.speech.base import TTSSettings
 from agent.turns import TurnConfig
 
 ENV_PREFIX = "VOICE_AGENT_"
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # OWNER/NAME, what the Hugging Face hub serves
 # Our variables that are not settings (read elsewhere, e.g. where tiny-random is cached).
 OTHER_ENV = {"VOICE_AGENT_CACHE"}
 
@@ -90,7 +92,8 @@ class Settings(BaseSettings):
     server: ServerSettings = Field(default_factory=ServerSettings)
     plugins: dict[str, dict[str, Any]] = Field(default_factory=dict)
     tts: TTSSettings = Field(default_factory=TTSSettings)  # speech out; engine `none` = text only
-    wyoming: str | None = Field(default=None, pattern=r"^(tcp|unix)://")  # Wyoming server, e.g. tcp://0.0.0.0:10300
+    wyoming: str | None = Field(default=None, pattern=r"^(tcp|unix)://",  # Wyoming server
+                               examples=["tcp://0.0.0.0:10300", "unix:///run/voice-agent.sock"])
 
     _yaml: dict[str, Any] = {}
 
@@ -104,6 +107,12 @@ class Settings(BaseSettings):
                            or value.count("/") > 1)
         if looks_like_path and not path.is_dir():
             raise ValueError(f"{value}: {'not a directory' if path.exists() else 'no such directory'}")
+        from agent.inference.models import NAMES, REAL_MODEL
+
+        if not looks_like_path and value not in NAMES and not path.is_dir() and not HUB_ID.fullmatch(value):
+            # Neither ours, a directory nor OWNER/NAME: say so now, not after the hub's retries.
+            raise ValueError(f"{value!r} is not a model: expected {', '.join(NAMES)}, a directory, or a "
+                             f"Hugging Face hub id such as {REAL_MODEL}{did_you_mean(value, list(NAMES))}")
         return str(path) if value.startswith("~") else value
 
     @model_validator(mode="after")
