@@ -72,7 +72,7 @@ def build_parser(*, description: str | None = None, prog: str | None = "voice-ag
     run = sub.add_parser("run", help="run the pipeline over audio files, faster than real time",
                          description="Each file is one session, fed faster than real time; the transcript "
                          "(or, with --jsonl, every event) goes to stdout. Exit status: 0 ok, 1 some turn "
-                         "failed, 2 bad input or nothing could start.")
+                         "failed, 2 bad input or nothing could start, 3 a file had no speech in it.")
     _common(run, defaults)
     run.add_argument("files", nargs="+", metavar="FILE", help="audio files, any format FFmpeg reads")
     run.add_argument("--jsonl", action="store_true",
@@ -155,11 +155,12 @@ def main(argv: Sequence[str] | None = None, *, agent: Any = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "schema":
         from agent.events import json_schema
+        from agent.transports.files import silence_broken_pipe
 
         try:
             print(json.dumps(json_schema(), indent=2), flush=True)
         except BrokenPipeError:  # `| head`: the reader has what it wanted
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+            silence_broken_pipe(sys.stdout)
         return 0
     if args.command == "bench":
         module = importlib.import_module(f"agent.bench.{args.name}")
