@@ -56,7 +56,9 @@ class ServerSettings(BaseModel):
     port: Int = Field(default=8080, ge=0, le=65535)
     token: str | None = None  # bearer token for every endpoint but /healthz
     cors_origins: list[str] = Field(default_factory=list)
-    max_sessions: Int = Field(default=32, ge=1)
+    # 0: as many as the backend queues requests (max_queue, 64): a session has at most one
+    # committed request in flight, so more sessions than that would be told `busy` together.
+    max_sessions: Int = Field(default=0, ge=0)
     max_body_bytes: Int = Field(default=64 * 1024, ge=1024)
     idle_timeout_s: Float = Field(default=3600.0, gt=0)  # session with no activity at all
     no_audio_timeout_s: Float = Field(default=30.0, gt=0)  # connected but no audio frames
@@ -114,6 +116,12 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not a model: expected {', '.join(NAMES)}, a directory, or a "
                              f"Hugging Face hub id such as {REAL_MODEL}{did_you_mean(value, list(NAMES))}")
         return str(path) if value.startswith("~") else value
+
+    @model_validator(mode="after")
+    def _derived(self) -> Settings:
+        if not self.server.max_sessions:
+            self.server.max_sessions = self.max_queue
+        return self
 
     @model_validator(mode="after")
     def _script_for_scripted(self) -> Settings:

@@ -73,3 +73,11 @@ def test_a_wav_with_no_speech_is_named_with_its_own_exit_code(tmp_path: Path, sp
     assert proc.returncode == EXIT_NO_SPEECH, proc.stderr
     assert f"voice-agent: no speech found in {quiet}" in proc.stderr
     assert f"no speech found in {speech_two.path}" not in proc.stderr  # the other file spoke, and ran
+
+
+def test_max_sessions_is_as_many_as_the_backend_queues() -> None:
+    from agent.config import load_settings
+
+    assert load_settings(None).server.max_sessions == load_settings(None).max_queue == 64  # one GPU box: 64
+    assert load_settings(None, max_queue=8).server.max_sessions == 8
+    assert load_settings(None, server={"max_sessions": 5}).server.max_sessions == 5  # set: as set
