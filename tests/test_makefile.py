@@ -6,6 +6,7 @@ is the package with its server extra only, one short line per step, the output i
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -73,3 +74,13 @@ def test_a_failed_install_shows_the_log_tail_and_where_the_full_log_is(checkout:
     out = make(checkout, ".venv/.pip-stamp", fail=True)
     assert out.returncode != 0
     assert "resolution impossible" in out.stdout and ".venv/install.log" in out.stdout, out.stdout
+
+
+def test_readme_commands_work_as_written_after_make() -> None:
+    """Stock Debian has no `python`, and outside the venv `agent` cannot be imported: a command
+    that runs a script names the venv's interpreter (or the README says to activate it first)."""
+    readme = (ROOT / "README.md").read_text()
+    bare = re.findall(r"(?<![\w/.-])python3? (?:examples/|my_agent)\S*", readme)
+    assert bare == [], bare
+    assert ". .venv/bin/activate" in readme.split("\n\n")[1]  # said once, up front, with `make`
+    assert "tests/.ha-cache" in readme and "570 MB" in readme and "docker-compose" in readme

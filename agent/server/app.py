@@ -118,7 +118,8 @@ async def healthz(request: web.Request) -> web.Response:
     plugins = runtime.plugins.status() if runtime.plugins is not None else {}
     healthy = getattr(runtime.backend, "healthy", True)  # False: no inference worker is running
     return web.json_response({"status": "ok" if healthy else "unavailable", "sessions": len(request.app[MANAGER].peers),
-                              "model": getattr(runtime.backend, "model_name", ""), "plugins": plugins},
+                              "model": getattr(runtime.backend, "model_name", ""),
+                              "warning": getattr(runtime.backend, "warning", None), "plugins": plugins},
                              status=200 if healthy else 503)
 
 
