@@ -65,7 +65,7 @@ def build_parser(*, description: str | None = None, prog: str | None = "voice-ag
     _common(serve, defaults)
     server = defaults.get("server") or {}
     serve.add_argument("--host", help=f"address to listen on (default: {server.get('host', '127.0.0.1')})")
-    serve.add_argument("--port", type=int, help=f"port to listen on, 0: any free one (default: {server.get('port', 8080)})")
+    serve.add_argument("--port", type=_port, help=f"port to listen on, 0: any free one (default: {server.get('port', 8080)})")
     serve.add_argument("--wyoming", metavar="URI", help="also serve the Wyoming protocol (Home Assistant), "
                        f"e.g. tcp://0.0.0.0:10300 (default: {_default(defaults, 'wyoming')})")
     serve.add_argument("--no-http", action="store_true",
@@ -76,7 +76,7 @@ def build_parser(*, description: str | None = None, prog: str | None = "voice-ag
     run = sub.add_parser("run", help="run the pipeline over audio files, faster than real time",
                          description="Each file is one session, fed faster than real time; the transcript "
                          "(or, with --jsonl, every event) goes to stdout. Exit status: 0 ok, 1 some turn "
-                         "failed, 2 bad input or nothing could start.")
+                         "failed, 2 bad input or nothing could start, 3 a file had no speech in it.")
     _common(run, defaults)
     run.add_argument("files", nargs="+", metavar="FILE", help="audio files, any format FFmpeg reads")
     run.add_argument("--jsonl", action="store_true",
@@ -156,6 +156,16 @@ def _model_server_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) 
     p.set_defaults(backend=None, script=None, openai_url=None, system_prompt=None)  # not a model server's
 
 
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port: write 1 to 65535, or 0 for any free one")
+    return port
+
+
 def _tools_text(tools: Sequence[Any]) -> str | None:
     if not tools:
         return None
@@ -213,8 +223,12 @@ def main(argv: Sequence[str] | None = None, *, agent: Any = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "schema":
         from agent.events import json_schema
+        from agent.transports.files import silence_broken_pipe
 
-        print(json.dumps(json_schema(), indent=2))
+        try:
+            print(json.dumps(json_schema(), indent=2), flush=True)
+        except BrokenPipeError:  # `| head`: the reader has what it wanted
+            silence_broken_pipe(sys.stdout)
         return 0
     if args.command == "bench":
         module = importlib.import_module(f"agent.bench.{args.name}")

@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -117,7 +118,8 @@ async def healthz(request: web.Request) -> web.Response:
     plugins = runtime.plugins.status() if runtime.plugins is not None else {}
     healthy = getattr(runtime.backend, "healthy", True)  # False: no inference worker is running
     return web.json_response({"status": "ok" if healthy else "unavailable", "sessions": len(request.app[MANAGER].peers),
-                              "model": getattr(runtime.backend, "model_name", ""), "plugins": plugins},
+                              "model": getattr(runtime.backend, "model_name", ""),
+                              "warning": getattr(runtime.backend, "warning", None), "plugins": plugins},
                              status=200 if healthy else 503)
 
 
@@ -163,10 +165,29 @@ def create_app(runtime: AgentRuntime, settings: Settings | ServerSettings) -> we
     return app
 
 
+def port_taken(host: str, port: int) -> str | None:
+    """Why `host:port` cannot be listened on (in use, no such address), or None: checked before
+    the model loads. A bind with SO_REUSEADDR, as aiohttp's own, released at once."""
+    if port == 0:
+        return None
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        reason = (exc.strerror or str(exc)).lower()
+        return f"voice-agent: cannot listen on {host}:{port}: {reason} (another port: --port N)"
+    return None
+
+
 async def serve(settings: Settings, runtime_options: dict[str, Any] | None = None, frontend: Any = None) -> int:
     """Run until SIGINT/SIGTERM; 0 on a clean stop, 2 when something cannot start.
     `frontend`: an `agent.server.router.Router` when this is one of `serve --processes N`."""
     server = settings.server
+    if server.http and (busy := port_taken(server.host, server.port)):
+        print(busy, file=sys.stderr)  # now, not after the model has loaded
+        return 2
     try:
         runtime = AgentRuntime(settings, **(runtime_options or {}))
         if frontend is not None:
@@ -209,8 +230,8 @@ async def serve(settings: Settings, runtime_options: dict[str, Any] | None = Non
             if frontend is not None:
                 await frontend.site(runner).start()
         except OSError as exc:
-            print(f"voice-agent: cannot listen on {server.host}:{server.port}: {exc.strerror or exc}",
-                  file=sys.stderr)
+            print(f"voice-agent: cannot listen on {server.host}:{server.port}: {exc.strerror or exc}"
+                  " (another port: --port N)", file=sys.stderr)
             await runner.cleanup()
             if wyoming is not None:
                 await _quietly(wyoming.stop())
