@@ -9,6 +9,7 @@ leave a setting at its default unnoticed. Numbers are numbers: `true` is not 1.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,8 +22,9 @@ from agent.speech.base import TTSSettings
 from agent.turns import TurnConfig
 
 ENV_PREFIX = "VOICE_AGENT_"
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # OWNER/NAME, what the Hugging Face hub serves
 # Our variables that are not settings (read elsewhere, e.g. where tiny-random is cached).
-OTHER_ENV = {"VOICE_AGENT_CACHE"}
+OTHER_ENV = {"VOICE_AGENT_CACHE", "VOICE_AGENT_FRONTEND"}  # FRONTEND: set by serve --processes
 
 
 class ConfigError(Exception):
@@ -102,12 +104,27 @@ class ServerSettings(BaseModel):
     port: Int = Field(default=8080, ge=0, le=65535)
     token: str | None = None  # bearer token for every endpoint but /healthz
     cors_origins: list[str] = Field(default_factory=list)
-    max_sessions: Int = Field(default=32, ge=1)
+    # 0: as many as the backend queues requests (max_queue, 64): a session has at most one
+    # committed request in flight, so more sessions than that would be told `busy` together.
+    max_sessions: Int = Field(default=0, ge=0)
     max_body_bytes: Int = Field(default=64 * 1024, ge=1024)
     idle_timeout_s: Float = Field(default=3600.0, gt=0)  # session with no activity at all
     no_audio_timeout_s: Float = Field(default=30.0, gt=0)  # connected but no audio frames
     ice_servers: list[str] = Field(default_factory=list)  # none by default: nothing leaves the host
     http: bool = True  # False: `serve` runs only the Wyoming server
+    processes: Int | None = Field(default=None, ge=1)  # serve: frontend processes; None: the cores, at most 8
+
+
+class ModelServerSettings(BaseModel):
+    """`voice-agent serve-model`: the inference pool behind the OpenAI chat-completions wire."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    listen: str = Field(default="tcp://127.0.0.1:8000", pattern=r"^(tcp|unix)://.+")
+    token: str | None = None  # bearer token; required when listening beyond loopback
+    max_conversations: Int = Field(default=1024, ge=1)  # conversation keys (their KV) kept, LRU
+    conversation_ttl_s: Float = Field(default=600.0, gt=0)  # a key idle this long is forgotten
+    max_body_bytes: Int = Field(default=64 * 1024**2, ge=1024)  # a whole conversation, audio as base64 WAV
 
 
 class Settings(BaseSettings):
@@ -138,8 +155,10 @@ class Settings(BaseSettings):
     server: ServerSettings = Field(default_factory=ServerSettings)
     plugins: dict[str, dict[str, Any]] = Field(default_factory=dict)
     tts: TTSSettings = Field(default_factory=TTSSettings)  # speech out; engine `none` = text only
-    wyoming: str | None = Field(default=None, pattern=r"^(tcp|unix)://")  # Wyoming server, e.g. tcp://0.0.0.0:10300
+    wyoming: str | None = Field(default=None, pattern=r"^(tcp|unix)://",  # Wyoming server
+                               examples=["tcp://0.0.0.0:10300", "unix:///run/voice-agent.sock"])
     record: str | None = None  # a directory: record every turn's audio, history, answer and feedback (people's voices)
+    model_server: ModelServerSettings = Field(default_factory=ModelServerSettings)
 
     _yaml: dict[str, Any] = {}
 
@@ -153,7 +172,19 @@ class Settings(BaseSettings):
                            or value.count("/") > 1)
         if looks_like_path and not path.is_dir():
             raise ValueError(f"{value}: {'not a directory' if path.exists() else 'no such directory'}")
+        from agent.inference.models import NAMES, REAL_MODEL
+
+        if not looks_like_path and value not in NAMES and not path.is_dir() and not HUB_ID.fullmatch(value):
+            # Neither ours, a directory nor OWNER/NAME: say so now, not after the hub's retries.
+            raise ValueError(f"{value!r} is not a model: expected {', '.join(NAMES)}, a directory, or a "
+                             f"Hugging Face hub id such as {REAL_MODEL}{did_you_mean(value, list(NAMES))}")
         return str(path) if value.startswith("~") else value
+
+    @model_validator(mode="after")
+    def _derived(self) -> Settings:
+        if not self.server.max_sessions:
+            self.server.max_sessions = self.max_queue
+        return self
 
     @model_validator(mode="after")
     def _script_for_scripted(self) -> Settings:

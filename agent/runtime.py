@@ -8,6 +8,7 @@ transports send commands to.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +72,10 @@ class AgentRuntime:
         self.plugins: PluginHost | None = None
         self.tts: SpeechEngine | None = None  # started once, shared by every session (speech out)
         self.voice_counters = VoiceCounters()  # every session's speech out, added up (for /metrics)
+        # serve --processes N (agent.server.router): ids carry the frontend; others hold some sessions.
+        self.new_session_id: Callable[[], str] = lambda: uuid.uuid4().hex[:12]
+        self.owns: Callable[[str | None], bool] = lambda session_id: True
+        self.frontend: int | None = None
         self.recorder: Recorder | None = None  # `record: DIR`: turns and feedback on disk
         if settings.record:
             self.recorder = Recorder(settings.record, self.sessions.get)
@@ -80,7 +85,8 @@ class AgentRuntime:
         if self.settings.plugins or self._plugin_classes:
             from agent.plugin import PluginContext, PluginHost
 
-            context = PluginContext(bus=self.bus, commands=self, agent_id=self.settings.agent_id, sessions=self)
+            context = PluginContext(bus=self.bus, commands=self, agent_id=self.settings.agent_id, sessions=self,
+                                    owns=self.owns, frontend=self.frontend)
             # Configs are validated before anything starts: a typo fails fast.
             self.plugins = PluginHost.from_config(self.settings.plugins, context, classes=self._plugin_classes)
         if self.recorder is not None:
@@ -145,9 +151,7 @@ class AgentRuntime:
                      **options: Any) -> tuple[Session, Subscription]:
         """A new session and the stream of its events, `session.started` first: the
         subscription exists before the session does, so no event can be missed."""
-        import uuid
-
-        session_id = session_id or uuid.uuid4().hex[:12]
+        session_id = session_id or self.new_session_id()
         events = self.bus.subscribe(session_id, maxsize=queue_size)
         return self.create_session(session_id, **options), events
 

@@ -319,10 +319,11 @@ class Session:
             await self._preempted(self._preempt.cancel())
             await self._drop_speculative()
 
-    async def reply(self, instructions: str | None = None) -> str:
+    async def reply(self, instructions: str | None = None, *, tools: bool = True) -> str:
         """Answer now rather than on a committed turn: the pending user turn (audio, typed)
         or tool results; with nothing pending, `instructions` become a typed user turn.
-        `instructions` join the system prompt of this response only. Returns its turn_id;
+        `instructions` join the system prompt of this response only; `tools=False`: no tool
+        is offered and nothing the model writes runs (a transcription). Returns its turn_id;
         raises ValueError when there is nothing to answer."""
         await self._preempted(self._preempt.cancel())  # the agent speaks first: no held answer
         await self._stop_response("superseded")
@@ -332,7 +333,7 @@ class Session:
             self.conversation.add_user_text(instructions)
             instructions = None
         turn_id = self._new_turn_id()
-        self._response = asyncio.create_task(self._respond(turn_id, time.monotonic(), instructions))
+        self._response = asyncio.create_task(self._respond(turn_id, time.monotonic(), instructions, tools=tools))
         return turn_id
 
     async def _stop_response(self, reason: str) -> None:
@@ -489,10 +490,11 @@ class Session:
 
     # ---- responses ----------------------------------------------------------------
     async def _respond(self, turn_id: str, committed_at: float, instructions: str | None = None,
-                       held: Held | None = None, request: GenerationRequest | None = None) -> None:
+                       held: Held | None = None, request: GenerationRequest | None = None, tools: bool = True) -> None:
         """Generate the answer; run tool calls and give the model follow-up rounds.
         `held`: a preemptive answer (to `request`), whose events and voice are held until
-        its turn commits; it waits for that before anything irreversible (history, tools)."""
+        its turn commits; it waits for that before anything irreversible (history, tools).
+        `tools=False`: no tool is offered and nothing the model writes runs (a transcription)."""
         settings = self.settings
         self.emit(ev.ResponseStarted(turn_id=turn_id))
         if self.voice is not None:
@@ -504,10 +506,10 @@ class Session:
             for round_n in range(settings.max_tool_rounds + 1):
                 raw: list[str] = []
                 calls: list[ParsedToolCall] = []
-                parser = ToolCallParser()
+                parser = ToolCallParser(calls=tools)
                 if request is None or round_n > 0:
                     request = self.conversation.request(self.id, turn_id, self.max_new_tokens,
-                                                        self._tools_block(), instructions)
+                                                        self._tools_block() if tools else None, instructions)
                 round_stats = GenerationStats()
                 try:
                     # aclosing: a cancelled turn closes the stream, which frees the slot.
