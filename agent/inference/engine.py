@@ -312,7 +312,7 @@ class Engine:
         for i, spec in enumerate(self._prefilling):
             if spec.req.speculative and spec.req.session_id == sid:
                 if same(spec):
-                    for name in ("t_admit", "row", "reuse", "past", "embeds", "done"):
+                    for name in ("t_admit", "row", "reuse", "past", "embeds", "base", "done", "todo"):
                         setattr(seq, name, getattr(spec, name))
                     if seq.row is not None:
                         self._rows[seq.row] = seq
@@ -430,23 +430,24 @@ class Engine:
     def _prefill(self, out: list[Output]) -> None:
         """At most `prefill_chunk_tokens` of prefill work this step, by priority; the chunks of
         several requests go through one forward when padding them wastes little."""
-        budget = self.prefill_chunk_tokens
+        budget = full = self.prefill_chunk_tokens
         chunks: list[tuple[Seq, int]] = []
         for seq in list(self._prefilling):
             if budget <= 0:
                 break
-            if not seq.started:
-                try:
-                    budget -= self._with_oom_retry(lambda s=seq: self._start_prefill(s))
-                except Exception as exc:
-                    self._fail_prefill(seq, exc, out)
-                    continue
-                if budget <= 0:
-                    break
+            try:
+                if not seq.started:
+                    self._with_oom_retry(lambda s=seq: self._start_prefill(s))
+                budget -= self._with_oom_retry(lambda s=seq, b=budget: self._encode_audio(s, b, b == full))
+            except Exception as exc:
+                self._fail_prefill(seq, exc, out)
+                continue
             assert seq.embeds is not None
-            n = min(budget, seq.embeds.shape[1] - seq.done)
-            chunks.append((seq, n))
-            budget -= n
+            ready = seq.todo[0][1][0] - seq.base if seq.todo else seq.embeds.shape[1]  # audio not encoded yet
+            n = min(budget, ready - seq.done)
+            if n > 0:
+                chunks.append((seq, n))
+                budget -= n
         if not chunks:
             return
         groups: list[list[tuple[Seq, int]]] = [[]]
@@ -482,39 +483,51 @@ class Engine:
                 seq.embeds, seq.reuse, seq.took = None, None, False  # the row holds the history now
                 self._ready(seq, first, out)
 
-    def _start_prefill(self, seq: Seq) -> int:
-        """Its row, with the session's history copied in, and the new suffix embedded (text +
-        audio through the encoder); returns the encoder work in audio tokens, charged to this
-        step's prefill budget. A committed request takes the history out of the LRU; others
-        only read it."""
+    def _start_prefill(self, seq: Seq) -> None:
+        """Its row, with the session's history copied in, and the new suffix's text embedded;
+        its audio is encoded as the chunks reach it. A committed request takes the history
+        out of the LRU; others only read it."""
         prompt = seq.prompt
         assert prompt is not None
         reuse, past = self._history(seq)
         self._checkpoint("embed")
-        ids = torch.tensor([prompt.ids[past:]], device=self.device)
-        embeds = self._embed(ids)
-        new = [(a, span) for a, span in zip(prompt.audios, prompt.spans, strict=True) if span[0] >= past]
-        if new:
-            t0 = time.perf_counter()
-            feats = [self._features.get(a, span[2]) for a, span in new]
-            self._checkpoint("encoder")
-            clips = encoder.encode(self.model, [f for f, _ in feats], [v for _, v in feats], self.encoder_padded)
-            audio = torch.cat(clips).to(embeds.dtype)
-            # the spans, not the ids: a spliced answer may hold a generated <|AUDIO|> token,
-            # which was fed as a token then and stays one
-            where = torch.zeros(1, ids.shape[1], 1, dtype=torch.bool, device=self.device)
-            for _, (start, end, _) in new:
-                where[0, start - past:end - past] = True
-            if int(where.sum()) != audio.shape[0]:
-                raise RequestError(f"{int(where.sum())} audio tokens but {audio.shape[0]} audio embeddings")
-            embeds = embeds.masked_scatter(where, audio)
-            seq.stats.timings["encoder"] = time.perf_counter() - t0
+        embeds = self._embed(torch.tensor([prompt.ids[past:]], device=self.device))
+        seq.todo = [(a, span) for a, span in zip(prompt.audios, prompt.spans, strict=True) if span[0] >= past]
         self._row_add(seq, reuse.kv if reuse is not None else None, past)
-        seq.embeds, seq.done, seq.past = embeds, 0, past
+        seq.embeds, seq.done, seq.past, seq.base = embeds, 0, past, past
         seq.stats.reused_tokens = past
         if reuse is not None and seq.rank == COMMITTED:
             seq.reuse, seq.took = self._sessions.pop(seq.req.session_id), True
-        return sum(span[1] - span[0] for _, span in new)
+
+    def _encode_audio(self, seq: Seq, budget: int, first: bool) -> int:
+        """Encode the clips the next chunk reaches, while this step's prefill budget allows (at
+        least one clip when nothing else ran yet): a re-prefilled history's audio is spread over
+        steps like its tokens. Returns the work done, in audio tokens."""
+        assert seq.embeds is not None
+        todo, cost = [], 0
+        for audio, span in seq.todo:
+            size = span[1] - span[0]
+            if span[0] - seq.base >= seq.done + budget - cost:  # this step's chunk stops before it
+                break
+            if cost + size > budget and not (first and not todo):
+                break
+            todo.append((audio, span))
+            cost += size
+        if not todo:
+            return 0
+        t0 = time.perf_counter()
+        feats = [self._features.get(a, span[2]) for a, span in todo]
+        self._checkpoint("encoder")
+        clips = encoder.encode(self.model, [f for f, _ in feats], [v for _, v in feats], self.encoder_padded)
+        # the spans, not the ids: a spliced answer may hold a generated <|AUDIO|> token,
+        # which was fed as a token then and stays one
+        for clip, (_, (start, stop, _)) in zip(clips, todo, strict=True):
+            if clip.shape[0] != stop - start:
+                raise RequestError(f"{stop - start} audio tokens but {clip.shape[0]} audio embeddings")
+            seq.embeds[0, start - seq.base:stop - seq.base] = clip.to(seq.embeds.dtype)
+        del seq.todo[:len(todo)]
+        seq.stats.timings["encoder"] = seq.stats.timings.get("encoder", 0.0) + time.perf_counter() - t0
+        return cost
 
     def _forward_prefill(self, group: list[tuple[Seq, int]]) -> list[int | None]:
         """One forward over the group's chunks (rows contiguous from `_decoding`); the first

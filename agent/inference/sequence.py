@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 import torch
 
 from agent.inference.base import GenerationRequest, GenerationStats, InferenceError
@@ -56,7 +57,9 @@ class Seq:
     took: bool = False  # `reuse` was taken out of the session LRU (put back if it is dropped)
     past: int = 0  # tokens in its row
     embeds: torch.Tensor | None = None  # inputs of the whole new suffix [1, n, hidden]
+    base: int = 0  # prompt position of embeds[0]
     done: int = 0  # rows of `embeds` prefilled
+    todo: list[tuple[Any, tuple[int, int, str]]] = field(default_factory=list)  # audio not encoded yet, with its span
 
     @property
     def key(self) -> tuple[str, str]:
@@ -82,6 +85,7 @@ class Seq:
 
     def clear(self) -> None:
         self.reuse = self.embeds = self.kv = None
+        self.todo = []
         self.row, self.took = None, False
 
 
