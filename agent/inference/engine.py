@@ -27,16 +27,18 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
 
-from agent.inference import encoder, memory, prompts
+from agent.inference import encoder, memory, prefill, prompts
 from agent.inference.base import GenerationRequest
 from agent.inference.batch import KV, KVStore
 from agent.inference.models import LoadedModel
-from agent.inference.prompts import Answer, Detokenizer, Prompt, RequestError, build_prompt, lcp, splice_answers
-from agent.inference.sequence import COMMITTED, PREEMPTIVE, Output, Seq, SessionCache, error
+from agent.inference.prompts import Answer, Detokenizer, Prompt, RequestError, build_prompt, splice_answers
+from agent.inference.rows import Rows
+from agent.inference.sequence import COMMITTED, PREEMPTIVE, Output, Seq, SessionCache, error, reusable
 from agent.model.qwen2_audio import EOS_TOKENS
 
 __all__ = ["Detokenizer", "Engine", "Output", "RequestError"]
@@ -89,8 +91,7 @@ class Engine:
                                   share=memory_share, own=own)
         self._queue: list[Seq] = []  # submitted, not admitted (and parked preemptive answers)
         self._prefilling: list[Seq] = []  # admitted, in priority order
-        self._rows: list[Seq] = []  # the store's rows: decoding ones first
-        self._decoding = 0
+        self._rows = Rows(self._store)  # the store's rows: decoding ones first
         self._held: dict[str, Seq] = {}  # speculative prefills waiting for their commit
         self._sessions: OrderedDict[str, SessionCache] = OrderedDict()  # LRU order
         self._features = encoder.FeatureCache(self.processor.feature_extractor, encoder_padded, feature_cache_bytes)
@@ -108,7 +109,7 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return self._decoding
+        return self._rows.decoding
 
     @property
     def pending(self) -> int:
@@ -124,7 +125,7 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        return bool(self._queue or self._prefilling or self._decoding or self._outbox)
+        return bool(self._queue or self._prefilling or self._rows.decoding or self._outbox)
 
     def info(self) -> dict[str, Any]:
         return {"kv_budget_tokens": self.budget.tokens, "kv_budget_bytes": self.budget.bytes,
@@ -137,7 +138,7 @@ class Engine:
     def _store_plan(self, extra: Seq | None = None) -> tuple[tuple[int, int], int]:
         """The store's shape once every admitted request (+ `extra`) has its row, and the
         tokens that costs at its peak (its growth copies one layer at a time)."""
-        rows = self._rows + [s for s in self._prefilling if s.row is None] + ([extra] if extra is not None else [])
+        rows = self._rows.seqs + [s for s in self._prefilling if s.row is None] + ([extra] if extra is not None else [])
         have = self._store.shape
         if not rows:
             return have, self._store.allocated_tokens
@@ -196,14 +197,14 @@ class Engine:
         out, self._outbox = self._outbox, []
         self._admit(out)
         self._prefill(out)
-        if self._decoding:
+        if self._rows.decoding:
             try:
                 self._decode_guarded(out)
             except Exception as exc:  # a bug, not memory: fail the batch, keep the engine
                 log.exception("decode step failed")
-                while self._decoding:
-                    seq = self._rows[0]
-                    self._row_drop(seq)
+                while self._rows.decoding:
+                    seq = self._rows.seqs[0]
+                    self._rows.drop(seq)
                     out.append(error(seq, "inference_failed", f"{type(exc).__name__}: {exc}", time.perf_counter()))
         return out
 
@@ -213,7 +214,7 @@ class Engine:
     # ---- admission ----------------------------------------------------------------------
 
     def _everywhere(self) -> list[Seq]:
-        return [*self._queue, *self._prefilling, *self._rows[:self._decoding]]
+        return [*self._queue, *self._prefilling, *self._rows.running]
 
     def _admit(self, out: list[Output]) -> None:
         """Queued requests become prefilling ones, by priority, while slots and memory allow.
@@ -259,14 +260,14 @@ class Engine:
     def _park_preemptive(self) -> bool:
         """Free a batch slot for committed work: the newest preemptive answer leaves the batch
         with a copy of its cache and waits in the queue to resume."""
-        for seq in sorted(self._rows[:self._decoding], key=lambda s: -s.t_admit):
+        for seq in sorted(self._rows.running, key=lambda s: -s.t_admit):
             if seq.rank == PREEMPTIVE:
                 try:
                     self._checkpoint("park")
                     seq.kv = self._store.row_kv(seq.row)  # type: ignore[arg-type]
                 except OOM:
                     return False
-                self._row_drop(seq)
+                self._rows.drop(seq)
                 self._queue.append(seq)
                 return True
         return False
@@ -278,18 +279,19 @@ class Engine:
             out.append(error(seq, "out_of_memory", f"out of device memory resuming: {exc}", time.perf_counter()))
             return
         seq.kv = None
-        self._row_to_decoding(seq)
+        self._rows.to_decoding(seq)
 
     def _adopt_speculative(self, seq: Seq, out: list[Output]) -> bool:
         """The committed turn continues its own speculative prefill when the prompts match
         (held: first token ready; still prefilling: takes over its progress). Any other
         speculation of the session is stale now; the session's history stays cached."""
-        assert seq.prompt is not None
+        prompt = seq.prompt
+        assert prompt is not None
         sid = seq.req.session_id
 
         def same(spec: Seq) -> bool:
-            return spec.key == seq.key and spec.prompt is not None and spec.prompt.ids == seq.prompt.ids \
-                and spec.prompt.spans == seq.prompt.spans  # type: ignore[union-attr]
+            return spec.key == seq.key and spec.prompt is not None and spec.prompt.ids == prompt.ids \
+                and spec.prompt.spans == prompt.spans
 
         for rid, held in list(self._held.items()):
             if held.req.session_id != sid:
@@ -299,10 +301,10 @@ class Engine:
                 self._queue.remove(seq)
                 seq.t_admit = time.perf_counter()
                 seq.stats.timings["queue"] = seq.t_admit - seq.t_submit
-                seq.stats.reused_tokens = len(seq.prompt.ids)
+                seq.stats.reused_tokens = len(prompt.ids)
                 seq.stats.timings["speculative_prefill"] = held.stats.timings.get("prefill", 0.0)
                 try:
-                    self._with_oom_retry(lambda: self._row_add(seq, held.kv, len(seq.prompt.ids)))  # type: ignore[union-attr]
+                    self._with_oom_retry(partial(self._row_add, seq, held.kv, len(prompt.ids)))
                 except OOM as exc:
                     out.append(error(seq, "out_of_memory", f"out of device memory: {exc}", time.perf_counter()))
                     return True
@@ -315,7 +317,7 @@ class Engine:
                     for name in ("t_admit", "row", "reuse", "past", "embeds", "base", "done", "todo"):
                         setattr(seq, name, getattr(spec, name))
                     if seq.row is not None:
-                        self._rows[seq.row] = seq
+                        self._rows.seqs[seq.row] = seq
                     seq.reuse, seq.took = self._sessions.pop(sid, seq.reuse), True  # committed: takes it
                     seq.stats.timings["queue"] = seq.t_admit - seq.t_submit
                     seq.stats.reused_tokens = spec.stats.reused_tokens
@@ -362,22 +364,10 @@ class Engine:
         return True
 
     def _history(self, seq: Seq) -> tuple[SessionCache | None, int]:
-        """The session's cached KV and the longest prefix of the prompt it covers that does not
-        cut through an audio span (or change an audio)."""
-        prompt = seq.prompt
-        assert prompt is not None
+        """The session's cached KV and how much of the prompt it covers."""
+        assert seq.prompt is not None
         entry = self._sessions.get(seq.req.session_id)
-        if entry is None:
-            return None, 0
-        n = min(lcp(entry.ids, prompt.ids), len(prompt.ids) - 1)  # keep ≥1 token for logits
-        cached = set(entry.spans)
-        for span in prompt.spans:
-            start, end, _ = span
-            if start >= n:
-                break
-            if end > n or span not in cached:
-                n = start
-                break
+        n = 0 if entry is None else reusable(entry, seq.prompt)
         return (entry, n) if n > 0 else (None, 0)
 
     # ---- the store's rows ---------------------------------------------------------------
@@ -387,43 +377,19 @@ class Engine:
             self.inject(where)
 
     def _row_add(self, seq: Seq, kv: KV | None, n: int) -> None:
-        """A row for `seq` at the end of the store, holding `n` tokens of `kv`."""
+        """A row for `seq`, holding `n` tokens of `kv`; the store grown for every admitted request."""
         shape, _ = self._store_plan(seq if seq.row is None and seq not in self._prefilling else None)
         self._checkpoint("grow")
-        self._store.ensure(*shape)
-        seq.row = self._store.add(kv, n)
-        self._rows.append(seq)
+        self._rows.add(seq, kv, n, shape)
 
-    def _row_drop(self, seq: Seq) -> None:
-        """Its row leaves; the last decoding row fills the hole, the last row fills that one."""
-        i = seq.row
-        assert i is not None and self._rows[i] is seq
-        last = len(self._rows) - 1
-        if i < self._decoding:
-            self._decoding -= 1
-            self._row_move(self._decoding, i)
-            i = self._decoding
-        self._row_move(last, i)
-        self._rows.pop()
-        self._store.pop()
-        seq.row = None
+    def _grow(self) -> None:
+        self._checkpoint("grow")
+        self._store.ensure(*self._store_plan()[0])
 
-    def _row_move(self, src: int, dst: int) -> None:
-        if src != dst:
-            self._store.move(src, dst)
-            self._rows[dst] = self._rows[src]
-            self._rows[dst].row = dst
-
-    def _row_swap(self, a: int, b: int) -> None:
-        if a != b:
-            self._store.swap(a, b)
-            self._rows[a], self._rows[b] = self._rows[b], self._rows[a]
-            self._rows[a].row, self._rows[b].row = a, b
-
-    def _row_to_decoding(self, seq: Seq) -> None:
-        assert seq.row is not None and seq.row >= self._decoding
-        self._row_swap(seq.row, self._decoding)
-        self._decoding += 1
+    def _row_copy(self, seq: Seq, n: int) -> KV:
+        assert seq.row is not None
+        self._checkpoint("history")
+        return self._store.row_kv(seq.row, n)
 
     # ---- prefill ------------------------------------------------------------------------
 
@@ -437,8 +403,8 @@ class Engine:
                 break
             try:
                 if not seq.started:
-                    self._with_oom_retry(lambda s=seq: self._start_prefill(s))
-                budget -= self._with_oom_retry(lambda s=seq, b=budget: self._encode_audio(s, b, b == full))
+                    self._with_oom_retry(partial(self._start_prefill, seq))
+                budget -= self._with_oom_retry(partial(self._encode_audio, seq, budget, budget == full))
             except Exception as exc:
                 self._fail_prefill(seq, exc, out)
                 continue
@@ -460,8 +426,7 @@ class Engine:
             self._prefill_group(group, out)
 
     def _prefill_group(self, group: list[tuple[Seq, int]], out: list[Output]) -> None:
-        for t, (seq, _) in enumerate(group):  # contiguous rows after the decoding ones, in order
-            self._row_swap(seq.row, self._decoding + t)  # type: ignore[arg-type]
+        self._rows.place([seq for seq, _ in group])  # one view of the store
         try:
             firsts = self._with_oom_retry(lambda: self._forward_prefill(group))
         except OOM as exc:
@@ -500,34 +465,8 @@ class Engine:
             seq.reuse, seq.took = self._sessions.pop(seq.req.session_id), True
 
     def _encode_audio(self, seq: Seq, budget: int, first: bool) -> int:
-        """Encode the clips the next chunk reaches, while this step's prefill budget allows (at
-        least one clip when nothing else ran yet): a re-prefilled history's audio is spread over
-        steps like its tokens. Returns the work done, in audio tokens."""
-        assert seq.embeds is not None
-        todo, cost = [], 0
-        for audio, span in seq.todo:
-            size = span[1] - span[0]
-            if span[0] - seq.base >= seq.done + budget - cost:  # this step's chunk stops before it
-                break
-            if cost + size > budget and not (first and not todo):
-                break
-            todo.append((audio, span))
-            cost += size
-        if not todo:
-            return 0
-        t0 = time.perf_counter()
-        feats = [self._features.get(a, span[2]) for a, span in todo]
         self._checkpoint("encoder")
-        clips = encoder.encode(self.model, [f for f, _ in feats], [v for _, v in feats], self.encoder_padded)
-        # the spans, not the ids: a spliced answer may hold a generated <|AUDIO|> token,
-        # which was fed as a token then and stays one
-        for clip, (_, (start, stop, _)) in zip(clips, todo, strict=True):
-            if clip.shape[0] != stop - start:
-                raise RequestError(f"{stop - start} audio tokens but {clip.shape[0]} audio embeddings")
-            seq.embeds[0, start - seq.base:stop - seq.base] = clip.to(seq.embeds.dtype)
-        del seq.todo[:len(todo)]
-        seq.stats.timings["encoder"] = seq.stats.timings.get("encoder", 0.0) + time.perf_counter() - t0
-        return cost
+        return prefill.encode_audio(seq, self._features, self.model, self.encoder_padded, budget, first)
 
     def _forward_prefill(self, group: list[tuple[Seq, int]]) -> list[int | None]:
         """One forward over the group's chunks (rows contiguous from `_decoding`); the first
@@ -536,16 +475,9 @@ class Engine:
         self._checkpoint("prefill")
         start = group[0][0].row
         assert start is not None
-        pasts = [s.past for s, _ in group]
-        news = [n for _, n in group]
-        width = max(news)
-        parts = []
-        for seq, n in group:
-            assert seq.embeds is not None
-            part = seq.embeds[:, seq.done:seq.done + n]
-            parts.append(torch.nn.functional.pad(part, (0, 0, 0, width - n)) if n < width else part)
+        pasts, news = [s.past for s, _ in group], [n for _, n in group]
         writes, mask, pos = self._store.forward_args(start, pasts, news)
-        res = self._lm(inputs_embeds=torch.cat(parts) if len(parts) > 1 else parts[0], attention_mask=mask,
+        res = self._lm(inputs_embeds=prefill.chunk_inputs(group), attention_mask=mask,
                        position_ids=pos, use_cache=True, **{self._cache_kw: writes})
         last = [i for i, (seq, n) in enumerate(group) if seq.done + n == seq.embeds.shape[1]]  # type: ignore[union-attr]
         firsts: list[int | None] = [None] * len(group)
@@ -568,7 +500,7 @@ class Engine:
                 self._held[seq.rid] = seq
             except OOM:
                 pass  # not held: the commit prefills again
-            self._row_drop(seq)
+            self._rows.drop(seq)
             seq.stats.timings["total"] = t1 - seq.t_submit
             out.append(Output(seq.rid, "", True, seq.stats))
             return
@@ -577,16 +509,16 @@ class Engine:
         if self._finished(seq, first):
             out.append(self._finish(seq, first))
             out[-1].cached = self._save_session(seq, self._copy_row(seq, self._store.lengths[seq.row]))  # type: ignore[index]
-            self._row_drop(seq)
+            self._rows.drop(seq)
             self._trim_sessions()
             return
         try:  # room for its answer (a speculative row it took over had none)
-            self._with_oom_retry(lambda: (self._checkpoint("grow"), self._store.ensure(*self._store_plan()[0])))
+            self._with_oom_retry(self._grow)
         except OOM as exc:
             self._fail(seq, "out_of_memory", f"out of device memory for its answer: {exc}", out)
             return
         out.append(Output(seq.rid, seq.detok.push(first), token_ids=[first]))
-        self._row_to_decoding(seq)
+        self._rows.to_decoding(seq)
 
     def _fail_prefill(self, seq: Seq, exc: Exception, out: list[Output]) -> None:
         if isinstance(exc, RequestError):
@@ -600,9 +532,9 @@ class Engine:
     def _fail(self, seq: Seq, code: str, message: str, out: list[Output] | None = None) -> None:
         """Take a request out wherever it is, with an error output. A decoding one leaves its
         history cached (as far as it got); a prefilling one puts back the history it took."""
-        if seq.row is not None and seq.row < self._decoding:
+        if seq.row is not None and seq.row < self._rows.decoding:
             self._save_session(seq, self._copy_row(seq, self._store.lengths[seq.row]))
-            self._row_drop(seq)
+            self._rows.drop(seq)
             self._trim_sessions()
         else:
             self._discard(seq)
@@ -615,7 +547,7 @@ class Engine:
         if seq in self._prefilling:
             self._prefilling.remove(seq)
         if seq.row is not None:
-            self._row_drop(seq)
+            self._rows.drop(seq)
         if seq.took and seq.reuse is not None and seq.req.session_id not in self._sessions:
             self._sessions[seq.req.session_id] = seq.reuse
         seq.clear()
@@ -656,12 +588,12 @@ class Engine:
         return freed
 
     def _decode_guarded(self, out: list[Output]) -> None:
-        while self._decoding:
+        while self._rows.decoding:
             try:
                 self._with_oom_retry(lambda: self._decode(out))
                 return
             except OOM as exc:  # nothing left to free: the newest request fails alone
-                seq = max(self._rows[:self._decoding], key=lambda s: s.t_admit)
+                seq = max(self._rows.running, key=lambda s: s.t_admit)
                 self._fail(seq, "out_of_memory", f"out of device memory while decoding: {exc}", out)
 
     # ---- batched decode -----------------------------------------------------------------
@@ -669,8 +601,8 @@ class Engine:
     def _decode(self, out: list[Output]) -> None:
         """One token for every decoding row. Everything that allocates runs before anything
         is committed (lengths, tokens, outputs, rows leaving): an OOM retries it as is."""
-        b = self._decoding
-        seqs = self._rows[:b]
+        b = self._rows.decoding
+        seqs = self._rows.seqs[:b]
         lengths = self._store.lengths[:b]
         self._checkpoint("decode")
         ids = torch.tensor([[s.generated[-1]] for s in seqs], device=self.device)
@@ -691,7 +623,7 @@ class Engine:
             else:
                 out.append(Output(seq.rid, seq.detok.push(token), token_ids=[token]))
         for i in sorted(done, reverse=True):
-            self._row_drop(seqs[i])
+            self._rows.drop(seqs[i])
         if done:
             self._trim_sessions()
 
@@ -720,7 +652,7 @@ class Engine:
         if seq.row is None or seq.prompt is None:
             return None
         try:
-            return self._with_oom_retry(lambda: (self._checkpoint("history"), self._store.row_kv(seq.row, n))[1])  # type: ignore[arg-type]
+            return self._with_oom_retry(lambda: self._row_copy(seq, n))  # type: ignore[no-any-return]
         except OOM:
             log.warning("out of memory copying the history of %s: not cached", seq.req.session_id)
             return None

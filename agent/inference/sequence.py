@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
 import torch
 
 from agent.inference.base import GenerationRequest, GenerationStats, InferenceError
 from agent.inference.batch import KV
-from agent.inference.prompts import Answer, Detokenizer, Prompt
+from agent.inference.prompts import Answer, Detokenizer, Prompt, lcp
 
 COMMITTED, PREEMPTIVE, SPECULATIVE = 0, 1, 2  # priorities: lower first
 
@@ -93,3 +94,17 @@ def error(seq: Seq, code: str, message: str, now: float) -> Output:
     seq.stats.tokens = len(seq.generated)
     seq.stats.timings["total"] = now - seq.t_submit
     return Output(seq.rid, "", True, seq.stats, error=(code, message))
+
+
+def reusable(entry: SessionCache, prompt: Prompt) -> int:
+    """The longest prefix of `prompt` the cached history covers that does not cut through an
+    audio span (or change an audio); at least one token is left to compute logits from."""
+    n = min(lcp(entry.ids, prompt.ids), len(prompt.ids) - 1)
+    cached = set(entry.spans)
+    for span in prompt.spans:
+        start, end, _ = span
+        if start >= n:
+            break
+        if end > n or span not in cached:
+            return start
+    return n
