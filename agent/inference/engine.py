@@ -1,22 +1,19 @@
 """A synchronous continuous-batching engine over one loaded Qwen2-Audio model.
 
 Pure and single-threaded: a worker process drives it with `submit` / `cancel` / `promote` /
-`step`. Each `step` (1) admits queued requests, committed ones first, then preemptive answers,
-then speculative prefills, while batch slots and the KV budget allow (only committed work may
-evict other sessions' history or held prefills, or park a preemptive answer); (2) runs at most
-`prefill_chunk_tokens` of prefill (encoder included), committed requests first, the chunks of
-several requests batched in one forward; (3) runs ONE batched greedy decode step.
+`step`. Each `step` (1) admits queued requests by priority, committed, then preemptive answers,
+then speculative prefills, while batch slots and the KV budget allow (only committed work
+evicts other sessions' history or held prefills, or parks a preemptive answer); (2) runs at
+most `prefill_chunk_tokens` of prefill (encoder included) by priority, the chunks of several
+requests in one forward; (3) runs ONE batched greedy decode step.
 
-All KV of the requests in flight lives in one preallocated store (`batch.KVStore`): decoding
-rows first, prefilling rows after them; a step writes only its new tokens. A session's history
-is copied out when its answer ends and into a new row at its next turn. A speculative or
-preemptive request only reads its session's history: it stays cached until a committed
-request takes it, so a dropped speculation loses nothing.
-
-KV accounting (`kv_projected`) counts session histories, held prefills and parked answers, and
-the store at the shape it will grow to for every admitted request (prompt + max_new_tokens
-each) plus one layer of growth copy. Out of memory: nothing a step commits changes before its
-allocations succeeded, so a failed step is retried as is after freeing cached history; a
+All KV in flight lives in one preallocated store (`batch.KVStore`, rows in `rows.Rows`); a step
+writes only its new tokens. A session's history is copied out when its answer ends and into a
+new row at its next turn; speculative and preemptive work only read it, so it stays cached
+until a committed request takes it. KV accounting (`kv_projected`): session histories, held
+prefills, parked answers, and the store at the shape it grows to for every admitted request
+(prompt + max_new_tokens) plus one layer of growth copy. Out of memory: a step commits nothing
+before its allocations succeeded, so it is retried as is after freeing cached history; a
 request that still cannot fit fails alone (`out_of_memory`).
 """
 
@@ -33,12 +30,13 @@ from typing import Any
 import torch
 
 from agent.inference import encoder, memory, prefill, prompts
+from agent.inference.admission import Admission
 from agent.inference.base import GenerationRequest
 from agent.inference.batch import KV, KVStore
 from agent.inference.models import LoadedModel
-from agent.inference.prompts import Answer, Detokenizer, Prompt, RequestError, build_prompt, splice_answers
+from agent.inference.prompts import Detokenizer, Prompt, RequestError, build_prompt
 from agent.inference.rows import Rows
-from agent.inference.sequence import COMMITTED, PREEMPTIVE, Output, Seq, SessionCache, error, reusable
+from agent.inference.sequence import COMMITTED, PREEMPTIVE, Output, Seq, SessionCache, error, reusable, session_cache
 from agent.model.qwen2_audio import EOS_TOKENS
 
 __all__ = ["Detokenizer", "Engine", "Output", "RequestError"]
@@ -48,7 +46,7 @@ log = logging.getLogger(__name__)
 OOM = torch.OutOfMemoryError
 
 
-class Engine:
+class Engine(Admission):
     def __init__(self, loaded: LoadedModel, max_batch: int = 16, kv_budget_tokens: int | None = None,
                  gpu_memory_utilization: float = 0.9, prefill_chunk_tokens: int = 512,
                  encoder_padded: bool = False, feature_cache_bytes: int = 32 * 1024**2,
@@ -215,153 +213,6 @@ class Engine:
 
     def _everywhere(self) -> list[Seq]:
         return [*self._queue, *self._prefilling, *self._rows.running]
-
-    def _admit(self, out: list[Output]) -> None:
-        """Queued requests become prefilling ones, by priority, while slots and memory allow.
-        Lower priorities wait while a committed request waits."""
-        for seq in sorted(self._queue, key=lambda s: s.rank):  # stable: oldest first within a priority
-            if seq not in self._queue:  # dropped by an adoption meanwhile
-                continue
-            slots = len(self._rows) + sum(s.row is None for s in self._prefilling)
-            if slots >= self.max_batch and not (seq.rank == COMMITTED and self._park_preemptive()):
-                return
-            try:
-                if seq.prompt is None:
-                    seq.prompt, seq.answers = splice_answers(self.build_prompt(seq.req),
-                                                             self._answers_of(seq.req.session_id))
-                    seq.stats.prompt_tokens = len(seq.prompt.ids)
-                    if seq.req.max_new_tokens < 1:
-                        raise RequestError("max_new_tokens must be at least 1")
-            except RequestError as exc:
-                self._queue.remove(seq)
-                out.append(error(seq, exc.code, str(exc), time.perf_counter()))
-                continue
-            if seq.rank == COMMITTED and seq.kv is None and self._adopt_speculative(seq, out):
-                continue
-            if not self._make_room(seq):
-                if seq.rank != COMMITTED:
-                    continue  # waits; never evicts anything
-                if self._rows or self._prefilling:
-                    return  # wait for running requests to finish and free theirs
-                self._queue.remove(seq)
-                out.append(error(seq, "out_of_memory", (
-                    f"the request needs {seq.final_tokens()} tokens of KV cache; the budget is "
-                    f"{self.budget.tokens} ({self.budget.describe()})"), time.perf_counter()))
-                continue
-            self._queue.remove(seq)
-            if seq.kv is not None:  # a parked answer resumes where it stopped
-                self._resume(seq, out)
-                continue
-            seq.t_admit = time.perf_counter()
-            seq.stats.timings["queue"] = seq.t_admit - seq.t_submit
-            self._prefilling.append(seq)
-            self._prefilling.sort(key=lambda s: s.rank)
-
-    def _park_preemptive(self) -> bool:
-        """Free a batch slot for committed work: the newest preemptive answer leaves the batch
-        with a copy of its cache and waits in the queue to resume."""
-        for seq in sorted(self._rows.running, key=lambda s: -s.t_admit):
-            if seq.rank == PREEMPTIVE:
-                try:
-                    self._checkpoint("park")
-                    seq.kv = self._store.row_kv(seq.row)  # type: ignore[arg-type]
-                except OOM:
-                    return False
-                self._rows.drop(seq)
-                self._queue.append(seq)
-                return True
-        return False
-
-    def _resume(self, seq: Seq, out: list[Output]) -> None:
-        try:
-            self._with_oom_retry(lambda: self._row_add(seq, seq.kv, seq.held_tokens()))
-        except OOM as exc:
-            out.append(error(seq, "out_of_memory", f"out of device memory resuming: {exc}", time.perf_counter()))
-            return
-        seq.kv = None
-        self._rows.to_decoding(seq)
-
-    def _adopt_speculative(self, seq: Seq, out: list[Output]) -> bool:
-        """The committed turn continues its own speculative prefill when the prompts match
-        (held: first token ready; still prefilling: takes over its progress). Any other
-        speculation of the session is stale now; the session's history stays cached."""
-        prompt = seq.prompt
-        assert prompt is not None
-        sid = seq.req.session_id
-
-        def same(spec: Seq) -> bool:
-            return spec.key == seq.key and spec.prompt is not None and spec.prompt.ids == prompt.ids \
-                and spec.prompt.spans == prompt.spans
-
-        for rid, held in list(self._held.items()):
-            if held.req.session_id != sid:
-                continue
-            del self._held[rid]
-            if same(held) and held.kv is not None and self._make_room(seq):
-                self._queue.remove(seq)
-                seq.t_admit = time.perf_counter()
-                seq.stats.timings["queue"] = seq.t_admit - seq.t_submit
-                seq.stats.reused_tokens = len(prompt.ids)
-                seq.stats.timings["speculative_prefill"] = held.stats.timings.get("prefill", 0.0)
-                try:
-                    self._with_oom_retry(partial(self._row_add, seq, held.kv, len(prompt.ids)))
-                except OOM as exc:
-                    out.append(error(seq, "out_of_memory", f"out of device memory: {exc}", time.perf_counter()))
-                    return True
-                self._sessions.pop(sid, None)  # superseded by the prefill's own copy
-                self._ready(seq, held.generated[0], out)
-                return True
-        for i, spec in enumerate(self._prefilling):
-            if spec.req.speculative and spec.req.session_id == sid:
-                if same(spec):
-                    for name in ("t_admit", "row", "reuse", "past", "embeds", "base", "done", "todo"):
-                        setattr(seq, name, getattr(spec, name))
-                    if seq.row is not None:
-                        self._rows.seqs[seq.row] = seq
-                    seq.reuse, seq.took = self._sessions.pop(sid, seq.reuse), True  # committed: takes it
-                    seq.stats.timings["queue"] = seq.t_admit - seq.t_submit
-                    seq.stats.reused_tokens = spec.stats.reused_tokens
-                    self._queue.remove(seq)
-                    self._prefilling[i] = seq
-                    self._prefilling.sort(key=lambda s: s.rank)
-                    return True
-                self._discard(spec)
-                break
-        self._drop_speculative(lambda s: s.req.session_id == sid and s in self._queue)
-        return False
-
-    def _answers_of(self, session_id: str) -> list[Answer]:
-        """The session's earlier answers as generated: from its cached history, else from a
-        request that took that history."""
-        entry = self._sessions.get(session_id)
-        if entry is not None:
-            return entry.answers
-        for seq in (*self._held.values(), *self._prefilling):
-            if seq.req.session_id == session_id:
-                return seq.answers
-        return []
-
-    def _make_room(self, seq: Seq) -> bool:
-        """Fit `seq` in the KV budget. Committed work may evict other sessions' history (LRU),
-        then held speculative prefills (oldest first), then its own history; other work waits."""
-        budget = self.budget.tokens
-        if seq.rank != COMMITTED:
-            return self.kv_projected(seq) <= budget
-        own = seq.req.session_id
-        while self.kv_projected(seq) > budget:
-            victim = next((sid for sid in self._sessions if sid != own), None)
-            if victim is not None:
-                del self._sessions[victim]
-                continue
-            held = next((rid for rid, h in self._held.items() if h.key != seq.key), None)
-            if held is not None:
-                del self._held[held]
-                continue
-            if own in self._sessions:  # its own history too, as a last resort
-                del self._sessions[own]
-                continue
-            return False
-        return True
 
     def _history(self, seq: Seq) -> tuple[SessionCache | None, int]:
         """The session's cached KV and how much of the prompt it covers."""
@@ -662,17 +513,11 @@ class Engine:
         session's next turn, LRU-evicting other sessions while over the KV budget."""
         if seq.prompt is None or kv is None:
             return None
-        ids = seq.prompt.ids + seq.generated[:-1]
-        ids = ids[:kv[0][0].shape[2]]
-        answers = list(seq.answers)
-        content = seq.generated[:-1] if seq.generated and seq.generated[-1] in self.eos_ids else seq.generated
-        if content:  # the next prompt holds it as text: remember which ids it came from
-            text_ids = self.tokenizer(seq.detok.text, add_special_tokens=False)["input_ids"]
-            answers.append((len(seq.prompt.ids), list(content), text_ids))
+        entry = session_cache(seq, kv, self.tokenizer, self.eos_ids)
         sid = seq.req.session_id
         self._sessions.pop(sid, None)
-        self._sessions[sid] = SessionCache(ids, seq.prompt.spans, kv, answers)
-        return [h for _, end, h in seq.prompt.spans if end <= len(ids)]
+        self._sessions[sid] = entry
+        return [h for _, end, h in entry.spans if end <= len(entry.ids)]
 
     def _trim_sessions(self) -> None:
         """LRU-evict session histories while over the KV budget (the newest last)."""

@@ -108,3 +108,16 @@ def reusable(entry: SessionCache, prompt: Prompt) -> int:
         if end > n or span not in cached:
             return start
     return n
+
+
+def session_cache(seq: Seq, kv: KV, tokenizer: Any, eos_ids: set[int]) -> SessionCache:
+    """What a finished (or stopped) request leaves its session: the KV of prompt + generated
+    tokens (all but the last, never fed), and its answer's ids with the ids of its text."""
+    assert seq.prompt is not None
+    ids = (seq.prompt.ids + seq.generated[:-1])[:kv[0][0].shape[2]]
+    answers = list(seq.answers)
+    content = seq.generated[:-1] if seq.generated and seq.generated[-1] in eos_ids else seq.generated
+    if content:  # the next prompt holds it as text: remember which ids it came from
+        text_ids = tokenizer(seq.detok.text, add_special_tokens=False)["input_ids"]
+        answers.append((len(seq.prompt.ids), list(content), text_ids))
+    return SessionCache(ids, seq.prompt.spans, kv, answers)
