@@ -3,8 +3,8 @@
 Per layer, keys and values live in `[rows, kv_heads, width, head_dim]` tensors allocated once
 and grown geometrically (never per token): a decode step writes only its new token's K/V at each
 row's own position (`index_put_`), a prefill chunk writes only its chunk. Rows are not padded to
-a common length; each keeps its own length and the attention mask (built here, 4D, so
-transformers' mask code is skipped) hides the rest. The engine keeps its decoding rows at
+a common length; each keeps its own length and the attention mask (built here, 4D and
+additive, so transformers' mask code is skipped) hides the rest. The engine keeps its decoding rows at
 `[0, decoding)` and its prefilling rows after them, so both are plain views of the store.
 
 A forward that fails half-way (out of memory) has only written past the rows' lengths: the
@@ -25,10 +25,8 @@ SCRATCH = 256  # tokens per piece of a row swap
 
 
 class KVStore:
-    def __init__(self, device: torch.device, layers: int, heads: int, head_dim: int, dtype: torch.dtype,
-                 eager_mask: bool = False) -> None:
+    def __init__(self, device: torch.device, layers: int, heads: int, head_dim: int, dtype: torch.dtype) -> None:
         self.device, self.layers, self.heads, self.head_dim, self.dtype = device, layers, heads, head_dim, dtype
-        self.eager_mask = eager_mask  # eager attention adds a float mask; sdpa takes a bool one
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.lengths: list[int] = []  # tokens held by each used row, rows 0..n-1
@@ -143,9 +141,9 @@ class KVStore:
         dev = self.device
         offsets = torch.tensor(past, device=dev)
         pos = offsets[:, None] + torch.arange(q, device=dev)[None]  # [b, q]
-        mask = (torch.arange(width, device=dev)[None, None] <= pos[:, :, None])[:, None]  # [b, 1, q, width]
-        if self.eager_mask:
-            mask = torch.zeros(mask.shape, dtype=self.dtype, device=dev).masked_fill_(~mask, torch.finfo(self.dtype).min)
+        hide = (torch.arange(width, device=dev)[None, None] > pos[:, :, None])[:, None]  # [b, 1, q, width]
+        # additive, made once per forward: a bool mask is converted again in every layer
+        mask = torch.zeros(hide.shape, dtype=self.dtype, device=dev).masked_fill_(hide, torch.finfo(self.dtype).min)
         rows = torch.arange(start, start + b, device=dev)
         if q == 1:
             writes = _Writes(self, start, start + b, width, rows, offsets, None)

@@ -75,8 +75,7 @@ class Engine(Admission):
         self.layers = int(cfg.num_hidden_layers)
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self._store = KVStore(self.device, self.layers, kv_heads, head_dim, self.model.dtype,
-                              eager_mask=cfg._attn_implementation == "eager")
+        self._store = KVStore(self.device, self.layers, kv_heads, head_dim, self.model.dtype)
         per_token = memory.bytes_per_token(cfg, torch.finfo(self.model.dtype).bits // 8)
         reserve = 0
         if self.device.type == "cuda" and memory_info is None:

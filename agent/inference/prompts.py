@@ -151,9 +151,10 @@ def build_prompt(tokenizer: Any, audio_token_id: int, request: GenerationRequest
 class Detokenizer:
     """Incremental decoding that never emits half a multi-byte character.
 
-    Decodes a short window per token, not all ids: the ids since the last emitted text and a
-    few before it for context (vLLM's prefix/read offsets). Byte-level BPE decoding is
-    prefix-stable, so the window's new text is what decoding everything would add."""
+    Decodes a short window per token, not all ids: the ids since the last emitted text and the
+    ones emitted just before, for context (vLLM's prefix/read offsets); the context's own text
+    is the previous delta. Byte-level BPE decoding is prefix-stable, so the window's new text is
+    what decoding everything would add."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
@@ -161,6 +162,7 @@ class Detokenizer:
         self.text = ""  # emitted so far
         self.prefix = 0  # window start: ids already emitted, kept as context
         self.read = 0  # ids covered by `text`
+        self._before: str | None = ""  # decoded ids[prefix:read], when known
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
@@ -175,7 +177,7 @@ class Detokenizer:
     def _emit(self, final: bool) -> str:
         if self.read == len(self.ids):
             return ""
-        before = self._decode(self.ids[self.prefix:self.read])
+        before = self._before if self._before is not None else self._decode(self.ids[self.prefix:self.read])
         cur = self._decode(self.ids[self.prefix:])
         # A trailing U+FFFD is an incomplete UTF-8 sequence: wait for its other bytes (at
         # most 4 per character, so give up waiting beyond that: the bytes are invalid).
@@ -184,6 +186,8 @@ class Detokenizer:
         delta = cur[len(before):]
         self.text += delta
         self.prefix, self.read = self.read, len(self.ids)
+        # ids[prefix:read] decode to `delta` when it ends on a whole character (prefix-stable)
+        self._before = None if delta.endswith("\ufffd") or not cur.startswith(before) else delta
         return delta
 
 
