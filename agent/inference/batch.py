@@ -144,15 +144,15 @@ class KVStore:
         hide = (torch.arange(width, device=dev)[None, None] > pos[:, :, None])[:, None]  # [b, 1, q, width]
         # additive, made once per forward: a bool mask is converted again in every layer
         mask = torch.zeros(hide.shape, dtype=self.dtype, device=dev).masked_fill_(hide, torch.finfo(self.dtype).min)
-        rows = torch.arange(start, start + b, device=dev)
         if q == 1:
-            writes = _Writes(self, start, start + b, width, rows, offsets, None)
-        else:
-            valid = torch.arange(q, device=dev)[None] < torch.tensor(new, device=dev)[:, None]  # [b, q]
-            sel = None if all(n == q for n in new) else valid.flatten().nonzero().squeeze(1)
-            writes = _Writes(self, start, start + b, width, rows[:, None].expand(b, q).flatten(), pos.flatten(), sel)
-            if sel is not None:
-                writes.rows, writes.pos = writes.rows[sel], writes.pos[sel]
+            writes = _Writes(self, start, start + b, width, torch.arange(start, start + b, device=dev), offsets, None)
+        else:  # the real (row, position) pairs, listed on the host: no device sync to find them
+            rows = [start + i for i, n in enumerate(new) for _ in range(n)]
+            where = [p + j for p, n in zip(past, new, strict=True) for j in range(n)]
+            sel = None if all(n == q for n in new) else \
+                torch.tensor([i * q + j for i, n in enumerate(new) for j in range(n)], device=dev)
+            writes = _Writes(self, start, start + b, width, torch.tensor(rows, device=dev),
+                             torch.tensor(where, device=dev), sel)
         return writes, {"full_attention": mask}, pos
 
 
