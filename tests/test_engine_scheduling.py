@@ -226,3 +226,29 @@ def test_workers_on_one_gpu_divide_its_memory() -> None:
     two = [budget(2, 1), budget(2, 2)]  # the first sees the second's weights not yet loaded
     assert sum(two) * per_token + 2 * weights <= 0.9 * total
     assert all(b > alone // 3 for b in two)
+
+
+def test_a_wide_store_gives_capacity_back_before_history_is_evicted(loaded: models.LoadedModel) -> None:
+    import dataclasses
+
+    engine = Engine(loaded)
+    long = request([user(0)], [noise(8.0, 80)], 2, session="long")
+    streams = {f"s{i}": request([user(0)], [noise(0.6, 81 + i)], 30, session=f"s{i}", min_new_tokens=30)
+               for i in range(2)}
+    outs: dict[str, list[Output]] = {}
+    for rid, req in [("long", long), *streams.items()]:
+        engine.submit(rid, req)
+    while "long" not in engine._sessions or engine.running < 2:  # the long turn is over, the streams go on
+        for o in engine.step():
+            outs.setdefault(o.request_id, []).append(o)
+    wide = engine._store.shape
+    assert engine.running == 2 and wide[1] > 200
+    kept = engine.cached_tokens
+    # a budget the wide store would exceed with the long session's history beside it
+    engine.budget = dataclasses.replace(engine.budget, tokens=kept + wide[0] * wide[1] // 2)
+    engine._trim_sessions()
+    assert "long" in engine._sessions and engine._store.shape[1] < wide[1] // 2
+    for rid, more in run(engine, {0: []}).items():
+        outs.setdefault(rid, []).extend(more)
+    for rid, req in streams.items():
+        assert tokens(outs[rid]) == reference(loaded, req, sorted(engine.eos_ids)), rid

@@ -171,6 +171,8 @@ class Admission:
         if seq.rank != COMMITTED:
             return self.kv_projected(seq) <= budget
         own = seq.req.session_id
+        if self.kv_projected(seq) > budget:
+            self._fit_store()
         while self.kv_projected(seq) > budget:
             victim = next((sid for sid in self._sessions if sid != own), None)
             if victim is not None:
@@ -204,6 +206,9 @@ class Admission:
         raise NotImplementedError
 
     def _ready(self, seq: Seq, first: int, out: list[Output]) -> None:
+        raise NotImplementedError
+
+    def _fit_store(self) -> None:
         raise NotImplementedError
 
     def _discard(self, seq: Seq) -> None:

@@ -79,6 +79,17 @@ class KVStore:
                 else:
                     store.append(new)
 
+    def shrink(self, rows: int, width: int) -> None:
+        """Give back capacity beyond `rows` × `width` (which must hold every used row), one
+        layer at a time; an out-of-memory half-way leaves the other layers as they were."""
+        assert len(self.lengths) <= rows and max(self.lengths, default=0) <= width
+        for store in (self.k, self.v):
+            for li, old in enumerate(store):
+                if old.shape[0] > rows or old.shape[2] > width:
+                    new = torch.zeros(rows, self.heads, width, self.head_dim, dtype=self.dtype, device=self.device)
+                    new.copy_(old[:rows, :, :width])
+                    store[li] = new
+
     def clear(self) -> None:
         self.k, self.v, self.lengths, self._scratch = [], [], [], None
 

@@ -144,6 +144,21 @@ class Engine(Admission):
         tokens = shape[0] * shape[1]
         return shape, tokens + (-(-tokens // self.layers) if shape != have else 0)
 
+    def _fit_store(self) -> None:
+        """Over budget: first give back store capacity that no admitted request needs (it only
+        grows while requests run: a long prompt widens every row until the store empties)."""
+        rows = self._rows.seqs + [s for s in self._prefilling if s.row is None]
+        if not self._rows.seqs:
+            return
+        need = (len(rows), max(max(s.final_tokens() for s in rows), *self._store.lengths))
+        have = self._store.shape
+        if have[0] * have[1] >= 2 * need[0] * need[1]:  # not for a little: growth would follow
+            try:
+                self._checkpoint("shrink")
+                self._store.shrink(*need)
+            except OOM:
+                pass
+
     def kv_projected(self, extra: Seq | None = None) -> int:
         """KV tokens the engine may hold at once with what it has admitted (+ `extra`)."""
         return self.cached_tokens + self._own_tokens() + self._store_plan(extra)[1]
@@ -520,5 +535,7 @@ class Engine(Admission):
 
     def _trim_sessions(self) -> None:
         """LRU-evict session histories while over the KV budget (the newest last)."""
+        if self._sessions and self.kv_projected() > self.budget.tokens:
+            self._fit_store()
         while self._sessions and self.kv_projected() > self.budget.tokens:
             self._sessions.popitem(last=False)
