@@ -160,6 +160,17 @@ def test_oom_in_a_prefill_fails_only_that_request(loaded: models.LoadedModel, mo
 
 # ---- scheduling ------------------------------------------------------------------------
 
+def record_chunks(engine: Engine, chunks: list[int]) -> None:
+    """Every prefill chunk's size, as the engine's forwards run them."""
+    original = engine._forward_prefill
+
+    def forward(group: list[tuple[Any, int]]) -> Any:
+        chunks.extend(n for _, n in group)
+        return original(group)
+
+    engine._forward_prefill = forward  # type: ignore[method-assign]
+
+
 def test_chunked_prefill_never_stalls_a_running_stream(loaded: models.LoadedModel) -> None:
     engine = Engine(loaded, prefill_chunk_tokens=32)
     stream = request([user(0)], [noise(0.6, 50)], 60, session="stream", min_new_tokens=60)
@@ -170,8 +181,7 @@ def test_chunked_prefill_never_stalls_a_running_stream(loaded: models.LoadedMode
         for o in engine.step():
             outs.setdefault(o.request_id, []).append(o)
     chunks: list[int] = []
-    original = engine._chunk
-    engine._chunk = lambda seq, n: (chunks.append(n), original(seq, n))[1]  # type: ignore[method-assign]
+    record_chunks(engine, chunks)
     engine.submit("long", long)
     steps_with_prefill = 0
     while engine.has_work:
@@ -211,8 +221,7 @@ def test_commit_takes_over_a_speculative_prefill_in_progress(loaded: models.Load
     spec = request([user(0)], [audio], 8, session="s", turn="t1")
     spec.speculative = True
     chunks: list[int] = []
-    original = engine._chunk
-    engine._chunk = lambda seq, n: (chunks.append(n), original(seq, n))[1]  # type: ignore[method-assign]
+    record_chunks(engine, chunks)
     engine.submit("spec", spec)
     engine.step()
     engine.step()

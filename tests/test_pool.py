@@ -161,3 +161,21 @@ async def test_bad_model_fails_start(tmp_path: Path) -> None:
     assert "does-not-exist" in errors[0].message  # type: ignore[union-attr]
     assert "not a Qwen2-Audio model" in errors[1].message  # type: ignore[union-attr]
     assert not missing._workers and not not_audio._workers
+
+
+@pytest.mark.slow
+async def test_preemptive_answers_through_pool(pool: InferencePool) -> None:
+    """A newer preemptive answer of a session replaces the older one (cancelled); promoted, it
+    streams like a committed turn."""
+    first = req("pre", 1.0, 60, max_new_tokens=2000, min_new_tokens=2000, turn="1")
+    second = req("pre", 1.1, 61, max_new_tokens=12, turn="2")
+    first.preemptive = second.preemptive = True
+    it = pool.generate(first)
+    await it.__anext__()  # it is decoding
+    newer = asyncio.create_task(collect(pool.generate(second)))
+    with pytest.raises(InferenceError) as err:
+        await collect(it)
+    assert err.value.code == "cancelled"
+    await pool.promote("pre", "2")
+    assert "".join(await newer) == engine_text(second)
+    await pool.forget("pre")

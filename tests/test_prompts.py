@@ -3,7 +3,7 @@
 from typing import Any
 
 from agent.inference.models import load_tokenizer
-from agent.inference.prompts import SegmentTokenizer
+from agent.inference.prompts import Detokenizer, SegmentTokenizer
 from agent.model.qwen2_audio import render_prompt
 
 
@@ -42,3 +42,22 @@ def test_pieces_equal_the_whole_and_history_is_not_tokenized_again() -> None:
     text = render_prompt(conversation(21))  # one more turn: only its new pieces are tokenized
     assert segments(text) == tokenizer(text, add_special_tokens=False)["input_ids"]
     assert 0 < len(counting.texts) <= 3 and sum(map(len, counting.texts)) < 120
+
+
+def test_detokenizer_decodes_a_short_window_per_token() -> None:
+    """A long answer streams the same text as decoding it whole, one decode call per token of a
+    window that does not grow with the answer."""
+    tokenizer = load_tokenizer("tiny-random")
+    text = "Überall 東京 🎧, a long answer! " * 12
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    windows: list[int] = []
+
+    class Watching:
+        def decode(self, window: list[int], **kw: Any) -> str:
+            windows.append(len(window))
+            return str(tokenizer.decode(window, **kw))
+
+    detok = Detokenizer(Watching())
+    deltas = [detok.push(i) for i in ids] + [detok.flush()]
+    assert "".join(deltas) == text == detok.text
+    assert len(ids) > 300 and max(windows) <= 8 and len(windows) <= len(ids) + 8

@@ -1,17 +1,20 @@
 """A synchronous continuous-batching engine over one loaded Qwen2-Audio model.
 
-Pure and single-threaded: a worker process drives it with `submit` / `cancel` / `step`.
-Each `step` (1) admits queued requests while batch slots and the KV budget allow, evicting
-other sessions' history (LRU) and then held speculative prefills; (2) runs at most
-`prefill_chunk_tokens` of prefill (encoder included), oldest request first, in chunks on its
-own cache after the session's cached history, so running streams never wait for a whole
-prompt; (3) runs ONE batched greedy decode step over the left-padded batch (`batch.Batch`).
+Pure and single-threaded: a worker process drives it with `submit` / `cancel` / `promote` /
+`step`. Each `step` (1) admits queued requests by priority, committed, then preemptive answers,
+then speculative prefills, while batch slots and the KV budget allow (only committed work
+evicts other sessions' history or held prefills, or parks a preemptive answer); (2) runs at
+most `prefill_chunk_tokens` of prefill (encoder included) by priority, the chunks of several
+requests in one forward; (3) runs ONE batched greedy decode step.
 
-KV accounting (`kv_projected`) counts every cache: session histories, held speculative
-prefills, and the batch at its largest (rows × the longest prompt + max_new_tokens, padding
-included) plus one layer of re-pack copy; a request's own prefill cache fits in its future
-row, the join frees it layer by layer. A CUDA out-of-memory rolls the step back, frees cached
-history and retries; a request that still cannot fit fails alone (`out_of_memory`).
+All KV in flight lives in one preallocated store (`batch.KVStore`, rows in `rows.Rows`); a step
+writes only its new tokens. A session's history is copied out when its answer ends and into a
+new row at its next turn; speculative and preemptive work only read it, so it stays cached
+until a committed request takes it. KV accounting (`kv_projected`): session histories, held
+prefills, parked answers, and the store at the shape it grows to for every admitted request
+(prompt + max_new_tokens) plus one layer of growth copy. Out of memory: a step commits nothing
+before its allocations succeeded, so it is retried as is after freeing cached history; a
+request that still cannot fit fails alone (`out_of_memory`).
 """
 
 from __future__ import annotations
@@ -19,19 +22,21 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import torch
 
-from agent.inference import encoder, memory, prompts
-from agent.inference.base import GenerationRequest, GenerationStats, InferenceError
-from agent.inference.batch import KV, Batch, crop
+from agent.inference import encoder, memory, prefill, prompts
+from agent.inference.admission import Admission
+from agent.inference.base import GenerationRequest
+from agent.inference.batch import KV, KVStore
 from agent.inference.models import LoadedModel
-from agent.inference.prompts import Answer, Detokenizer, Prompt, RequestError, build_prompt, lcp, splice_answers
+from agent.inference.prompts import Detokenizer, Prompt, RequestError, build_prompt
+from agent.inference.rows import Rows
+from agent.inference.sequence import COMMITTED, PREEMPTIVE, Output, Seq, SessionCache, error, reusable, session_cache
 from agent.model.qwen2_audio import EOS_TOKENS
 
 __all__ = ["Detokenizer", "Engine", "Output", "RequestError"]
@@ -41,66 +46,13 @@ log = logging.getLogger(__name__)
 OOM = torch.OutOfMemoryError
 
 
-@dataclass
-class Output:
-    request_id: str
-    text: str  # delta since the last output of this request
-    finished: bool = False
-    stats: GenerationStats | None = None
-    token_ids: list[int] = field(default_factory=list)  # new tokens of this step
-    # (code, message): a tuple pickles across processes, InferenceError does not.
-    error: tuple[str, str] | None = None
-    cached: list[str] | None = None  # finished: digests of the audios its session's KV now holds
-
-    def exception(self) -> InferenceError | None:
-        return InferenceError(*self.error) if self.error else None
-
-
-@dataclass
-class _SessionCache:
-    ids: list[int]  # exactly the tokens the KV covers
-    spans: list[tuple[int, int, str]]
-    kv: KV
-    answers: list[Answer] = field(default_factory=list)  # generated ids within `ids`, with their text's ids
-
-
-@dataclass(eq=False)  # identity: requests are found in queues by `in`/`remove`
-class _Seq:
-    rid: str
-    req: GenerationRequest
-    detok: Detokenizer
-    t_submit: float
-    stats: GenerationStats = field(default_factory=GenerationStats)
-    prompt: Prompt | None = None
-    generated: list[int] = field(default_factory=list)
-    kv: KV | None = None  # own cache after the prefill, until it joins the batch (or is held)
-    t_first: float | None = None
-    min_new_tokens: int = 0
-    answers: list[Answer] = field(default_factory=list)  # earlier answers spliced into `prompt`
-    # chunked prefill, from admission to the first token
-    t_admit: float = 0.0
-    reuse: _SessionCache | None = None  # the session's history taken at admission
-    past: int = 0  # tokens in `cache`
-    cache: Any = None  # DynamicCache being filled
-    embeds: torch.Tensor | None = None  # inputs of the whole new suffix [1, n, hidden]
-    done: int = 0  # rows of `embeds` prefilled
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return self.req.session_id, self.req.turn_id
-
-    def final_tokens(self) -> int:
-        """The most KV this request can reach: its prompt plus every token it may generate."""
-        assert self.prompt is not None
-        return len(self.prompt.ids) + (0 if self.req.speculative else self.req.max_new_tokens)
-
-
-class Engine:
+class Engine(Admission):
     def __init__(self, loaded: LoadedModel, max_batch: int = 16, kv_budget_tokens: int | None = None,
                  gpu_memory_utilization: float = 0.9, prefill_chunk_tokens: int = 512,
                  encoder_padded: bool = False, feature_cache_bytes: int = 32 * 1024**2,
-                 memory_info: tuple[int, int] | None = None) -> None:
-        """`memory_info` (free, total bytes) replaces the device's own figures (tests)."""
+                 memory_info: tuple[int, int] | None = None, memory_share: int = 1) -> None:
+        """`memory_info` (free, total bytes) replaces the device's own figures (tests);
+        `memory_share`: workers sharing this device, each planning its part of it."""
         self.model = loaded.model
         self.processor = loaded.processor
         self.tokenizer = loaded.processor.tokenizer
@@ -111,30 +63,40 @@ class Engine:
         self.encoder_padded = encoder_padded
         self.audio_token_id = int(self.processor.audio_token_id)
         self.eos_ids = {int(self.tokenizer.convert_tokens_to_ids(t)) for t in EOS_TOKENS} - {self.tokenizer.unk_token_id}
+        self._eos = torch.tensor(sorted(self.eos_ids), device=self.device)
         self._lm = self.model.model.language_model
         self._embed = self._lm.get_input_embeddings()
         # transformers 5.x renamed `past_key_values` to `cache` (older 5.x releases lack it).
         params = inspect.signature(self._lm.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        text_config = self.model.config.text_config
-        self.layers = int(text_config.num_hidden_layers)
-        per_token = memory.bytes_per_token(text_config, torch.finfo(self.model.dtype).bits // 8)
+        cfg = self.model.config.text_config
+        if any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or []):
+            raise ValueError("the engine's KV store supports full-attention layers only (no sliding window)")
+        self.layers = int(cfg.num_hidden_layers)
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self._store = KVStore(self.device, self.layers, kv_heads, head_dim, self.model.dtype)
+        per_token = memory.bytes_per_token(cfg, torch.finfo(self.model.dtype).bits // 8)
         reserve = 0
         if self.device.type == "cuda" and memory_info is None:
             reserve = memory.profile_step(self.model, self.processor.feature_extractor, self._lm, self._cache_kw,
                                           self.prefill_chunk_tokens, self.device)
         free, total = memory_info or memory.device_memory(str(loaded.device))
+        own = torch.cuda.memory_reserved(self.device) if self.device.type == "cuda" and memory_info is None else None
         self.budget = memory.plan(per_token=per_token, device=str(loaded.device), free=free, total=total,
-                                  utilization=gpu_memory_utilization, reserve=reserve, tokens=kv_budget_tokens)
-        self._pending: deque[_Seq] = deque()
-        self._prefilling: list[_Seq] = []
-        self._held: dict[str, _Seq] = {}  # speculative prefills waiting for their commit
-        self._batch: list[_Seq] = []
-        self._rows = Batch(self.device, self.layers)  # the KV cache of `_batch`
-        self._sessions: OrderedDict[str, _SessionCache] = OrderedDict()  # LRU order
+                                  utilization=gpu_memory_utilization, reserve=reserve, tokens=kv_budget_tokens,
+                                  share=memory_share, own=own)
+        self._queue: list[Seq] = []  # submitted, not admitted (and parked preemptive answers)
+        self._prefilling: list[Seq] = []  # admitted, in priority order
+        self._rows = Rows(self._store)  # the store's rows: decoding ones first
+        self._held: dict[str, Seq] = {}  # speculative prefills waiting for their commit
+        self._sessions: OrderedDict[str, SessionCache] = OrderedDict()  # LRU order
         self._features = encoder.FeatureCache(self.processor.feature_extractor, encoder_padded, feature_cache_bytes)
         self._outbox: list[Output] = []
         self.oom_events = 0
+        # Test hook: called at every point of a step that allocates device memory (its name);
+        # raising torch.OutOfMemoryError there simulates the device running out.
+        self.inject: Callable[[str], None] | None = None
 
     # ---- public API -------------------------------------------------------------------
 
@@ -144,11 +106,11 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return len(self._batch)
+        return self._rows.decoding
 
     @property
     def pending(self) -> int:
-        return len(self._pending) + len(self._prefilling)
+        return len(self._queue) + len(self._prefilling)
 
     @property
     def held(self) -> int:
@@ -160,51 +122,84 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        return bool(self._pending or self._prefilling or self._batch or self._outbox)
+        return bool(self._queue or self._prefilling or self._rows.decoding or self._outbox)
 
     def info(self) -> dict[str, Any]:
         return {"kv_budget_tokens": self.budget.tokens, "kv_budget_bytes": self.budget.bytes,
                 "kv_bytes_per_token": self.budget.bytes_per_token, "device": self.budget.device}
 
-    def kv_projected(self, extra: _Seq | None = None) -> int:
+    def _own_tokens(self) -> int:
+        """Held prefills and parked answers: caches outside the store and the session LRU."""
+        return sum(s.held_tokens() for s in self._held.values()) + sum(s.held_tokens() for s in self._queue)
+
+    def _store_plan(self, extra: Seq | None = None) -> tuple[tuple[int, int], int]:
+        """The store's shape once every admitted request (+ `extra`) has its row, and the
+        tokens that costs at its peak (its growth copies one layer at a time)."""
+        rows = self._rows.seqs + [s for s in self._prefilling if s.row is None] + ([extra] if extra is not None else [])
+        have = self._store.shape
+        if not rows:
+            return have, self._store.allocated_tokens
+        limit = self.budget.tokens - self.cached_tokens - self._own_tokens()
+        shape = KVStore.plan(have, len(rows), max(s.final_tokens() for s in rows), limit)
+        tokens = shape[0] * shape[1]
+        return shape, tokens + (-(-tokens // self.layers) if shape != have else 0)
+
+    def _fit_store(self) -> None:
+        """Over budget: first give back store capacity that no admitted request needs (it only
+        grows while requests run: a long prompt widens every row until the store empties)."""
+        rows = self._rows.seqs + [s for s in self._prefilling if s.row is None]
+        if not self._rows.seqs:
+            return
+        need = (len(rows), max(max(s.final_tokens() for s in rows), *self._store.lengths))
+        have = self._store.shape
+        if have[0] * have[1] >= 2 * need[0] * need[1]:  # not for a little: growth would follow
+            try:
+                self._checkpoint("shrink")
+                self._store.shrink(*need)
+            except OOM:
+                pass
+
+    def kv_projected(self, extra: Seq | None = None) -> int:
         """KV tokens the engine may hold at once with what it has admitted (+ `extra`)."""
-        admitted = self._prefilling + ([extra] if extra is not None else [])
-        total = self.cached_tokens + sum(len(s.prompt.ids) for s in self._held.values() if s.prompt)
-        total += sum(len(s.prompt.ids) for s in admitted if s.prompt and s.req.speculative)
-        rows = self._batch + [s for s in admitted if not s.req.speculative]
-        if rows:
-            widest = len(rows) * max(s.final_tokens() for s in rows)
-            total += widest + -(-widest // self.layers)  # + one layer of re-pack copy
-        return total
+        return self.cached_tokens + self._own_tokens() + self._store_plan(extra)[1]
 
+    @torch.inference_mode()
     def submit(self, request_id: str, request: GenerationRequest) -> None:
-        seq = _Seq(request_id, request, Detokenizer(self.tokenizer), time.perf_counter())
+        seq = Seq(request_id, request, Detokenizer(self.tokenizer), time.perf_counter())
         seq.min_new_tokens = int(request.extra.get("min_new_tokens", 0))
+        sid = request.session_id
         if request.speculative:  # at most one per session: the newer replaces the older
-            self._drop_speculative(lambda s: s.req.session_id == request.session_id)
-        self._pending.append(seq)
+            self._drop_speculative(lambda s: s.req.session_id == sid)
+        elif request.preemptive:  # likewise for preemptive answers not yet promoted
+            for old in [s for s in self._everywhere() if s.rank == PREEMPTIVE and s.req.session_id == sid]:
+                self._fail(old, "cancelled", "replaced by a newer preemptive answer of the session")
+        self._queue.append(seq)
 
+    @torch.inference_mode()
     def cancel(self, request_id: str) -> None:
         """Drop a request wherever it is; a running one leaves the batch right now."""
-        for seq in [s for s in (*self._pending, *self._prefilling) if s.rid == request_id]:
-            self._discard(seq)
-            self._outbox.append(self._error(seq, "cancelled", "request cancelled"))
-        for i, seq in enumerate(self._batch):
-            if seq.rid == request_id:
-                self._save_session(seq, i)
-                self._remove([i])
-                self._trim_sessions()
-                self._outbox.append(self._error(seq, "cancelled", "request cancelled"))
-                break
+        for seq in [s for s in self._everywhere() if s.rid == request_id]:
+            self._fail(seq, "cancelled", "request cancelled")
         self._held.pop(request_id, None)
 
+    @torch.inference_mode()
+    def promote(self, session_id: str, turn_id: str) -> None:
+        """The turn of a preemptive answer committed: it runs as committed work from now on."""
+        for seq in self._everywhere():
+            if seq.req.preemptive and seq.key == (session_id, turn_id):
+                seq.promoted = True
+        self._prefilling.sort(key=lambda s: s.rank)  # stable: oldest first within a priority
+
+    @torch.inference_mode()
     def drop(self, request_id: str) -> None:
         """Discard a speculative prefill (held, queued or prefilling)."""
         self._drop_speculative(lambda s: s.rid == request_id)
 
+    @torch.inference_mode()
     def drop_turn(self, session_id: str, turn_id: str) -> None:
         self._drop_speculative(lambda s: s.key == (session_id, turn_id))
 
+    @torch.inference_mode()
     def forget(self, session_id: str) -> None:
         self._sessions.pop(session_id, None)
         self._drop_speculative(lambda s: s.req.session_id == session_id)
@@ -212,19 +207,17 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[Output]:
         out, self._outbox = self._outbox, []
-        joining: list[_Seq] = []
-        self._admit(out, joining)
-        self._prefill_chunks(out, joining)
-        if joining:
-            self._join_guarded(joining, out)
-        if self._batch:
+        self._admit(out)
+        self._prefill(out)
+        if self._rows.decoding:
             try:
                 self._decode_guarded(out)
-            except Exception as exc:
-                for seq in self._batch:
-                    out.append(self._error(seq, "inference_failed", f"{type(exc).__name__}: {exc}"))
-                self._batch = []
-                self._rows.clear()
+            except Exception as exc:  # a bug, not memory: fail the batch, keep the engine
+                log.exception("decode step failed")
+                while self._rows.decoding:
+                    seq = self._rows.seqs[0]
+                    self._rows.drop(seq)
+                    out.append(error(seq, "inference_failed", f"{type(exc).__name__}: {exc}", time.perf_counter()))
         return out
 
     def build_prompt(self, request: GenerationRequest) -> Prompt:
@@ -232,206 +225,147 @@ class Engine:
 
     # ---- admission ----------------------------------------------------------------------
 
-    def _admit(self, out: list[Output], joining: list[_Seq]) -> None:
-        """Queued requests become prefilling ones, in order, while slots and memory allow."""
-        while self._pending:
-            seq = self._pending[0]
-            slots = len(self._batch) + len(joining) + sum(not s.req.speculative for s in self._prefilling)
-            if not seq.req.speculative and slots >= self.max_batch:
-                return
-            try:
-                if seq.prompt is None:
-                    seq.prompt, seq.answers = splice_answers(self.build_prompt(seq.req),
-                                                             self._answers_of(seq.req.session_id))
-                    seq.stats.prompt_tokens = len(seq.prompt.ids)
-                    if seq.req.max_new_tokens < 1:
-                        raise RequestError("max_new_tokens must be at least 1")
-            except RequestError as exc:
-                self._pending.popleft()
-                out.append(self._error(seq, exc.code, str(exc)))
-                continue
-            if not seq.req.speculative and self._adopt_speculative(seq, out, joining):
-                self._pending.popleft()
-                continue
-            if not self._make_room(seq):
-                if self._batch or self._prefilling or joining:
-                    return  # wait for running requests to finish and free theirs
-                self._pending.popleft()
-                out.append(self._error(seq, "out_of_memory", (
-                    f"the request needs {seq.final_tokens()} tokens of KV cache; the budget is "
-                    f"{self.budget.tokens} ({self.budget.describe()})")))
-                continue
-            self._pending.popleft()
-            seq.t_admit = time.perf_counter()
-            seq.stats.timings["queue"] = seq.t_admit - seq.t_submit
-            seq.reuse, seq.past = self._take_history(seq)
-            seq.stats.reused_tokens = seq.past
-            self._prefilling.append(seq)
+    def _everywhere(self) -> list[Seq]:
+        return [*self._queue, *self._prefilling, *self._rows.running]
 
-    def _adopt_speculative(self, seq: _Seq, out: list[Output], joining: list[_Seq]) -> bool:
-        """The committed turn continues its own speculative prefill when the prompts match
-        (held: first token ready; still prefilling: takes over its progress). Any other
-        speculation of the session is stale now."""
+    def _history(self, seq: Seq) -> tuple[SessionCache | None, int]:
+        """The session's cached KV and how much of the prompt it covers."""
         assert seq.prompt is not None
-        for rid, held in list(self._held.items()):
-            if held.req.session_id != seq.req.session_id:
-                continue
-            del self._held[rid]
-            if held.key == seq.key and held.prompt is not None and held.prompt.ids == seq.prompt.ids \
-                    and held.prompt.spans == seq.prompt.spans and held.kv is not None:
-                seq.t_admit = time.perf_counter()
-                seq.stats.timings["queue"] = seq.t_admit - seq.t_submit
-                seq.stats.reused_tokens = len(seq.prompt.ids)
-                seq.stats.timings["speculative_prefill"] = held.stats.timings.get("prefill", 0.0)
-                seq.kv = held.kv
-                self._ready(seq, held.generated[0], out, joining)
-                return True
-        for i, spec in enumerate(self._prefilling):
-            if spec.req.speculative and spec.req.session_id == seq.req.session_id:
-                if spec.key == seq.key and spec.prompt is not None and spec.prompt.ids == seq.prompt.ids \
-                        and spec.prompt.spans == seq.prompt.spans:
-                    for name in ("t_admit", "reuse", "past", "cache", "embeds", "done"):
-                        setattr(seq, name, getattr(spec, name))
-                    seq.stats.timings["queue"] = seq.t_admit - seq.t_submit
-                    seq.stats.reused_tokens = spec.stats.reused_tokens
-                    self._prefilling[i] = seq
-                    return True
-                self._discard(spec)
-                break
-        self._drop_speculative(lambda s: s.req.session_id == seq.req.session_id and s in self._pending)
-        return False
-
-    def _answers_of(self, session_id: str) -> list[Answer]:
-        """The session's earlier answers as generated: from its cached history, else from a
-        speculative prefill of it that took that history."""
-        entry = self._sessions.get(session_id)
-        if entry is not None:
-            return entry.answers
-        for seq in (*self._held.values(), *self._prefilling):
-            if seq.req.session_id == session_id:
-                return seq.answers
-        return []
-
-    def _make_room(self, seq: _Seq) -> bool:
-        """Fit `seq` in the KV budget, evicting other sessions' history (LRU) and then held
-        speculative prefills (oldest first) as needed."""
-        budget = self.budget.tokens
-        own = seq.req.session_id
-        while self.kv_projected(seq) > budget:
-            victim = next((sid for sid in self._sessions if sid != own), None)
-            if victim is not None:
-                del self._sessions[victim]
-                continue
-            held = next((rid for rid, h in self._held.items() if h.key != seq.key), None)
-            if held is not None:
-                del self._held[held]
-                continue
-            if own in self._sessions:  # its own history too, as a last resort
-                del self._sessions[own]
-                continue
-            return False
-        return True
-
-    def _take_history(self, seq: _Seq) -> tuple[_SessionCache | None, int]:
-        """The session's cached KV, taken out of the LRU: the longest prefix of the prompt it
-        covers that does not cut through an audio span (or change an audio)."""
-        prompt = seq.prompt
-        assert prompt is not None
-        entry = self._sessions.pop(seq.req.session_id, None)
-        if entry is None:
-            return None, 0
-        n = min(lcp(entry.ids, prompt.ids), len(prompt.ids) - 1)  # keep ≥1 token for logits
-        cached = set(entry.spans)
-        for span in prompt.spans:
-            start, end, _ = span
-            if start >= n:
-                break
-            if end > n or span not in cached:
-                n = start
-                break
+        entry = self._sessions.get(seq.req.session_id)
+        n = 0 if entry is None else reusable(entry, seq.prompt)
         return (entry, n) if n > 0 else (None, 0)
+
+    # ---- the store's rows ---------------------------------------------------------------
+
+    def _checkpoint(self, where: str) -> None:
+        if self.inject is not None:
+            self.inject(where)
+
+    def _row_add(self, seq: Seq, kv: KV | None, n: int) -> None:
+        """A row for `seq`, holding `n` tokens of `kv`; the store grown for every admitted request."""
+        shape, _ = self._store_plan(seq if seq.row is None and seq not in self._prefilling else None)
+        self._checkpoint("grow")
+        self._rows.add(seq, kv, n, shape)
+
+    def _grow(self) -> None:
+        self._checkpoint("grow")
+        self._store.ensure(*self._store_plan()[0])
+
+    def _row_copy(self, seq: Seq, n: int) -> KV:
+        assert seq.row is not None
+        self._checkpoint("history")
+        return self._store.row_kv(seq.row, n)
 
     # ---- prefill ------------------------------------------------------------------------
 
-    def _prefill_chunks(self, out: list[Output], joining: list[_Seq]) -> None:
-        """At most `prefill_chunk_tokens` of prefill work this step, oldest request first."""
-        budget = self.prefill_chunk_tokens
-        while budget > 0 and self._prefilling:
-            seq = self._prefilling[0]
+    def _prefill(self, out: list[Output]) -> None:
+        """At most `prefill_chunk_tokens` of prefill work this step, by priority; the chunks of
+        several requests go through one forward when padding them wastes little."""
+        budget = full = self.prefill_chunk_tokens
+        chunks: list[tuple[Seq, int]] = []
+        for seq in list(self._prefilling):
+            if budget <= 0:
+                break
             try:
-                if seq.embeds is None:
-                    budget -= self._with_oom_retry(partial(self._start_prefill, seq), _nothing)
-                    continue
-                n = min(budget, seq.embeds.shape[1] - seq.done)
-                hidden = self._with_oom_retry(partial(self._chunk, seq, n), partial(crop, seq.cache, seq.past))
+                if not seq.started:
+                    self._with_oom_retry(partial(self._start_prefill, seq))
+                budget -= self._with_oom_retry(partial(self._encode_audio, seq, budget, budget == full))
+            except Exception as exc:
+                self._fail_prefill(seq, exc, out)
+                continue
+            assert seq.embeds is not None
+            ready = seq.todo[0][1][0] - seq.base if seq.todo else seq.embeds.shape[1]  # audio not encoded yet
+            n = min(budget, ready - seq.done)
+            if n > 0:
+                chunks.append((seq, n))
                 budget -= n
-                if seq.done < seq.embeds.shape[1]:
-                    continue
-                logits = self._suppress_eos(self.model.lm_head(hidden), [seq])
-                self._prefilling.pop(0)
-                seq.kv = [(layer.keys, layer.values) for layer in seq.cache.layers]
-                seq.cache = seq.embeds = None
-                self._ready(seq, int(logits.argmax(-1)[0]), out, joining)
-            except (RequestError, OOM, Exception) as exc:  # a broken request never takes the engine down
-                self._discard(seq)
-                if isinstance(exc, RequestError):
-                    out.append(self._error(seq, exc.code, str(exc)))
-                elif isinstance(exc, OOM):
-                    out.append(self._error(seq, "out_of_memory", f"out of device memory in its prefill: {exc}"))
-                else:
-                    out.append(self._error(seq, "inference_failed", f"{type(exc).__name__}: {exc}"))
+        if not chunks:
+            return
+        groups: list[list[tuple[Seq, int]]] = [[]]
+        for chunk in chunks:
+            group = groups[-1]
+            if group and (len(group) + 1) * max(chunk[1], *(n for _, n in group)) > self.prefill_chunk_tokens:
+                groups.append([])
+            groups[-1].append(chunk)
+        for group in groups:
+            self._prefill_group(group, out)
 
-    def _start_prefill(self, seq: _Seq) -> int:
-        """Embed the new suffix (text + audio through the encoder); returns the encoder work
-        in audio tokens, charged to this step's prefill budget."""
-        from transformers import DynamicCache
+    def _prefill_group(self, group: list[tuple[Seq, int]], out: list[Output]) -> None:
+        self._rows.place([seq for seq, _ in group])  # one view of the store
+        try:
+            firsts = self._with_oom_retry(lambda: self._forward_prefill(group))
+        except OOM as exc:
+            if len(group) > 1:  # alone, each may still fit
+                for chunk in group:
+                    self._prefill_group([chunk], out)
+                return
+            self._fail_prefill(group[0][0], exc, out)
+            return
+        except Exception as exc:
+            for seq, _ in group:
+                self._fail_prefill(seq, exc, out)
+            return
+        for (seq, n), first in zip(group, firsts, strict=True):  # commit
+            self._store.lengths[seq.row] += n  # type: ignore[index]
+            seq.past, seq.done = seq.past + n, seq.done + n
+            if first is not None:
+                self._prefilling.remove(seq)
+                seq.embeds, seq.reuse, seq.took = None, None, False  # the row holds the history now
+                self._ready(seq, first, out)
 
+    def _start_prefill(self, seq: Seq) -> None:
+        """Its row, with the session's history copied in, and the new suffix's text embedded;
+        its audio is encoded as the chunks reach it. A committed request takes the history
+        out of the LRU; others only read it."""
         prompt = seq.prompt
         assert prompt is not None
-        past = seq.past
-        if seq.reuse is not None:
-            seq.cache = DynamicCache(ddp_cache_data=[(k[:, :, :past], v[:, :, :past]) for k, v in seq.reuse.kv])
-        else:
-            seq.cache = DynamicCache()
-        ids = torch.tensor([prompt.ids[past:]], device=self.device)
-        embeds = self._embed(ids)
-        new = [(a, span) for a, span in zip(prompt.audios, prompt.spans, strict=True) if span[0] >= past]
-        if new:
-            t0 = time.perf_counter()
-            feats = [self._features.get(a, span[2]) for a, span in new]
-            clips = encoder.encode(self.model, [f for f, _ in feats], [v for _, v in feats], self.encoder_padded)
-            audio = torch.cat(clips).to(embeds.dtype)
-            # the spans, not the ids: a spliced answer may hold a generated <|AUDIO|> token,
-            # which was fed as a token then and stays one
-            where = torch.zeros(1, ids.shape[1], 1, dtype=torch.bool, device=self.device)
-            for _, (start, end, _) in new:
-                where[0, start - past:end - past] = True
-            if int(where.sum()) != audio.shape[0]:
-                raise RequestError(f"{int(where.sum())} audio tokens but {audio.shape[0]} audio embeddings")
-            embeds = embeds.masked_scatter(where, audio)
-            seq.stats.timings["encoder"] = time.perf_counter() - t0
-        seq.embeds, seq.done = embeds, 0
-        return sum(span[1] - span[0] for _, span in new)
+        reuse, past = self._history(seq)
+        self._checkpoint("embed")
+        embeds = self._embed(torch.tensor([prompt.ids[past:]], device=self.device))
+        seq.todo = [(a, span) for a, span in zip(prompt.audios, prompt.spans, strict=True) if span[0] >= past]
+        self._row_add(seq, reuse.kv if reuse is not None else None, past)
+        seq.embeds, seq.done, seq.past, seq.base = embeds, 0, past, past
+        seq.stats.reused_tokens = past
+        if reuse is not None and seq.rank == COMMITTED:
+            seq.reuse, seq.took = self._sessions.pop(seq.req.session_id), True
 
-    def _chunk(self, seq: _Seq, n: int) -> torch.Tensor:
-        """Prefill the next `n` tokens of `seq` on its own cache; the last position's hidden state."""
-        assert seq.embeds is not None
-        total = seq.past + n
-        res = self._lm(inputs_embeds=seq.embeds[:, seq.done:seq.done + n],
-                       attention_mask=torch.ones(1, total, dtype=torch.long, device=self.device),
-                       position_ids=torch.arange(seq.past, total, device=self.device)[None],
-                       use_cache=True, **{self._cache_kw: seq.cache})
-        seq.past, seq.done = total, seq.done + n
-        seq.reuse = None  # the cache now owns copies of the history it needed
-        return res.last_hidden_state[:, -1]
+    def _encode_audio(self, seq: Seq, budget: int, first: bool) -> int:
+        self._checkpoint("encoder")
+        return prefill.encode_audio(seq, self._features, self.model, self.encoder_padded, budget, first)
 
-    def _ready(self, seq: _Seq, first: int, out: list[Output], joining: list[_Seq]) -> None:
-        """The prefill is done and gave `first`: hold it, finish it, or let it join."""
+    def _forward_prefill(self, group: list[tuple[Seq, int]]) -> list[int | None]:
+        """One forward over the group's chunks (rows contiguous from `_decoding`); the first
+        token of each request whose prompt this completes. Writes only past the rows' lengths:
+        nothing to undo if it fails."""
+        self._checkpoint("prefill")
+        start = group[0][0].row
+        assert start is not None
+        pasts, news = [s.past for s, _ in group], [n for _, n in group]
+        writes, mask, pos = self._store.forward_args(start, pasts, news)
+        res = self._lm(inputs_embeds=prefill.chunk_inputs(group), attention_mask=mask,
+                       position_ids=pos, use_cache=True, **{self._cache_kw: writes})
+        last = [i for i, (seq, n) in enumerate(group) if seq.done + n == seq.embeds.shape[1]]  # type: ignore[union-attr]
+        firsts: list[int | None] = [None] * len(group)
+        if last:
+            hidden = res.last_hidden_state[torch.tensor(last), torch.tensor([news[i] - 1 for i in last])]
+            logits = self._suppress_eos(self.model.lm_head(hidden), [group[i][0] for i in last])
+            for i, token in zip(last, logits.argmax(-1).tolist(), strict=True):
+                firsts[i] = int(token)
+        return firsts
+
+    def _ready(self, seq: Seq, first: int, out: list[Output]) -> None:
+        """The prefill is done and gave `first`: hold it, finish it, or let it decode."""
         t1 = time.perf_counter()
         seq.stats.timings["prefill"] = t1 - seq.t_admit
         seq.generated = [first]
         if seq.req.speculative:  # hold: no decoding until the final request commits
-            self._held[seq.rid] = seq
+            try:
+                self._checkpoint("hold")
+                seq.kv = self._store.row_kv(seq.row)  # type: ignore[arg-type]
+                self._held[seq.rid] = seq
+            except OOM:
+                pass  # not held: the commit prefills again
+            self._rows.drop(seq)
             seq.stats.timings["total"] = t1 - seq.t_submit
             out.append(Output(seq.rid, "", True, seq.stats))
             return
@@ -439,39 +373,66 @@ class Engine:
         seq.stats.timings["ttft"] = t1 - seq.t_submit
         if self._finished(seq, first):
             out.append(self._finish(seq, first))
-            out[-1].cached = self._save_session(seq, None)
+            out[-1].cached = self._save_session(seq, self._copy_row(seq, self._store.lengths[seq.row]))  # type: ignore[index]
+            self._rows.drop(seq)
             self._trim_sessions()
             return
+        try:  # room for its answer (a speculative row it took over had none)
+            self._with_oom_retry(self._grow)
+        except OOM as exc:
+            self._fail(seq, "out_of_memory", f"out of device memory for its answer: {exc}", out)
+            return
         out.append(Output(seq.rid, seq.detok.push(first), token_ids=[first]))
-        joining.append(seq)
+        self._rows.to_decoding(seq)
 
-    def _discard(self, seq: _Seq) -> None:
+    def _fail_prefill(self, seq: Seq, exc: Exception, out: list[Output]) -> None:
+        if isinstance(exc, RequestError):
+            self._fail(seq, exc.code, str(exc), out)
+        elif isinstance(exc, OOM):
+            self._fail(seq, "out_of_memory", f"out of device memory in its prefill: {exc}", out)
+        else:
+            log.exception("prefill of %s failed", seq.rid)
+            self._fail(seq, "inference_failed", f"{type(exc).__name__}: {exc}", out)
+
+    def _fail(self, seq: Seq, code: str, message: str, out: list[Output] | None = None) -> None:
+        """Take a request out wherever it is, with an error output. A decoding one leaves its
+        history cached (as far as it got); a prefilling one puts back the history it took."""
+        if seq.row is not None and seq.row < self._rows.decoding:
+            self._save_session(seq, self._copy_row(seq, self._store.lengths[seq.row]))
+            self._rows.drop(seq)
+            self._trim_sessions()
+        else:
+            self._discard(seq)
+        (self._outbox if out is None else out).append(error(seq, code, message, time.perf_counter()))
+
+    def _discard(self, seq: Seq) -> None:
         """Take a queued or prefilling request out; its session keeps its history."""
-        if seq in self._pending:
-            self._pending.remove(seq)
+        if seq in self._queue:
+            self._queue.remove(seq)
         if seq in self._prefilling:
             self._prefilling.remove(seq)
-        if seq.reuse is not None and seq.req.session_id not in self._sessions:
+        if seq.row is not None:
+            self._rows.drop(seq)
+        if seq.took and seq.reuse is not None and seq.req.session_id not in self._sessions:
             self._sessions[seq.req.session_id] = seq.reuse
-        seq.reuse = seq.cache = seq.embeds = seq.kv = None
+        seq.clear()
 
-    def _drop_speculative(self, match: Callable[[_Seq], bool]) -> None:
+    def _drop_speculative(self, match: Callable[[Seq], bool]) -> None:
         for rid, seq in list(self._held.items()):
             if match(seq):
                 del self._held[rid]
-        for seq in [s for s in (*self._pending, *self._prefilling) if s.req.speculative and match(s)]:
+        for seq in [s for s in (*self._queue, *self._prefilling) if s.req.speculative and match(s)]:
             self._discard(seq)
 
     # ---- out of memory ------------------------------------------------------------------
 
-    def _with_oom_retry(self, run: Callable[[], Any], rollback: Callable[[], None]) -> Any:
-        """Run; on out-of-memory roll back, free cached history and retry while anything
-        can be freed. The last OOM propagates: the caller fails only its own request."""
+    def _with_oom_retry(self, run: Callable[[], Any]) -> Any:
+        """Run; on out-of-memory free cached history and retry while anything can be freed.
+        The last OOM propagates: the caller fails only its own request."""
         while True:
             try:
                 return run()
             except OOM:
-                rollback()
                 self.oom_events += 1
                 if not self._relieve():
                     raise
@@ -491,110 +452,90 @@ class Engine:
         log.warning("out of memory: freed cached history (%s)", "retrying" if freed else "nothing left to free")
         return freed
 
-    def _join_guarded(self, seqs: list[_Seq], out: list[Output]) -> None:
-        try:
-            self._with_oom_retry(partial(self._rows.join, [s.kv for s in seqs if s.kv is not None]), _nothing)
-            for s in seqs:
-                s.kv = None
-            self._batch.extend(seqs)
-        except OOM as exc:
-            for seq in seqs:
-                seq.kv = None
-                out.append(self._error(seq, "out_of_memory", f"out of device memory joining the batch: {exc}"))
-
     def _decode_guarded(self, out: list[Output]) -> None:
-        while self._batch:
-            width = self._rows.width
+        while self._rows.decoding:
             try:
-                self._with_oom_retry(partial(self._decode, out), partial(crop, self._rows.cache, width))
+                self._with_oom_retry(lambda: self._decode(out))
                 return
             except OOM as exc:  # nothing left to free: the newest request fails alone
-                i = max(range(len(self._batch)), key=lambda j: self._batch[j].t_admit)
-                seq = self._batch[i]
-                self._remove([i])
-                out.append(self._error(seq, "out_of_memory", f"out of device memory while decoding: {exc}"))
+                seq = max(self._rows.running, key=lambda s: s.t_admit)
+                self._fail(seq, "out_of_memory", f"out of device memory while decoding: {exc}", out)
 
     # ---- batched decode -----------------------------------------------------------------
 
-    def _remove(self, rows: list[int]) -> None:
-        """Rows leave the batch now (their slots are free before the next step)."""
-        keep = [i for i in range(len(self._batch)) if i not in set(rows)]
-        self._batch = [self._batch[i] for i in keep]
-        self._rows.keep(keep)
-
     def _decode(self, out: list[Output]) -> None:
-        rows = self._rows
-        assert rows.mask is not None and rows.pos is not None
-        b = len(self._batch)
-        ids = torch.tensor([[s.generated[-1]] for s in self._batch], device=self.device)
-        mask = torch.cat([rows.mask, torch.ones(b, 1, dtype=torch.long, device=self.device)], dim=1)
-        res = self._lm(inputs_embeds=self._embed(ids), attention_mask=mask, position_ids=rows.pos[:, None],
-                       use_cache=True, **{self._cache_kw: rows.cache})
-        logits = self._suppress_eos(self.model.lm_head(res.last_hidden_state[:, -1]), self._batch)
-        tokens = logits.argmax(-1).tolist()
-        rows.mask, rows.pos = mask, rows.pos + 1
-        done: list[int] = []
-        for i, (seq, token) in enumerate(zip(self._batch, tokens, strict=True)):
+        """One token for every decoding row. Everything that allocates runs before anything
+        is committed (lengths, tokens, outputs, rows leaving): an OOM retries it as is."""
+        b = self._rows.decoding
+        seqs = self._rows.seqs[:b]
+        lengths = self._store.lengths[:b]
+        self._checkpoint("decode")
+        ids = torch.tensor([[s.generated[-1]] for s in seqs], device=self.device)
+        writes, mask, pos = self._store.forward_args(0, lengths, [1] * b)
+        res = self._lm(inputs_embeds=self._embed(ids), attention_mask=mask, position_ids=pos,
+                       use_cache=True, **{self._cache_kw: writes})
+        logits = self._suppress_eos(self.model.lm_head(res.last_hidden_state[:, -1]), seqs)
+        tokens = logits.argmax(-1).tolist()  # the step's one host sync
+        done = [i for i, (s, t) in enumerate(zip(seqs, tokens, strict=True))
+                if len(s.generated) + 1 >= s.req.max_new_tokens or t in self.eos_ids]
+        kept = {i: self._copy_row(seqs[i], lengths[i] + 1) for i in done}  # their histories
+        for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):  # commit: nothing allocates
+            self._store.lengths[i] += 1
             seq.generated.append(int(token))
-            if self._finished(seq, token):
+            if i in kept:
                 out.append(self._finish(seq, token))  # first: the answer's text is complete
-                out[-1].cached = self._save_session(seq, i)
-                done.append(i)
+                out[-1].cached = self._save_session(seq, kept[i])
             else:
                 out.append(Output(seq.rid, seq.detok.push(token), token_ids=[token]))
+        for i in sorted(done, reverse=True):
+            self._rows.drop(seqs[i])
         if done:
-            self._remove(done)
             self._trim_sessions()
 
-    def _suppress_eos(self, logits: torch.Tensor, seqs: list[_Seq]) -> torch.Tensor:
+    def _suppress_eos(self, logits: torch.Tensor, seqs: list[Seq]) -> torch.Tensor:
         """`min_new_tokens` as generate does it: EOS cannot win before that many tokens."""
         rows = [i for i, s in enumerate(seqs) if len(s.generated) < s.min_new_tokens]
         if rows:
-            logits[torch.tensor(rows)[:, None], torch.tensor(sorted(self.eos_ids))[None]] = float("-inf")
+            logits[torch.tensor(rows, device=self.device)[:, None], self._eos[None]] = float("-inf")
         return logits
 
-    def _finished(self, seq: _Seq, token: int) -> bool:
+    def _finished(self, seq: Seq, token: int) -> bool:
         return len(seq.generated) >= seq.req.max_new_tokens or token in self.eos_ids
 
-    def _finish(self, seq: _Seq, token: int) -> Output:
+    def _finish(self, seq: Seq, token: int) -> Output:
         text = "" if token in self.eos_ids else seq.detok.push(token)
         text += seq.detok.flush()
         seq.stats.tokens = len(seq.generated)
         seq.stats.timings["total"] = time.perf_counter() - seq.t_submit
         return Output(seq.rid, text, True, seq.stats, token_ids=[token])
 
-    def _error(self, seq: _Seq, code: str, message: str) -> Output:
-        seq.stats.tokens = len(seq.generated)
-        seq.stats.timings["total"] = time.perf_counter() - seq.t_submit
-        return Output(seq.rid, "", True, seq.stats, error=(code, message))
-
     # ---- session caches -----------------------------------------------------------------
 
-    def _save_session(self, seq: _Seq, row: int | None) -> list[str] | None:
+    def _copy_row(self, seq: Seq, n: int) -> KV | None:
+        """A copy of the first `n` tokens of its row, for its session's history; None when
+        even after freeing other histories there is no memory for it (the answer still ends)."""
+        if seq.row is None or seq.prompt is None:
+            return None
+        try:
+            return self._with_oom_retry(lambda: self._row_copy(seq, n))  # type: ignore[no-any-return]
+        except OOM:
+            log.warning("out of memory copying the history of %s: not cached", seq.req.session_id)
+            return None
+
+    def _save_session(self, seq: Seq, kv: KV | None) -> list[str] | None:
         """Keep the KV of prompt + generated tokens (all but the last, never fed) for the
         session's next turn, LRU-evicting other sessions while over the KV budget."""
-        if seq.prompt is None:
+        if seq.prompt is None or kv is None:
             return None
-        kv = seq.kv if row is None else self._rows.row_kv(row)
-        if kv is None:
-            return None
-        ids = seq.prompt.ids + seq.generated[:-1]
-        ids = ids[:kv[0][0].shape[2]]
-        answers = list(seq.answers)
-        content = seq.generated[:-1] if seq.generated and seq.generated[-1] in self.eos_ids else seq.generated
-        if content:  # the next prompt holds it as text: remember which ids it came from
-            text_ids = self.tokenizer(seq.detok.text, add_special_tokens=False)["input_ids"]
-            answers.append((len(seq.prompt.ids), list(content), text_ids))
+        entry = session_cache(seq, kv, self.tokenizer, self.eos_ids)
         sid = seq.req.session_id
         self._sessions.pop(sid, None)
-        self._sessions[sid] = _SessionCache(ids, seq.prompt.spans, kv, answers)
-        return [h for _, end, h in seq.prompt.spans if end <= len(ids)]
+        self._sessions[sid] = entry
+        return [h for _, end, h in entry.spans if end <= len(entry.ids)]
 
     def _trim_sessions(self) -> None:
         """LRU-evict session histories while over the KV budget (the newest last)."""
+        if self._sessions and self.kv_projected() > self.budget.tokens:
+            self._fit_store()
         while self._sessions and self.kv_projected() > self.budget.tokens:
             self._sessions.popitem(last=False)
-
-
-def _nothing() -> None:
-    pass

@@ -6,6 +6,9 @@ total memory (a fraction ≤ 1) or that many bytes (> 1). What is already in use
 (measured by a profiling run) come off; the rest holds KV at
 layers × KV heads × head dim × 2 (keys, values) × dtype size per token.
 
+Several workers on one device (`share` > 1): each plans for its part, `limit / share`, less
+what it holds itself (`own`: its weights), and never more than its part of what is free.
+
 CPU: `tokens` (the `kv_budget_tokens` setting) or 1 GiB worth (vLLM's CPU backend reserves
 4 GiB), capped at half the memory available at start. Either way an explicit `tokens` setting caps the result; a budget derived from
 memory that cannot hold one full 30 s turn fails the start with the figures.
@@ -53,11 +56,13 @@ def bytes_per_token(text_config: Any, dtype_size: int) -> int:
 
 
 def plan(*, per_token: int, device: str, free: int, total: int, utilization: float = 0.9,
-         reserve: int = 0, tokens: int | None = None) -> KVBudget:
+         reserve: int = 0, tokens: int | None = None, share: int = 1, own: int | None = None) -> KVBudget:
     """The budget from memory figures (bytes): `free`/`total` of the device (CUDA) or of RAM
-    (CPU, `free` = available), `reserve` = peak activations of a step. Pure, for tests."""
+    (CPU, `free` = available), `reserve` = peak activations of a step; `share` workers use the
+    device, this one holding `own` bytes (its weights). Pure, for tests."""
+    share = max(1, share)
     if not device.startswith("cuda"):
-        allowed = int(free * CPU_MEMORY_SHARE) // per_token
+        allowed = int(free * CPU_MEMORY_SHARE) // share // per_token
         want = tokens if tokens is not None else CPU_DEFAULT_BYTES // per_token
         if allowed < min(want, MIN_TOKENS):
             raise KVBudgetError(f"no room for a KV cache on {device}: {free / GIB:.2f} GiB of RAM available, "
@@ -70,6 +75,10 @@ def plan(*, per_token: int, device: str, free: int, total: int, utilization: flo
     limit = int(utilization * total) if utilization <= 1 else int(utilization)
     used = total - free  # weights, CUDA context, other processes
     room = limit - used - reserve - CUDA_HEADROOM
+    if share > 1:  # its part: each worker computes this from the same device
+        used = own if own is not None else used // share
+        limit //= share
+        room = min(limit - used, free // share) - reserve - CUDA_HEADROOM
     fit = max(room, 0) // per_token
     if fit < MIN_TOKENS:
         raise KVBudgetError(

@@ -188,9 +188,11 @@ class InferencePool:
     def _spawn(self, index: int, device: str | None) -> _Worker:
         assert self._loop is not None
         inbox, outbox = self._ctx.Queue(), self._ctx.Queue()
+        # workers sharing a device each plan for their part of its memory
+        share = sum(1 for d in self._devices() if d == device)
         process = self._ctx.Process(
             target=worker_main, name=f"inference-worker-{index}", daemon=True,
-            args=(self.model, device, self.engine_options, inbox, outbox))
+            args=(self.model, device, {**self.engine_options, "memory_share": share}, inbox, outbox))
         process.start()
         worker = _Worker(index, device, process, inbox, outbox, self._loop.create_future())
         # a failure nobody awaits (a replacement's, a second worker's) must not warn "never retrieved"
@@ -459,7 +461,12 @@ class InferencePool:
                 self._send(w, ("drop_turn", session_id, turn_id))
 
     async def promote(self, session_id: str, turn_id: str) -> None:
-        """Preemptive requests are not yet scheduled apart: nothing to raise (engine work)."""
+        """The turn of a preemptive `generate` committed: its worker runs it as committed work
+        from now on (admitted, prefilled and kept in the batch before other preemptive work)."""
+        index = self._sessions.get(session_id)
+        for w in self._workers:
+            if w.index == index and w.live:
+                self._send(w, ("promote", session_id, turn_id))
 
     async def forget(self, session_id: str) -> None:
         for rid, spec in list(self._specs.items()):

@@ -151,14 +151,18 @@ def build_prompt(tokenizer: Any, audio_token_id: int, request: GenerationRequest
 class Detokenizer:
     """Incremental decoding that never emits half a multi-byte character.
 
-    Decodes all ids each time: one tokenizer call per token (its fixed cost dominates at
-    answer lengths), and byte-level BPE decoding is prefix-stable."""
+    Decodes a short window per token, not all ids: the ids since the last emitted text and the
+    ones emitted just before, for context (vLLM's prefix/read offsets); the context's own text
+    is the previous delta. Byte-level BPE decoding is prefix-stable, so the window's new text is
+    what decoding everything would add."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.text = ""  # emitted so far
+        self.prefix = 0  # window start: ids already emitted, kept as context
         self.read = 0  # ids covered by `text`
+        self._before: str | None = ""  # decoded ids[prefix:read], when known
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
@@ -167,13 +171,23 @@ class Detokenizer:
     def flush(self) -> str:
         return self._emit(final=True)
 
+    def _decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+
     def _emit(self, final: bool) -> str:
-        cur = self.tokenizer.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        if self.read == len(self.ids):
+            return ""
+        before = self._before if self._before is not None else self._decode(self.ids[self.prefix:self.read])
+        cur = self._decode(self.ids[self.prefix:])
         # A trailing U+FFFD is an incomplete UTF-8 sequence: wait for its other bytes (at
         # most 4 per character, so give up waiting beyond that: the bytes are invalid).
         if not final and cur.endswith("\ufffd") and len(self.ids) - self.read < 4:
             return ""
-        delta, self.text, self.read = cur[len(self.text):], cur, len(self.ids)
+        delta = cur[len(before):]
+        self.text += delta
+        self.prefix, self.read = self.read, len(self.ids)
+        # ids[prefix:read] decode to `delta` when it ends on a whole character (prefix-stable)
+        self._before = None if delta.endswith("\ufffd") or not cur.startswith(before) else delta
         return delta
 
 

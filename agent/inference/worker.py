@@ -3,7 +3,7 @@
 It loads the model, then loops: take every command waiting in `inbox`, run one engine
 step, put that step's outputs on `outbox` as one message. Messages in:
 ("submit", request_id, GenerationRequest) · ("cancel", request_id) ·
-("drop_turn", session_id, turn_id) · ("forget", session_id) · ("stop",).
+("promote", session_id, turn_id) · ("drop_turn", session_id, turn_id) · ("forget", session_id) · ("stop",).
 Messages out: ("ready", model_name, warning, pid, engine info: KV budget…) ·
 ("load_error", message) · ("out", [Output, …], {"kv_tokens": …, "cached_tokens": …}).
 
@@ -34,6 +34,8 @@ def _handle(engine: Any, msg: tuple[Any, ...]) -> bool:
         engine.submit(msg[1], msg[2])
     elif kind == "cancel":
         engine.cancel(msg[1])
+    elif kind == "promote":
+        engine.promote(msg[1], msg[2])
     elif kind == "drop_turn":
         engine.drop_turn(msg[1], msg[2])
     elif kind == "forget":
@@ -75,10 +77,17 @@ def worker_main(model: str, device: str | None, options: dict[str, Any], inbox: 
                 trim_heap()
                 busy = False
         for msg in msgs:
-            running = _handle(engine, msg) and running
+            try:
+                running = _handle(engine, msg) and running
+            except Exception:  # e.g. out of memory at a barge-in: the worker lives on
+                log.exception("inference worker: %s failed", msg[0])
         if running and engine.has_work:
             busy = True
-            outputs = engine.step()
+            try:
+                outputs = engine.step()
+            except Exception:  # the engine fails requests itself; this is a last resort
+                log.exception("inference worker: step failed")
+                continue
             if outputs:
                 outbox.put(("out", outputs, {"kv_tokens": engine.kv_projected(),
                                              "cached_tokens": engine.cached_tokens, "oom_events": engine.oom_events,
