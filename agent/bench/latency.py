@@ -192,7 +192,9 @@ async def _clients(url: str, scripts: list[Script]) -> list[dict[str, Any]]:
                           "v2v_s": None if heard is None or sent is None or heard - sent > GAP_S else heard - sent})
         return {"session_id": answer.get("session_id", ""), "turns": turns,
                 "committed": [e for e in events if e["type"] == "turn.committed"],
-                "timings": [e.get("timings", {}) for e in events if e["type"] == "response.done"]}
+                # response.done: from the commit; response.audio.started: every stage from the end of speech
+                "timings": [e.get("timings", {}) for e in events
+                            if e["type"] in ("response.done", "response.audio.started")]}
 
     async with aiohttp.ClientSession() as http:
         return await asyncio.gather(*(peer(s, http) for s in scripts))
