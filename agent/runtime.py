@@ -34,7 +34,8 @@ def create_backend(settings: Settings) -> Backend:
     if settings.backend == "openai":
         from agent.inference.openai import OpenAIBackend
 
-        return OpenAIBackend(settings.openai_url, settings.openai_model, api_key=settings.openai_api_key)
+        return OpenAIBackend(settings.openai_url, settings.openai_model, api_key=settings.openai_api_key,
+                             max_audios=settings.openai_max_audios)
     if settings.backend == "scripted" and settings.script is not None:
         from agent.inference.scripted import ScriptedBackend
 
@@ -97,8 +98,7 @@ class AgentRuntime:
     def _check_prompt_budget(self) -> None:
         """Say so when the system prompt and tool schemas (e.g. many Home Assistant entities)
         leave little room for history: the oldest turns are then dropped almost at once."""
-        probe = Conversation(self.system_prompt(), self.settings.context_tokens,
-                             tokenizer=getattr(self.backend, "tokenizer", None))
+        probe = Conversation.for_backend(self.system_prompt(), self.settings.context_tokens, self.backend)
         n = probe.system_tokens(self.tools.system_block() if len(self.tools) else None)
         if n > self.settings.context_tokens // 2:
             log.warning("the system prompt and tool schemas take %d of the %d context tokens: little "

@@ -79,8 +79,7 @@ class Session:
         self._stamper = ev.EventStamper(self.id)
         self._detector = turns.TurnDetector(s.turns.to_turn_config())
         self._vad = deps.vad
-        self.conversation = Conversation(deps.system_prompt, s.context_tokens,
-                                         tokenizer=getattr(deps.backend, "tokenizer", None))
+        self.conversation = Conversation.for_backend(deps.system_prompt, s.context_tokens, deps.backend)
         self.hooks = deps.hooks
         self.context = RunContext(self, deps.hooks.create_userdata())
         self.max_new_tokens = s.max_new_tokens
