@@ -454,6 +454,9 @@ class Session:
             return
         except InferenceError as exc:
             self.emit(ev.Error(code=exc.code, message=exc.message, turn_id=turn_id))
+            if said:  # cut mid-answer (a stream closed, a worker died): the text shown ends the turn,
+                # as after a barge-in; `done` would pass a cut answer off as whole (history keeps it)
+                self.emit(ev.ResponseCancelled(turn_id=turn_id, reason="backend_error", spoken_text="".join(said)))
             return
         except Exception as exc:  # a bug in one turn must not end the session
             log.exception("response failed")
