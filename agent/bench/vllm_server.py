@@ -66,13 +66,13 @@ class VLLMServer:
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(self.kv_cache_gib)}
         if self.threads:
             env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{self.threads - 1}" if self.threads > 1 else "0"
-        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        try:
+        if self.log_path is None:
+            self.process = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                            env=env, start_new_session=True)
+            return
+        with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
                                             start_new_session=True)
-        finally:
-            if log is not subprocess.DEVNULL:
-                log.close()
 
     def ready(self) -> bool:
         try:
