@@ -57,7 +57,7 @@ class VLLMServer:
     def command(self) -> list[str]:
         return [str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", self.model_dir,
                 "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32",
-                "--max-model-len", str(self.max_model_len), "--enforce-eager",
+                "--max-model-len", str(self.max_model_len), "--enforce-eager", "--enable-prefix-caching",
                 "--limit-mm-per-prompt", json.dumps({"audio": self.max_audios})]
 
     def start(self) -> None:

@@ -192,6 +192,8 @@ class OpenAIBackend:
         body = {"model": self.model_name, "messages": messages, "stream": True,
                 "max_tokens": request.max_new_tokens, "temperature": 0.0,
                 "stream_options": {"include_usage": True}}
+        if request.extra.get("min_new_tokens"):  # vLLM's `min_tokens`: EOS cannot win before (benchmarks)
+            body["min_tokens"] = int(request.extra["min_new_tokens"])
         start = time.monotonic()
         deltas = 0
         self._in_flight += 1
