@@ -34,6 +34,7 @@ import argparse
 import asyncio
 import json
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -431,7 +432,12 @@ def main(argv: list[str] | None = None) -> int:
     load: Result = served["load"]
     hist: list[list[float]] = served["history"]
     variants: dict[str, Result] = served["variants"]
-    vllm = compare_vllm(args, sessions, one) if args.compare_vllm else None
+    vllm = None
+    if args.compare_vllm:
+        try:
+            vllm = compare_vllm(args, sessions, one)
+        except (OSError, RuntimeError, TimeoutError) as exc:  # our figures still print; vs_vllm stays null
+            print(f"bench inference: vLLM comparison failed: {str(exc)[:300]}", file=sys.stderr)
     loaded = models.load(args.model)
     enc_real, enc_padded, feat_ms = encoder_ms(loaded, 3 if args.quick else 7)
     seq = static = None

@@ -81,7 +81,7 @@ class VLLMServer:
         except (urllib.error.URLError, OSError):
             return False
 
-    def wait_ready(self, timeout_s: float = 300.0) -> None:
+    def wait_ready(self, timeout_s: float = 900.0) -> None:  # a busy 2-core box took 5 min
         deadline = time.monotonic() + timeout_s
         while not self.ready():
             if self.process is None or self.process.poll() is not None:
