@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from agent.bench.inference import KEYS
 from agent.bench.inference_report import markdown
 
@@ -27,6 +29,7 @@ def sane_row(row: dict) -> None:
     assert row["tokens_per_s"] > 0 and 0 < row["ttft_p50_s"] <= row["ttft_p95_s"] < 60, row
 
 
+@pytest.mark.timeout(900)  # the pool four times (ablations) and both baselines, on a shared machine
 def test_bench_inference_quick_figures_are_sane_and_the_exit_status_is_the_targets(tmp_path: Path) -> None:
     rc, lines, result = bench()
     assert tuple(result) == KEYS  # exactly these keys, in this order, whatever the options

@@ -34,6 +34,8 @@ def targets(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
     if result.get("threads_equal") is not None:  # null: a server given by URL, its threads its own
         out["threads_equal"] = {"value": result["threads_equal"], "held": result["threads_equal"] is True}
     vs = result.get("vs_vllm")
+    if result["workload"].get("compare_vllm") and not vs:  # asked for, not measured: not held
+        out["ttft_p95_vs_vllm"] = {"value": None, "max": None, "held": False}
     if vs:  # our delivered TTFT p95 at the full load no worse than vLLM's on the same checkpoint
         point = vs["points"][-1]
         ours, theirs = point["ours"]["ttft_p95_s"], point["vllm"]["ttft_p95_s"]
