@@ -7,8 +7,8 @@ the agent processes stateless per session. Serve the model, then point the agent
     voice-agent serve --backend openai --openai-url http://host:8000/v1
     voice-agent run talk.wav --backend openai --openai-url http://host:8000/v1
 
-`--limit-mm-per-prompt` caps the audio parts of one prompt: the whole conversation's clips
-(a turn over 30 s is several) count, so raise it for long sessions.
+`--limit-mm-per-prompt` caps the audio parts of one prompt (a turn over 30 s is several):
+`openai_max_audios` (default 5) must match it; older turns then go without their audio.
 
 Wire format: audio goes as `{"type": "input_audio", "input_audio": {"data": <base64 16 kHz
 mono WAV>, "format": "wav"}}` parts, text as `{"type": "text"}` parts; `"stream": true`
