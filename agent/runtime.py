@@ -100,10 +100,10 @@ class AgentRuntime:
         leave little room for history: the oldest turns are then dropped almost at once."""
         probe = Conversation.for_backend(self.system_prompt(), self.settings.context_tokens, self.backend)
         n = probe.system_tokens(self.tools.system_block() if len(self.tools) else None)
-        if n > self.settings.context_tokens // 2:
+        if n > probe.context_tokens // 2:  # the server's max_model_len may be the smaller
             log.warning("the system prompt and tool schemas take %d of the %d context tokens: little "
                         "conversation history will fit; raise context_tokens or trim the prompt, tools "
-                        "or entities", n, self.settings.context_tokens)
+                        "or entities", n, probe.context_tokens)
 
     def system_prompt(self) -> str | None:
         """The configured prompt plus what plugins add now (e.g. Home Assistant's current
