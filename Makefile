@@ -4,7 +4,9 @@
 # `. .venv/bin/activate` to use `voice-agent` by hand.
 #
 # Stamp files under .venv/ make re-runs cheap: apt runs again only when APT_PACKAGES change,
-# pip only when pyproject.toml changes.
+# pip only when pyproject.toml changes. `make demo` installs only what the playground needs
+# (the package with its server extra); `make setup`/`test` add the test extras and tools.
+# Installs print one line each; their full output goes to .venv/install.log.
 PYTHON ?= python3
 VENV = .venv
 PY = $(VENV)/bin/python
@@ -14,35 +16,56 @@ PY = $(VENV)/bin/python
 VENV_VLLM = .venv-vllm
 VLLM_VERSION = 0.32.0
 APT_PACKAGES = espeak-ng sox mosquitto chromium chromium-driver ffmpeg docker-compose python3-venv
+DEMO_APT_PACKAGES = espeak-ng python3-venv
 # apt as root, or through sudo for a normal user; nothing else runs as root.
 SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+LOG = $(VENV)/install.log
+QUIET = >>$(LOG) 2>&1 || { tail -n 30 $(LOG); echo "make: that failed; the full log is $(LOG)"; exit 1; }
 
 .PHONY: setup demo test test-fast lint bench vllm
 
-$(VENV)/.apt-stamp: Makefile
+# $(call apt,PACKAGES): install those of PACKAGES that are missing, then stamp the target.
+define apt
 	@mkdir -p $(VENV)
 	@if command -v apt-get >/dev/null; then \
-	  missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	  missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	  if [ -n "$$missing" ]; then \
-	    $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	    echo "apt: installing$$missing (log: $(LOG))"; \
+	    { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; } $(QUIET); \
 	  fi; \
 	fi
 	@touch $@
+endef
 
-$(PY): $(VENV)/.apt-stamp
-	$(PYTHON) -m venv $(VENV)
+$(VENV)/.apt-demo-stamp: Makefile
+	$(call apt,$(DEMO_APT_PACKAGES))
+
+$(VENV)/.apt-stamp: Makefile
+	$(call apt,$(APT_PACKAGES))
+
+# A stamp of our own: .venv/bin/python is a symlink, and touching it would touch the system's
+# interpreter (every other checkout's stamp would then look stale).
+$(VENV)/.venv-stamp: $(VENV)/.apt-demo-stamp
+	@$(PYTHON) -m venv $(VENV) $(QUIET)
 	@touch $@
 
 # torch first, pinned: an unpinned torch requirement would pull a multi-GB CUDA build.
-$(VENV)/.pip-stamp: $(PY) pyproject.toml
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test]"
+$(VENV)/.pip-stamp: $(VENV)/.venv-stamp pyproject.toml
+	@echo "pip: installing torch and voice-agent into $(VENV) (a few minutes; log: $(LOG))"
+	@$(PY) -m pip install --upgrade pip $(QUIET)
+	@$(PY) -m pip install torch==2.13.0 $(QUIET)
+	@$(PY) -m pip install -e ".[server]" $(QUIET)
 	@touch $@
 
-setup: $(VENV)/.pip-stamp
+$(VENV)/.test-stamp: $(VENV)/.pip-stamp $(VENV)/.apt-stamp
+	@echo "pip: installing the test extras (log: $(LOG))"
+	@$(PY) -m pip install -e ".[test]" $(QUIET)
+	@touch $@
 
-$(VENV_VLLM)/.stamp: Makefile
+setup: $(VENV)/.test-stamp
+
+# python3-venv comes from apt (order only: a newer apt stamp does not reinstall vLLM).
+$(VENV_VLLM)/.stamp: Makefile | $(VENV)/.apt-stamp
 	$(PYTHON) -m venv $(VENV_VLLM)
 	$(VENV_VLLM)/bin/python -m pip install -q --upgrade pip
 	$(VENV_VLLM)/bin/python -m pip install -q torch==2.13.0
@@ -53,8 +76,8 @@ $(VENV_VLLM)/.stamp: Makefile
 
 vllm: $(VENV_VLLM)/.stamp
 
-demo: setup
-	$(VENV)/bin/voice-agent serve --model auto --host 127.0.0.1 --port 8080
+demo: $(VENV)/.pip-stamp
+	$(VENV)/bin/voice-agent serve --model auto --host 127.0.0.1 --port 8080 --processes 1
 
 lint: setup
 	$(VENV)/bin/ruff check agent plugins examples tests

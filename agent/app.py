@@ -17,7 +17,7 @@
 
     Home(instructions="You control the lights.", tools=[set_light]).cli()
 
-Hooks (`on_session_started`, `on_user_turn`, `on_response`, `on_tool_result`,
+Hooks (`on_session_started`, `on_user_turn`, `on_response`, `on_tool_result`, `on_feedback`,
 `on_session_ended`) are methods to override; each gets the session's `RunContext`
 (`session_id`, `userdata`, `conversation`, `say`, `emit`, `update_instructions`,
 `update_tools`). `cli()` gives the agent the `voice-agent` commands (`serve`, `run FILE…`);

@@ -9,6 +9,7 @@ leave a setting at its default unnoticed. Numbers are numbers: `true` is not 1.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,8 +21,9 @@ from agent.speech.base import TTSSettings
 from agent.turns import TurnConfig
 
 ENV_PREFIX = "VOICE_AGENT_"
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # OWNER/NAME, what the Hugging Face hub serves
 # Our variables that are not settings (read elsewhere, e.g. where tiny-random is cached).
-OTHER_ENV = {"VOICE_AGENT_CACHE"}
+OTHER_ENV = {"VOICE_AGENT_CACHE", "VOICE_AGENT_FRONTEND"}  # FRONTEND: set by serve --processes
 
 
 class ConfigError(Exception):
@@ -42,9 +44,31 @@ class TurnSettings(BaseModel):
     # Speech while the agent speaks interrupts it only once it lasted this long: a shorter
     # backchannel ("mm-hm") neither stops the voice nor becomes a turn.
     interrupt_min_speech_s: Float = Field(default=0.3, ge=0, le=5)
+    # End of turn: `silence` (the fixed min_silence_s) or an audio model (`smart-turn`, any
+    # `voice_agent.turn_detectors` entry point): complete → commit after
+    # min_silence_s_complete, incomplete → wait up to max_silence_s (agent/eot).
+    end_of_turn: str = "silence"
+    min_silence_s_complete: Float = Field(default=0.2, ge=0.05, le=5)
+    max_silence_s: Float = Field(default=2.0, ge=0.1, le=10)
+    complete_threshold: Float = Field(default=0.5, gt=0, lt=1)  # P(complete) ≥ this: complete
+    incomplete_threshold: Float = Field(default=0.5, gt=0, lt=1)  # < this: incomplete; between: fixed rule
+    # Preemptive answers: the answer (text and speech) starts after preempt_after_s of
+    # silence, held until the turn commits, dropped if speech resumes (agent/preempt.py).
+    preemptive: bool = True
+    preempt_after_s: Float = Field(default=0.16, ge=0.03, le=2)
+
+    @field_validator("end_of_turn")
+    @classmethod
+    def _known_detector(cls, value: str) -> str:
+        from agent.eot import SILENCE, detector_factory
+
+        if value != SILENCE:
+            detector_factory(value)  # ValueError names the installed ones
+        return value
 
     def to_turn_config(self) -> TurnConfig:
-        return TurnConfig(**self.model_dump(exclude={"interrupt_min_speech_s"}))
+        return TurnConfig(**self.model_dump(exclude={"interrupt_min_speech_s", "end_of_turn", "preemptive",
+                                                     "preempt_after_s"}))
 
 
 class ServerSettings(BaseModel):
@@ -54,12 +78,27 @@ class ServerSettings(BaseModel):
     port: Int = Field(default=8080, ge=0, le=65535)
     token: str | None = None  # bearer token for every endpoint but /healthz
     cors_origins: list[str] = Field(default_factory=list)
-    max_sessions: Int = Field(default=32, ge=1)
+    # 0: as many as the backend queues requests (max_queue, 64): a session has at most one
+    # committed request in flight, so more sessions than that would be told `busy` together.
+    max_sessions: Int = Field(default=0, ge=0)
     max_body_bytes: Int = Field(default=64 * 1024, ge=1024)
     idle_timeout_s: Float = Field(default=3600.0, gt=0)  # session with no activity at all
     no_audio_timeout_s: Float = Field(default=30.0, gt=0)  # connected but no audio frames
     ice_servers: list[str] = Field(default_factory=list)  # none by default: nothing leaves the host
     http: bool = True  # False: `serve` runs only the Wyoming server
+    processes: Int | None = Field(default=None, ge=1)  # serve: frontend processes; None: the cores, at most 8
+
+
+class ModelServerSettings(BaseModel):
+    """`voice-agent serve-model`: the inference pool behind the OpenAI chat-completions wire."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    listen: str = Field(default="tcp://127.0.0.1:8000", pattern=r"^(tcp|unix)://.+")
+    token: str | None = None  # bearer token; required when listening beyond loopback
+    max_conversations: Int = Field(default=1024, ge=1)  # conversation keys (their KV) kept, LRU
+    conversation_ttl_s: Float = Field(default=600.0, gt=0)  # a key idle this long is forgotten
+    max_body_bytes: Int = Field(default=64 * 1024**2, ge=1024)  # a whole conversation, audio as base64 WAV
 
 
 class Settings(BaseSettings):
@@ -91,7 +130,10 @@ class Settings(BaseSettings):
     server: ServerSettings = Field(default_factory=ServerSettings)
     plugins: dict[str, dict[str, Any]] = Field(default_factory=dict)
     tts: TTSSettings = Field(default_factory=TTSSettings)  # speech out; engine `none` = text only
-    wyoming: str | None = Field(default=None, pattern=r"^(tcp|unix)://")  # Wyoming server, e.g. tcp://0.0.0.0:10300
+    wyoming: str | None = Field(default=None, pattern=r"^(tcp|unix)://",  # Wyoming server
+                               examples=["tcp://0.0.0.0:10300", "unix:///run/voice-agent.sock"])
+    record: str | None = None  # a directory: record every turn's audio, history, answer and feedback (people's voices)
+    model_server: ModelServerSettings = Field(default_factory=ModelServerSettings)
 
     _yaml: dict[str, Any] = {}
 
@@ -105,7 +147,19 @@ class Settings(BaseSettings):
                            or value.count("/") > 1)
         if looks_like_path and not path.is_dir():
             raise ValueError(f"{value}: {'not a directory' if path.exists() else 'no such directory'}")
+        from agent.inference.models import NAMES, REAL_MODEL
+
+        if not looks_like_path and value not in NAMES and not path.is_dir() and not HUB_ID.fullmatch(value):
+            # Neither ours, a directory nor OWNER/NAME: say so now, not after the hub's retries.
+            raise ValueError(f"{value!r} is not a model: expected {', '.join(NAMES)}, a directory, or a "
+                             f"Hugging Face hub id such as {REAL_MODEL}{did_you_mean(value, list(NAMES))}")
         return str(path) if value.startswith("~") else value
+
+    @model_validator(mode="after")
+    def _derived(self) -> Settings:
+        if not self.server.max_sessions:
+            self.server.max_sessions = self.max_queue
+        return self
 
     @model_validator(mode="after")
     def _script_for_scripted(self) -> Settings:

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from agent.conversation import Conversation
-from agent.events import Event
+from agent.events import Event, Feedback
 
 
 class SessionHandle(Protocol):
@@ -33,6 +33,8 @@ class SessionHandle(Protocol):
     def emit(self, event: Event) -> None: ...
 
     def set_tools(self, tools: Sequence[Any]) -> None: ...
+
+    async def handle(self, command: Any) -> None: ...
 
 
 @dataclass
@@ -73,6 +75,11 @@ class RunContext:
         """Publish an event on this session (it gets the session id and the next seq)."""
         self._session.emit(event)
 
+    async def feedback(self, turn_id: str, rating: str, correction: str | None = None) -> None:
+        """Rate an answer of this session as a client's `feedback` command would (recorded with `--record`)."""
+        await self._session.handle(Feedback.model_validate({"turn_id": turn_id, "rating": rating,
+                                                            "correction": correction}))
+
     def update_instructions(self, instructions: str | None) -> None:
         """This session's system prompt from its next response on (None: the model's default)."""
         self._session.conversation.system_prompt = instructions
@@ -105,6 +112,9 @@ class AgentHooks:
         """A tool call finished (`call`: the parsed call, `result`: its outcome). Return a
         replacement outcome, or None to keep it."""
         return None
+
+    async def on_feedback(self, ctx: RunContext, feedback: Any) -> None:
+        """A person rated an answer (`feedback` command: `turn_id`, `rating` up|down, `correction`)."""
 
     async def on_session_ended(self, ctx: RunContext, reason: str) -> None:
         """The session has ended (before `session.ended` goes out)."""

@@ -148,6 +148,13 @@ class Conversation:
         """The last entry is a user turn or tool results: there is something to answer."""
         return bool(self._entries) and self._entries[-1][0] in ("user", "tool")
 
+    def last_user_audio(self) -> np.ndarray | None:
+        """The latest user turn's audio, its clips joined (None: no audio turn), e.g. to record it."""
+        for entry in reversed(self._entries):
+            if entry[0] == "user":
+                return np.concatenate(entry[1]) if entry[1] else None
+        return None
+
     def pop_last_user(self) -> None:
         """Drop the last user turn and whatever followed it (uncommitted or cancelled)."""
         for i in range(len(self._entries) - 1, -1, -1):

@@ -25,9 +25,34 @@ def describe_validation_error(exc: ValidationError, root: str = "(input)",
         if error["type"] == "extra_forbidden":
             message = "unknown key" + did_you_mean(str(error["loc"][-1]), _known_keys(model, error["loc"][:-1]))
         else:
-            message = error["msg"].removeprefix(_VALUE_ERROR)
+            message = _plain(error, model) or error["msg"].removeprefix(_VALUE_ERROR)
         problems.append(f"{where}: {message}" if where else message)
     return "; ".join(problems)
+
+
+# pydantic's bound errors, said as what to write: "must be 1 or more, not 0".
+_BOUNDS = {"greater_than_equal": ("ge", "{} or more"), "less_than_equal": ("le", "{} or less"),
+           "greater_than": ("gt", "more than {}"), "less_than": ("lt", "less than {}")}
+
+
+def _plain(error: Any, model: type[BaseModel] | None) -> str | None:
+    """What to write instead, for the errors whose pydantic wording only states the rule."""
+    ctx, value = error.get("ctx") or {}, error.get("input")
+    if error["type"] in _BOUNDS:
+        key, rule = _BOUNDS[error["type"]]
+        return f"must be {rule.format(ctx[key])}, not {value!r}"
+    if error["type"] == "string_pattern_mismatch":
+        examples = _field_examples(model, error["loc"])
+        wanted = f"something like {examples[0]}" if examples else f"text matching {ctx['pattern']}"
+        return f"expected {wanted}, not {value!r}"
+    return None
+
+
+def _field_examples(model: type[BaseModel] | None, path: tuple[Any, ...]) -> list[Any]:
+    """The `examples` of the field at `path` ([] when it has none)."""
+    owner = _model_at(model, path[:-1])
+    field = owner.model_fields.get(str(path[-1])) if owner is not None and path else None
+    return list(field.examples or []) if field is not None else []
 
 
 def did_you_mean(name: str, known: list[str]) -> str:
@@ -38,13 +63,19 @@ def did_you_mean(name: str, known: list[str]) -> str:
 
 def _known_keys(model: type[BaseModel] | None, path: tuple[Any, ...]) -> list[str]:
     """The field names of the (nested) model at `path`; [] when it is not a model."""
+    model = _model_at(model, path)
+    return list(model.model_fields) if model is not None else []
+
+
+def _model_at(model: type[BaseModel] | None, path: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The (nested) model at `path`, or None when it is not a model."""
     for part in path:
         if model is None:
-            return []
+            return None
         field = model.model_fields.get(str(part))
         annotation = field.annotation if field is not None else None
         model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
-    return list(model.model_fields) if model is not None else []
+    return model
 
 
 def yaml_problem(exc: Exception) -> str:

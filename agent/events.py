@@ -87,6 +87,9 @@ class ResponseAudioStarted(_Event):
 
     type: Literal["response.audio.started"] = "response.audio.started"
     turn_id: str
+    # speech_end_to_<stage>: seconds from the end of the user's speech (the VAD's last speech
+    # chunk) to end_detected, commit, first_token, first_clause, first_audio, first_frame
+    timings: dict[str, float] = Field(default_factory=dict)
 
 
 class ResponseAudioDone(_Event):
@@ -123,6 +126,18 @@ class Error(_Event):
     turn_id: str | None = None
 
 
+Rating = Literal["up", "down"]
+
+
+class FeedbackReceived(_Event):
+    """A person rated an answer (the `feedback` command): what `--record` stores beside the turn."""
+
+    type: Literal["feedback.received"] = "feedback.received"
+    turn_id: str
+    rating: Rating
+    correction: str | None = None  # what the answer should have been
+
+
 Event = Annotated[
     SessionStarted
     | SessionEnded
@@ -137,7 +152,8 @@ Event = Annotated[
     | ResponseAudioDone
     | ToolCall
     | ToolResult
-    | Error,
+    | Error
+    | FeedbackReceived,
     Field(discriminator="type"),
 ]
 
@@ -170,8 +186,17 @@ class SessionClose(_Command):
     type: Literal["session.close"] = "session.close"
 
 
+class Feedback(_Command):
+    """Rate an answer of this session: 👍/👎, and optionally what it should have said."""
+
+    type: Literal["feedback"] = "feedback"
+    turn_id: str = Field(min_length=1, max_length=128)
+    rating: Rating
+    correction: str | None = Field(default=None, max_length=8192)
+
+
 Command = Annotated[
-    InstructionSet | ResponseCancel | SessionUpdate | SessionClose,
+    InstructionSet | ResponseCancel | SessionUpdate | SessionClose | Feedback,
     Field(discriminator="type"),
 ]
 

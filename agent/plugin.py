@@ -13,7 +13,7 @@ import asyncio
 import importlib
 import importlib.metadata
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -48,6 +48,9 @@ class PluginContext:
     commands: CommandTarget
     agent_id: str = "agent"
     sessions: SessionFactory | None = None  # None where sessions cannot be created (e.g. tests)
+    # serve --processes N: False for a session another frontend holds (None: agent-wide, frontend 0).
+    owns: Callable[[str | None], bool] = lambda session_id: True
+    frontend: int | None = None  # this process's frontend index (None: the only process)
 
 
 class Plugin:

@@ -8,16 +8,20 @@ transports send commands to.
 from __future__ import annotations
 
 import logging
+import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from agent.bus import EventBus, Subscription
 from agent.config import Settings
 from agent.context import AgentHooks
 from agent.conversation import Conversation
-from agent.events import Command, Error
+from agent.eot import SILENCE, EndOfTurnService, detector_factory
+from agent.events import Command, Error, Event
 from agent.heap import TrimScheduler
 from agent.inference.base import Backend
 from agent.model.qwen2_audio import DEFAULT_SYSTEM
+from agent.record.recorder import Recorder
 from agent.session import Session, SessionDeps
 from agent.speech.base import SpeechEngine, TTSError, load_engine
 from agent.speech.voice import VoiceCounters
@@ -59,6 +63,7 @@ class AgentRuntime:
         self.hooks = hooks or AgentHooks()
         self.bus = EventBus()
         self.vad = VADService()
+        self.end_of_turn: EndOfTurnService | None = None  # turns.end_of_turn's model, shared (started by start())
         self.backend: Backend = backend or create_backend(settings)
         self.tools = ToolRegistry()
         self.tools.extend(tools or [])
@@ -68,16 +73,29 @@ class AgentRuntime:
         self.plugins: PluginHost | None = None
         self.tts: SpeechEngine | None = None  # started once, shared by every session (speech out)
         self.voice_counters = VoiceCounters()  # every session's speech out, added up (for /metrics)
+        # serve --processes N (agent.server.router): ids carry the frontend; others hold some sessions.
+        self.new_session_id: Callable[[], str] = lambda: uuid.uuid4().hex[:12]
+        self.owns: Callable[[str | None], bool] = lambda session_id: True
+        self.frontend: int | None = None
+        self.recorder: Recorder | None = None  # `record: DIR`: turns and feedback on disk
+        if settings.record:
+            self.recorder = Recorder(settings.record, self.sessions.get)
 
     async def start(self) -> None:
         """Start everything; raises (InferenceError, ValueError) with a clear message."""
         if self.settings.plugins or self._plugin_classes:
             from agent.plugin import PluginContext, PluginHost
 
-            context = PluginContext(bus=self.bus, commands=self, agent_id=self.settings.agent_id, sessions=self)
+            context = PluginContext(bus=self.bus, commands=self, agent_id=self.settings.agent_id, sessions=self,
+                                    owns=self.owns, frontend=self.frontend)
             # Configs are validated before anything starts: a typo fails fast.
             self.plugins = PluginHost.from_config(self.settings.plugins, context, classes=self._plugin_classes)
+        if self.recorder is not None:
+            self.recorder.open()  # an unwritable directory fails the start, with its reason
         await self.vad.start()
+        if self.settings.turns.end_of_turn != SILENCE:
+            self.end_of_turn = EndOfTurnService(detector_factory(self.settings.turns.end_of_turn))
+            await self.end_of_turn.start()
         await self._start_tts()
         await self.backend.start()
         if self.plugins is not None:
@@ -121,30 +139,35 @@ class AgentRuntime:
             await self.plugins.stop()
         await self.backend.close()
         await self.vad.close()
+        if self.end_of_turn is not None:
+            await self.end_of_turn.close()
         self.heap.cancel()
         if self.tts is not None:
             await self.tts.aclose()
+        if self.recorder is not None:
+            self.recorder.close()
 
     def open_session(self, session_id: str | None = None, *, queue_size: int = 1024,
                      **options: Any) -> tuple[Session, Subscription]:
         """A new session and the stream of its events, `session.started` first: the
         subscription exists before the session does, so no event can be missed."""
-        import uuid
-
-        session_id = session_id or uuid.uuid4().hex[:12]
+        session_id = session_id or self.new_session_id()
         events = self.bus.subscribe(session_id, maxsize=queue_size)
         return self.create_session(session_id, **options), events
 
     def create_session(self, session_id: str | None = None, **options: Any) -> Session:
         """A started session (prefer `open_session`, which also gives its events)."""
         deps = SessionDeps(settings=self.settings, vad=self.vad.open_stream(), backend=self.backend,
-                           tools=self.tools.copy(), publish=self.bus.publish, system_prompt=self.system_prompt(),
+                           tools=self.tools.copy(), publish=self._publish(), system_prompt=self.system_prompt(),
                            hooks=self.hooks, on_closed=self._closed, tts=self.tts,
-                           voice_counters=self.voice_counters)
+                           voice_counters=self.voice_counters, end_of_turn=self.end_of_turn)
         session = Session(deps, session_id, **options)
         self.sessions[session.id] = session
         session.start()
         return session
+
+    def _publish(self) -> Callable[[Event], None]:
+        return self.bus.publish if self.recorder is None else self.recorder.sink(self.bus.publish)
 
     def _closed(self, session: Session) -> None:
         if self.sessions.get(session.id) is session:

@@ -27,7 +27,9 @@ from agent import turns
 from agent.config import Settings
 from agent.context import AgentHooks, RunContext, UserTurn
 from agent.conversation import Conversation
-from agent.inference.base import Backend, GenerationStats, InferenceError
+from agent.eot import EndOfTurnService, PendingVerdict
+from agent.inference.base import Backend, GenerationRequest, GenerationStats, InferenceError
+from agent.preempt import Discard, Held, Preemption, Promote, Start, TurnStamps
 from agent.speech.base import SpeechEngine
 from agent.speech.overlap import Kind as OverlapKind
 from agent.speech.overlap import Overlap
@@ -54,6 +56,7 @@ class SessionDeps:
     on_closed: Callable[[Session], None] = lambda session: None
     tts: SpeechEngine | None = None  # speech out, started and shared (None: text only)
     voice_counters: VoiceCounters | None = None  # the process's speech-out totals (for /metrics)
+    end_of_turn: EndOfTurnService | None = None  # the process's end-of-turn model (None: fixed silence rule)
 
 
 async def _call(result: Any) -> Any:
@@ -79,6 +82,7 @@ class Session:
         self._stamper = ev.EventStamper(self.id)
         self._detector = turns.TurnDetector(s.turns.to_turn_config())
         self._vad = deps.vad
+        self._eot = deps.end_of_turn
         self.conversation = Conversation.for_backend(deps.system_prompt, s.context_tokens, deps.backend)
         self.hooks = deps.hooks
         self.context = RunContext(self, deps.hooks.create_userdata())
@@ -112,9 +116,20 @@ class Session:
         # Speech that began while the agent was answering: barge-in, backchannel or echo.
         self._overlap = Overlap(s.turns.interrupt_min_speech_s)
         self._heard: str | None = None  # what the user heard of an answer cut by a barge-in
+        # Preemptive answers (agent/preempt.py) and the stamps of each turn's stages.
+        self._preempt = Preemption(s.turns.preempt_after_s, s.turns.preemptive)
+        self._held_answer: Held | None = None
+        self._stamps = TurnStamps()  # the turn in progress
+        self._answer_stamps: tuple[str, TurnStamps] | None = None  # the answer being given
+        self._verdict: PendingVerdict | None = None  # the end-of-turn model on this silence
 
     # ---- events -------------------------------------------------------------------
     def emit(self, event: ev._Event) -> None:
+        held = self._held_answer
+        if held is not None and not isinstance(event, ev.TurnCommitted) and held.hold(event):
+            return  # a preemptive answer's: published when its turn commits, never if dropped
+        if self._answer_stamps is not None and getattr(event, "turn_id", None) == self._answer_stamps[0]:
+            self._answer_stamps[1].observe(event, self.voice.stage_stats if self.voice is not None else None)
         self.deps.publish(self._stamper.stamp(event))  # type: ignore[arg-type]
 
     def start(self) -> None:
@@ -161,8 +176,17 @@ class Session:
                 chunk = buf[i * CHUNK : (i + 1) * CHUNK]
                 self._pos += CHUNK
                 self._recent_in.append(chunk)
+                if p >= self._detector.config.neg_threshold:
+                    self._stamps.speech_end = time.monotonic()
+                det = self._detector
+                if (verdict := self._verdict) is not None and verdict.needed(
+                        det.silence_s, CHUNK / turns.SAMPLE_RATE, det.config.min_silence_s_complete):
+                    self._verdict = None
+                    det.set_verdict(verdict.t, await verdict.result())  # stale: ignored
                 for signal in self._detector.feed(chunk, float(p)):
                     await self._on_signal(signal)
+                if (start := self._preempt.tick(self._pos / turns.SAMPLE_RATE)) is not None:
+                    await self._preempted(start)
                 if self.voice is not None:
                     await self._check_overlap()
 
@@ -180,7 +204,7 @@ class Session:
     # ---- speech out: barge-in, backchannels, self-echo ---------------------------------
     def _agent_busy(self) -> bool:
         running = self._response is not None and not self._response.done()
-        return running or (self.voice is not None and self.voice.active)
+        return running or (self.voice is not None and self.voice.active and not self.voice.held)
 
     async def _check_overlap(self) -> None:
         """Speech over the agent's answer interrupts it only once it has lasted
@@ -223,6 +247,10 @@ class Session:
             self._overlap.speech_paused()
         elif isinstance(signal, turns.SilenceBegan):
             self._overlap.speech_paused()
+            self._stamps.end_detected = time.monotonic()
+            await self._preempted(self._preempt.on_signal(signal, self._may_preempt()))
+            if self._eot is not None:  # the model's verdict decides how long this silence must last
+                self._verdict = PendingVerdict(signal.t, self._spawn(self._eot.predict(signal.audio), "eot"))
             if self.manual_turns:
                 return  # the committed turn will join held parts: no prefill can match it
             turn_id = self._new_turn_id()
@@ -237,8 +265,11 @@ class Session:
             await self._guard(backend.prefill(request))
         elif isinstance(signal, turns.SpeechResumed):
             self._overlap.speech_resumed()
+            await self._preempted(self._preempt.on_signal(signal))
             await self._drop_speculative()
         elif isinstance(signal, turns.TurnCommitted):
+            self._stamps.commit = time.monotonic()
+            await self._preempted(self._preempt.on_signal(signal))
             start = self._overlap.start
             ignored = self._overlap.turn_committed(signal.split)
             if ignored is not None:
@@ -248,6 +279,7 @@ class Session:
                     self.voice.note_backchannel()
                 log.info("session %s: %s at %.2f s ignored while the agent speaks", self.id,
                          "echo" if ignored is OverlapKind.ECHO else "backchannel", start)
+                await self._preempted(Discard())
                 await self._drop_speculative()
                 return
             if self.manual_turns:
@@ -290,13 +322,16 @@ class Session:
             for signal in self._detector.flush():
                 if not isinstance(signal, turns.TurnCommitted):
                     await self._on_signal(signal)  # speech.stopped; the turn itself is dropped
+            await self._preempted(self._preempt.cancel())
             await self._drop_speculative()
 
-    async def reply(self, instructions: str | None = None) -> str:
+    async def reply(self, instructions: str | None = None, *, tools: bool = True) -> str:
         """Answer now rather than on a committed turn: the pending user turn (audio, typed)
         or tool results; with nothing pending, `instructions` become a typed user turn.
-        `instructions` join the system prompt of this response only. Returns its turn_id;
+        `instructions` join the system prompt of this response only; `tools=False`: no tool
+        is offered and nothing the model writes runs (a transcription). Returns its turn_id;
         raises ValueError when there is nothing to answer."""
+        await self._preempted(self._preempt.cancel())  # the agent speaks first: no held answer
         await self._stop_response("superseded")
         if not self.conversation.awaiting_reply:
             if not instructions:
@@ -304,7 +339,7 @@ class Session:
             self.conversation.add_user_text(instructions)
             instructions = None
         turn_id = self._new_turn_id()
-        self._response = asyncio.create_task(self._respond(turn_id, time.monotonic(), instructions))
+        self._response = asyncio.create_task(self._respond(turn_id, time.monotonic(), instructions, tools=tools))
         return turn_id
 
     async def _stop_response(self, reason: str) -> None:
@@ -325,15 +360,24 @@ class Session:
             turn_id = self._new_turn_id()
         await self._stop_response("superseded")
         committed_at = time.monotonic()
+        stamps, self._stamps = self._stamps, TurnStamps()
+        stamps.commit = stamps.commit or committed_at
+        self._answer_stamps = (turn_id, stamps)
         user = UserTurn(turn_id, turn.audio, turn.start, turn.end, self._take_instruction())
         direct = await self._run_hook("on_user_turn", user)
+        instruction = user.instruction or None
+        held = self._held_answer
+        if held is not None and (held.turn_id != turn_id or user.skipped or isinstance(direct, str) or not respond
+                                 or held.instruction != instruction or held.failed):
+            await self._preempted(Discard())  # the hook changed the turn: the held answer is not its answer
+            held = None
         if user.skipped:
             await self._guard(self.backend.drop(self.id, turn_id))
             return
-        instruction = user.instruction or None
         try:
             self.conversation.add_user(turn.audio, instruction)
         except ValueError as exc:  # e.g. an oversized instruction: this turn fails, the session goes on
+            await self._preempted(Discard())
             self.emit(ev.Error(code="bad_request", message=str(exc), turn_id=turn_id))
             return
         self.emit(ev.TurnCommitted(turn_id=turn_id, start=turn.start, end=turn.end,
@@ -344,7 +388,10 @@ class Session:
             return
         if not respond:
             return
-        self._response = asyncio.create_task(self._respond(turn_id, committed_at))
+        if held is not None:
+            self._response = await self._promote(held)
+        else:
+            self._response = asyncio.create_task(self._respond(turn_id, committed_at))
         if self._wait:
             await self.wait_idle()
 
@@ -363,6 +410,7 @@ class Session:
     async def say(self, text: str) -> str:
         """Speak `text` as the agent now (a hook, a tool, a greeting): events and history as if
         the model had said it; the running response, if any, is superseded. Its turn_id."""
+        await self._preempted(self._preempt.cancel())  # the agent speaks first: no held answer
         await self._stop_response("superseded")
         turn_id = self._new_turn_id()
         self._answer_directly(turn_id, text)
@@ -391,6 +439,51 @@ class Session:
         if spec[0] == self._last_turn_id():
             self._turn_n -= 1
 
+    # ---- preemptive answers and end of turn ------------------------------------------
+    def _may_preempt(self) -> bool:
+        """Not while the agent speaks (overlap rules), nor for turns the owner ends, nor for
+        files fed faster than real time (nothing to gain), nor with offline speech."""
+        offline_voice = self.voice is not None and not self.voice.realtime
+        return not (self.manual_turns or self._wait or offline_voice or self._agent_busy() or self.closed)
+
+    async def _preempted(self, action: Start | Promote | Discard | None) -> None:
+        """Carry out what `Preemption` decided (Promote is done by `_commit`)."""
+        if isinstance(action, Start):
+            spec = self._speculative  # the turn id the speculative prefill took
+            if spec is None or spec[1] != action.end or self._held_answer is not None:
+                return
+            request = self._preempt_request(spec[0], action.audio)
+            if request is None:
+                return
+            new = self._held_answer = Held(spec[0], self._take_instruction(peek=True))
+            new.task = asyncio.create_task(self._respond(spec[0], 0.0, held=new, request=request))
+        elif isinstance(action, Discard) and (old := self._held_answer) is not None:
+            if old.task is not None:
+                old.task.cancel("preempt_discarded")
+                await asyncio.gather(old.task, return_exceptions=True)
+            await self._guard(self.backend.drop(self.id, old.turn_id))
+            self._held_answer = None  # after the task ended: its last events are held (dropped) too
+
+    def _preempt_request(self, turn_id: str, audio: np.ndarray) -> GenerationRequest | None:
+        try:
+            self.conversation.add_user(audio, self._take_instruction(peek=True))
+        except ValueError:
+            return None  # the commit reports it
+        request = self.conversation.request(self.id, turn_id, self.max_new_tokens, self._tools_block())
+        self.conversation.pop_last_user()
+        request.preemptive = True
+        return request
+
+    async def _promote(self, held: Held) -> asyncio.Task[None] | None:
+        """The turn committed as preempted: lift its priority, publish what it held, play it."""
+        self._held_answer = None
+        await self._guard(self.backend.promote(self.id, held.turn_id))
+        for event in held.release():
+            self.emit(event)
+        if self.voice is not None:
+            self.voice.release()
+        return held.task
+
     def _tools_block(self) -> str | None:
         return self.tools.system_block() if len(self.tools) else None
 
@@ -402,12 +495,16 @@ class Session:
             log.debug("speculative step failed: %s", exc)
 
     # ---- responses ----------------------------------------------------------------
-    async def _respond(self, turn_id: str, committed_at: float, instructions: str | None = None) -> None:
-        """Generate the answer; run tool calls and give the model follow-up rounds."""
+    async def _respond(self, turn_id: str, committed_at: float, instructions: str | None = None,
+                       held: Held | None = None, request: GenerationRequest | None = None, tools: bool = True) -> None:
+        """Generate the answer; run tool calls and give the model follow-up rounds.
+        `held`: a preemptive answer (to `request`), whose events and voice are held until
+        its turn commits; it waits for that before anything irreversible (history, tools).
+        `tools=False`: no tool is offered and nothing the model writes runs (a transcription)."""
         settings = self.settings
         self.emit(ev.ResponseStarted(turn_id=turn_id))
         if self.voice is not None:
-            self.voice.begin(turn_id)
+            self.voice.begin(turn_id, held=held is not None)
         said: list[str] = []  # text the user was shown, across rounds
         stats = GenerationStats()
         first_token: float | None = None
@@ -415,9 +512,10 @@ class Session:
             for round_n in range(settings.max_tool_rounds + 1):
                 raw: list[str] = []
                 calls: list[ParsedToolCall] = []
-                parser = ToolCallParser()
-                request = self.conversation.request(self.id, turn_id, self.max_new_tokens, self._tools_block(),
-                                                    instructions)
+                parser = ToolCallParser(calls=tools)
+                if request is None or round_n > 0:
+                    request = self.conversation.request(self.id, turn_id, self.max_new_tokens,
+                                                        self._tools_block() if tools else None, instructions)
                 round_stats = GenerationStats()
                 try:
                     # aclosing: a cancelled turn closes the stream, which frees the slot.
@@ -428,10 +526,14 @@ class Session:
                             raw.append(delta)
                             calls += self._show(turn_id, parser.feed(delta), said)
                     calls += self._show(turn_id, parser.flush(), said)
+                    if held is not None:
+                        if not calls and self.voice is not None:
+                            self.voice.end()  # the last round: its last clause is spoken now, held
+                        await held.opened()
                 finally:
                     stats.tokens += round_stats.tokens
                     stats.reused_tokens += round_stats.reused_tokens
-                    if raw:
+                    if raw and (held is None or held.committed):
                         self.conversation.add_assistant("".join(raw))
                 if not calls or round_n == settings.max_tool_rounds or self.defer_tool_calls:
                     break
@@ -442,6 +544,10 @@ class Session:
                                             result=outcome.result, error=outcome.error))
                 self.conversation.add_tool_results(format_tool_responses(outcomes))
         except asyncio.CancelledError as exc:
+            if held is not None and not held.committed:  # speech resumed: it never was
+                if self.voice is not None:
+                    self.voice.discard()
+                return
             reason = exc.args[0] if exc.args else "cancelled"
             heard: str | None = None
             if self.voice is not None:
@@ -466,9 +572,11 @@ class Session:
             if self.voice is not None:
                 self.voice.end()  # the text is complete (or cut): the voice says what it has
         done = time.monotonic()
+        if held is not None:
+            committed_at = held.committed_at
         timings = {"total": done - committed_at, **stats.timings}
         if first_token is not None:
-            timings["first_token"] = first_token - committed_at
+            timings["first_token"] = max(first_token - committed_at, 0.0)
         text = "".join(said)
         self.emit(ev.ResponseDone(turn_id=turn_id, text=text, tokens=stats.tokens, timings=timings))
         self._spawn(self._run_hook("on_response", text), "on-response")
@@ -514,9 +622,23 @@ class Session:
             if command.max_new_tokens is not None:
                 self.max_new_tokens = command.max_new_tokens
             if command.min_silence_s is not None:
-                self._detector.reconfigure(min_silence_s=command.min_silence_s)
+                try:  # it must stay within [min_silence_s_complete, max_silence_s]
+                    self._detector.reconfigure(min_silence_s=command.min_silence_s)
+                except ValueError as exc:
+                    self.report_error("bad_request", str(exc))
         elif isinstance(command, ev.SessionClose):
             await self.close("client")
+        elif isinstance(command, ev.Feedback):
+            await self._feedback(command)
+
+    async def _feedback(self, command: ev.Feedback) -> None:
+        """A rating of one of this session's answers: an event (recorded with `--record`), then the hook."""
+        n = command.turn_id.removeprefix(f"{self.id}-t")
+        if n == command.turn_id or not n.isdigit() or not 0 < int(n) <= self._turn_n:
+            self.report_error("bad_command", f"feedback: no turn {command.turn_id!r} in this session")
+            return
+        self.emit(ev.FeedbackReceived(turn_id=command.turn_id, rating=command.rating, correction=command.correction))
+        await self._run_hook("on_feedback", command)
 
     def report_error(self, code: str, message: str) -> None:
         self.emit(ev.Error(code=code, message=message))
@@ -525,6 +647,7 @@ class Session:
         if self.closed:
             return
         self.closed = True
+        await self._preempted(self._preempt.cancel())
         if self._response is not None and not self._response.done():
             self._response.cancel("session_closed")
             await asyncio.gather(self._response, return_exceptions=True)

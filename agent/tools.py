@@ -161,14 +161,18 @@ class ToolCallParser:
     """Streaming: feed text deltas, get text pieces and complete tool calls back.
 
     Only a possible prefix of `<tool_call>` is held back between deltas; everything else
-    is passed on as soon as it arrives.
+    is passed on as soon as it arrives. With `calls=False` (a response offered no tools, e.g. a
+    transcription) everything is text: nothing the model writes can become a call.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, calls: bool = True) -> None:
         self._buf = ""
         self._inside = False
+        self._calls = calls
 
     def feed(self, delta: str) -> list[TextPiece | ParsedToolCall]:
+        if not self._calls:
+            return [TextPiece(delta)] if delta else []
         self._buf += delta
         out: list[TextPiece | ParsedToolCall] = []
         while True:

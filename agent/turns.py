@@ -6,6 +6,12 @@ from files and tests need no sleeps. The session maps its signals to events.
     idle ──p≥on──▶ onset ──speech ≥ min_speech──▶ speech ──p<off──▶ trailing ──silence ≥ min_silence──▶ commit
                      │ p<off: a blip, back to idle     ▲                 │
                      └─────────────────────────────────┴── p≥on: resumed ┘
+
+Adaptive endpointing: an end-of-turn model's verdict on the silence (`set_verdict`, given by
+the session after SilenceBegan) changes the silence that commits: complete → after
+`min_silence_s_complete`, incomplete ("turn on the, um") → after `max_silence_s`; without a
+verdict (model off or failed), or one between `incomplete_threshold` and
+`complete_threshold` (unsure), the fixed `min_silence_s` holds.
 """
 
 from __future__ import annotations
@@ -26,10 +32,18 @@ class TurnConfig:
     min_speech_s: float = 0.15  # shorter bursts (clicks, coughs) are no speech
     min_silence_s: float = 0.5  # silence that ends a turn
     max_turn_s: float = 30.0  # Qwen2-Audio's clip limit: longer speech is split
+    min_silence_s_complete: float = 0.2  # silence that ends a turn the end-of-turn model calls complete
+    max_silence_s: float = 2.0  # … and one it calls incomplete
+    complete_threshold: float = 0.5  # P(complete) at or above which the model's verdict is "complete"
+    incomplete_threshold: float = 0.5  # … and below which "incomplete"; between the two: the fixed rule
 
     def __post_init__(self) -> None:
         if not 0.0 < self.neg_threshold <= self.threshold < 1.0:
             raise ValueError("need 0 < neg_threshold <= threshold < 1")
+        if not 0.0 < self.min_silence_s_complete <= self.min_silence_s <= self.max_silence_s:
+            raise ValueError("need 0 < min_silence_s_complete <= min_silence_s <= max_silence_s")
+        if not 0.0 < self.incomplete_threshold <= self.complete_threshold < 1.0:
+            raise ValueError("need 0 < incomplete_threshold <= complete_threshold < 1")
         if self.max_turn_s <= self.min_speech_s or self.max_turn_s > 30.0:
             raise ValueError("max_turn_s must be in (min_speech_s, 30]")
 
@@ -88,6 +102,7 @@ class TurnDetector:
         self._turn_start = 0  # sample index of the turn's first kept sample
         self._onset = 0  # sample index where speech was first seen
         self._silence_start = 0
+        self._verdict: bool | None = None  # the end-of-turn model on this silence (None: fixed rule)
 
     def _configure(self, config: TurnConfig) -> None:
         self.config = config
@@ -95,10 +110,32 @@ class TurnDetector:
         self._min_speech = int(config.min_speech_s * SAMPLE_RATE)
         self._min_silence = int(config.min_silence_s * SAMPLE_RATE)
         self._max_turn = int(config.max_turn_s * SAMPLE_RATE)
+        self._min_silence_complete = int(config.min_silence_s_complete * SAMPLE_RATE)
+        self._max_silence = int(config.max_silence_s * SAMPLE_RATE)
 
     def reconfigure(self, **changes: float) -> None:
         """Change settings mid-stream (e.g. min_silence_s from a session.update)."""
         self._configure(replace(self.config, **changes))
+
+    def set_verdict(self, t: float, p_complete: float | None) -> None:
+        """The end-of-turn model's P(complete) on the silence that began at `t` (SilenceBegan.t);
+        None: it failed (the fixed rule decides). A verdict on an earlier silence is ignored."""
+        if self._state is _State.TRAILING and round(t * SAMPLE_RATE) == self._silence_start:
+            c = self.config
+            if p_complete is None or c.incomplete_threshold <= p_complete < c.complete_threshold:
+                self._verdict = None  # failed, or unsure: the fixed rule
+            else:
+                self._verdict = p_complete >= c.complete_threshold
+
+    def _silence_needed(self) -> int:
+        if self._verdict is None:
+            return self._min_silence
+        return self._min_silence_complete if self._verdict else self._max_silence
+
+    @property
+    def silence_s(self) -> float:
+        """Seconds of the silence in progress (0 outside one)."""
+        return (self._pos - self._silence_start) / SAMPLE_RATE if self._state is _State.TRAILING else 0.0
 
     @property
     def in_speech(self) -> bool:
@@ -126,14 +163,14 @@ class TurnDetector:
                 out.append(SpeechStarted(self._onset / SAMPLE_RATE))
         elif state is _State.SPEECH:
             if prob < c.neg_threshold:
-                self._state, self._silence_start = _State.TRAILING, start
+                self._state, self._silence_start, self._verdict = _State.TRAILING, start, None
                 out.append(SilenceBegan(start / SAMPLE_RATE, self._turn_start / SAMPLE_RATE,
                                         self._audio(self._turn_start, start)))
         elif state is _State.TRAILING:
             if prob >= c.threshold:
                 self._state = _State.SPEECH
                 out.append(SpeechResumed(start / SAMPLE_RATE))
-            elif self._pos - self._silence_start >= self._min_silence:
+            elif self._pos - self._silence_start >= self._silence_needed():
                 out += self._commit(self._silence_start, split=False)
         if self.in_speech and self._pos - self._turn_start >= self._max_turn:
             out += self._commit(self._turn_start + self._max_turn, split=True)

@@ -422,6 +422,10 @@ class VADService:
                 self._running = True
                 try:
                     await self._execute(tick)
+                except Exception as exc:  # a bug in one tick fails its calls, never the service:
+                    log.exception("VAD tick failed")  # a stopped service would hang every session
+                    self.failed_chunks += len(tick.streams)
+                    tick.error = exc
                 finally:
                     self._running = False
                     self._free += self._released
@@ -435,6 +439,9 @@ class VADService:
         rows = np.arange(len(tick.streams))
         if tick.has_closed:  # leave out the rows of streams closed since they were queued
             rows = rows[[not s.closed for s in tick.streams]]
+        if not rows.size:  # every stream of this tick closed meanwhile: nothing to score
+            tick.probs = np.zeros(len(tick.streams), np.float32)
+            return
         chunks = tick.chunks if rows.size == len(tick.chunks) else [tick.chunks[i] for i in rows]
         slots = np.array(tick.slots, np.intp)[rows]
         x = np.empty((slots.size, WIDTH), np.float32)

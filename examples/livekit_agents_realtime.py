@@ -1,17 +1,25 @@
 """A livekit-agents worker whose brain is Qwen2-Audio, through our pipeline.
 
-    vllm serve Qwen/Qwen2-Audio-7B-Instruct --limit-mm-per-prompt '{"audio": 5}' --enable-prefix-caching
-    export LIVEKIT_URL=wss://… LIVEKIT_API_KEY=… LIVEKIT_API_SECRET=… QWEN_OPENAI_URL=http://127.0.0.1:8000/v1
+    voice-agent serve-model --model Qwen/Qwen2-Audio-7B-Instruct --listen unix:///tmp/voice-agent-model.sock
+    export LIVEKIT_URL=wss://… LIVEKIT_API_KEY=… LIVEKIT_API_SECRET=…
     python examples/livekit_agents_realtime.py dev
+
+`QWEN_OPENAI_URL` points the jobs elsewhere: another socket, `http://host:8000/v1` for a
+pool server on another machine (then with `QWEN_OPENAI_API_KEY`, its `--token`), or a vLLM
+server (`vllm serve Qwen/Qwen2-Audio-7B-Instruct --limit-mm-per-prompt '{"audio": 5}'
+--enable-prefix-caching`) — the same wire.
 
 The model hears the caller's audio directly (no STT) and answers in text; give the session
 a TTS plugin (`tts=`) to speak the answers, without one they reach the room as text
 (transcription stream).
 
 livekit-agents runs every job (room) in a process of its own, so the 7B model lives in one
-shared vLLM server (our `openai` backend), not in each job process; the worker keeps the
-VAD, turns and the conversation. Workers scale out: each registers with the LiveKit server,
-which dispatches rooms across them.
+shared model server — our inference pool behind `voice-agent serve-model`, reached by our
+`openai` backend — not in each job process: every job's turns are batched together on the
+one GPU pool, and each conversation's KV stays there between its turns (the session id is
+its conversation key; the job's end frees it). The job process keeps the VAD, turns and
+the conversation. Workers scale out: each registers with the LiveKit server, which
+dispatches rooms across them.
 """
 
 from __future__ import annotations
@@ -52,14 +60,17 @@ def build_agent() -> Agent:
                  tools=[set_light])
 
 
+MODEL_SERVER = "unix:///tmp/voice-agent-model.sock"  # `voice-agent serve-model --listen` it
+
+
 def build_model() -> QwenRealtimeModel:
-    return QwenRealtimeModel(backend="openai",
-                             openai_url=os.environ.get("QWEN_OPENAI_URL", "http://127.0.0.1:8000/v1"))
+    return QwenRealtimeModel(backend="openai", openai_url=os.environ.get("QWEN_OPENAI_URL", MODEL_SERVER),
+                             openai_api_key=os.environ.get("QWEN_OPENAI_API_KEY"))
 
 
 def prewarm(proc: JobProcess) -> None:
     # Settings are validated here, while the process waits for a job; the runtime (VAD and
-    # the vLLM client) starts with the job.
+    # the model server's client) starts with the job.
     proc.userdata["model"] = build_model()
 
 

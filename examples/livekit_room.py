@@ -1,12 +1,13 @@
-"""A voice agent in a LiveKit room: everyone who speaks there gets their own session.
+r"""A voice agent in a LiveKit room: everyone who speaks there gets their own session.
 
     LIVEKIT_URL=ws://127.0.0.1:7880 LIVEKIT_API_KEY=devkey LIVEKIT_API_SECRET=secret \
-        python examples/livekit_room.py [ROOM]
+        .venv/bin/python examples/livekit_room.py [ROOM]
 
 Answers appear in LiveKit clients as transcriptions (`lk.transcription`); every event is a
 JSON data packet on `voice-agent.events`, commands go to `voice-agent.commands`.
 """
 
+import argparse
 import asyncio
 import os
 import signal
@@ -40,4 +41,6 @@ async def serve(agent: Agent) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(asyncio.run(serve(build(*sys.argv[1:2]))))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("room", nargs="?", default="voice-agent", help="the room to join (default: voice-agent)")
+    raise SystemExit(asyncio.run(serve(build(parser.parse_args().room))))

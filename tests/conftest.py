@@ -3,6 +3,8 @@ import os
 # Tests share two cores with everything else: keep torch to one thread per process.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# `serve` subprocesses stay one process unless a test asks for frontends (--processes).
+os.environ.setdefault("VOICE_AGENT_SERVER__PROCESSES", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from agent import tool
 from agent.config import load_settings
 from agent.runtime import AgentRuntime
 from tests.rtc_util import loopback_only
@@ -49,8 +50,13 @@ async def test_playground_shows_turns_and_answers(tmp_path: Path, monkeypatch: p
     server = await start_server(runtime, token="pg")
     driver = await asyncio.to_thread(chromium, speech.path, tmp_path / "profile")
     try:
-        def page_flow() -> dict[str, Any]:
+        def before_start() -> dict[str, Any]:
             driver.get(f"{server.url}/?token=pg")
+            WebDriverWait(driver, 30).until(lambda d: "tiny-random" in d.find_element(By.ID, "model").text)
+            return {"header": driver.find_element(By.ID, "model").text,
+                    "banner": driver.find_element(By.ID, "banner").text}
+
+        def page_flow() -> dict[str, Any]:
             driver.find_element(By.ID, "start").click()
             wait = WebDriverWait(driver, 90)
             wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".turn.done"))
@@ -77,6 +83,9 @@ async def test_playground_shows_turns_and_answers(tmp_path: Path, monkeypatch: p
                     "banner": driver.find_element(By.ID, "banner").is_displayed(),
                     "level": float(driver.find_element(By.ID, "level").get_attribute("value"))}
 
+        # Before connecting, the page says which model answers here, and warns about tiny-random.
+        before = await asyncio.to_thread(before_start)
+        assert before["header"] == "model tiny-random · not connected" and "gibberish" in before["banner"], before
         seen = await asyncio.to_thread(page_flow)
         assert "gibberish" in seen["banner"]
         assert "chat" in seen["badges"] and "analysis" in seen["badges"]
@@ -86,7 +95,7 @@ async def test_playground_shows_turns_and_answers(tmp_path: Path, monkeypatch: p
         assert "session" in seen["header"] and seen["icon"].startswith("data:image/svg+xml")
         assert seen["peak"] > 0.3  # the level meter moved with the speech
         stopped = await asyncio.to_thread(after_stop)
-        assert stopped == {"header": "not connected", "banner": False, "level": 0.0}
+        assert stopped == {"header": "model tiny-random · not connected", "banner": True, "level": 0.0}
         await until(lambda: not runtime.sessions, timeout=30)
     finally:
         await asyncio.to_thread(driver.quit)
@@ -129,6 +138,12 @@ ctx.resume().then(() => {
 });
 """
 
+@tool
+def turn_on(entity_id: str) -> str:
+    """Turn on a light."""
+    return f"{entity_id} is on"
+
+
 SPOKEN = ("Okay, the kitchen light is on now. It will stay on until you tell me to turn it off again, "
           "and I will keep listening in the meantime.")
 
@@ -147,7 +162,8 @@ async def test_playground_plays_the_agents_voice(tmp_path: Path, monkeypatch: py
     # One utterance, then a long silence before Chromium loops the file: no second turn cuts the answer.
     speech = make_speech([1.0, "turn on the kitchen light", 20.0], "browser-voice")
     settings = load_settings(None, model="tiny-random", tts={"engine": "espeak"})
-    runtime = AgentRuntime(settings, backend=ScriptedBackend([], default=SPOKEN))
+    call = '<tool_call>{"name": "turn_on", "arguments": {"entity_id": "light.kitchen"}}</tool_call>'
+    runtime = AgentRuntime(settings, backend=ScriptedBackend([call], default=SPOKEN), tools=[turn_on])
     await runtime.start()
     server = await start_server(runtime, token="pg")
     driver = await asyncio.to_thread(chromium, speech.path, tmp_path / "profile")
@@ -161,12 +177,15 @@ async def test_playground_plays_the_agents_voice(tmp_path: Path, monkeypatch: py
             heard = driver.execute_async_script(LISTEN_JS, 2500)
             wait.until(lambda d: d.find_element(By.ID, "agent").text == "agent: listening")
             heard["resp"] = driver.find_elements(By.CSS_SELECTOR, ".turn.done .resp")[0].text
+            heard["tools"] = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#tools div")]
             return heard
 
         heard = await asyncio.to_thread(page_flow)
         print(f"browser heard the agent: {heard}")
         assert "error" not in heard, heard
         assert heard["resp"] == SPOKEN
+        call_line, result_line = heard["tools"]  # oldest first: the result sits below its call
+        assert call_line.startswith("→ turn_on(") and result_line.startswith("← call_"), heard["tools"]
         assert heard["ctx_state"] == "running" and heard["track_state"] == ["live"]
         assert not heard["paused"] and not heard["paused_after"]  # the element plays …
         assert heard["t1"] - heard["t0"] > 1.0  # … and its clock runs with the stream

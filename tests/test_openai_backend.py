@@ -140,7 +140,7 @@ async def test_break_and_task_cancel_close_the_server_stream(fake, backend):
     assert fake.completed == 0 and backend.queue_depth == 0
 
 
-@pytest.mark.parametrize("status,code", [(500, "backend_error"), (503, "busy"), (429, "busy"), (404, "backend_error")])
+@pytest.mark.parametrize("status,code", [(500, "backend_error"), (503, "backend_unavailable"), (429, "busy"), (404, "backend_error")])
 async def test_http_errors_map_to_clear_codes(fake, backend, status, code):
     fake.status = status
     with pytest.raises(InferenceError) as info:

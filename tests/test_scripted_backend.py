@@ -69,7 +69,7 @@ def test_the_shipped_example_scripts_load() -> None:
     ("turns: []\n", "turns: List should have at least 1 item"),
     ("- [hi, 3]\n", "turns.0.1: expected text or {tool_call"),
     ("- {tool_call: {name: x, arguments: 5}}\n", "turns.0.tool_call.arguments: Input should be a valid dictionary"),
-    ("turns: [a]\nchunk: 0\n", "chunk: Input should be greater than or equal to 1"),
+    ("turns: [a]\nchunk: 0\n", "chunk: must be 1 or more, not 0"),
     ("turns: [a]\ndelay: 1\n", "delay: unknown key (did you mean delay_s?)"),
     ("- 'unclosed\n", "line 2, column 1: found unexpected end of stream"),
 ])

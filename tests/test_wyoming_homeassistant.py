@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from agent.config import load_settings
+from agent.inference.base import InferenceError
 from agent.inference.scripted import ScriptedBackend
 from agent.runtime import AgentRuntime
 from agent.transports.wyoming import WyomingServer
@@ -104,7 +105,38 @@ async def test_home_assistant_adds_the_service_and_a_pipeline_switches_the_light
     (stt,) = await stt_entities()
 
     speech = make_speech_fixture([0.6, SAID, 2.0], "wy-ha")
-    pcm = (np.clip(speech.samples, -1, 1) * 32767).astype("<i2").tobytes()
+    events = await run_pipeline(ha, stt, speech.samples)
+    kinds = [e["type"] for e in events]
+    assert "error" not in kinds, (events, ha.log_tail())
+    (stt_end,) = [e for e in events if e["type"] == "stt-end"]
+    assert stt_end["data"]["stt_output"]["text"] == SAID  # our transcript, as HA's events show it
+    (intent_end,) = [e for e in events if e["type"] == "intent-end"]
+    response = intent_end["data"]["intent_output"]["response"]
+    assert response["response_type"] == "action_done", response
+    assert (await asyncio.to_thread(ha.state, "light.kitchen"))["state"] == "on"
+    # HA streamed the speech to us as it came: one Wyoming connection, its audio converted.
+    request = agent.runtime.backend.requests[-1]  # type: ignore[attr-defined]
+    assert abs(sum(a.size for a in request.audios) / 16000 - (speech.segments[0][1] - speech.segments[0][0])) < 0.6
+
+
+async def test_a_failed_transcription_is_home_assistants_stt_error_at_once(
+        ha: HomeAssistant, agent: WyomingServer, make_speech_fixture: Any) -> None:
+    """The backend down: HA ignores a Wyoming `error`, so without the close that follows it HA
+    would wait for its pipeline timeout (300 s); `run_pipeline` gives up after 120 s."""
+    states = (await asyncio.to_thread(ha.request, "GET", "/api/states"))[1]
+    (stt,) = [s["entity_id"] for s in states if s["entity_id"].startswith("stt.")]  # added by the test above
+    agent.runtime.backend.outputs = [  # type: ignore[attr-defined]
+        InferenceError("backend_unavailable", "the inference server is unreachable")]
+    events = await run_pipeline(ha, stt, make_speech_fixture([0.6, SAID, 2.0], "wy-ha").samples)
+    assert events[-1]["type"] == "error", events
+    assert events[-1]["data"]["code"].startswith("stt-"), events[-1]  # HA's own speech-to-text error
+    assert "intent-start" not in [e["type"] for e in events]
+
+
+async def run_pipeline(ha: HomeAssistant, stt: str, samples: np.ndarray) -> list[dict[str, Any]]:
+    """An Assist pipeline run (speech to text, then HA's intents) over HA's WebSocket API, the
+    speech streamed about real time: its events up to `run-end` or `error`."""
+    pcm = (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
     async with aiohttp.ClientSession() as http:
         ws = await connect(ha, http)
         pipeline = await ws.call("assist_pipeline/pipeline/create", conversation_engine="homeassistant",
@@ -142,15 +174,4 @@ async def test_home_assistant_adds_the_service_and_a_pipeline_switches_the_light
         if sender is not None:
             sender.cancel()
         await ws.ws.close()
-
-    kinds = [e["type"] for e in events]
-    assert "error" not in kinds, (events, ha.log_tail())
-    (stt_end,) = [e for e in events if e["type"] == "stt-end"]
-    assert stt_end["data"]["stt_output"]["text"] == SAID  # our transcript, as HA's events show it
-    (intent_end,) = [e for e in events if e["type"] == "intent-end"]
-    response = intent_end["data"]["intent_output"]["response"]
-    assert response["response_type"] == "action_done", response
-    assert (await asyncio.to_thread(ha.state, "light.kitchen"))["state"] == "on"
-    # HA streamed the speech to us as it came: one Wyoming connection, its audio converted.
-    request = agent.runtime.backend.requests[-1]  # type: ignore[attr-defined]
-    assert abs(sum(a.size for a in request.audios) / 16000 - (speech.segments[0][1] - speech.segments[0][0])) < 0.6
+    return events

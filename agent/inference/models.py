@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 REAL_MODEL = "Qwen/Qwen2-Audio-7B-Instruct"
 TINY_RANDOM = "tiny-random"
 RANDOM_7B = "random-7b"
+NAMES = ("auto", TINY_RANDOM, RANDOM_7B)  # the names --model knows besides hub ids and directories
 TINY_WARNING = "tiny-random model in use: answers are random gibberish (no GPU / no weights)"
 
 

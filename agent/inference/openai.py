@@ -14,9 +14,15 @@ Wire format: audio goes as `{"type": "input_audio", "input_audio": {"data": <bas
 mono WAV>, "format": "wav"}}` parts, text as `{"type": "text"}` parts; `"stream": true`
 answers with SSE lines `data: {json}` carrying `choices[0].delta.content`, ending
 `data: [DONE]`. Errors become `InferenceError`: unreachable / timed out →
-`backend_unavailable`, HTTP 429/503 → `busy`, any other HTTP error or a broken stream →
-`backend_error`, each message naming the URL. A stream cut mid-answer says after how many
+`backend_unavailable`, HTTP 429 → `busy`, 503 → `backend_unavailable` (both with the
+server's Retry-After), any other HTTP error or a broken stream → `backend_error`, each
+message naming the URL. A stream cut mid-answer says after how many
 tokens; the session ends that turn with `response.cancelled` (reason `backend_error`).
+
+Our own pool server (`voice-agent serve-model`, also at `unix:///path/to/socket`) says so
+in an `X-Voice-Agent-Features` header and in `/v1/models`; against it, this client also
+sends the session id as `X-Conversation-Id` (its KV stays on the worker between turns),
+and `prefill`, `drop`, `promote` and `forget` go over the wire. Against vLLM they do nothing.
 
 At start the backend reads `{base_url}/models` (`agent.inference.served`): the model's name
 when the server serves exactly one and none is configured, and vLLM's `max_model_len`, which
@@ -36,6 +42,7 @@ from collections import OrderedDict
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import numpy as np
@@ -46,6 +53,12 @@ from agent.inference.served import HealthProbe, ServedModel, pick
 from agent.model.qwen2_audio import audio_base64, to_openai_messages
 
 CLIP_CACHE_BYTES = 128 * 1024 * 1024
+# `serve-model`'s extensions (agent.server.model_wire has the same names; kept apart so the
+# client does not import the server)
+FEATURES_HEADER = "X-Voice-Agent-Features"
+CONVERSATION_HEADER = "X-Conversation-Id"
+TURN_HEADER = "X-Turn-Id"
+
 log = logging.getLogger(__name__)
 
 
@@ -105,10 +118,16 @@ class OpenAIBackend:
 
     def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None, timeout: float = 60.0,
                  connect_timeout: float = 5.0, health_interval_s: float = 5.0, max_audios: int | None = 5) -> None:
+        self._socket = base_url[len("unix://"):] if base_url.startswith("unix://") else None
+        if self._socket is not None:  # `voice-agent serve-model --listen unix:///path`
+            if not self._socket:
+                raise ValueError(f"OpenAI backend URL unix:// needs a socket path, got {base_url!r}")
+            base_url = "http://localhost/v1"
         url = URL(base_url.rstrip("/"))
         if url.scheme not in ("http", "https") or not url.host:
-            raise ValueError(f"OpenAI backend URL must be http(s)://host[:port]/v1, got {base_url!r}")
+            raise ValueError(f"OpenAI backend URL must be http(s)://host[:port]/v1 or unix:///path, got {base_url!r}")
         self.base_url = str(url)
+        self.features: set[str] = set()  # what a `serve-model` server offers beyond the OpenAI API
         self._requested = model  # None: the one model the server serves
         self.model_name = model or ""
         self.tokenizer: Any = None
@@ -141,8 +160,12 @@ class OpenAIBackend:
             headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
             # No client-side connection cap: the server queues, a cap would only hide waiting
             # (and count against `connect_timeout`).
-            self._http = aiohttp.ClientSession(headers=headers, timeout=self._timeout,
-                                               connector=aiohttp.TCPConnector(limit=0))
+            connector = (aiohttp.UnixConnector(self._socket, limit=0) if self._socket is not None
+                         else aiohttp.TCPConnector(limit=0))
+            self._http = aiohttp.ClientSession(headers=headers, timeout=self._timeout, connector=connector)
+            await self._discover()
+            if self.features:  # our serve-model: its one model, as `_discover` chose
+                self._requested = self.model_name or self._requested
         try:
             pick(self._requested, await self._probe.check(), self.base_url)
         except InferenceError as exc:
@@ -177,6 +200,40 @@ class OpenAIBackend:
             await self._http.close()
             self._http = None
 
+    async def _discover(self) -> None:
+        """Is it our pool server? Best effort: a server not up yet is found out later, from
+        the features header of its answers. Our server names its model: a client left at
+        the default model name takes it (and its tokenizer)."""
+        assert self._http is not None
+        try:
+            async with self._http.get(f"{self.base_url}/models") as response:
+                data = await response.json() if response.status == 200 else {}
+                self._note_features(response)
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return
+        cards = [c for c in (data.get("data") or []) if isinstance(c, dict)] if isinstance(data, dict) else []
+        served = [c.get("id") for c in cards if isinstance(c.get("voice_agent"), dict)]
+        if self.features and len(served) == 1 and isinstance(served[0], str) and self.model_name not in served:
+            log.info("%s serves %s: using it instead of %s", self.base_url, served[0], self.model_name)
+            self.model_name = served[0]
+
+    def _note_features(self, response: aiohttp.ClientResponse) -> None:
+        header = response.headers.get(FEATURES_HEADER)
+        if header is not None:
+            self.features = {f.strip() for f in header.split(",") if f.strip()}
+
+    async def _call(self, method: str, path: str) -> None:
+        """A conversation call to our server (forget, drop, promote): failures only logged —
+        the server forgets idle conversations on its own."""
+        if self._http is None:
+            return
+        try:
+            async with self._http.request(method, f"{self.base_url}/conversations/{path}") as response:
+                if response.status >= 400:
+                    log.warning("%s %s: HTTP %d: %s", method, path, response.status, await _reason(response))
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("%s %s failed: %s", method, path, exc)
+
     async def generate(self, request: GenerationRequest,
                        stats: GenerationStats | None = None) -> AsyncGenerator[str, None]:
         """Stream the answer's text deltas. Closing the iterator closes the HTTP stream,
@@ -192,15 +249,20 @@ class OpenAIBackend:
         body = {"model": self.model_name, "messages": messages, "stream": True,
                 "max_tokens": request.max_new_tokens, "temperature": 0.0,
                 "stream_options": {"include_usage": True}}
-        if request.extra.get("min_new_tokens"):  # vLLM's `min_tokens`: EOS cannot win before (benchmarks)
+        if request.extra.get("min_new_tokens"):  # vLLM's name too
             body["min_tokens"] = int(request.extra["min_new_tokens"])
+        if request.preemptive and "conversation" in self.features:
+            body["preemptive"] = True
+        # The conversation key our server routes by (to the worker holding its KV).
+        headers = {CONVERSATION_HEADER: request.session_id, TURN_HEADER: request.turn_id}
         start = time.monotonic()
         deltas = 0
         self._in_flight += 1
         try:
-            async with self._http.post(url, json=body) as response:
+            async with self._http.post(url, json=body, headers=headers) as response:
                 done = False
                 try:
+                    self._note_features(response)
                     if response.status == 404:
                         raise await self._not_found(url, response)
                     await _check_status(url, response)
@@ -210,6 +272,8 @@ class OpenAIBackend:
                                 if stats is not None:
                                     stats.tokens = int(usage.get("completion_tokens") or 0)
                                     stats.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+                                    details = usage.get("prompt_tokens_details") or {}
+                                    stats.reused_tokens = int(details.get("cached_tokens") or 0)
                                 continue
                             if deltas == 0 and stats is not None:
                                 stats.timings["ttft"] = time.monotonic() - start
@@ -249,17 +313,36 @@ class OpenAIBackend:
         return InferenceError("backend_error", f"{url}: HTTP 404: {reason}")
 
     async def prefill(self, request: GenerationRequest) -> None:
-        """Nothing to do here: the server does its own prefix caching (vLLM:
-        --enable-prefix-caching), and a speculative request would cost a full answer."""
+        """Our server: a prefill-only request (answered 204, fire and forget). vLLM: nothing —
+        it does its own prefix caching (--enable-prefix-caching), and a speculative request
+        would cost a full answer."""
+        if "prefill" not in self.features or self._http is None:
+            return
+        messages = to_openai_messages(request.messages, request.audios, self.clips.encode)
+        body = {"model": self.model_name, "messages": messages, "max_tokens": request.max_new_tokens,
+                "prefill_only": True}
+        headers = {CONVERSATION_HEADER: request.session_id, TURN_HEADER: request.turn_id}
+        try:
+            async with self._http.post(f"{self.base_url}/chat/completions", json=body, headers=headers) as response:
+                if response.status >= 400:
+                    log.debug("prefill of %s refused: HTTP %d", request.session_id, response.status)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.debug("prefill of %s failed: %s", request.session_id, exc)
 
     async def drop(self, session_id: str, turn_id: str) -> None:
-        """No speculative state to drop."""
+        """Our server: discard the turn's speculative prefill. vLLM: none to drop."""
+        if "drop" in self.features:
+            await self._call("DELETE", f"{quote(session_id, safe='')}/turns/{quote(turn_id, safe='')}")
 
     async def promote(self, session_id: str, turn_id: str) -> None:
-        """The server schedules every request alike: nothing to raise."""
+        """Our server: the preemptive answer now runs as committed work. vLLM: nothing to raise."""
+        if "promote" in self.features:
+            await self._call("POST", f"{quote(session_id, safe='')}/turns/{quote(turn_id, safe='')}/promote")
 
     async def forget(self, session_id: str) -> None:
-        """No per-session state: every request carries the whole conversation."""
+        """Our server: free the conversation's KV now. vLLM: no per-session state."""
+        if "forget" in self.features:
+            await self._call("DELETE", quote(session_id, safe=""))
 
 
 class _StreamEnded(Exception):
@@ -269,8 +352,10 @@ class _StreamEnded(Exception):
 async def _check_status(url: str, response: aiohttp.ClientResponse) -> None:
     if response.status < 400:
         return
-    code = "busy" if response.status in (429, 503) else "backend_error"
-    raise InferenceError(code, f"{url}: HTTP {response.status}: {await _reason(response)}")
+    code = {429: "busy", 503: "backend_unavailable"}.get(response.status, "backend_error")
+    retry = response.headers.get("Retry-After")
+    after = f" (retry after {retry} s)" if retry else ""
+    raise InferenceError(code, f"{url}: HTTP {response.status}: {await _reason(response)}{after}")
 
 
 async def _sse_deltas(url: str, response: aiohttp.ClientResponse) -> AsyncGenerator[tuple[str, dict[str, Any]]]:

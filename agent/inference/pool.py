@@ -138,6 +138,15 @@ class InferencePool:
         return self._live_info("kv_budget_bytes")
 
     @property
+    def workers_live(self) -> int:
+        return sum(1 for w in self._workers if w.live)
+
+    @property
+    def batch_size(self) -> int | None:
+        """Requests decoding together at the live workers' last steps."""
+        return self._live_info("running", "stats")
+
+    @property
     def kv_used_tokens(self) -> int | None:
         """KV the live workers hold or have reserved for admitted requests (at their last step)."""
         return self._live_info("kv_tokens", "stats")

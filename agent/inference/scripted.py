@@ -133,6 +133,9 @@ class ScriptedBackend:
         self.default = default
         self.warning: str | None = f"scripted backend: answers are replayed from {source}, no model runs"
         self._cursors: dict[str, _Cursor] = {}  # turns mode: where each session is
+        # A preemptive answer not yet promoted, by session: (turn_id, cursor before, output
+        # taken from `outputs`) — a drop puts them back, so the turn's real answer is the same.
+        self._undo: dict[str, tuple[str, _Cursor | None, str | BaseException | None]] = {}
         # What the sessions asked for, for tests and demos; bounded (LOG_LIMIT newest).
         self.requests: _Log[GenerationRequest] = _Log()
         self.prefills: _Log[GenerationRequest] = _Log()
@@ -152,8 +155,14 @@ class ScriptedBackend:
 
     def _next_output(self, request: GenerationRequest) -> str | BaseException:
         if self.turns is None:
-            return self.outputs.pop(0) if self.outputs else self.default
+            taken = self.outputs.pop(0) if self.outputs else None
+            if request.preemptive:
+                self._undo[request.session_id] = (request.turn_id, None, taken)
+            return self.default if taken is None else taken
         cursor = self._cursors.get(request.session_id)
+        if request.preemptive:
+            before = None if cursor is None else _Cursor(cursor.turn_id, cursor.turn, cursor.round)
+            self._undo[request.session_id] = (request.turn_id, before, None)
         if cursor is None:
             cursor = _Cursor(request.turn_id, 0, 0)
         elif cursor.turn_id != request.turn_id:
@@ -183,10 +192,23 @@ class ScriptedBackend:
 
     async def drop(self, session_id: str, turn_id: str) -> None:
         self.dropped.append(turn_id)
+        undo = self._undo.get(session_id)
+        if undo is not None and undo[0] == turn_id:  # a preemptive answer never given: unplay it
+            del self._undo[session_id]
+            _, cursor, taken = undo
+            if self.turns is None:
+                if taken is not None:
+                    self.outputs.insert(0, taken)
+            elif cursor is None:
+                self._cursors.pop(session_id, None)
+            else:
+                self._cursors[session_id] = cursor
 
     async def promote(self, session_id: str, turn_id: str) -> None:
         self.promoted.append(turn_id)
+        self._undo.pop(session_id, None)
 
     async def forget(self, session_id: str) -> None:
         self._cursors.pop(session_id, None)
+        self._undo.pop(session_id, None)
         self.forgotten.append(session_id)

@@ -84,4 +84,5 @@ def worker_main(model: str, device: str | None, options: dict[str, Any], inbox: 
             outputs = engine.step()
             if outputs:
                 outbox.put(("out", outputs, {"kv_tokens": engine.kv_projected(),
-                                             "cached_tokens": engine.cached_tokens, "oom_events": engine.oom_events}))
+                                             "cached_tokens": engine.cached_tokens, "oom_events": engine.oom_events,
+                                             "running": engine.running}))

@@ -9,7 +9,7 @@
   (`tools_system_block`), `<tool_call>{…}</tool_call>` in the answer, results as
   `<tool_response>` blocks (`tool_responses_text`);
 - the OpenAI-compatible wire format of a conversation (`to_openai_messages`): audio as
-  `input_audio` parts, base64 WAV.
+  `input_audio` parts, base64 WAV; and back (`from_openai_messages`, what `serve-model` reads).
 """
 
 from __future__ import annotations
@@ -145,3 +145,54 @@ def to_openai_messages(messages: list[dict[str, Any]], audios: Sequence[np.ndarr
 
 def audio_base64(clip: np.ndarray) -> str:
     return base64.b64encode(to_wav_bytes(clip)).decode("ascii")
+
+
+def from_openai_messages(messages: Sequence[dict[str, Any]], decode: Callable[[str, str], np.ndarray],
+                         ) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
+    """Chat-completions messages → ours and their audios: the reverse of `to_openai_messages`.
+    `decode(base64, format)` gives 16 kHz mono float32; a clip over 30 s becomes several audio
+    parts (`split_clips`), as `Conversation` does. Raises ValueError naming the bad part."""
+    out: list[dict[str, Any]] = []
+    audios: list[np.ndarray] = []
+    for i, message in enumerate(messages):
+        role, content = message.get("role"), message.get("content")
+        if role not in ("system", "user", "assistant"):
+            raise ValueError(f"messages[{i}]: role {role!r} is not supported (system, user, assistant)")
+        if content is None or isinstance(content, str):
+            out.append({"role": role, "content": content or ""})
+            continue
+        parts: list[dict[str, Any]] = []
+        for j, part in enumerate(content):
+            kind = part.get("type")
+            if kind == "text":
+                parts.append({"type": "text", "text": part.get("text") or ""})
+            elif kind == "input_audio":
+                audio = part.get("input_audio") or {}
+                samples = decode(audio.get("data") or "", audio.get("format") or "wav")
+                for clip in split_clips(samples) if samples.size else [samples]:
+                    parts.append({"type": "audio", "audio": len(audios)})
+                    audios.append(clip)
+            else:
+                raise ValueError(f"messages[{i}].content[{j}]: part type {kind!r} is not supported (text, input_audio)")
+        out.append({"role": role, "content": parts})
+    return out, audios
+
+
+def wav_samples(data: bytes) -> tuple[np.ndarray, int, int]:
+    """A PCM WAV file → (float32 samples in [-1, 1], interleaved; rate; channels).
+    Raises ValueError for anything else (then decode it with PyAV)."""
+    try:
+        with wave.open(io.BytesIO(data), "rb") as w:
+            width, channels, rate = w.getsampwidth(), w.getnchannels(), w.getframerate()
+            frames = w.readframes(w.getnframes())
+    except (wave.Error, EOFError) as exc:
+        raise ValueError(f"not a PCM WAV file: {exc}") from None
+    if width == 2:
+        samples = np.frombuffer(frames, dtype="<i2").astype(np.float32) / 32768.0
+    elif width == 4:
+        samples = np.frombuffer(frames, dtype="<i4").astype(np.float32) / 2147483648.0
+    elif width == 1:
+        samples = (np.frombuffer(frames, dtype=np.uint8).astype(np.float32) - 128.0) / 128.0
+    else:
+        raise ValueError(f"unsupported WAV sample width: {width} bytes")
+    return samples, rate, channels

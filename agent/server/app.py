@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -117,7 +118,8 @@ async def healthz(request: web.Request) -> web.Response:
     plugins = runtime.plugins.status() if runtime.plugins is not None else {}
     healthy = getattr(runtime.backend, "healthy", True)  # False: no inference worker is running
     return web.json_response({"status": "ok" if healthy else "unavailable", "sessions": len(request.app[MANAGER].peers),
-                              "model": getattr(runtime.backend, "model_name", ""), "plugins": plugins},
+                              "model": getattr(runtime.backend, "model_name", ""),
+                              "warning": getattr(runtime.backend, "warning", None), "plugins": plugins},
                              status=200 if healthy else 503)
 
 
@@ -163,11 +165,33 @@ def create_app(runtime: AgentRuntime, settings: Settings | ServerSettings) -> we
     return app
 
 
-async def serve(settings: Settings, runtime_options: dict[str, Any] | None = None) -> int:
-    """Run until SIGINT/SIGTERM; 0 on a clean stop, 2 when something cannot start."""
+def port_taken(host: str, port: int) -> str | None:
+    """Why `host:port` cannot be listened on (in use, no such address), or None: checked before
+    the model loads. A bind with SO_REUSEADDR, as aiohttp's own, released at once."""
+    if port == 0:
+        return None
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        reason = (exc.strerror or str(exc)).lower()
+        return f"voice-agent: cannot listen on {host}:{port}: {reason} (another port: --port N)"
+    return None
+
+
+async def serve(settings: Settings, runtime_options: dict[str, Any] | None = None, frontend: Any = None) -> int:
+    """Run until SIGINT/SIGTERM; 0 on a clean stop, 2 when something cannot start.
+    `frontend`: an `agent.server.router.Router` when this is one of `serve --processes N`."""
     server = settings.server
+    if server.http and (busy := port_taken(server.host, server.port)):
+        print(busy, file=sys.stderr)  # now, not after the model has loaded
+        return 2
     try:
         runtime = AgentRuntime(settings, **(runtime_options or {}))
+        if frontend is not None:
+            frontend.attach_runtime(runtime)
         await runtime.start()
     except Exception as exc:
         print(f"voice-agent: cannot start the runtime: {exc}", file=sys.stderr)
@@ -195,21 +219,30 @@ async def serve(settings: Settings, runtime_options: dict[str, Any] | None = Non
     if server.http:
         if not server.ice_servers and is_loopback(server.host):
             use_loopback_candidates()  # no STUN and a loopback site: keep ICE on 127.0.0.1 too
-        runner = web.AppRunner(create_app(runtime, settings), handle_signals=False)
+        app = create_app(runtime, settings)
+        if frontend is not None:
+            frontend.attach_app(app)
+        runner = web.AppRunner(app, handle_signals=False)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, server.host, server.port)
+            site = web.TCPSite(runner, server.host, server.port, reuse_port=frontend is not None)
             await site.start()
+            if frontend is not None:
+                await frontend.site(runner).start()
         except OSError as exc:
-            print(f"voice-agent: cannot listen on {server.host}:{server.port}: {exc.strerror or exc}",
-                  file=sys.stderr)
+            print(f"voice-agent: cannot listen on {server.host}:{server.port}: {exc.strerror or exc}"
+                  " (another port: --port N)", file=sys.stderr)
             await runner.cleanup()
             if wyoming is not None:
                 await _quietly(wyoming.stop())
             await _quietly(runtime.close())
             return 2
         port = runner.addresses[0][1] if runner.addresses else server.port
-        ready.append(f"voice-agent: serving on http://{server.host}:{port}/ (model {runtime.backend.model_name})")
+        # One of several frontends: the supervisor says "serving" once all of them are up.
+        what = "serving" if frontend is None else f"frontend {frontend.info.index}"
+        ready.append(f"voice-agent: {what} on http://{server.host}:{port}/ (model {runtime.backend.model_name})")
+    if frontend is not None:
+        frontend.announce_lost(runtime)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

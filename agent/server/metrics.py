@@ -64,6 +64,12 @@ class Metrics:
                                      buckets=LATENCY_BUCKETS, registry=r)
         self.response_total = Histogram("voice_agent_response_seconds", "Turn commit to response done",
                                         buckets=LATENCY_BUCKETS, registry=r)
+        # A turn's way to first sound, each stage from the end of speech (events' timings).
+        self.turn_stages = Histogram("voice_agent_turn_stage_seconds",
+                                     "End of the user's speech to each stage of the answer",
+                                     ["stage"], buckets=LATENCY_BUCKETS, registry=r)
+        # Ratings of answers (the `feedback` command); failed recordings are voice_agent_errors{code="recording_failed"}.
+        self.feedback = Counter("voice_agent_feedback", "Answers rated by people", ["rating"], registry=r)
         r.register(VoiceCollector(runtime))  # TTS failures are voice_agent_errors{code="tts_…"}
         r.register(_StatsCollector(runtime, "bus", BUS_COUNTERS))  # type: ignore[arg-type]
         r.register(_StatsCollector(runtime, "vad", VAD_COUNTERS))  # type: ignore[arg-type]
@@ -82,14 +88,24 @@ class Metrics:
                 self.first_token.observe(event.timings["first_token"])
             if "total" in event.timings:
                 self.response_total.observe(event.timings["total"])
+            self._stages(event.timings, ("end_detected", "commit", "first_token"))
+        elif isinstance(event, ev.ResponseAudioStarted):
+            self._stages(event.timings, ("first_clause", "first_audio", "first_frame"))
         elif isinstance(event, ev.ResponseCancelled) and event.reason != "backend_error":  # its error counted it
             self.responses.labels("cancelled").inc()
         elif isinstance(event, ev.ToolCall):
             self.tool_calls.inc()
+        elif isinstance(event, ev.FeedbackReceived):
+            self.feedback.labels(event.rating).inc()
         elif isinstance(event, ev.Error):
             self.errors.labels(event.code).inc()
             if event.turn_id is not None:
                 self.responses.labels("error").inc()
+
+    def _stages(self, timings: dict[str, float], stages: tuple[str, ...]) -> None:
+        for stage in stages:
+            if (value := timings.get(f"speech_end_to_{stage}")) is not None:
+                self.turn_stages.labels(stage).observe(value)
 
     def render(self) -> tuple[bytes, str]:
         """Gauges that mirror other objects are read at scrape time."""

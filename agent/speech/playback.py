@@ -96,6 +96,7 @@ class Player:
         self._played = 0
         # the last `echo_s` of output, for an echo gate that needs to know what is playing
         self._recent: deque[np.ndarray] = deque(maxlen=max(1, round(echo_s / self.frame_s)))
+        self.held = False  # a preemptive answer: audio is queued, nothing goes out yet
         self.frames = 0  # counters for /metrics: frames out, silent frames while speaking, samples flushed
         self.underruns = 0
         self.flushed_samples = 0
@@ -153,7 +154,7 @@ class Player:
         """The next frame: queued audio, or silence."""
         out = np.zeros(self.frame_samples, np.int16)
         filled = 0
-        while filled < self.frame_samples and self._queue:
+        while filled < self.frame_samples and self._queue and not self.held:
             piece, pcm = self._queue[0]
             take = min(self.frame_samples - filled, pcm.size)
             out[filled : filled + take] = pcm[:take]
@@ -169,7 +170,7 @@ class Player:
             self._started = True
             if self.on_started is not None:
                 self.on_started(self.turn_id)
-        if self._active and filled < self.frame_samples:
+        if self._active and filled < self.frame_samples and not self.held:
             if self._ended and not self._queue:
                 self._finish(interrupted=False, flushed=0)
             elif self._started:

@@ -44,6 +44,7 @@ class SpeechChunk:
 @dataclass
 class SpeechStats:
     first_delta_at: float | None = None
+    first_piece_at: float | None = None  # the first clause went to the engine
     first_audio_at: float | None = None
     audio_s: float = 0.0  # seconds of audio made
     engine_s: float = 0.0  # wall seconds spent waiting on the engine
@@ -124,6 +125,7 @@ class SpeechStage:
                 index = len(self.pieces)
                 self.pieces.append(piece)
                 self.stats.pieces += 1
+                self.stats.first_piece_at = self.stats.first_piece_at or self.clock()
                 made = 0
                 speech = self._speak(piece, index)
                 try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,7 @@ import numpy as np
 from agent import events as ev
 from agent.speech.base import SpeechEngine, TTSError
 from agent.speech.playback import FRAME_S, OUTPUT_RATE, PlaybackReport, Player, play_answer
-from agent.speech.stage import SpeechStage
+from agent.speech.stage import SpeechStage, SpeechStats
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class Voice:
         self.echo_gated = 0  # this session's speech starts taken for our own voice
         self.backchannels = 0
         self._accounted = (0, 0)  # the player's (underruns, flushed samples) already counted
+        self._quiet = False  # a discarded preemptive answer: its end is neither counted nor reported
 
     # ---- driven by the session ------------------------------------------------------
     @property
@@ -90,12 +92,24 @@ class Voice:
         """An answer is being synthesized or played."""
         return not self._idle.is_set()
 
-    def begin(self, turn_id: str) -> None:
+    @property
+    def held(self) -> bool:
+        """A preemptive answer is being made and not yet released (no frame goes out)."""
+        return self.player.held
+
+    @property
+    def stage_stats(self) -> SpeechStats | None:
+        return self._stage.stats if self._stage is not None else None
+
+    def begin(self, turn_id: str, held: bool = False) -> None:
+        """`held`: synthesize, but send nothing until `release()` (a preemptive answer)."""
         self.interrupt()  # a previous answer still speaking is superseded
+        self.player.held = held
         self._queue = queue = asyncio.Queue[str | None]()
         self._idle.clear()
         self._frames = []
-        self._stage = stage = SpeechStage(self.engine, _read(queue), on_error=lambda exc: self._error(turn_id, exc))
+        self._stage = stage = SpeechStage(self.engine, _read(queue), on_error=lambda exc: self._error(turn_id, exc),
+                                          clock=time.monotonic)
         self._task = asyncio.create_task(self._speak(stage, turn_id), name=f"voice-{turn_id}")
 
     def say(self, text: str) -> None:
@@ -107,8 +121,21 @@ class Voice:
             self._queue.put_nowait(None)
             self._queue = None
 
+    def release(self) -> None:
+        """The held answer's turn committed: its audio goes out from the next frame."""
+        self.player.held = False
+
+    def discard(self) -> None:
+        """Drop a held answer without a trace: no event, no count."""
+        self._quiet = True
+        try:
+            self.interrupt()
+        finally:
+            self._quiet = False
+
     def interrupt(self) -> PlaybackReport | None:
         """Stop now: queued audio is dropped (the next frame is silence). What was heard, or None."""
+        self.player.held = False
         report = self.player.flush()  # fires response.audio.done (interrupted)
         if self._task is not None and not self._task.done():
             self._task.cancel()
@@ -185,6 +212,11 @@ class Voice:
 
     def _done(self, report: PlaybackReport) -> None:
         c, player = self.counters, self.player
+        if self._quiet:
+            self._accounted = (player.underruns, player.flushed_samples)
+            self._frames = []
+            self._idle.set()
+            return
         c.answers += 1
         c.interrupted += report.interrupted
         c.played_s += report.played_s

@@ -4,7 +4,8 @@ Each file is one session, fed faster than real time; the files run concurrently 
 the VAD service and inference backend exactly as live sessions do.
 
 Exit status: 0; 1 when a turn failed (an `error` event: backend unreachable, …); 2 for
-unreadable input or a backend that cannot start; 141 (128 + SIGPIPE, as standard tools)
+unreadable input or a backend that cannot start; 3 when a file had no speech in it (each such
+FILE is named on stderr: "no speech found in FILE"; the other files ran); 141 (128 + SIGPIPE, as standard tools)
 when the reader of stdout went away (`| head -1`): the run stops at once.
 """
 
@@ -28,6 +29,7 @@ from agent.model.qwen2_audio import to_wav_bytes
 
 FEED_SAMPLES = 16000  # one second per push: large enough to be cheap, small enough to stream
 EXIT_FAILED_TURNS = 1
+EXIT_NO_SPEECH = 3
 EXIT_BROKEN_PIPE = 128 + 13
 
 
@@ -72,19 +74,22 @@ class _Printer:
         self.labels: dict[str, str] = {}  # session id → "file.wav: " (several files)
         self.ended: set[str] = set()
         self.errors: list[ev.Error] = []
+        self.spoke: set[str] = set()  # sessions with a user turn
         self.broken_pipe = False
 
     async def run(self, subscription: Any) -> None:
         async for event in subscription:
             if isinstance(event, ev.Error) and event.session_id in self.labels:
                 self.errors.append(event)
+            elif isinstance(event, ev.TurnCommitted):
+                self.spoke.add(event.session_id)
             try:
                 self._write(event)
             except OSError as exc:
                 if not isinstance(exc, BrokenPipeError) and exc.errno != errno.EPIPE:
                     raise
                 self.broken_pipe = True
-                _silence(self.out)
+                silence_broken_pipe(self.out)
                 return
             if isinstance(event, ev.SessionEnded) and event.session_id in self.labels:
                 self.ended.add(event.session_id)
@@ -100,7 +105,7 @@ class _Printer:
             print(line, file=self.out, flush=True)
 
 
-def _silence(out: TextIO) -> None:
+def silence_broken_pipe(out: TextIO) -> None:
     """After EPIPE: point the descriptor at /dev/null, so the interpreter's last flush at
     exit does not print a BrokenPipeError of its own (what the Python docs advise)."""
     try:
@@ -142,6 +147,7 @@ async def run_files(settings: Settings, paths: Sequence[str], *, instruction: st
     subscription = runtime.bus.subscribe(maxsize=100_000)
     printing = asyncio.create_task(printer.run(subscription))
     feeding: asyncio.Future[Any] | None = None
+    files: dict[str, str] = {}  # session id → its file
     try:
         feeds = []
         for path, samples in audios.items():
@@ -152,6 +158,7 @@ async def run_files(settings: Settings, paths: Sequence[str], *, instruction: st
                 session.voice.on_audio = lambda turn_id, pcm, rate, d=target: (d / f"{turn_id}.wav").write_bytes(
                     to_wav_bytes(pcm, rate))
             printer.labels[session.id] = f"{Path(path).name}: " if len(paths) > 1 else ""
+            files[session.id] = path
             feeds.append(_feed(session, samples))
         feeding = asyncio.gather(*feeds)
         # The printer ends first only when its reader is gone: then stop feeding at once.
@@ -178,4 +185,7 @@ async def run_files(settings: Settings, paths: Sequence[str], *, instruction: st
         print(f"voice-agent: {len(printer.errors)} error{'s' if len(printer.errors) > 1 else ''}, "
               f"the first: [{first.code}] {first.message}", file=sys.stderr)
         return EXIT_FAILED_TURNS
-    return 0
+    silent = [path for session_id, path in files.items() if session_id not in printer.spoke]
+    for path in silent:
+        print(f"voice-agent: no speech found in {path}", file=sys.stderr)
+    return EXIT_NO_SPEECH if silent else 0

@@ -15,7 +15,6 @@ import asyncio
 import ipaddress
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -284,7 +283,7 @@ class PeerManager:
         if self.full():
             raise CapacityError(f"server is at its limit of {self.settings.max_sessions} sessions")
         speak = speak and self.runtime.tts is not None
-        session, events = self.runtime.open_session(uuid.uuid4().hex[:12], voice_output="live" if speak else "none")
+        session, events = self.runtime.open_session(voice_output="live" if speak else "none")
         pc = RTCPeerConnection(rtc_configuration(self.settings))
         peer = Peer(self, pc, session, events)
         self.peers[peer.id] = peer  # counts against max_sessions while negotiating

@@ -12,21 +12,28 @@ would be wrong). A session closed from another side closes its connection.
   `wyoming` has them; the plain `transcript` always). Audio of any rate, width and channel count
   is converted to 16 kHz mono; the turn is Qwen2-Audio in analysis mode with a transcription
   instruction, on the runtime's backend like every other session's turn.
+  A transcription is offered no tools and runs none: the client acts on the transcript itself.
 - `transcript` (sent by the client) → `handled-start`, `handled-chunk`…, `handled`,
   `handled-stop`: the agent answers, tools run. When the text is what this server has just
-  transcribed, the model answers the audio itself (tone, hesitation, everything the text
-  lost). The conversation is kept per satellite / device / conversation id, so follow-ups work.
+  transcribed for the same device, the model answers the audio itself (tone, hesitation,
+  everything the text lost). The conversation is kept per satellite / device / conversation id,
+  so follow-ups work.
 
 Errors. A stray event (an `audio-chunk` before `audio-start`, an `audio-stop` with no stream, an
-unknown type) gets an `error` and the connection goes on. A transcription that cannot be
-answered (no audio, no speech, more than `max_audio_s`, a chunk over `max_chunk_bytes`) gets an
-`error` and the connection is closed: Home Assistant's client ignores `error` and would wait for
-a transcript forever. Every error is also an `error` event on the bus (counted in /metrics).
+unknown type) gets an `error` and the connection goes on. A transcription that fails (no audio,
+no speech, more than `max_audio_s`, a chunk over `max_chunk_bytes`, the backend busy or down)
+gets an `error` and the connection is closed: Home Assistant's client ignores `error` and would
+wait for a transcript until its pipeline timeout; a close is its speech-to-text error at once.
+A `transcript` that cannot be handled (blank, the backend failing) gets `not-handled` with the
+reason as its text, then a close: what Home Assistant's conversation agent reports. Every error
+is also an `error` event on the bus (counted in /metrics). Requests, answers and tool calls are
+logged at INFO with the session and satellite.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -128,8 +135,10 @@ class WyomingServer:
         self.uri = uri
         self.connections: set[WyomingConnection] = set()
         self._chats: dict[str, _Chat] = {}
-        # normalized transcript → (audio, when): what a later `transcript` can be answered from
-        self._recent: OrderedDict[str, tuple[np.ndarray, float]] = OrderedDict()
+        # (device, normalized transcript) → (audio, when): what a later `transcript` from the same
+        # device can be answered from (a device: its satellite/device id, else its address)
+        self._recent: OrderedDict[tuple[str, str], tuple[np.ndarray, float]] = OrderedDict()
+        self._ambiguous: dict[tuple[str, str], float] = {}  # the same words twice from one device: text only
 
     async def start(self) -> None:
         await self._server.start(lambda reader, writer: WyomingConnection(self, reader, writer))
@@ -169,23 +178,35 @@ class WyomingServer:
         return info.Info(**programs)
 
     # ---- audio this server transcribed, kept for the `transcript` that follows ----------------
-    def remember(self, text: str, audio: np.ndarray) -> None:
-        key = normalize(text)
-        if not key:
+    def remember(self, device: str, text: str, audio: np.ndarray) -> None:
+        """Keep `audio` for a `transcript` of `text` from the same `device`. Two recordings of
+        the same words from one device (two satellites behind one Home Assistant) cannot be
+        told apart: neither is used, the text is answered."""
+        self._prune_recent()
+        key = (device, normalize(text))
+        if not key[1]:
+            return
+        if key in self._recent or key in self._ambiguous:
+            self._recent.pop(key, None)
+            self._ambiguous[key] = time.monotonic()
             return
         self._recent[key] = (audio, time.monotonic())
-        self._recent.move_to_end(key)
-        self._prune_recent()
 
-    def recall(self, text: str) -> np.ndarray | None:
+    def recall(self, devices: list[str], text: str) -> np.ndarray | None:
+        """The audio one of `devices` sent with these words, taken (once)."""
         self._prune_recent()
-        found = self._recent.pop(normalize(text), None)
-        return None if found is None else found[0]
+        for device in devices:
+            found = self._recent.pop((device, normalize(text)), None)
+            if found is not None:
+                return found[0]
+        return None
 
     def _prune_recent(self) -> None:
         cutoff = time.monotonic() - self.options.recent_s
         while self._recent and (len(self._recent) > 16 or next(iter(self._recent.values()))[1] < cutoff):
             self._recent.popitem(last=False)
+        for key in [k for k, when in self._ambiguous.items() if when < cutoff]:
+            del self._ambiguous[key]
 
     # ---- conversations per satellite -----------------------------------------------------
     async def chat(self, key: str) -> _Chat:
@@ -387,7 +408,7 @@ class WyomingConnection(AsyncEventHandler):
         elif AudioStop.is_type(event.type):
             return await self._on_stop()
         elif asr.Transcript.is_type(event.type):
-            await self._on_transcript(asr.Transcript.from_event(event))
+            return await self._on_transcript(asr.Transcript.from_event(event))
         else:
             raise WyomingError("unknown_event", f"unknown event type {event.type!r}", fatal=False)
         return True
@@ -422,47 +443,65 @@ class WyomingConnection(AsyncEventHandler):
         if not committed:
             await session.handle(ev.InstructionSet(text=""))  # it must not stick to a later turn
             raise WyomingError("no_speech", f"no speech heard in {audio.size / SAMPLE_RATE:.1f} s of audio")
+        device = self._devices(self._context)[0]
         try:
-            text = await self._transcribe(session, events)
+            text = await self._transcribe(session, events, device)
+        except WyomingError as exc:
+            exc.fatal = True  # Home Assistant ignores `error`: only the close ends its wait at once
+            raise
         finally:
             await session.handle(ev.ResponseCancel())  # a no-op once done; after a failure it
             await session.wait_idle()  # must not add its answer after the pop below
             session.conversation.pop_last_user()  # a transcript is not part of any conversation
+        log.info("Wyoming transcribe: session %s, %s: %.1f s of audio, %d characters", session.id, device,
+                 audio.size / SAMPLE_RATE, len(text))
         self._last = (text, audio)
-        self.server.remember(text, audio)
+        self.server.remember(device, text, audio)
         return True
+
+    def _devices(self, context: dict[str, Any] | None) -> list[str]:
+        """Who sent a request, most specific first: the satellite / device it names, then the
+        client's address (Home Assistant's speech-to-text requests name none)."""
+        context = context or {}
+        named = [f"{k.removesuffix('_id')} {context[k]}" for k in ("satellite_id", "device_id") if context.get(k)]
+        peer = self.writer.get_extra_info("peername")
+        host = peer[0] if isinstance(peer, tuple) and peer else "local socket"
+        return [*named, f"client {host}"]
 
     def _instruction(self) -> str:
         if self._language:
             return f"{TRANSCRIBE} The speech is in the language with code '{self._language}'."
         return TRANSCRIBE
 
-    async def _transcribe(self, session: Session, events: Subscription) -> str:
+    async def _transcribe(self, session: Session, events: Subscription, device: str) -> str:
         language, context = self._language, self._context
         streaming = (TranscriptStart(language=language, context=context), TranscriptChunk, TranscriptStop()) \
             if TRANSCRIPT_STREAMING else None
-        text = await self._stream(events, await session.reply(), streaming)
+        # No tools: the client acts on the transcript; a call run here would be done twice.
+        text = await self._stream(events, await session.reply(tools=False), streaming, device)
         await self.write_event(asr.Transcript(text=text, language=language, context=context).event())
         if streaming is not None:
             await self.write_event(streaming[2].event())
         return text
 
-    async def _stream(self, events: Subscription, turn_id: str, streaming: tuple[Any, Any, Any] | None) -> str:
+    async def _stream(self, events: Subscription, turn_id: str, streaming: tuple[Any, Any, Any] | None,
+                      device: str) -> str:
         """One answer's text; with `streaming` (start event, chunk class, stop event: the
         transcript-* or handled-* family) its start and chunks go out as it comes. The caller
         sends the final event, then the stop."""
         if streaming is not None:
             await self.write_event(streaming[0].event())
         said: list[str] = []
-        async for delta in self._answer(events, turn_id):
+        async for delta in self._answer(events, turn_id, device):
             said.append(delta)
             if streaming is not None:
                 await self.write_event(streaming[1](text=delta).event())
         return "".join(said).strip()
 
-    async def _answer(self, events: Subscription, turn_id: str) -> AsyncIterator[str]:
-        """The text deltas of one response; WyomingError when it fails."""
+    async def _answer(self, events: Subscription, turn_id: str, device: str) -> AsyncIterator[str]:
+        """The text deltas of one response; WyomingError when it fails. Its tool calls are logged."""
         deadline = time.monotonic() + self.options.reply_timeout_s
+        calls: set[str] = set()
         while True:
             try:
                 event = await asyncio.wait_for(events.get(), max(0.0, deadline - time.monotonic()))
@@ -470,9 +509,16 @@ class WyomingConnection(AsyncEventHandler):
                 raise WyomingError("timeout", f"no answer within {self.options.reply_timeout_s:g} s") from None
             if isinstance(event, ev.SessionEnded):
                 raise WyomingError("session_closed", f"the session ended ({event.reason})")
+            if isinstance(event, ev.ToolResult) and event.call_id in calls:
+                log.info("Wyoming tool result: session %s, %s: %s %s", event.session_id, device, event.call_id,
+                         "ok" if event.ok else f"failed: {event.error}")
             if getattr(event, "turn_id", None) != turn_id:
                 continue
-            if isinstance(event, ev.ResponseDelta):
+            if isinstance(event, ev.ToolCall):
+                calls.add(event.call_id)
+                log.info("Wyoming tool call: session %s, %s: %s %s %s", event.session_id, device, event.call_id,
+                         event.name, event.arguments)
+            elif isinstance(event, ev.ResponseDelta):
                 yield event.text
             elif isinstance(event, ev.ResponseDone):
                 return
@@ -482,29 +528,42 @@ class WyomingConnection(AsyncEventHandler):
                 raise WyomingError(event.code, event.message, fatal=False)
 
     # ---- handle: the agent answers ---------------------------------------------------------
-    async def _on_transcript(self, transcript: asr.Transcript) -> None:
+    async def _on_transcript(self, transcript: asr.Transcript) -> bool:
+        """Answer a `transcript`; one that cannot be answered gets `not-handled` and a close."""
         context = dict(transcript.context or {})
         key = next((f"{k}:{context[k]}" for k in ("satellite_id", "device_id", "conversation_id") if context.get(k)),
                    None)
-        audio = None
-        if self._last is not None and normalize(self._last[0]) == normalize(transcript.text):
-            audio = self._last[1]
-            self.server.recall(transcript.text)
-        else:
-            audio = self.server.recall(transcript.text)
-        if key is None:
-            session, events = self._session()
-            lock: AbstractAsyncContextManager[Any] = nullcontext()
-        else:
-            chat = await self.server.chat(key)
-            session, events, lock = chat.session, chat.events, chat.lock
-        async with lock:  # one answer at a time per satellite
-            await self._handle(session, events, transcript.text, audio, context)
+        devices = self._devices(context)
+        session: Session | None = None
+        try:
+            if not transcript.text.strip():
+                raise WyomingError("bad_request", "there was no text to handle")
+            if self._last is not None and normalize(self._last[0]) == normalize(transcript.text):
+                audio: np.ndarray | None = self._last[1]  # this connection's own, whatever its device
+                self.server.recall(self._devices(self._context)[:1], transcript.text)
+            else:
+                audio = self.server.recall(devices, transcript.text)
+            if key is None:
+                session, events = self._session()
+                lock: AbstractAsyncContextManager[Any] = nullcontext()
+            else:
+                chat = await self.server.chat(key)
+                session, events, lock = chat.session, chat.events, chat.lock
+            async with lock:  # one answer at a time per satellite
+                await self._handle(session, events, transcript.text, audio, context, devices[0])
+            return True
+        except WyomingError as exc:
+            log.info("Wyoming handle failed: session %s, %s: %s: %s", session.id if session else "-", devices[0],
+                     exc.code, exc.message)
+            (session or self._session()[0]).report_error(exc.code, exc.message)
+            reply_context = {**context, "conversation_id": context.get("conversation_id") or
+                             (session.id if session is not None else None)}
+            with contextlib.suppress(ConnectionError):
+                await self.write_event(handle.NotHandled(text=exc.message, context=reply_context).event())
+            return False  # Home Assistant opens a connection per request: done with this one
 
     async def _handle(self, session: Session, events: Subscription, text: str, audio: np.ndarray | None,
-                      context: dict[str, Any]) -> None:
-        if not text.strip() and audio is None:
-            raise WyomingError("bad_request", "transcript with no text to handle", fatal=False)
+                      context: dict[str, Any], device: str) -> None:
         committed = False
         if audio is not None:  # answer the speaker's own audio: voice chat mode
             await session.push_audio(audio)
@@ -513,7 +572,9 @@ class WyomingConnection(AsyncEventHandler):
             session.conversation.add_user_text(text)
         reply_context = {**context, "conversation_id": context.get("conversation_id") or session.id}
         streaming = (HandledStart(context=reply_context), HandledChunk, HandledStop()) if HANDLED_STREAMING else None
-        text = await self._stream(events, await session.reply(), streaming)
+        text = await self._stream(events, await session.reply(), streaming, device)
+        log.info("Wyoming handle: session %s, %s: answered from %s, %d characters", session.id, device,
+                 "the speaker's audio" if committed else "the text", len(text))
         await self.write_event(handle.Handled(text=text, context=reply_context).event())
         if streaming is not None:
             await self.write_event(streaming[2].event())

@@ -6,6 +6,11 @@
 
 Configs are retained at `<discovery_prefix>/<component>/<node_id>/<object_id>/config` and sent
 again whenever HA announces itself (`<discovery_prefix>/status` = `online`).
+
+With `serve --processes N` every frontend publishes its own sessions' `listening` and
+`last_response` (one device, as one process with many sessions would), but only the `owner`
+(frontend 0, which also serves Wyoming) announces configs and availability and has the last
+will: a frontend that restarts neither flaps the device offline nor resets its states.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ class DiscoveryConfig(BaseModel):
 
 
 class Discovery:
-    def __init__(self, config: DiscoveryConfig, agent_id: str) -> None:
+    def __init__(self, config: DiscoveryConfig, agent_id: str, owner: bool = True) -> None:
         self.config = config
         self.node_id = config.node_id or agent_id
         self.base = f"{config.state_prefix}/{self.node_id}/ha"
@@ -46,11 +51,13 @@ class Discovery:
         self.listening = False
         self.last_response = ""
         self.birth_topic = f"{config.discovery_prefix}/status"
+        self.owner = owner
         self.conn = MqttConnection(
             config.host, config.port, username=config.username, password=config.password,
-            will=Outgoing(self.availability, "offline", 1, True),
+            will=Outgoing(self.availability, "offline", 1, True) if owner else None,
             subscriptions=(self.birth_topic, f"{self.base}/muted/set"), on_message=self._on_message,
-            on_connect=self.announcements, backoff_min=config.reconnect_min_s, name="homeassistant discovery")
+            on_connect=self.announcements if owner else list, backoff_min=config.reconnect_min_s,
+            name="homeassistant discovery")
 
     def config_topic(self, component: str, object_id: str) -> str:
         return f"{self.config.discovery_prefix}/{component}/{self.node_id}/{object_id}/config"
@@ -88,7 +95,7 @@ class Discovery:
         self.conn.start()
 
     async def stop(self) -> None:
-        await self.conn.stop(last=[Outgoing(self.availability, "offline", 1, True)])
+        await self.conn.stop(last=[Outgoing(self.availability, "offline", 1, True)] if self.owner else [])
 
     def on_event(self, event: Event) -> None:
         if event.type == "speech.started":
@@ -104,11 +111,12 @@ class Discovery:
     async def _on_message(self, message: aiomqtt.Message) -> None:
         payload = message.payload.decode(errors="replace") if isinstance(message.payload, bytes) else str(message.payload)
         if message.topic.matches(self.birth_topic):
-            if payload == "online":  # HA restarted: it forgot non-retained state, announce again
+            if payload == "online" and self.owner:  # HA restarted: it forgot non-retained state, announce again
                 for msg in self.announcements():
                     self.conn.publish(msg.topic, msg.payload, msg.qos, msg.retain)
         elif payload in ("ON", "OFF"):
-            self.muted = payload == "ON"
-            self.conn.publish(f"{self.base}/muted", payload, retain=True)
+            self.muted = payload == "ON"  # every frontend keeps the flag; the owner confirms it
+            if self.owner:
+                self.conn.publish(f"{self.base}/muted", payload, retain=True)
         else:
             log.warning("homeassistant discovery: ignoring %r on %s", payload[:50], message.topic)

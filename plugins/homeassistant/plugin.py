@@ -46,7 +46,8 @@ class HomeAssistantPlugin(Plugin):
         self.config: HomeAssistantConfig = config
         self.client = HomeAssistantClient(str(config.url), config.token, config.timeout_s)
         self.states: dict[str, dict[str, Any]] = {}  # allowed entities only
-        self.discovery = Discovery(config.mqtt, context.agent_id) if config.mqtt else None
+        owner = not context.frontend  # serve --processes N: frontend 0 owns the device's announcements
+        self.discovery = Discovery(config.mqtt, context.agent_id, owner=owner) if config.mqtt else None
         self.ws_ready = asyncio.Event()
         self._watch: asyncio.Task[None] | None = None
 

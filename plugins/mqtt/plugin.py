@@ -5,6 +5,12 @@ Topics (`<base>` = `<prefix>/<agent_id>`):
   no session, e.g. an agent-wide error, go to `<base>/events`);
 - `<base>/status` — `online`, retained; the broker publishes the last will `offline`;
 - `<base>/sessions/<session_id>/commands` and `<base>/commands` (every session) — commands.
+
+With `serve --processes N` every frontend has its own connection (client id with its index):
+it publishes its own sessions' events and acts on commands for the sessions it holds (a
+session's id names its frontend); `<base>/commands` reaches every frontend's sessions. Status:
+frontend 0 keeps `<base>/status`, frontend i > 0 `<base>/frontends/<i>/status`, each with its
+own last will, so a frontend that dies shows as offline until it is back.
 """
 
 from __future__ import annotations
@@ -80,10 +86,12 @@ class MqttPlugin(Plugin):
         self.config: MqttConfig = config
         self.agent_id = _check_level(config.agent_id or context.agent_id, "agent_id")
         self.base = f"{config.prefix}/{self.agent_id}"
-        self.status_topic = f"{self.base}/status"
+        frontend = context.frontend
+        self.status_topic = f"{self.base}/frontends/{frontend}/status" if frontend else f"{self.base}/status"
+        process = "" if frontend is None else f"f{frontend}-"  # ids in other processes may be equal
         self.conn = MqttConnection(
             config.host, config.port, username=config.username, password=config.password,
-            client_id=f"voice-agent-{self.agent_id}-{id(self):x}",
+            client_id=f"voice-agent-{self.agent_id}-{process}{id(self):x}",
             will=Outgoing(self.status_topic, "offline", 1, True),
             subscriptions=(f"{self.base}/sessions/+/commands", f"{self.base}/commands"),
             on_message=self._on_message, on_connect=self._birth, outbox_size=config.outbox_size,
@@ -112,11 +120,15 @@ class MqttPlugin(Plugin):
     async def _on_message(self, message: aiomqtt.Message) -> None:
         levels = message.topic.value.split("/")
         session_id = levels[-2] if message.topic.matches(f"{self.base}/sessions/+/commands") else None
+        if session_id is not None and not self.context.owns(session_id):
+            return  # another frontend holds this session (serve --processes)
         raw = message.payload
         # paho hands small numbers over as int/float
         payload = raw if isinstance(raw, (str, bytes, bytearray)) else json.dumps(raw)
         command = read_command(payload)
         if isinstance(command, str):
+            if not self.context.owns(session_id):
+                return  # a bad command to every session: frontend 0 says so, once
             self.context.commands.report_error(session_id, "bad_command", f"{command} (on MQTT)")
             return
         try:

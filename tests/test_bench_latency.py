@@ -1,0 +1,59 @@
+"""`bench latency --quick` runs end to end: real peers, a real `serve`, sane voice-to-voice figures."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from agent.bench.latency import FRAME, RATE, UTTERANCES, baseline_env, build_script, check_targets
+
+KEYS = ("peers", "v2v_p50_s", "v2v_p95_s", "baseline_v2v_p50_s", "speedup_p50_vs_baseline", "premature_cutoffs",
+        "baseline_premature_cutoffs", "stages", "by_peers", "by_processes", "server_cpu_per_peer")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
+def test_bench_latency_quick_reports_sane_figures() -> None:
+    out = subprocess.run([sys.executable, "-m", "agent.cli", "bench", "latency", "--quick", "--json"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert all(key in result for key in KEYS), sorted(result)
+    point = result["by_processes"]["1"]["by_peers"]["2"]
+    assert point["answered"] == point["turns"] and point["turns"] + point["premature_cutoffs"] == 4  # all heard
+    assert 0 < result["v2v_p50_s"] <= result["v2v_p95_s"] <= point["v2v_max_s"] < 5
+    assert 0 < result["baseline_v2v_p50_s"] and result["speedup_p50_vs_baseline"] > 0
+    assert result["server_cpu_per_peer"] > 0 and point["client_cpu_per_peer"] > 0
+    assert result["stages"]["first_token"] > 0  # from the events' timings
+    assert isinstance(result["by_processes"]["1"]["peers_held"], int)
+
+
+def test_scripts_know_where_each_utterance_ends() -> None:
+    import numpy as np
+
+    clips = {p: np.full(RATE // 2, 0.5, np.float32) for u in UTTERANCES for p in u if isinstance(p, str)}
+    script = build_script(2, 3, clips, lead_s=1.0)
+    assert script.utterances[0][0] == RATE and len(script.utterances) == 3
+    for start, end in script.utterances:
+        assert script.samples[start] != 0 and script.samples[end - 1] != 0 and script.samples[end] == 0
+    # peer 2 starts with the hesitation: speech, a 0.7 s pause inside the utterance, speech
+    start, end = script.utterances[0]
+    assert np.count_nonzero(script.samples[start:end] == 0) == int(0.7 * RATE)
+    assert FRAME == RATE // 50
+
+
+def test_targets_fail_loudly() -> None:
+    result = {"peers": 4, "v2v_p50_s": 1.0, "v2v_p95_s": 1.2, "speedup_p50_vs_baseline": 1.0,
+              "premature_cutoffs": 2, "baseline_premature_cutoffs": 1,
+              "by_processes": {"1": {"peers_held": 4}, "2": {"peers_held": 4}}}
+    failed = check_targets(result)
+    assert len(failed) == 4, failed
+    good = {**result, "v2v_p50_s": 0.5, "v2v_p95_s": 0.7, "speedup_p50_vs_baseline": 2.0, "premature_cutoffs": 0,
+            "by_processes": {"1": {"peers_held": 4}, "2": {"peers_held": 8}}}
+    assert check_targets(good) == []
+    assert baseline_env()["VOICE_AGENT_TURNS__MIN_SILENCE_S"] == "0.5"
