@@ -194,7 +194,7 @@ def load_cli_settings(args: argparse.Namespace, defaults: dict[str, Any] | None 
     overrides: dict[str, Any] = {**(defaults or {})}
     overrides |= {k: v for k, v in {
         "model": args.model, "backend": args.backend, "script": args.script, "openai_url": args.openai_url,
-        "openai_model": args.openai_model,
+        "openai_model": getattr(args, "openai_model", None),
         "max_new_tokens": args.max_new_tokens, "system_prompt": args.system_prompt,
         "wyoming": getattr(args, "wyoming", None), "record": getattr(args, "record", None),
         "workers": getattr(args, "workers", None), "max_batch": getattr(args, "max_batch", None),
