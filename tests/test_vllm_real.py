@@ -60,12 +60,16 @@ class Recording(OpenAIBackend):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.seen: list[tuple[GenerationRequest, GenerationStats]] = []
+        self.on_first_delta: Any = None  # a blocking call made once, when an answer begins
 
     async def generate(self, request: GenerationRequest,
                        stats: GenerationStats | None = None) -> AsyncGenerator[str, None]:
         stats = stats if stats is not None else GenerationStats()
         self.seen.append((request, stats))
         async for delta in super().generate(request, stats):
+            if self.on_first_delta is not None:
+                action, self.on_first_delta = self.on_first_delta, None
+                await asyncio.to_thread(action)  # the answer is still streaming: cut it here
             yield delta
 
 
@@ -148,9 +152,8 @@ async def test_server_killed_mid_answer_then_health_down_and_back(server: VLLMSe
             session = runtime.create_session(wait_for_responses=True)
             # Greedy decoding of this clip by the tiny model runs to the token limit (seconds here).
             session.conversation.add_user(np.random.default_rng(0).uniform(-0.3, 0.3, 32000).astype(np.float32))
+            backend.on_first_delta = server.kill  # SIGKILL as the first token arrives
             turn = await session.reply()
-            await asyncio.wait_for(next_event(sub, ev.ResponseDelta), GUARD)
-            await asyncio.to_thread(server.kill)
             cut = await asyncio.wait_for(next_event(sub, ev.Error), GUARD)
             assert "the server closed the stream after" in cut.message, cut.message
             end = await asyncio.wait_for(next_event(sub, ev.ResponseCancelled), GUARD)
