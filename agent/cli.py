@@ -1,4 +1,4 @@
-"""`voice-agent`: serve | run | eval | data | export | schema | bench."""
+"""`voice-agent`: serve | run | eval | data | export | schema | model | bench."""
 
 from __future__ import annotations
 
@@ -38,6 +38,8 @@ def _common(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
                    f"tool calls included (default: {d('script')})")
     p.add_argument("--openai-url", metavar="URL", help="the OpenAI-compatible server for --backend openai "
                    f"(default: {d('openai_url')})")
+    p.add_argument("--openai-model", metavar="NAME", help="the model to ask the --openai-url server for "
+                   "(default: the one model it serves)")
     p.add_argument("--max-new-tokens", type=int, metavar="N",
                    help=f"longest answer, in tokens (default: {d('max_new_tokens')})")
     prompt = "the agent's instructions" if defaults.get("system_prompt") else "the model's own"
@@ -122,6 +124,14 @@ def build_parser(*, description: str | None = None, prog: str | None = "voice-ag
     sub.add_parser("schema", help="print the JSON Schema of all events and commands",
                    description="Print the JSON Schema of all events and commands.")
 
+    model = sub.add_parser("model", help="model checkpoints: save one to a directory",
+                           description="Save a model (tiny-random included) as a checkpoint directory that "
+                           "any Qwen2-Audio server loads, e.g. vLLM: `voice-agent model save tiny-random DIR`.")
+    model_sub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    save = model_sub.add_parser("save", help="write config, weights, tokenizer, processor and chat template to DIR")
+    save.add_argument("name", help="tiny-random | random-7b | HUB_ID | DIRECTORY")
+    save.add_argument("directory", metavar="DIR", help="where to write it (new or empty)")
+
     bench = sub.add_parser("bench", help="benchmarks (ratios measured side by side)",
                            description="Benchmarks that print side-by-side ratios; --json for one JSON line.")
     bench.add_argument("name", choices=BENCHMARKS, help="which benchmark")
@@ -184,6 +194,7 @@ def load_cli_settings(args: argparse.Namespace, defaults: dict[str, Any] | None 
     overrides: dict[str, Any] = {**(defaults or {})}
     overrides |= {k: v for k, v in {
         "model": args.model, "backend": args.backend, "script": args.script, "openai_url": args.openai_url,
+        "openai_model": getattr(args, "openai_model", None),
         "max_new_tokens": args.max_new_tokens, "system_prompt": args.system_prompt,
         "wyoming": getattr(args, "wyoming", None), "record": getattr(args, "record", None),
         "workers": getattr(args, "workers", None), "max_batch": getattr(args, "max_batch", None),
@@ -229,6 +240,15 @@ def main(argv: Sequence[str] | None = None, *, agent: Any = None) -> int:
             print(json.dumps(json_schema(), indent=2), flush=True)
         except BrokenPipeError:  # `| head`: the reader has what it wanted
             silence_broken_pipe(sys.stdout)
+        return 0
+    if args.command == "model":
+        from agent.inference.models import ModelLoadError, save
+
+        try:
+            print(save(args.name, args.directory))
+        except ModelLoadError as exc:
+            print(f"voice-agent: {exc}", file=sys.stderr)
+            return 2
         return 0
     if args.command == "bench":
         module = importlib.import_module(f"agent.bench.{args.name}")

@@ -134,8 +134,9 @@ class Settings(BaseSettings):
     backend: Literal["transformers", "openai", "scripted"] = "transformers"
     script: str | None = None  # backend scripted: the YAML file of answers (agent.inference.scripted)
     openai_url: str = "http://127.0.0.1:8000/v1"
-    openai_model: str = "Qwen/Qwen2-Audio-7B-Instruct"
+    openai_model: str | None = None  # None: the one model the server serves (its /v1/models)
     openai_api_key: str | None = None
+    openai_max_audios: Int = Field(default=5, ge=1)  # clips per request: the server's --limit-mm-per-prompt
     workers: Int | None = Field(default=None, ge=1)
     max_batch: Int = Field(default=16, ge=1, le=256)
     max_queue: Int = Field(default=64, ge=1)

@@ -18,6 +18,13 @@ once and `request()` only adds numbers. The one part that depends on the window 
 extra digit of the real numbers adds one token (Qwen splits digits one by one; checked
 against the tokenizer once, else every count renders the whole prompt).
 
+Clips per request. A server may cap the audio clips of one prompt (vLLM's
+`--limit-mm-per-prompt`): with `max_audios` set, a request carries the newest turns' clips up
+to that many and the older turns without their audio (their text, instructions and answers,
+stays); a turn over 30 s is several clips and keeps all or none of them. The prompt is rendered
+from what is sent, so "Audio N:" numbering and token counts match the server's template. Audio no
+later request can carry is freed.
+
 Long instructions. An instruction of more than half the context budget is refused by
 `add_user` with a ValueError (the session reports it as that turn's error and goes on): the
 current turn is never dropped, so an oversized one could only overflow the model's context.
@@ -33,6 +40,7 @@ import numpy as np
 
 from agent.model.qwen2_audio import (
     DEFAULT_SYSTEM,
+    SAMPLE_RATE,
     SPECIAL_RE,
     audio_token_count,
     render_prompt,
@@ -74,16 +82,25 @@ class Conversation:
     """
 
     def __init__(self, system_prompt: str | None = None, context_tokens: int = 6000,
-                 tokenizer: Any = None) -> None:
+                 tokenizer: Any = None, max_audios: int | None = None) -> None:
         self.system_prompt = system_prompt
         self.context_tokens = context_tokens
         self.tokenizer = tokenizer
+        self.max_audios = max_audios  # clips per request; None: no limit
         # ("user", [clips], instruction | None) | ("assistant", text) | ("tool", text)
         self._entries: list[tuple[Any, ...]] = []
-        self._costs: list[int | None] = []  # per entry, counted once (see `_entry_cost`)
+        self._costs: list[dict[bool, int]] = []  # per entry, with/without its audio (`_entry_cost`)
         self._text_costs: dict[str, int] = {}  # system messages and template pieces
         self._digits_split: bool | None = None  # the tokenizer gives each digit its own token
         self._last_audios: list[np.ndarray] = []
+
+    @classmethod
+    def for_backend(cls, system_prompt: str | None, context_tokens: int, backend: Any) -> Conversation:
+        """A conversation within what `backend` takes: its server's context length
+        (`max_model_len`) and clips per request (`max_audios`), counted with its tokenizer."""
+        limit = getattr(backend, "max_model_len", None)
+        return cls(system_prompt, min(context_tokens, limit) if limit else context_tokens,
+                   tokenizer=getattr(backend, "tokenizer", None), max_audios=getattr(backend, "max_audios", None))
 
     # ---- history --------------------------------------------------------------------
     def add_user(self, audio: np.ndarray, instruction: str | None = None) -> None:
@@ -97,7 +114,11 @@ class Conversation:
             raise ValueError("a turn's audio holds NaN or infinite samples")
         if instruction:
             self.check_text(instruction)
-        self._append(("user", split_clips(clip), instruction or None))
+        clips = split_clips(clip)
+        if self.max_audios is not None and len(clips) > self.max_audios:
+            raise ValueError(f"a turn of {clip.size / SAMPLE_RATE:.0f} s is {len(clips)} clips of at most 30 s, "
+                             f"over the limit of {self.max_audios} per request (the server's --limit-mm-per-prompt)")
+        self._append(("user", clips, instruction or None))
 
     def add_user_text(self, text: str) -> None:
         """A typed user turn, no audio (e.g. livekit-agents' `generate_reply(user_input=…)`)."""
@@ -116,7 +137,7 @@ class Conversation:
         if not self._entries or self._entries[-1][0] != "assistant":
             return False
         self._entries[-1] = ("assistant", heard)
-        self._costs[-1] = None
+        self._costs[-1] = {}
         return True
 
     def add_tool_results(self, text: str) -> None:
@@ -168,9 +189,11 @@ class Conversation:
         if instructions:
             system = f"{DEFAULT_SYSTEM if system is None else system}\n\n{instructions}"
         budget = self.context_tokens - max_new_tokens
+        self._free_audio(self._audio_from(starts[-1]))  # no later request can carry it
+        audio_from = self._audio_from(len(self._entries))
 
         def cost(k: int) -> int:
-            return self._window_cost(system, starts[k], len(self._entries))
+            return self._window_cost(system, starts[k], len(self._entries), audio_from)
 
         # Binary search for the oldest turn that still fits: the count only grows with
         # each older turn included. The current turn (index -1) is always kept.
@@ -181,7 +204,7 @@ class Conversation:
                 hi = mid
             else:
                 lo = mid + 1
-        messages, audios = self._render(system, starts[lo])
+        messages, audios = self._render(system, starts[lo], audio_from=audio_from)
         if lo > 0:
             self._forget_before(starts, lo)
         self._last_audios = audios
@@ -233,16 +256,36 @@ class Conversation:
             starts.insert(0, 0)
         return starts
 
-    def _render(self, system: str | None, first: int,
-                end: int | None = None) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
+    def _audio_from(self, end: int) -> int:
+        """The first entry before `end` whose audio a request ending at `end` carries: the newest
+        turns' clips, whole turns only, at most `max_audios` (0: all)."""
+        if self.max_audios is None:
+            return 0
+        clips = 0
+        for i in range(end - 1, -1, -1):
+            clips += _clips(self._entries[i])
+            if clips > self.max_audios:
+                return i + 1
+        return 0
+
+    def _free_audio(self, end: int) -> None:
+        """Entries before `end` lose their audio for good (their text stays)."""
+        for i in range(end):
+            entry = self._entries[i]
+            if _clips(entry):
+                self._entries[i] = ("user", [], entry[2])
+                self._costs[i] = {}
+
+    def _render(self, system: str | None, first: int, end: int | None = None,
+                audio_from: int = 0) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
         messages: list[dict[str, Any]] = []
         if system is not None:
             messages.append({"role": "system", "content": system})
         audios: list[np.ndarray] = []
-        for entry in self._entries[first:end]:
+        for i, entry in enumerate(self._entries[first:end], first):
             if entry[0] == "user":
                 parts: list[dict[str, Any]] = []
-                for clip in entry[1]:
+                for clip in entry[1] if i >= audio_from else ():
                     parts.append({"type": "audio", "audio": len(audios)})
                     audios.append(clip)
                 if entry[2]:
@@ -258,8 +301,10 @@ class Conversation:
         """Free the turns that no later prompt can reach: turn j is unreachable once it and
         the later history (the current turn aside) fill the whole budget on their own."""
 
+        bare = starts[-1] if self.max_audios is not None else 0  # a later request may carry none of it
+
         def unreachable(j: int) -> bool:  # "": the smallest system message
-            return self._window_cost("", starts[j], starts[-1]) >= self.context_tokens
+            return self._window_cost("", starts[j], starts[-1], bare) >= self.context_tokens
 
         lo, hi = -1, k - 1  # the newest unreachable turn, if any, is in [0, k-1]
         while lo < hi:
@@ -275,29 +320,30 @@ class Conversation:
     # ---- incremental counting -------------------------------------------------------
     def _append(self, entry: tuple[Any, ...]) -> None:
         self._entries.append(entry)
-        self._costs.append(None)
+        self._costs.append({})
 
-    def _window_cost(self, system: str | None, first: int, end: int) -> int:
-        """`token_count` of the prompt of entries [first, end) under `system`, from counts
-        kept per entry."""
+    def _window_cost(self, system: str | None, first: int, end: int, audio_from: int = 0) -> int:
+        """`token_count` of the prompt of entries [first, end) under `system`, entries before
+        `audio_from` without their audio, from counts kept per entry."""
         if not self._splits_digits():
-            return self.token_count(*self._render(system, first, end))
+            return self.token_count(*self._render(system, first, end, audio_from))
         n = self._cached_text(render_prompt([_system(DEFAULT_SYSTEM if system is None else system)], False))
         n += self._generation_prompt_cost()
         for i in range(first, end):
-            n += self._entry_cost(i)
-        return n + _extra_digits(sum(_clips(e) for e in self._entries[first:end]))
+            n += self._entry_cost(i, i < audio_from)
+        return n + _extra_digits(sum(_clips(e) for e in self._entries[max(first, audio_from):end]))
 
-    def _entry_cost(self, i: int) -> int:
-        """Tokens of entry i's message, audio placeholders expanded, with its audios
-        numbered as if from 1 and one digit each."""
-        cost = self._costs[i]
+    def _entry_cost(self, i: int, bare: bool = False) -> int:
+        """Tokens of entry i's message (`bare`: without its audio), audio placeholders expanded,
+        with its audios numbered as if from 1 and one digit each."""
+        cost = self._costs[i].get(bare)
         if cost is None:
-            messages, audios = self._render("", i, i + 1)  # the empty system message, then entry i
+            # the empty system message, then entry i
+            messages, audios = self._render("", i, i + 1, i + 1 if bare else 0)
             empty = self._cached_text(render_prompt([_system("")], False))
             cost = self._text_tokens(render_prompt(messages, False)) - empty - _extra_digits(len(audios))
             cost += sum(audio_token_count(len(a)) - 1 for a in audios)
-            self._costs[i] = cost
+            self._costs[i][bare] = cost
         return cost
 
     def _generation_prompt_cost(self) -> int:

@@ -38,7 +38,8 @@ def create_backend(settings: Settings) -> Backend:
     if settings.backend == "openai":
         from agent.inference.openai import OpenAIBackend
 
-        return OpenAIBackend(settings.openai_url, settings.openai_model, api_key=settings.openai_api_key)
+        return OpenAIBackend(settings.openai_url, settings.openai_model, api_key=settings.openai_api_key,
+                             max_audios=settings.openai_max_audios)
     if settings.backend == "scripted" and settings.script is not None:
         from agent.inference.scripted import ScriptedBackend
 
@@ -115,13 +116,12 @@ class AgentRuntime:
     def _check_prompt_budget(self) -> None:
         """Say so when the system prompt and tool schemas (e.g. many Home Assistant entities)
         leave little room for history: the oldest turns are then dropped almost at once."""
-        probe = Conversation(self.system_prompt(), self.settings.context_tokens,
-                             tokenizer=getattr(self.backend, "tokenizer", None))
+        probe = Conversation.for_backend(self.system_prompt(), self.settings.context_tokens, self.backend)
         n = probe.system_tokens(self.tools.system_block() if len(self.tools) else None)
-        if n > self.settings.context_tokens // 2:
+        if n > probe.context_tokens // 2:  # the server's max_model_len may be the smaller
             log.warning("the system prompt and tool schemas take %d of the %d context tokens: little "
                         "conversation history will fit; raise context_tokens or trim the prompt, tools "
-                        "or entities", n, self.settings.context_tokens)
+                        "or entities", n, probe.context_tokens)
 
     def system_prompt(self) -> str | None:
         """The configured prompt plus what plugins add now (e.g. Home Assistant's current

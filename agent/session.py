@@ -81,8 +81,7 @@ class Session:
         self._detector = turns.TurnDetector(s.turns.to_turn_config())
         self._vad = deps.vad
         self._eot = deps.end_of_turn
-        self.conversation = Conversation(deps.system_prompt, s.context_tokens,
-                                         tokenizer=getattr(deps.backend, "tokenizer", None))
+        self.conversation = Conversation.for_backend(deps.system_prompt, s.context_tokens, deps.backend)
         self.hooks = deps.hooks
         self.context = RunContext(self, deps.hooks.create_userdata())
         self.max_new_tokens = s.max_new_tokens
@@ -554,6 +553,9 @@ class Session:
             return
         except InferenceError as exc:
             self.emit(ev.Error(code=exc.code, message=exc.message, turn_id=turn_id))
+            if said:  # cut mid-answer (a stream closed, a worker died): the text shown ends the turn,
+                # as after a barge-in; `done` would pass a cut answer off as whole (history keeps it)
+                self.emit(ev.ResponseCancelled(turn_id=turn_id, reason="backend_error", spoken_text="".join(said)))
             return
         except Exception as exc:  # a bug in one turn must not end the session
             log.exception("response failed")

@@ -8,7 +8,9 @@ gets vLLM's 400 error shape and is listed in `rejected`, so tests see what was w
 Knobs (plain attributes, change them between requests): `pieces`, `status` (fail with that
 HTTP status), `stall_after` (stop after that many pieces and keep the stream open until the
 client leaves), `usage` (send a usage chunk), `error_after` (an error chunk mid-stream),
-`end_after` (end the HTTP response after that many pieces, without finish or [DONE]).
+`end_after` (end the HTTP response after that many pieces, without finish or [DONE]),
+`max_model_len` (shown by `GET /v1/models`, as vLLM does), `max_audios` (vLLM's
+`--limit-mm-per-prompt`: more clips in one request get its 400), `down` (every endpoint 503s).
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ MODEL = "Qwen/Qwen2-Audio-7B-Instruct"
 
 class BadRequest(Exception):
     pass
+
+
+class UnknownModel(BadRequest):
+    """vLLM answers it with 404 NotFoundError."""
 
 
 def decode_wav(data: str) -> np.ndarray:
@@ -55,6 +61,9 @@ class FakeOpenAI:
         self.error_after: int | None = None
         self.end_after: int | None = None
         self.usage = True
+        self.max_model_len: int | None = 4096
+        self.max_audios: int | None = None
+        self.down = False
         self.requests: list[dict[str, Any]] = []  # accepted bodies
         self.audios: list[list[np.ndarray]] = []  # decoded audio of each accepted request
         self.headers: list[dict[str, str]] = []
@@ -67,6 +76,7 @@ class FakeOpenAI:
     async def start(self) -> str:
         app = web.Application(client_max_size=256 * 1024 * 1024)  # vLLM takes long audio; 1 MB default would not
         app.router.add_post("/v1/chat/completions", self._handle)
+        app.router.add_get("/v1/models", self._models)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)  # port 0: a free one
@@ -92,7 +102,7 @@ class FakeOpenAI:
         if not isinstance(body, dict):
             raise BadRequest("body must be a JSON object")
         if body.get("model") != self.model:
-            raise BadRequest(f"The model `{body.get('model')}` does not exist.")
+            raise UnknownModel(f"The model `{body.get('model')}` does not exist.")
         if body.get("stream") is not True:
             raise BadRequest("this server only answers stream=true")
         messages = body.get("messages")
@@ -116,13 +126,24 @@ class FakeOpenAI:
                 raise BadRequest(f"unsupported content part {json.dumps(part)[:200]}")
         return audios
 
+    async def _models(self, request: web.Request) -> web.Response:
+        if self.down:
+            return web.json_response({"error": {"message": "down"}}, status=503)
+        return web.json_response({"object": "list", "data": [
+            {"id": self.model, "object": "model", "root": self.model, "max_model_len": self.max_model_len}]})
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if self.down:
+            return web.json_response({"error": {"message": "down"}}, status=503)
         try:
             body = await request.json()
             audios = self._validate(body)
+            if self.max_audios is not None and len(audios) > self.max_audios:
+                raise BadRequest(f"At most {self.max_audios} audio(s) may be provided in one prompt.")
         except (BadRequest, json.JSONDecodeError) as exc:
             self.rejected.append(str(exc))
-            return web.json_response({"object": "error", "message": str(exc), "code": 400}, status=400)
+            status = 404 if isinstance(exc, UnknownModel) else 400
+            return web.json_response({"error": {"message": str(exc), "code": status}}, status=status)
         self.requests.append(body)
         self.audios.append(audios)
         self.headers.append(dict(request.headers))

@@ -150,14 +150,60 @@ async def test_http_errors_map_to_clear_codes(fake, backend, status, code):
     assert fake.url in info.value.message
 
 
-async def test_a_request_the_server_rejects_reports_its_reason(fake):
-    b = OpenAIBackend(fake.url, "some/other-model")
-    await b.start()
+async def test_a_request_the_server_rejects_reports_its_reason(fake, backend):
+    fake.max_audios = 1  # --limit-mm-per-prompt '{"audio": 1}': a 45 s turn is two clips
     with pytest.raises(InferenceError) as info:
-        await collect(b, request_for(noise(0.5)))
-    await b.close()
+        await collect(backend, request_for(noise(45.0)))
     assert info.value.code == "backend_error" and "400" in info.value.message
-    assert "some/other-model` does not exist" in info.value.message and len(fake.rejected) == 1
+    assert "At most 1 audio(s) may be provided in one prompt" in info.value.message and len(fake.rejected) == 1
+
+
+async def test_a_model_the_server_does_not_serve_is_refused_at_start_naming_what_it_serves(fake):
+    b = OpenAIBackend(fake.url, "some/other-model")
+    with pytest.raises(InferenceError) as info:
+        await b.start()
+    assert info.value.code == "backend_error"
+    assert "'some/other-model' is not served" in info.value.message and MODEL in info.value.message
+
+
+async def test_the_served_model_name_and_context_come_from_v1_models(fake):
+    fake.model, fake.max_model_len = "/models/tiny", 2048
+    b = OpenAIBackend(fake.url)  # no --openai-model: the one the server serves
+    await b.start()
+    try:
+        assert (b.model_name, b.max_model_len) == ("/models/tiny", 2048)
+        assert "".join(await collect(b, request_for(noise(0.5)))) == "Hello there"
+        assert fake.requests[0]["model"] == "/models/tiny"
+        conv = Conversation.for_backend(None, 6000, b)
+        assert conv.context_tokens == 2048 and conv.max_audios == 5
+    finally:
+        await b.close()
+
+
+async def test_a_404_names_the_models_served(fake, backend):
+    fake.model = "another"  # the server was restarted with another model
+    with pytest.raises(InferenceError) as info:
+        await collect(backend, request_for(noise(0.5)))
+    assert info.value.code == "backend_error"
+    assert f"'{MODEL}' is not served" in info.value.message and "it serves: another" in info.value.message
+
+
+async def test_health_follows_the_server_down_and_back(fake):
+    b = OpenAIBackend(fake.url, MODEL, health_interval_s=0.05)
+    await b.start()
+    try:
+        assert b.healthy
+        fake.down = True
+        await asyncio.wait_for(_until(lambda: not b.healthy), GUARD)
+        fake.down = False
+        await asyncio.wait_for(_until(lambda: b.healthy), GUARD)
+    finally:
+        await b.close()
+
+
+async def _until(condition):
+    while not condition():
+        await asyncio.sleep(0.01)
 
 
 async def test_error_chunk_mid_stream_is_backend_error(fake, backend):
@@ -175,7 +221,8 @@ async def test_stream_ending_before_the_answer_is_backend_error(fake, backend):
     with pytest.raises(InferenceError) as info:
         async for piece in backend.generate(request_for(noise(0.5))):
             got.append(piece)
-    assert got == ["Hel", "lo"] and info.value.code == "backend_error" and "ended" in info.value.message
+    assert got == ["Hel", "lo"] and info.value.code == "backend_error"
+    assert info.value.message.endswith("the server closed the stream after 2 tokens")
 
 
 async def test_dead_endpoint_is_backend_unavailable():

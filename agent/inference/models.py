@@ -77,9 +77,11 @@ def _config(processor: Any, size: str) -> Any:
 
     tok = processor.tokenizer
     if size == "tiny":
+        # Head size 32 (64 / 2 heads): vLLM's CPU attention refuses 16, so the same checkpoint
+        # serves in vLLM too (`voice-agent model save tiny-random DIR`).
         audio = dict(encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, d_model=32)
-        text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=4, vocab_size=len(tok))
+        text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                    num_key_value_heads=2, vocab_size=len(tok))
     else:  # the published 7B shapes (see shared/qwen2-audio-7b-instruct/config.json)
         audio = dict(encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120, d_model=1280)
         text = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -101,7 +103,7 @@ def tiny_random_dir() -> Path:
     import torch
     from transformers import Qwen2AudioForConditionalGeneration
 
-    target = cache_dir() / "tiny-random-v1"
+    target = cache_dir() / "tiny-random-v2"  # v2: head size 32
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -173,7 +175,27 @@ def load(name: str = "auto", device: str | None = None) -> LoadedModel:
     try:
         processor = AutoProcessor.from_pretrained(source)
         processor.tokenizer.padding_side = "left"
-        model = Qwen2AudioForConditionalGeneration.from_pretrained(source, dtype=dtype).to(device).eval()  # type: ignore[arg-type]
+        # Straight onto the device (accelerate's loader): no copy in host memory first, so a
+        # worker's restart after a crash costs only the read of the weights.
+        model = Qwen2AudioForConditionalGeneration.from_pretrained(source, dtype=dtype, device_map=device).eval()  # type: ignore[arg-type]
     except Exception as exc:
         raise ModelLoadError(f"cannot load model {name!r}: {exc}".splitlines()[0]) from None
     return LoadedModel(name, model, processor, device, warning)
+
+
+def save(name: str, directory: str | Path) -> Path:
+    """Write a model as a checkpoint directory any Qwen2-Audio server loads (config, weights,
+    tokenizer, processor, chat template): `voice-agent model save tiny-random DIR`, then
+    e.g. vLLM serves DIR. Refuses a directory that already holds files."""
+    import shutil
+
+    target = Path(directory).expanduser()
+    if target.exists() and any(target.iterdir()):
+        raise ModelLoadError(f"{target}: not empty")
+    if resolve(name)[0] == TINY_RANDOM:
+        shutil.copytree(tiny_random_dir(), target, dirs_exist_ok=True)
+        return target
+    loaded = load(name)
+    loaded.model.save_pretrained(target)
+    loaded.processor.save_pretrained(target)
+    return target

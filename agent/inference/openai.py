@@ -7,8 +7,8 @@ the agent processes stateless per session. Serve the model, then point the agent
     voice-agent serve --backend openai --openai-url http://host:8000/v1
     voice-agent run talk.wav --backend openai --openai-url http://host:8000/v1
 
-`--limit-mm-per-prompt` caps the audio parts of one prompt: the whole conversation's clips
-(a turn over 30 s is several) count, so raise it for long sessions.
+`--limit-mm-per-prompt` caps the audio parts of one prompt (a turn over 30 s is several):
+`openai_max_audios` (default 5) must match it; older turns then go without their audio.
 
 Wire format: audio goes as `{"type": "input_audio", "input_audio": {"data": <base64 16 kHz
 mono WAV>, "format": "wav"}}` parts, text as `{"type": "text"}` parts; `"stream": true`
@@ -16,12 +16,19 @@ answers with SSE lines `data: {json}` carrying `choices[0].delta.content`, endin
 `data: [DONE]`. Errors become `InferenceError`: unreachable / timed out →
 `backend_unavailable`, HTTP 429 → `busy`, 503 → `backend_unavailable` (both with the
 server's Retry-After), any other HTTP error or a broken stream → `backend_error`, each
-message naming the URL.
+message naming the URL. A stream cut mid-answer says after how many
+tokens; the session ends that turn with `response.cancelled` (reason `backend_error`).
 
 Our own pool server (`voice-agent serve-model`, also at `unix:///path/to/socket`) says so
 in an `X-Voice-Agent-Features` header and in `/v1/models`; against it, this client also
 sends the session id as `X-Conversation-Id` (its KV stays on the worker between turns),
 and `prefill`, `drop`, `promote` and `forget` go over the wire. Against vLLM they do nothing.
+
+At start the backend reads `{base_url}/models` (`agent.inference.served`): the model's name
+when the server serves exactly one and none is configured, and vLLM's `max_model_len`, which
+caps the conversation's context budget. It asks again every `health_interval_s`: `healthy`
+(hence `/healthz`) is False while the server does not answer. `max_audios` is the server's
+`--limit-mm-per-prompt` audio count: conversations keep at most that many clips per request.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ import numpy as np
 from yarl import URL
 
 from agent.inference.base import GenerationRequest, GenerationStats, InferenceError
+from agent.inference.served import HealthProbe, ServedModel, pick
 from agent.model.qwen2_audio import audio_base64, to_openai_messages
 
 CLIP_CACHE_BYTES = 128 * 1024 * 1024
@@ -108,8 +116,8 @@ class OpenAIBackend:
     name = "openai"
     warning: str | None = None
 
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 60.0,
-                 connect_timeout: float = 5.0) -> None:
+    def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None, timeout: float = 60.0,
+                 connect_timeout: float = 5.0, health_interval_s: float = 5.0, max_audios: int | None = 5) -> None:
         self._socket = base_url[len("unix://"):] if base_url.startswith("unix://") else None
         if self._socket is not None:  # `voice-agent serve-model --listen unix:///path`
             if not self._socket:
@@ -120,13 +128,19 @@ class OpenAIBackend:
             raise ValueError(f"OpenAI backend URL must be http(s)://host[:port]/v1 or unix:///path, got {base_url!r}")
         self.base_url = str(url)
         self.features: set[str] = set()  # what a `serve-model` server offers beyond the OpenAI API
-        self.model_name = model
+        self._requested = model  # None: the one model the server serves
+        self.model_name = model or ""
         self.tokenizer: Any = None
+        self.max_audios = max_audios
+        self.max_model_len: int | None = None  # the server's, once known
+        self._probe = HealthProbe(lambda: self._http, self.base_url, health_interval_s, connect_timeout,
+                                  self._learn)
         self._api_key = api_key
         # `connect` covers DNS and the TCP/TLS handshake; no `total`: answers stream for long.
         self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=timeout)
         self._http: aiohttp.ClientSession | None = None
         self._in_flight = 0
+        self._tokenizer_source: str | None = None
         self.clips = ClipCache()
 
     @property
@@ -134,7 +148,14 @@ class OpenAIBackend:
         """Requests this process has in flight (the server keeps its own queue)."""
         return self._in_flight
 
+    @property
+    def healthy(self) -> bool:
+        """The server answered the latest probe (or request)."""
+        return self._probe.up
+
     async def start(self) -> None:
+        """Raises InferenceError when the server is up but does not serve the model asked for;
+        a server not up yet is only logged (it may still be loading), and probed until it is."""
         if self._http is None:
             headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
             # No client-side connection cap: the server queues, a cap would only hide waiting
@@ -143,12 +164,38 @@ class OpenAIBackend:
                          else aiohttp.TCPConnector(limit=0))
             self._http = aiohttp.ClientSession(headers=headers, timeout=self._timeout, connector=connector)
             await self._discover()
-        if self.tokenizer is None:  # from the local HF cache or a directory, if it is there
+            if self.features:  # our serve-model: its one model, as `_discover` chose
+                self._requested = self.model_name or self._requested
+        try:
+            pick(self._requested, await self._probe.check(), self.base_url)
+        except InferenceError as exc:
+            if exc.code != "backend_unavailable":
+                await self.close()
+                raise
+            log.warning("%s; /healthz says unavailable until it answers", exc.message)
+        self._probe.start()
+        await self._load_tokenizer()
+
+    async def _load_tokenizer(self) -> None:
+        """From the local HF cache or the checkpoint's directory, if there (exact budgets)."""
+        if self.tokenizer is None and self.model_name:
             from agent.inference.models import load_tokenizer
 
-            self.tokenizer = await asyncio.to_thread(load_tokenizer, self.model_name)
+            self.tokenizer = await asyncio.to_thread(load_tokenizer, self._tokenizer_source or self.model_name)
+
+    def _learn(self, served: list[ServedModel]) -> None:
+        """What the server serves (each probe): the model's name and context length."""
+        try:
+            model = pick(self._requested, served, self.base_url)
+        except InferenceError as exc:
+            log.warning("%s", exc.message)
+            return
+        self.model_name = model.id
+        self._tokenizer_source = model.root
+        self.max_model_len = model.max_model_len
 
     async def close(self) -> None:
+        await self._probe.stop()
         if self._http is not None:
             await self._http.close()
             self._http = None
@@ -194,6 +241,9 @@ class OpenAIBackend:
         if self._http is None:
             raise InferenceError("backend_unavailable", f"OpenAI backend for {self.base_url} is not started")
         url = f"{self.base_url}/chat/completions"
+        if not self.model_name:  # the server was down at start: learn its model now
+            pick(self._requested, await self._probe.check(), self.base_url)
+            await self._load_tokenizer()
         # Greedy, like the local engine, so both backends answer alike.
         messages = to_openai_messages(request.messages, request.audios, self.clips.encode)
         body = {"model": self.model_name, "messages": messages, "stream": True,
@@ -213,6 +263,8 @@ class OpenAIBackend:
                 done = False
                 try:
                     self._note_features(response)
+                    if response.status == 404:
+                        raise await self._not_found(url, response)
                     await _check_status(url, response)
                     async with aclosing(_sse_deltas(url, response)) as events:
                         async for text, usage in events:
@@ -235,15 +287,30 @@ class OpenAIBackend:
                         response.close()
         except TimeoutError:
             raise InferenceError("backend_unavailable", f"{url}: no answer within the timeout") from None
-        except aiohttp.ClientConnectionError as exc:
-            raise InferenceError("backend_unavailable", f"cannot reach {url}: {exc}") from None
-        except aiohttp.ClientError as exc:  # e.g. a payload cut off mid-stream
-            raise InferenceError("backend_error", f"{url}: {type(exc).__name__}: {exc}") from None
+        except (aiohttp.ClientError, _StreamEnded) as exc:
+            if isinstance(exc, aiohttp.ClientConnectionError):
+                self._probe.mark(False)
+            if deltas:  # the answer began: say how far it got, not aiohttp's words for the cut
+                raise InferenceError("backend_error", f"{url}: the server closed the stream after "
+                                     f"{deltas} token{'s' if deltas != 1 else ''}") from None
+            if isinstance(exc, aiohttp.ClientConnectionError):
+                raise InferenceError("backend_unavailable", f"cannot reach {url}: {exc}") from None
+            raise InferenceError("backend_error", f"{url}: the server closed the stream before the answer "
+                                 "began") from None
         finally:
             self._in_flight -= 1
         if stats is not None:
             stats.tokens = stats.tokens or deltas
             stats.timings["total"] = time.monotonic() - start
+
+    async def _not_found(self, url: str, response: aiohttp.ClientResponse) -> InferenceError:
+        """A 404: usually a model name the server does not serve; say which it does."""
+        reason = await _reason(response)
+        try:
+            pick(self.model_name, await self._probe.check(), self.base_url)
+        except InferenceError as exc:
+            return InferenceError("backend_error", exc.message)
+        return InferenceError("backend_error", f"{url}: HTTP 404: {reason}")
 
     async def prefill(self, request: GenerationRequest) -> None:
         """Our server: a prefill-only request (answered 204, fire and forget). vLLM: nothing —
@@ -276,6 +343,10 @@ class OpenAIBackend:
         """Our server: free the conversation's KV now. vLLM: no per-session state."""
         if "forget" in self.features:
             await self._call("DELETE", quote(session_id, safe=""))
+
+
+class _StreamEnded(Exception):
+    """The server ended the stream before its finish_reason (or [DONE])."""
 
 
 async def _check_status(url: str, response: aiohttp.ClientResponse) -> None:
@@ -315,7 +386,7 @@ async def _sse_deltas(url: str, response: aiohttp.ClientResponse) -> AsyncGenera
         if chunk.get("usage"):
             yield "", chunk["usage"]
     if not finished:
-        raise InferenceError("backend_error", f"{url}: the stream ended before the answer did")
+        raise _StreamEnded
 
 
 async def _reason(response: aiohttp.ClientResponse) -> str:

@@ -50,6 +50,8 @@ def worker_main(model: str, device: str | None, options: dict[str, Any], inbox: 
     `options` are the Engine's keyword arguments (max_batch, kv_budget_tokens, …)."""
     parent = os.getppid()
     try:
+        import torch
+
         from agent.inference import models
         from agent.inference.engine import Engine
 
@@ -58,7 +60,8 @@ def worker_main(model: str, device: str | None, options: dict[str, Any], inbox: 
     except Exception as exc:  # reported to start(); the process then exits
         outbox.put(("load_error", str(exc) or type(exc).__name__))
         return
-    outbox.put(("ready", loaded.name, loaded.warning, os.getpid(), engine.info()))
+    threads = {"torch_threads": torch.get_num_threads()}  # benchmarks check it equals theirs
+    outbox.put(("ready", loaded.name, loaded.warning, os.getpid(), {**engine.info(), **threads}))
     running, busy = True, False
     while running:
         msgs: list[tuple[Any, ...]] = []

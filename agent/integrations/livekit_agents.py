@@ -94,7 +94,7 @@ class QwenRealtimeModel(llm.RealtimeModel):
 
     @property
     def model(self) -> str:
-        return self._settings.model if self._settings.backend == "transformers" else self._settings.openai_model
+        return self._settings.model if self._settings.backend == "transformers" else self._settings.openai_model or ""
 
     @property
     def provider(self) -> str:

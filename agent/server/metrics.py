@@ -56,6 +56,8 @@ class Metrics:
                                      "Audio frames dropped because a session fell behind", registry=r)
         self.vad_batch = Gauge("voice_agent_vad_batch_size", "Streams per VAD tick", ["stat"], registry=r)
         self.queue_depth = Gauge("voice_agent_inference_queue_depth", "Inference requests in flight", registry=r)
+        self.backend_up = Gauge("voice_agent_backend_up", "1 while the inference backend can answer (a worker "
+                                "is live, the OpenAI server answers its probe), else 0 (/healthz: 503)", registry=r)
         self.kv = Gauge("voice_agent_kv_cache", "KV cache of the inference workers: budget and use",
                         ["stat"], registry=r)
         self.first_token = Histogram("voice_agent_first_token_seconds", "Turn commit to first token",
@@ -89,7 +91,7 @@ class Metrics:
             self._stages(event.timings, ("end_detected", "commit", "first_token"))
         elif isinstance(event, ev.ResponseAudioStarted):
             self._stages(event.timings, ("first_clause", "first_audio", "first_frame"))
-        elif isinstance(event, ev.ResponseCancelled):
+        elif isinstance(event, ev.ResponseCancelled) and event.reason != "backend_error":  # its error counted it
             self.responses.labels("cancelled").inc()
         elif isinstance(event, ev.ToolCall):
             self.tool_calls.inc()
@@ -112,6 +114,7 @@ class Metrics:
         for key, stat in (("mean_batch_size", "mean"), ("last_batch_size", "last")):
             if key in stats:
                 self.vad_batch.labels(stat).set(float(stats[key]))
+        self.backend_up.set(1 if getattr(getattr(self.runtime, "backend", None), "healthy", True) else 0)
         depth = getattr(getattr(self.runtime, "backend", None), "queue_depth", None)
         if isinstance(depth, (int, float)):
             self.queue_depth.set(depth)
