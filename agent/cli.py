@@ -267,7 +267,7 @@ def main(argv: Sequence[str] | None = None, *, agent: Any = None) -> int:
     if args.command == "eval":  # the suite's own configuration joins in: it loads the settings itself
         from agent.eval.cli import run_eval
 
-        return run_eval(args, agent=agent)
+        return run_eval(args, load_cli_settings, agent=agent)
     from agent.config import ConfigError
 
     try:

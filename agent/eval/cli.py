@@ -11,6 +11,7 @@ import importlib
 import importlib.util
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,11 +50,11 @@ def _load_agent(spec: str, suite_path: Path) -> Any:
     return agent
 
 
-def _settings(args: argparse.Namespace, suite: Any, defaults: dict[str, Any]) -> tuple[Any, bool]:
-    """The configuration: the suite's `config:` over the agent's defaults, flags over both.
+def _settings(args: argparse.Namespace, suite: Any, defaults: dict[str, Any],
+              load_cli_settings: Callable[[argparse.Namespace, dict[str, Any]], Any]) -> tuple[Any, bool]:
+    """The configuration: the suite's `config:` over the agent's defaults, flags over both
+    (`load_cli_settings`: the command line's own loader, handed down by agent.cli).
     Returns (settings, scripted)."""
-    from agent.cli import load_cli_settings
-
     config = dict(suite.config)
     for key in ("script", "record"):  # paths in the suite are relative to it
         if isinstance(config.get(key), str):
@@ -119,7 +120,8 @@ def _compare(args: argparse.Namespace) -> int:
     return EXIT_FAILED if diff["broken_cases"] else 0
 
 
-def run_eval(args: argparse.Namespace, *, agent: Any = None) -> int:
+def run_eval(args: argparse.Namespace, load_cli_settings: Callable[[argparse.Namespace, dict[str, Any]], Any], *,
+             agent: Any = None) -> int:
     import asyncio
 
     from agent.config import ConfigError
@@ -137,7 +139,7 @@ def run_eval(args: argparse.Namespace, *, agent: Any = None) -> int:
         if agent is None and suite.agent:
             agent = _load_agent(suite.agent, suite.path)
         defaults = {"system_prompt": agent.instructions, **agent.defaults} if agent is not None else {}
-        settings, scripted = _settings(args, suite, defaults)
+        settings, scripted = _settings(args, suite, defaults, load_cli_settings)
     except (SuiteError, ValueError, ConfigError) as exc:
         print(f"voice-agent eval: {exc}", file=sys.stderr)
         return EXIT_BAD
