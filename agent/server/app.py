@@ -165,15 +165,18 @@ def create_app(runtime: AgentRuntime, settings: Settings | ServerSettings) -> we
     return app
 
 
-def port_taken(host: str, port: int) -> str | None:
+def port_taken(host: str, port: int, reuse_port: bool = False) -> str | None:
     """Why `host:port` cannot be listened on (in use, no such address), or None: checked before
-    the model loads. A bind with SO_REUSEADDR, as aiohttp's own, released at once."""
+    the model loads. A bind with SO_REUSEADDR, as aiohttp's own, released at once; with
+    `reuse_port` (the frontends of `serve --processes N` share the port) SO_REUSEPORT too."""
     if port == 0:
         return None
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             probe.bind(address)
     except OSError as exc:
         reason = (exc.strerror or str(exc)).lower()
@@ -185,7 +188,7 @@ async def serve(settings: Settings, runtime_options: dict[str, Any] | None = Non
     """Run until SIGINT/SIGTERM; 0 on a clean stop, 2 when something cannot start.
     `frontend`: an `agent.server.router.Router` when this is one of `serve --processes N`."""
     server = settings.server
-    if server.http and (busy := port_taken(server.host, server.port)):
+    if server.http and (busy := port_taken(server.host, server.port, reuse_port=frontend is not None)):
         print(busy, file=sys.stderr)  # now, not after the model has loaded
         return 2
     try:
