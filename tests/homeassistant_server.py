@@ -31,6 +31,7 @@ from typing import Any
 
 import aiohttp
 
+from agent.bench.procs import stop_process
 from tests.mosquitto import free_port
 
 HA_VERSION = "2024.3.3"
@@ -275,13 +276,8 @@ class HomeAssistant:
         return self.output.read_text(errors="replace")[-chars:] if self.output.exists() else ""
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc)
         self.proc = None
 
     def __enter__(self) -> HomeAssistant:

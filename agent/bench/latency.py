@@ -44,6 +44,8 @@ from typing import Any
 
 import numpy as np
 
+from agent.bench.procs import stop_process
+
 RATE = 16000
 FRAME = 320  # 20 ms, what a browser sends per packet
 AUDIBLE_RMS = 500.0  # int16 RMS: well above Opus noise on silence, well below espeak's speech
@@ -249,12 +251,7 @@ class Server:
         return total
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
 
 
 def run_point(server: Server, peers: int, scripts: list[Script], client_procs: int) -> dict[str, Any]:

@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from agent.bench.procs import stop_process
+
 RATE = 16000
 FRAME = 320  # 20 ms, what a browser sends per packet
 TURN_TIMEOUT_S = 90.0
@@ -169,13 +171,8 @@ class Server:
         self.url = m.group(1)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc)
         self.log.unlink(missing_ok=True)
 
 
