@@ -18,7 +18,7 @@ from agent.context import AgentHooks
 from agent.conversation import Conversation
 from agent.eot import SILENCE, EndOfTurnService, detector_factory
 from agent.events import Command, Error, Event
-from agent.heap import TrimScheduler
+from agent.heap import CycleCollector
 from agent.inference.base import Backend
 from agent.model.qwen2_audio import DEFAULT_SYSTEM
 from agent.record.recorder import Recorder
@@ -68,7 +68,7 @@ class AgentRuntime:
         self.tools = ToolRegistry()
         self.tools.extend(tools or [])
         self.sessions: dict[str, Session] = {}
-        self.heap = TrimScheduler()
+        self.collector = CycleCollector()
         self._plugin_classes = plugin_classes
         self.plugins: PluginHost | None = None
         self.tts: SpeechEngine | None = None  # started once, shared by every session (speech out)
@@ -141,7 +141,7 @@ class AgentRuntime:
         await self.vad.close()
         if self.end_of_turn is not None:
             await self.end_of_turn.close()
-        self.heap.cancel()
+        self.collector.cancel()
         if self.tts is not None:
             await self.tts.aclose()
         if self.recorder is not None:
@@ -172,9 +172,9 @@ class AgentRuntime:
     def _closed(self, session: Session) -> None:
         if self.sessions.get(session.id) is session:
             del self.sessions[session.id]
-        # A session's transport (aiortc above all) leaves freed heap glibc would keep: hand it
-        # back once things are quiet, so a long-running server stays flat (bench soak).
-        self.heap.soon()
+        # A session's transport (aiortc above all) is a web of reference cycles: collect it now,
+        # not in a hundred sessions, so the next session reuses its memory (agent/heap.py).
+        self.collector.soon()
 
     # ---- CommandTarget ------------------------------------------------------------
     async def send_command(self, session_id: str | None, command: Command) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from agent.config import ServerSettings, Settings
+from agent.heap import freeze_startup
 from agent.runtime import AgentRuntime
 from agent.server import routes
 from agent.server.metrics import Metrics
@@ -246,6 +247,7 @@ async def serve(settings: Settings, runtime_options: dict[str, Any] | None = Non
         ready.append(f"voice-agent: {what} on http://{server.host}:{port}/ (model {runtime.backend.model_name})")
     if frontend is not None:
         frontend.announce_lost(runtime)
+    freeze_startup()  # what lives as long as the process stays out of later collections (agent/heap.py)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
