@@ -41,6 +41,8 @@ def test_bench_soak_json_last_line() -> None:
     slope = r["rss_slope_late_kb_per_cycle"]
     assert slope is None or isinstance(slope, float)
     assert any(line.startswith("growth: RSS") for line in lines)
+    # The server froze its start-up objects and collected after the churn's sessions closed.
+    assert r["frozen_objects"] > 10_000 and r["collections"] >= 1 and r["end"]["heap_mb"] > 0
 
 
 def test_the_late_slope_tells_steady_growth_from_a_step() -> None:
@@ -58,6 +60,8 @@ def test_the_exit_code_says_whether_the_targets_held(monkeypatch: pytest.MonkeyP
                "malloc_trim": False, "outcomes": {"answered": 10}, "failures": 0, "rss_growth_mb": 5.0 if met else 41.2,
                "rss_growth_churn_mb": 0.0, "rss_growth_flood_mb": 0.0, "workers_rss_growth_mb": 0.0, "fd_growth": 0,
                "thread_growth": 0, "task_growth": 0, "rss_slope_late_kb_per_cycle": 0.0, "targets_met": met,
+               "heap_growth_mb": 0.0, "heap_free_growth_mb": 0.0, "collections": 3, "collect_ms_mean": 5.0,
+               "frozen_objects": 1000,
                "flood": {"rounds": [], "peers": 0, "seconds": 0, "speed": 1, "outcomes": {},
                          "audio_frames_dropped": 0.0}}
     row = {"rss_mb": 1.0, "server_rss_mb": 1.0, "workers_rss_mb": 0.0, "fds": 1, "threads": 1,
