@@ -64,7 +64,6 @@ class CycleCollector:
         self.delay_s = delay_s
         self.min_interval_s = min_interval_s
         self.runs = 0
-        self.freed = 0  # unreachable objects found, over all runs
         self.seconds = 0.0  # time spent collecting, over all runs
         self._last = -min_interval_s
         self._pending: asyncio.TimerHandle | None = None
@@ -81,7 +80,6 @@ class CycleCollector:
         found = gc.collect()
         self._last = time.monotonic()
         self.runs += 1
-        self.freed += found
         self.seconds += self._last - t0
         log.debug("collected %d unreachable objects in %.1f ms", found, 1000 * (self._last - t0))
 

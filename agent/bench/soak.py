@@ -101,9 +101,9 @@ def _serve_main(serve_args: list[str]) -> int:
                 return web.json_response(dict(kinds.most_common(40)))
             names = Counter(re.sub(r"[-_:]?[0-9a-f]{8,}.*$", "", t.get_name()) for t in asyncio.all_tasks())
             threads = Counter(re.sub(r"[-_ ]?\d+.*$", "", t.name) for t in threading.enumerate())
-            heap = heap_arenas()
+            heap = heap_figures()
             collector = runtime.collector
-            return web.json_response({"pid": os.getpid(), "tasks": sum(names.values()), "task_names": dict(names),
+            return web.json_response({"tasks": sum(names.values()), "task_names": dict(names),
                                       "heap_mb": round(heap["system_kb"] / 1024, 1),
                                       "heap_free_mb": round(heap["free_kb"] / 1024, 1),
                                       "collections": collector.runs, "frozen_objects": gc.get_freeze_count(),
@@ -134,26 +134,21 @@ def _malloc_info_xml() -> str:
     return text
 
 
-def heap_arenas() -> dict[str, Any]:
-    """glibc's `malloc_info`: per arena, the bytes it holds from the OS and the bytes free in it,
-    plus its mmapped chunks. Growth kept as free chunks is the heap fragmenting, not objects held.
-    Empty where glibc's malloc is not the allocator."""
+def heap_figures() -> dict[str, int]:
+    """glibc's `malloc_info` over all arenas: the heap it holds from the OS and the part of it
+    that is free. Growth kept as free chunks is the heap fragmenting, not objects held. Zeros
+    where glibc's malloc is not the allocator."""
     import xml.etree.ElementTree as ET
 
     try:
         root = ET.fromstring(_malloc_info_xml())
     except (OSError, AttributeError, ET.ParseError):  # not glibc
-        return {"arenas": [], "mmap_kb": 0, "system_kb": 0, "free_kb": 0}
-    arenas = []
+        return {"system_kb": 0, "free_kb": 0}
+    system = free = 0
     for heap in root.iter("heap"):
-        total = {t.get("type"): int(t.get("size", 0)) for t in heap.iter("total")}
-        system = {s.get("type"): int(s.get("size", 0)) for s in heap.iter("system")}
-        arenas.append({"arena": int(heap.get("nr", -1)), "system_kb": system.get("current", 0) // 1024,
-                       "free_kb": (total.get("fast", 0) + total.get("rest", 0)) // 1024,
-                       "mmap_kb": total.get("mmap", 0) // 1024})
-    top = {t.get("type"): int(t.get("size", 0)) for t in root.findall("total")}
-    return {"arenas": arenas, "mmap_kb": top.get("mmap", 0) // 1024,
-            "system_kb": sum(a["system_kb"] for a in arenas), "free_kb": sum(a["free_kb"] for a in arenas)}
+        system += sum(int(s.get("size", 0)) for s in heap.iter("system") if s.get("type") == "current")
+        free += sum(int(t.get("size", 0)) for t in heap.iter("total") if t.get("type") in ("fast", "rest"))
+    return {"system_kb": system // 1024, "free_kb": free // 1024}
 
 
 def _proc_tree(root: int) -> list[int]:
