@@ -49,9 +49,20 @@ class Agent(AgentHooks):
         return load_settings(self.config, **{"system_prompt": self.instructions, **self.defaults, **overrides})
 
     def cli(self, argv: Sequence[str] | None = None) -> int:
+        """The `voice-agent` commands for this agent. From the command line (`argv` None) it
+        exits with the command's status; with `argv` it returns it (programs, tests).
+
+        The inference workers are spawned processes that import the script's main module
+        again (as `__mp_main__`): there `cli()` does nothing, so a script needs no
+        `if __name__ == "__main__":` guard (one does no harm)."""
+        if _spawned_child_importing_main():
+            return 0
         from agent.cli import main
 
-        return main(argv, agent=self)
+        status = main(argv, agent=self)
+        if argv is None:
+            sys.exit(status)
+        return status
 
     async def run_files(self, paths: Sequence[str], *, instruction: str | None = None, jsonl: bool = False,
                         out: TextIO = sys.stdout, **runtime_options: Any) -> int:
@@ -69,3 +80,12 @@ class Agent(AgentHooks):
         from agent.runtime import AgentRuntime
 
         return AgentRuntime(self.settings(), **self.runtime_options(**runtime_options))
+
+
+def _spawned_child_importing_main() -> bool:
+    """True while a `multiprocessing` spawned child is still starting: it re-runs the parent's
+    script (as `__mp_main__`) to unpickle its target. multiprocessing's own "bootstrapping
+    phase" check reads the same flag."""
+    import multiprocessing
+
+    return bool(getattr(multiprocessing.current_process(), "_inheriting", False))
