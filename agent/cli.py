@@ -176,6 +176,16 @@ def _port(value: str) -> int:
     return port
 
 
+def _missing_extra(settings: Any) -> str | None:
+    """What `serve` needs that is not installed, said with how to install it (before any model loads)."""
+    import importlib.util
+
+    if settings.wyoming and importlib.util.find_spec("wyoming") is None:
+        return ("--wyoming needs the wyoming package, the `wyoming` extra: pip install -e '.[wyoming]' in a "
+                "checkout (or pip install 'qwen-voice-agent[wyoming]')")
+    return None
+
+
 def _tools_text(tools: Sequence[Any]) -> str | None:
     if not tools:
         return None
@@ -288,6 +298,10 @@ def main(argv: Sequence[str] | None = None, *, agent: Any = None) -> int:
         from agent.server.model_server import run_model_server
 
         return asyncio.run(run_model_server(settings, args.listen, args.token))
+    missing = _missing_extra(settings)
+    if missing:
+        print(f"voice-agent: {missing}", file=sys.stderr)
+        return 2
     from agent.server.frontends import serve_processes
 
     return serve_processes(settings, runtime_options, config=args.config)

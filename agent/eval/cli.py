@@ -149,7 +149,9 @@ def run_eval(args: argparse.Namespace, load_cli_settings: Callable[[argparse.Nam
         import matplotlib  # noqa: F401
         import whisper_normalizer  # noqa: F401
     except ImportError as exc:
-        print(f"voice-agent eval: {exc.name} is missing: pip install 'qwen-voice-agent[eval]'", file=sys.stderr)
+        print(f"voice-agent eval: {exc.name} is missing: eval needs the `eval` extra (jiwer, whisper-normalizer, "
+              "matplotlib): pip install -e '.[eval]' in a checkout (or pip install 'qwen-voice-agent[eval]')",
+              file=sys.stderr)
         return EXIT_BAD
     try:
         report, audios = asyncio.run(_run(args, suite, settings, scripted, runtime_options))
