@@ -80,7 +80,7 @@ NOTES = {
     "SessionEnded.reason": "why it ended, e.g. client, end_of_file, shutdown, error, frontend_lost, "
                            "participant_left, client_disconnected",
 }
-GENERATED = re.compile(r"(<!-- generated: (?P<command>.+?) -->\n)(?P<body>.*?)(<!-- end generated -->)", re.S)
+GENERATED = re.compile(r"^(<!-- generated: (?P<command>[^\n]+?) -->\n)(?P<body>.*?)^(<!-- end generated -->)$", re.S | re.M)
 
 
 # ---- comments in the source: what a field is for ------------------------------------------------
@@ -299,6 +299,10 @@ def stale() -> list[Path]:
     return [path for path, text in expected() if not path.exists() or path.read_text() != text]
 
 
+def _shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m agent.docs", description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 naming each stale file")
@@ -306,12 +310,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         old = stale()
         for path in old:
-            print(f"{path.relative_to(ROOT)} is stale: run `{REGENERATE}`", file=sys.stderr)
+            print(f"{_shown(path)} is stale: run `{REGENERATE}`", file=sys.stderr)
         return 1 if old else 0
     for path, text in expected():
         if not path.exists() or path.read_text() != text:
             path.write_text(text)
-            print(f"wrote {path.relative_to(ROOT)}")
+            print(f"wrote {_shown(path)}")
     return 0
 
 
