@@ -49,11 +49,13 @@ $(VENV)/.venv-stamp: $(VENV)/.apt-demo-stamp
 	@$(PYTHON) -m venv $(VENV) $(QUIET)
 	@touch $@
 
-# torch first, pinned: an unpinned torch requirement would pull a multi-GB CUDA build.
+# torch first, pinned: an unpinned torch requirement would pull a multi-GB CUDA build. PyPI's
+# torch==2.13.0 for Linux x86_64 is itself the CUDA build (with its nvidia-* wheels): without a GPU,
+# `make demo TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu` takes the CPU wheel.
 $(VENV)/.pip-stamp: $(VENV)/.venv-stamp pyproject.toml
 	@echo "pip: installing torch and voice-agent into $(VENV) (a few minutes; log: $(LOG))"
 	@$(PY) -m pip install --upgrade pip $(QUIET)
-	@$(PY) -m pip install torch==2.13.0 $(QUIET)
+	@$(PY) -m pip install torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) $(QUIET)
 	@$(PY) -m pip install -e ".[server]" $(QUIET)
 	@touch $@
 
