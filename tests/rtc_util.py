@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import fractions
 import json
-import time
 from typing import Any
 
 import aiohttp
 import av
-import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-FRAME_S = 0.02
+from agent.bench.track import PacedTrack
+
+BufferTrack = PacedTrack  # the microphone of the tests: real-time frames of a buffer, then silence (or looped)
 
 
 def loopback_only(monkeypatch: Any) -> None:
@@ -22,46 +21,6 @@ def loopback_only(monkeypatch: Any) -> None:
     import aioice.ice
 
     monkeypatch.setattr(aioice.ice, "get_host_addresses", lambda use_ipv4=True, use_ipv6=True: ["127.0.0.1"])
-
-
-class BufferTrack(MediaStreamTrack):
-    """Streams a 16 kHz mono float32 buffer in real time, like a microphone; then silence
-    (so the last turn commits) or, with `loop`, the buffer again."""
-
-    kind = "audio"
-
-    def __init__(self, samples: np.ndarray, rate: int = 16000, loop: bool = False) -> None:
-        super().__init__()
-        self.pcm = (np.clip(samples, -1, 1) * 32767).astype(np.int16)
-        self.rate = rate
-        self.loop = loop
-        self.step = int(rate * FRAME_S)
-        self.pos = 0
-        self._t0: float | None = None
-
-    @property
-    def finished(self) -> bool:
-        return not self.loop and self.pos >= self.pcm.size
-
-    async def recv(self) -> av.AudioFrame:
-        if self.readyState != "live":
-            raise MediaStreamError
-        pts = self.pos
-        if self._t0 is None:
-            self._t0 = time.monotonic()
-        wait = self._t0 + pts / self.rate - time.monotonic()
-        if wait > 0:
-            await asyncio.sleep(wait)
-        start = self.pos % self.pcm.size if self.loop else self.pos
-        chunk = self.pcm[start : start + self.step]
-        if chunk.size < self.step:
-            chunk = np.concatenate([chunk, np.zeros(self.step - chunk.size, np.int16)])
-        self.pos += self.step
-        frame = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = self.rate
-        frame.pts = pts
-        frame.time_base = fractions.Fraction(1, self.rate)
-        return frame
 
 
 class MuteTrack(MediaStreamTrack):
