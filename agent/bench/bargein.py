@@ -30,14 +30,13 @@ import multiprocessing
 import queue
 import random
 import shutil
-import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from agent.bench.speech import espeak
 
 RATE = 16000
 FRAME = 320  # 20 ms sent per frame, as a browser does
@@ -77,38 +76,23 @@ class Clip:
         return f"{self.text!r} {self.voice} {self.speed} wpm {self.duration_s:.2f} s"
 
 
-def _say(text: str, voice: str, speed: int, tmp: Path) -> np.ndarray:
-    raw, out = tmp / "raw.wav", tmp / "out.wav"
-    subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(raw), text], check=True,
-                   capture_output=True)
-    subprocess.run(["sox", str(raw), "-r", str(RATE), "-c", "1", "-b", "16", str(out)], check=True,
-                   capture_output=True)
-    from agent.audio import read_file
-
-    audio = read_file(out)
-    voiced = np.flatnonzero(np.abs(audio) > 1e-3)
-    return audio[voiced[0] : voiced[-1] + 1] if voiced.size else audio
-
-
 def make_clips(quick: bool) -> dict[str, list[Clip]]:
     """Backchannels of 0.3–0.6 s (each word, voice: the speeds that land in range), interruptions ≥ 1 s."""
     voices = VOICES[:2] if quick else VOICES
     clips: dict[str, list[Clip]] = {"backchannel": [], "interruption": []}
-    with tempfile.TemporaryDirectory() as d:
-        tmp = Path(d)
-        for word in BACKCHANNELS:
-            for voice in voices:
-                for speed in SPEEDS:
-                    clip = Clip("backchannel", word, voice, speed, _say(word, voice, speed, tmp))
-                    if 0.3 <= clip.duration_s <= 0.6:
-                        clips["backchannel"].append(clip)
-        for text in INTERRUPTIONS:
-            for voice in voices:
-                speed = 160 if voice != "en-029" else 180
-                clip = Clip("interruption", text, voice, speed, _say(text, voice, speed, tmp))
-                if clip.duration_s >= 1.0:
-                    clips["interruption"].append(clip)
-        clips["question"] = [Clip("question", QUESTION, "en-us", 160, _say(QUESTION, "en-us", 160, tmp))]
+    for word in BACKCHANNELS:
+        for voice in voices:
+            for speed in SPEEDS:
+                clip = Clip("backchannel", word, voice, speed, espeak(word, voice=voice, speed=speed))
+                if 0.3 <= clip.duration_s <= 0.6:
+                    clips["backchannel"].append(clip)
+    for text in INTERRUPTIONS:
+        for voice in voices:
+            speed = 160 if voice != "en-029" else 180
+            clip = Clip("interruption", text, voice, speed, espeak(text, voice=voice, speed=speed))
+            if clip.duration_s >= 1.0:
+                clips["interruption"].append(clip)
+    clips["question"] = [Clip("question", QUESTION, "en-us", 160, espeak(QUESTION, speed=160))]
     return clips
 
 
@@ -137,54 +121,12 @@ async def _peers(url: str, peers: int, cycles: int, clips: dict[str, list[Clip]]
 
 async def _peer(url: str, question: Clip, plan: list[Clip], index: int) -> list[dict[str, Any]]:
     import aiohttp
-    import av
     from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-    from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+    from aiortc.mediastreams import MediaStreamError
 
-    class Mic(MediaStreamTrack):
-        """16 kHz mono in real time: queued clips, else silence; stamps each clip's first frame."""
+    from agent.bench.track import PacedTrack
 
-        kind = "audio"
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.pos, self.t0 = 0, time.monotonic()
-            self.clip: np.ndarray | None = None
-            self.at = 0
-            self.started: asyncio.Future[float] | None = None
-            self.ended: asyncio.Future[float] | None = None
-
-        def play(self, samples: np.ndarray) -> tuple[asyncio.Future[float], asyncio.Future[float]]:
-            loop = asyncio.get_running_loop()
-            self.clip, self.at = (np.clip(samples, -1, 1) * 32767).astype(np.int16), 0
-            self.started, self.ended = loop.create_future(), loop.create_future()
-            return self.started, self.ended
-
-        async def recv(self) -> av.AudioFrame:
-            if self.readyState != "live":
-                raise MediaStreamError
-            wait = self.t0 + self.pos / RATE - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            pcm = np.zeros(FRAME, np.int16)
-            if self.clip is not None:
-                part = self.clip[self.at : self.at + FRAME]
-                pcm[: part.size] = part
-                now = time.monotonic()
-                if self.at == 0 and self.started is not None:
-                    self.started.set_result(now)  # handed to the encoder now: the onset leaves the peer
-                self.at += FRAME
-                if self.at >= self.clip.size:
-                    self.clip = None
-                    if self.ended is not None:
-                        # its last sample's time: the frame's start + the part's length
-                        self.ended.set_result(now + part.size / RATE)
-            frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
-            frame.sample_rate, frame.pts = RATE, self.pos
-            self.pos += FRAME
-            return frame
-
-    mic = Mic()
+    mic = PacedTrack(clock_at_first_frame=False)  # silence in real time, and the clips it is told to play
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     channel = pc.createDataChannel("events")
     pc.addTrack(mic)
@@ -373,8 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.peers < 1 or args.cycles < 1:
         parser.error("--peers and --cycles must be ≥ 1")
-    if shutil.which("espeak-ng") is None or shutil.which("sox") is None:
-        print("bench bargein needs espeak-ng and sox (apt-get install espeak-ng sox)")
+    if shutil.which("espeak-ng") is None:
+        print("bench bargein needs espeak-ng (apt-get install espeak-ng)")
         return 2
     peers, cycles = (1, 1) if args.quick else (args.peers, args.cycles)
     clips = make_clips(args.quick)

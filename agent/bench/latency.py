@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import fractions
-import hashlib
 import json
 import multiprocessing
 import os
@@ -45,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from agent.bench.procs import stop_process
+from agent.bench.speech import espeak
 
 RATE = 16000
 FRAME = 320  # 20 ms, what a browser sends per packet
@@ -63,17 +62,6 @@ TARGET_P50_S, TARGET_SPEEDUP, TARGET_PROCESS_GAIN = 0.6, 1.4, 1.6
 
 
 # ---- the peers' speech --------------------------------------------------------------------
-def _say(text: str, cache: Path) -> np.ndarray:
-    from agent.audio import read_file
-
-    path = cache / f"say-{hashlib.sha1(text.encode()).hexdigest()[:12]}.wav"
-    if not path.exists():
-        subprocess.run(["espeak-ng", "-v", "en-us", "-s", "160", "-w", str(path), text], check=True)
-    audio = read_file(path)  # resampled to 16 kHz mono
-    voiced = np.flatnonzero(np.abs(audio) > 1e-3)  # espeak pads its clips: bounds must be exact
-    return audio[voiced[0] : voiced[-1] + 1]
-
-
 @dataclass
 class Script:
     """One peer's microphone: samples and the (start, end) sample of each utterance."""
@@ -110,47 +98,17 @@ def _client_main(url: str, scripts: list[Script], out: Any) -> None:
 
 async def _clients(url: str, scripts: list[Script]) -> list[dict[str, Any]]:
     import aiohttp
-    import av
     from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-    from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+    from aiortc.mediastreams import MediaStreamError
 
+    from agent.bench.track import PacedTrack
     from agent.transports.webrtc import use_loopback_candidates
 
     use_loopback_candidates()
 
-    class Mic(MediaStreamTrack):
-        """Real-time speech that stamps when each frame is handed over (then silence)."""
-
-        kind = "audio"
-
-        def __init__(self, samples: np.ndarray) -> None:
-            super().__init__()
-            self.pcm = (np.clip(samples, -1, 1) * 32767).astype(np.int16)
-            self.pos, self.t0 = 0, 0.0
-            self.sent: list[float] = []  # monotonic time each frame left, by frame index
-            self.started = asyncio.Event()
-
-        async def recv(self) -> Any:
-            if self.readyState != "live":
-                raise MediaStreamError
-            if not self.sent:
-                self.t0 = time.monotonic()
-                self.started.set()
-            wait = self.t0 + self.pos / RATE - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            chunk = self.pcm[self.pos : self.pos + FRAME]
-            chunk = np.concatenate([chunk, np.zeros(FRAME - chunk.size, np.int16)]) if chunk.size < FRAME else chunk
-            frame = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
-            frame.sample_rate, frame.pts = RATE, self.pos
-            frame.time_base = fractions.Fraction(1, RATE)
-            self.pos += FRAME
-            self.sent.append(time.monotonic())
-            return frame
-
     async def peer(script: Script, http: aiohttp.ClientSession) -> dict[str, Any]:
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        mic = Mic(script.samples)
+        mic = PacedTrack(script.samples)  # real-time speech, stamps when each frame is handed over
         channel = pc.createDataChannel("events")
         events: list[dict[str, Any]] = []
         onsets: list[float] = []  # when each stretch of the agent's voice began to arrive
@@ -180,8 +138,8 @@ async def _clients(url: str, scripts: list[Script]) -> list[dict[str, Any]]:
                 raise RuntimeError(f"POST /v1/sessions: {r.status} {answer}")
         await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type="answer"))
         end = script.samples.size / RATE + 1.0
-        await asyncio.wait_for(mic.started.wait(), 60)  # connected: the first frame went out
-        await asyncio.sleep(mic.t0 + end - time.monotonic())
+        await asyncio.wait_for(mic.first_frame.wait(), 60)  # connected: the first frame went out
+        await asyncio.sleep((mic.t0 or 0.0) + end - time.monotonic())
         await pc.close()
         for task in listeners:
             task.cancel()
@@ -316,7 +274,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="bench-latency-"))
     cache = Path(os.environ.get("VOICE_AGENT_CACHE", Path.home() / ".cache" / "voice-agent")) / "bench-latency"
     cache.mkdir(parents=True, exist_ok=True)
-    clips = {p: _say(p, cache) for u in UTTERANCES for p in u if isinstance(p, str)}
+    clips = {p: espeak(p, speed=160, cache=cache) for u in UTTERANCES for p in u if isinstance(p, str)}
     peer_counts, process_counts = sorted(set(args.peers)), list(dict.fromkeys(args.processes))
     headline_peers = 4 if 4 in peer_counts else peer_counts[-1]
     rng = np.random.default_rng(7)

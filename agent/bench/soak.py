@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import fractions
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from agent.bench.procs import stop_process
+from agent.bench.speech import available, espeak
 from agent.heap import COLLECT_DELAY_S, COLLECT_MIN_INTERVAL_S
 
 RATE = 16000
@@ -224,48 +223,21 @@ class Server:
 # ---- the clients ---------------------------------------------------------------------------
 def speech_clip() -> tuple[np.ndarray, str]:
     """~1 s of speech (espeak-ng), or a synthetic burst when espeak-ng is missing."""
-    if shutil.which("espeak-ng"):
-        from agent.audio import read_file
-
-        with tempfile.TemporaryDirectory() as tmp:
-            wav = Path(tmp) / "s.wav"
-            subprocess.run(["espeak-ng", "-v", "en-us", "-s", "160", "-w", str(wav), "turn on the light"],
-                           check=True, capture_output=True)
-            return read_file(wav)[: int(1.2 * RATE)], "espeak-ng speech"
+    if available():
+        return espeak("turn on the light", speed=160, trim=False)[: int(1.2 * RATE)], "espeak-ng speech"
     t = np.arange(RATE) / RATE
     return (0.3 * np.sin(2 * np.pi * 180 * t) * np.sin(2 * np.pi * 3 * t)).astype(np.float32), "synthetic tone"
 
 
-def _track_class() -> type:
-    import av
-    from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+def _track_class() -> Any:
+    """`track(pcm, speed, loop)`: `pcm` (then silence) paced at `speed` × real time from when the
+    track is made; with `loop`, `pcm` over and over."""
+    from agent.bench.track import PacedTrack
 
-    class SpeechTrack(MediaStreamTrack):
-        """`pcm` (then silence) paced at `speed` × real time; with `loop`, `pcm` over and over."""
+    def track(pcm: np.ndarray, speed: float = 1.0, loop: bool = False) -> Any:
+        return PacedTrack(pcm, loop=loop, speed=speed, clock_at_first_frame=False)
 
-        kind = "audio"
-
-        def __init__(self, pcm: np.ndarray, speed: float = 1.0, loop: bool = False) -> None:
-            super().__init__()
-            self.pcm, self.speed, self.loop = pcm, speed, loop
-            self.pos, self.t0 = 0, time.monotonic()
-
-        async def recv(self) -> av.AudioFrame:
-            if self.readyState != "live":
-                raise MediaStreamError
-            wait = self.t0 + self.pos / RATE / self.speed - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            start = self.pos % self.pcm.size if self.loop else self.pos
-            chunk = self.pcm[start : start + FRAME]
-            if chunk.size < FRAME:
-                chunk = np.concatenate([chunk, np.zeros(FRAME - chunk.size, np.int16)])
-            frame = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
-            frame.sample_rate, frame.pts, frame.time_base = RATE, self.pos, fractions.Fraction(1, RATE)
-            self.pos += FRAME
-            return frame
-
-    return SpeechTrack
+    return track
 
 
 class Clients:

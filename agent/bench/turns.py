@@ -30,7 +30,6 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from agent.bench.speech import silence, utterance
 from agent.model.qwen2_audio import SAMPLE_RATE
 from agent.turns import SilenceBegan, TurnCommitted, TurnConfig, TurnDetector
 
@@ -76,28 +76,11 @@ class Outcome:
     missed: int = 0  # utterances never committed (not expected: the tail is long enough)
 
 
-def espeak(text: str, tmp: Path) -> np.ndarray:
-    from agent.audio import read_file
-
-    raw, wav = tmp / "raw.wav", tmp / "say.wav"
-    subprocess.run(["espeak-ng", "-v", "en-us", "-s", "150", "-w", str(raw), text], check=True, capture_output=True)
-    subprocess.run(["sox", str(raw), "-r", str(SAMPLE_RATE), "-c", "1", "-b", "16", str(wav)], check=True,
-                   capture_output=True)
-    audio = read_file(wav)
-    voiced = np.flatnonzero(np.abs(audio) > 1e-3)  # espeak pads its clips: boundaries exact
-    return audio[voiced[0] : voiced[-1] + 1].astype(np.float32)
-
-
 def _join(pieces: list[str | float], tmp: Path) -> tuple[np.ndarray, list[tuple[float, float]]]:
-    out, parts, t = [np.zeros(int(0.5 * SAMPLE_RATE), np.float32)], [], 0.5
-    for piece in pieces:
-        clip = espeak(piece, tmp) if isinstance(piece, str) else np.zeros(int(piece * SAMPLE_RATE), np.float32)
-        if isinstance(piece, str):
-            parts.append((t, t + clip.size / SAMPLE_RATE))
-        out.append(clip)
-        t += clip.size / SAMPLE_RATE
-    out.append(np.zeros(int(TAIL_S * SAMPLE_RATE), np.float32))
-    return np.concatenate(out), parts
+    speech, parts = utterance(pieces, cache=tmp)  # espeak's clips kept in tmp: a text is made once
+    lead = 0.5
+    return (np.concatenate([silence(lead), speech, silence(TAIL_S)]),
+            [(start + lead, end + lead) for start, end in parts])
 
 
 def generated(pauses: list[float]) -> list[Utterance]:
@@ -240,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         utterances = recorded(args.wav, args.marks)
         source = f"recording {args.wav}"
     else:
-        if not (shutil.which("espeak-ng") and shutil.which("sox")):
-            print("bench turns needs espeak-ng and sox (apt-get install espeak-ng sox)", file=sys.stderr)
+        if not shutil.which("espeak-ng"):
+            print("bench turns needs espeak-ng (apt-get install espeak-ng)", file=sys.stderr)
             return 2
         utterances = generated(args.pauses)
         source = "espeak-ng en-us 150 wpm"

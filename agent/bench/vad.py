@@ -28,14 +28,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shutil
 import statistics
 import subprocess
-import tempfile
 import time
 import warnings
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,17 +46,13 @@ SENTENCES = ["turn on the kitchen light", "what is the weather like today",
 
 def load_audio() -> tuple[np.ndarray, str]:
     """About 12 s of 16 kHz mono: spoken sentences with pauses, or a synthetic stand-in."""
-    if shutil.which("espeak-ng"):
-        try:
-            from agent.audio import read_file
+    from agent.bench.speech import available, espeak
 
-            with tempfile.TemporaryDirectory() as tmp:
-                pieces = []
-                for i, text in enumerate(SENTENCES):
-                    wav = Path(tmp) / f"{i}.wav"
-                    subprocess.run(["espeak-ng", "-v", "en-us", "-s", "150", "-w", str(wav), text],
-                                   check=True, capture_output=True)
-                    pieces += [read_file(wav), np.zeros(12000, np.float32)]
+    if available():
+        try:
+            pieces = []
+            for text in SENTENCES:
+                pieces += [espeak(text, trim=False), np.zeros(12000, np.float32)]
             return np.concatenate(pieces).astype(np.float32), "espeak-ng speech"
         except (OSError, subprocess.CalledProcessError, ImportError):
             pass

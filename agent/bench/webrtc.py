@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import fractions
 import json
 import multiprocessing
 import time
@@ -33,39 +32,20 @@ def _client_main(url: str, peers: int, audio: np.ndarray, stop: Any) -> None:
 
 async def _clients(url: str, peers: int, audio: np.ndarray, stop: Any) -> None:
     import aiohttp
-    import av
     from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-    from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+    from agent.bench.track import PacedTrack
     from agent.transports.webrtc import use_loopback_candidates
 
     use_loopback_candidates()
     pcm = (np.clip(audio, -1, 1) * 32767).astype(np.int16)
 
-    class Loop(MediaStreamTrack):
-        kind = "audio"
-
-        def __init__(self, offset: int) -> None:
-            super().__init__()
-            self.pos, self.offset, self.t0 = 0, offset, time.monotonic()
-
-        async def recv(self) -> av.AudioFrame:
-            if self.readyState != "live":
-                raise MediaStreamError
-            wait = self.t0 + self.pos / 16000 - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            start = (self.pos + self.offset) % (pcm.size - FRAME)
-            frame = av.AudioFrame.from_ndarray(pcm[start : start + FRAME].reshape(1, -1), format="s16", layout="mono")
-            frame.sample_rate, frame.pts, frame.time_base = 16000, self.pos, fractions.Fraction(1, 16000)
-            self.pos += FRAME
-            return frame
-
     pcs = []
     async with aiohttp.ClientSession() as http:
         for i in range(peers):
             pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-            pc.addTrack(Loop(offset=i * 7919 * FRAME))  # peers out of phase, like real speakers
+            # looped speech in real time, peers out of phase like real speakers
+            pc.addTrack(PacedTrack(pcm, loop=True, offset=i * 7919 * FRAME, clock_at_first_frame=False))
             await pc.setLocalDescription(await pc.createOffer())
             async with http.post(f"{url}/v1/sessions", json={"type": "offer", "sdp": pc.localDescription.sdp}) as r:
                 answer = await r.json()
