@@ -74,12 +74,7 @@ def utterance(parts: Sequence[str | float], *, voice: str = VOICE, speed: int = 
 
 def write_wav(path: Path, samples: np.ndarray, rate: int = RATE) -> Path:
     """16-bit mono PCM WAV."""
-    import wave
+    from agent.model.qwen2_audio import to_wav_bytes
 
-    pcm = (np.clip(samples, -1, 1) * 32767).astype("<i2")
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(pcm.tobytes())
+    path.write_bytes(to_wav_bytes(samples, rate))
     return path
