@@ -87,3 +87,15 @@ def test_readme_commands_work_as_written_after_make() -> None:
     bare = [m.start() for m in re.finditer(r"(?<![\w/.-])python3? (?:examples/|my_agent)\S*", readme)]
     assert bare and min(bare) > activated, (bare, activated)
     assert "tests/.ha-cache" in readme and "570 MB" in readme and "docker-compose" in readme
+
+
+def test_the_cpu_torch_wheel_can_be_asked_for(checkout: Path) -> None:
+    """PyPI's torch for Linux x86_64 is the CUDA build: the README says how to take the CPU wheel."""
+    url = "https://download.pytorch.org/whl/cpu"
+    env = {**os.environ, "CALLS": str(checkout / "calls")}
+    out = subprocess.run(["make", "-C", str(checkout), f"PYTHON={checkout / 'system' / 'python3'}", "APT_PACKAGES=",
+                          "DEMO_APT_PACKAGES=", f"TORCH_INDEX_URL={url}", ".venv/.pip-stamp"],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert any(c.endswith(f"install torch==2.13.0 --index-url {url}") for c in calls(checkout)), calls(checkout)
+    assert f"make demo TORCH_INDEX_URL={url}" in (ROOT / "README.md").read_text()
