@@ -24,7 +24,7 @@ class Speech:
 def make_speech(parts: list[str | float], name: str | None = None) -> Speech:
     """`parts` alternates text (spoken) and floats (seconds of silence)."""
     samples, segments = utterance(parts, cache=CACHE)
-    key = hashlib.sha1(f"pyav|{parts!r}".encode()).hexdigest()[:12]  # made as agent.bench.speech makes it
+    key = hashlib.sha1(repr(parts).encode()).hexdigest()[:12]
     path = CACHE / f"{name or 'speech'}-{key}.wav"
     if not path.exists():
         write_wav(path.with_suffix(".part.wav"), samples).replace(path)

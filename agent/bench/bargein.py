@@ -315,8 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.peers < 1 or args.cycles < 1:
         parser.error("--peers and --cycles must be ≥ 1")
-    if shutil.which("espeak-ng") is None:
-        print("bench bargein needs espeak-ng (apt-get install espeak-ng)")
+    if shutil.which("espeak-ng") is None or shutil.which("sox") is None:
+        print("bench bargein needs espeak-ng and sox (apt-get install espeak-ng sox)")
         return 2
     peers, cycles = (1, 1) if args.quick else (args.peers, args.cycles)
     clips = make_clips(args.quick)

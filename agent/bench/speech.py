@@ -1,9 +1,10 @@
 """Synthetic speech for benchmarks and tests: espeak-ng, 16 kHz mono float32, boundaries exact.
 
 The one place that runs espeak-ng to make input speech (the agent's own voice is the `espeak`
-TTS engine, agent/speech). espeak-ng writes a 22.05 kHz WAV; PyAV (`agent.audio.read_file`)
-resamples it to 16 kHz; the silence espeak pads its clips with is trimmed, so the bounds of an
-utterance are where its speech is. espeak's flat prosody fools audio models: judge turn-taking on
+TTS engine, agent/speech). espeak-ng writes a 22.05 kHz WAV and sox resamples it to 16 kHz 16-bit
+(as the tests always made their speech: the same samples, bit for bit); the silence espeak pads
+its clips with is trimmed, so the bounds of an utterance are where its speech is. Needs the
+Debian packages espeak-ng and sox (`make setup` installs both). espeak's flat prosody fools audio models: judge turn-taking on
 recordings of real people.
 """
 
@@ -24,7 +25,7 @@ VOICED = 1e-3  # |sample| above this is speech: espeak's padding is digital sile
 
 
 def available() -> bool:
-    return shutil.which("espeak-ng") is not None
+    return shutil.which("espeak-ng") is not None and shutil.which("sox") is not None
 
 
 def espeak(text: str, *, voice: str = VOICE, speed: int = SPEED, cache: Path | None = None,
@@ -33,16 +34,18 @@ def espeak(text: str, *, voice: str = VOICE, speed: int = SPEED, cache: Path | N
     (keyed by voice, speed and text) and not made again. `trim`: without espeak's padding."""
     from agent.audio import read_file
 
-    key = hashlib.sha1(f"{voice}|{speed}|{text}".encode()).hexdigest()[:12]
+    key = hashlib.sha1(f"sox|{voice}|{speed}|{text}".encode()).hexdigest()[:12]
     with tempfile.TemporaryDirectory() as tmp:
         wav = (cache or Path(tmp)) / f"espeak-{key}.wav"
         if cache is not None:
             cache.mkdir(parents=True, exist_ok=True)
         if not wav.exists():
-            part = wav.with_suffix(".part.wav")  # renamed when whole: a concurrent reader never sees half
-            subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(part), text], check=True,
+            raw, part = Path(tmp) / "raw.wav", wav.with_suffix(".part.wav")
+            subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(raw), text], check=True,
                            capture_output=True)
-            part.replace(wav)
+            subprocess.run(["sox", str(raw), "-r", str(RATE), "-c", "1", "-b", "16", str(part)], check=True,
+                           capture_output=True)
+            part.replace(wav)  # whole or not at all: a concurrent reader never sees half a file
         audio = read_file(wav).astype(np.float32)
     if trim:
         voiced = np.flatnonzero(np.abs(audio) > VOICED)

@@ -223,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         utterances = recorded(args.wav, args.marks)
         source = f"recording {args.wav}"
     else:
-        if not shutil.which("espeak-ng"):
-            print("bench turns needs espeak-ng (apt-get install espeak-ng)", file=sys.stderr)
+        if not (shutil.which("espeak-ng") and shutil.which("sox")):
+            print("bench turns needs espeak-ng and sox (apt-get install espeak-ng sox)", file=sys.stderr)
             return 2
         utterances = generated(args.pauses)
         source = "espeak-ng en-us 150 wpm"
