@@ -1,12 +1,12 @@
 """Synthetic speech for benchmarks and tests: espeak-ng, 16 kHz mono float32, boundaries exact.
 
 The one place that runs espeak-ng to make input speech (the agent's own voice is the `espeak`
-TTS engine, agent/speech). espeak-ng writes a 22.05 kHz WAV and sox resamples it to 16 kHz 16-bit
-(as the tests always made their speech: the same samples but for sox's ±1 LSB dither, which
-differs from run to run); the silence espeak pads
-its clips with is trimmed, so the bounds of an utterance are where its speech is. Needs the
-Debian packages espeak-ng and sox (`make setup` installs both). espeak's flat prosody fools audio models: judge turn-taking on
-recordings of real people.
+TTS engine, agent/speech). espeak-ng writes a 22.05 kHz WAV and sox resamples it to 16 kHz
+16-bit, as the tests always made their speech (the same samples but for sox's ±1 LSB dither,
+which differs from run to run); the silence espeak pads its clips with is trimmed, so the bounds
+of an utterance are where its speech is. Needs the Debian packages espeak-ng and sox (`make setup`
+installs both). espeak's flat prosody fools audio models: judge turn-taking on recordings of real
+people.
 """
 
 from __future__ import annotations
