@@ -17,7 +17,7 @@ KEYS = ("peers", "v2v_p50_s", "v2v_p95_s", "baseline_v2v_p50_s", "speedup_p50_vs
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
+@pytest.mark.skipif(shutil.which("espeak-ng") is None or shutil.which("sox") is None, reason="needs espeak-ng and sox")
 def test_bench_latency_quick_reports_sane_figures() -> None:
     out = subprocess.run([sys.executable, "-m", "agent.cli", "bench", "latency", "--quick", "--json"],
                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from agent.bench.speech import RATE, VOICED, espeak, utterance, write_wav
+from agent.bench.speech import RATE, VOICED, available, espeak, utterance, write_wav
 
-needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
+needs_espeak = pytest.mark.skipif(not available(), reason="needs espeak-ng and sox")
 
 
 @needs_espeak
