@@ -23,12 +23,14 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
+
 from agent import events as ev
 from agent.config import Settings
 from agent.context import RunContext
 from agent.conversation import Conversation
 from agent.inference.base import Backend, GenerationRequest, GenerationStats, InferenceError
-from agent.reply import Reply, TurnStamps
+from agent.reply import Reply, Stage, TurnStamps
 from agent.speech.playback import PlaybackReport
 from agent.speech.voice import Voice
 from agent.tools import ParsedToolCall, TextPiece, ToolCallParser, ToolOutcome, ToolRegistry, format_tool_responses
@@ -105,29 +107,36 @@ class Replies:
             await asyncio.shield(run.task)
 
     # ---- a turn that may have ended --------------------------------------------------
-    async def speculate(self, turn_id: str, end: float, request: GenerationRequest | None) -> None:
-        """Silence began at `end`: a reply to that turn, its prompt prefilled (`request`; None:
-        the turn cannot be asked as it is, the commit reports why)."""
+    async def speculate(self, turn_id: str, end: float, audio: np.ndarray, instruction: str | None) -> None:
+        """Silence began at `end`: a reply to the turn `audio` would be, its prompt prefilled."""
         if self.closed:
             return
         self.pending = _Run(Reply(turn_id, end))
-        if request is not None:
+        if (request := self._request(turn_id, audio, instruction)) is not None:
             request.speculative = True
             await self._backend(lambda b: b.prefill(request))
 
-    def preemptable(self, end: float) -> str | None:
-        """The turn id of the speculative reply to the turn ending at `end`, if one may start."""
+    def preempt(self, end: float, audio: np.ndarray, instruction: str | None) -> None:
+        """Silence lasted long enough: the speculative reply to the turn ending at `end`
+        generates its answer now, kept back until its turn commits."""
         run = self.pending
-        if self.closed or run is None or run.reply.end != end or run.reply.preemptive:
-            return None
-        return run.reply.turn_id
-
-    def preempt(self, instruction: str | None, request: GenerationRequest) -> None:
-        """Generate the pending reply's answer now, kept back until its turn commits."""
-        run = self.pending
-        if run is not None and not self.closed and run.reply.preempt(instruction):
+        if self.closed or run is None or run.reply.end != end or run.reply.stage is not Stage.SPECULATIVE:
+            return
+        if (request := self._request(run.reply.turn_id, audio, instruction)) is not None:
+            run.reply.preempt(instruction)
             request.preemptive = True
             self._start(run, request)
+
+    def _request(self, turn_id: str, audio: np.ndarray, instruction: str | None) -> GenerationRequest | None:
+        """The request the turn ending now would make (None: it cannot be asked; the commit says why)."""
+        owner, conversation = self.owner, self.owner.conversation
+        try:
+            conversation.add_user(audio, instruction)
+        except ValueError:
+            return None
+        request = conversation.request(owner.id, turn_id, owner.max_new_tokens, owner.tools_block())
+        conversation.pop_last_user()
+        return request
 
     def matching(self, end: float, split: bool) -> Reply | None:
         """The pending reply, if the turn that committed (ending at `end`) is its turn."""
@@ -165,6 +174,17 @@ class Replies:
         await self._backend(lambda b: b.drop(self.owner.id, run.reply.turn_id))
 
     # ---- committed answers -------------------------------------------------------------
+    async def give(self, reply: Reply | None, turn_id: str, committed_at: float, stamps: TurnStamps) -> None:
+        """Answer the turn that committed: its preemptive answer goes out, or one is made now."""
+        if reply is not None and reply.preemptive:
+            await self.promote(reply, stamps)
+            return
+        if reply is None:
+            reply = Reply.committed(turn_id, committed_at, stamps)
+        else:
+            reply.commit(committed_at, stamps)
+        self.answer(reply)
+
     async def promote(self, reply: Reply, stamps: TurnStamps) -> None:
         """The pending reply's turn committed as preempted: publish what it kept, play it."""
         run = self.pending

@@ -226,3 +226,30 @@ class Reply:
     @property
     def withheld(self) -> bool:
         return self.voice is VoiceTurn.WITHHELD
+
+
+class TurnIds:
+    """A session's turn ids, `<session>-t<n>`, counting 1, 2, 3 as users see them: the number of
+    a reply dropped before its turn committed goes to the next turn (the backend has dropped it
+    before that id is used again)."""
+
+    def __init__(self, session_id: str) -> None:
+        self.prefix = f"{session_id}-t"
+        self.n = 0
+
+    def next(self) -> str:
+        self.n += 1
+        return self.last
+
+    @property
+    def last(self) -> str:
+        return f"{self.prefix}{self.n}"
+
+    def give_back(self, turn_id: str) -> None:
+        if turn_id == self.last and self.n > 0:
+            self.n -= 1
+
+    def issued(self, turn_id: str) -> bool:
+        """Whether `turn_id` is one of this session's (a rating names one)."""
+        n = turn_id.removeprefix(self.prefix)
+        return n != turn_id and n.isdigit() and 0 < int(n) <= self.n

@@ -30,20 +30,21 @@ from agent import turns
 from agent.config import Settings
 from agent.context import AgentHooks, RunContext, UserTurn
 from agent.conversation import Conversation
-from agent.eot import EndOfTurnService, PendingVerdict
-from agent.inference.base import Backend, GenerationRequest
-from agent.preempt import Preemption, Start
+from agent.eot import EndOfTurnService
+from agent.inference.base import Backend
+from agent.listener import MAX_UNCOMMITTED_S, Listener
+from agent.preempt import Preemption
 from agent.replies import Replies
-from agent.reply import Reply, TurnStamps
+from agent.reply import Reply, TurnIds
 from agent.speech.bargein import BargeIn, Playout
 from agent.speech.base import SpeechEngine
 from agent.speech.voice import Voice, VoiceCounters
 from agent.tools import ToolRegistry
-from agent.vad import CHUNK, VADStream
+from agent.vad import VADStream
 
 log = logging.getLogger(__name__)
 
-MAX_UNCOMMITTED_S = 120.0  # manual turns: speech kept for commit() beyond this drops its oldest part
+__all__ = ["MAX_UNCOMMITTED_S", "Session", "SessionDeps"]
 
 
 @dataclass
@@ -84,9 +85,6 @@ class Session:
         self.backend = deps.backend
         self.id = session_id or uuid.uuid4().hex[:12]
         self._stamper = ev.EventStamper(self.id)
-        self._detector = turns.TurnDetector(s.turns.to_turn_config())
-        self._vad = deps.vad
-        self._eot = deps.end_of_turn
         self.conversation = Conversation.for_backend(deps.system_prompt, s.context_tokens, deps.backend)
         self.hooks = deps.hooks
         self.context = RunContext(self, deps.hooks.create_userdata())
@@ -94,11 +92,8 @@ class Session:
         self._instruction = instruction
         self._next_instruction: str | None = None
         self._wait = wait_for_responses
-        self._pending: list[np.ndarray] = []  # audio the VAD has not scored yet
-        self._turn_n = 0
+        self.turn_ids = TurnIds(self.id)
         self.manual_turns = manual_turns
-        self._uncommitted: list[turns.TurnCommitted] = []  # manual_turns: speech not committed yet
-        self.uncommitted_dropped_s = 0.0  # manual_turns: uncommitted speech dropped beyond MAX_UNCOMMITTED_S
         # The tools shown to the model (this session's own registry), and whether their calls
         # end the response instead of being run here (an owner with its own tool runtime,
         # livekit-agents, adds the results to `conversation` and calls `reply()`).
@@ -115,13 +110,18 @@ class Session:
         if deps.tts is not None and voice_output in ("live", "offline"):
             self.voice = Voice(deps.tts, self.emit, realtime=voice_output == "live",
                                counters=deps.voice_counters, playout_margin_s=s.turns.echo_playout_s)
-        self._pos = 0  # samples the detector has seen
         # Speech that began while the agent was answering: pause, then backchannel, barge-in or echo.
         self._overlap = BargeIn(s.turns.to_bargein_config(), self.voice, self.emit)
         self.replies = Replies(self)  # every answer, its task and its voice turn (agent/replies.py)
-        self._preempt = Preemption(s.turns.preempt_after_s, s.turns.preemptive)  # when one starts early
-        self._stamps = TurnStamps()  # the user's turn in progress (its reply takes them at the commit)
-        self._verdict: PendingVerdict | None = None  # the end-of-turn model on this silence
+        # The user's turn in progress: VAD, detector, end-of-turn verdict, when to preempt, stamps.
+        self._ears = Listener(deps.vad, turns.TurnDetector(s.turns.to_turn_config()),
+                              Preemption(s.turns.preempt_after_s, s.turns.preemptive), deps.end_of_turn,
+                              self.spawn, self.id)
+
+    @property
+    def uncommitted_dropped_s(self) -> float:
+        """manual_turns: seconds of uncommitted speech dropped beyond MAX_UNCOMMITTED_S."""
+        return self._ears.uncommitted_dropped_s
 
     @property
     def held_dropped_s(self) -> float:
@@ -178,31 +178,16 @@ class Session:
             return
         async with self._lock:
             self.last_activity = time.monotonic()
-            probs = await self._vad.process(samples)
-            self._pending.append(samples)
-            if not probs.size:
-                return
-            buf = np.concatenate(self._pending)
-            used = probs.size * CHUNK
-            self._pending = [buf[used:]]
-            det = self._detector
-            for i, p in enumerate(probs):
+            ears = self._ears
+            for chunk, p in await ears.score(samples):
                 if self.closed:
                     return  # closed meanwhile: the rest is nobody's
-                chunk = buf[i * CHUNK : (i + 1) * CHUNK]
-                self._pos += CHUNK
-                if p >= det.config.neg_threshold:
-                    self._stamps.speech_end = time.monotonic()
-                if (verdict := self._verdict) is not None and verdict.needed(
-                        det.silence_s, CHUNK / turns.SAMPLE_RATE, det.config.min_silence_s_complete):
-                    self._verdict = None
-                    det.set_verdict(verdict.t, await verdict.result())  # stale: ignored
-                for signal in det.feed(chunk, float(p)):
+                for signal in await ears.feed(chunk, p):
                     await self._on_signal(signal)
-                if (start := self._preempt.tick(self._pos / turns.SAMPLE_RATE)) is not None:
-                    self._preempted(start)
+                if (start := ears.tick()) is not None:
+                    self.replies.preempt(start.end, start.audio, self._take_instruction(peek=True))
                 if self._overlap.voice is not None and not self.closed:
-                    if self._overlap.step(chunk, float(p), self._pos / turns.SAMPLE_RATE, self._agent_busy()):
+                    if self._overlap.step(chunk, p, ears.now, self._agent_busy()):
                         await self._interrupt("barge_in")
 
     async def finish(self) -> None:
@@ -247,23 +232,18 @@ class Session:
             self._overlap.speech_paused(signal.t)
         elif isinstance(signal, turns.SilenceBegan):
             self._overlap.speech_paused(signal.t)
-            self._stamps.end_detected = time.monotonic()
-            self._preempt.on_signal(signal, self._may_preempt())
-            if self._eot is not None and (call := self.spawn(self._eot.predict(signal.audio), "eot")) is not None:
-                self._verdict = PendingVerdict(signal.t, call)  # the model decides how long this silence must last
+            self._ears.silence_began(signal, self._may_preempt())
             if self.manual_turns:
                 return  # the committed turn will join kept parts: no prefill can match it
             await self._drop_pending()  # (none: speech resumed or the turn committed since the last silence)
-            turn_id = self._new_turn_id()
-            await self.replies.speculate(turn_id, signal.t, self._request(turn_id, signal.audio))
+            await self.replies.speculate(self.turn_ids.next(), signal.t, signal.audio, self._take_instruction(peek=True))
         elif isinstance(signal, turns.SpeechResumed):
             self._overlap.speech_resumed()
-            self._preempt.on_signal(signal)
+            self._ears.preempt.on_signal(signal)
             await self._drop_pending()
         elif isinstance(signal, turns.TurnCommitted):
-            self._stamps.commit = time.monotonic()
-            self._preempt.on_signal(signal)
-            ignored, cancel = self._overlap.turn_committed(signal.audio, signal.split, self._pos / turns.SAMPLE_RATE)
+            self._ears.turn_committed(signal)
+            ignored, cancel = self._overlap.turn_committed(signal.audio, signal.split, self._ears.now)
             if cancel:
                 await self._interrupt("barge_in")
             if ignored is not None:
@@ -271,7 +251,7 @@ class Session:
                 # this is no user turn (bargein.py reports it).
                 await self._drop_pending()
             elif self.manual_turns:
-                self._keep_uncommitted(signal)
+                self._ears.keep(signal)
             else:
                 await self._commit(signal)
 
@@ -280,37 +260,25 @@ class Session:
         progress is cut; with `manual_turns` all uncommitted speech becomes one user turn,
         answered only by `reply()`. Returns whether a turn was committed."""
         async with self._lock:
-            flushed = self._detector.flush()
+            flushed = self._ears.detector.flush()
             for signal in flushed:
                 await self._on_signal(signal)
             if not self.manual_turns:
                 return any(isinstance(s, turns.TurnCommitted) for s in flushed)
-            parts, self._uncommitted = self._uncommitted, []
-            if not parts or self.closed:
+            turn = self._ears.take_uncommitted()
+            if turn is None or self.closed:
                 return False
-            audio = np.concatenate([t.audio for t in parts])
-            await self._commit(turns.TurnCommitted(parts[0].start, parts[-1].end, audio), respond=False)
+            await self._commit(turn, respond=False)
             return True
-
-    def _keep_uncommitted(self, turn: turns.TurnCommitted) -> None:
-        """Keep speech for the owner's commit(), bounded: the oldest goes first (logged)."""
-        self._uncommitted.append(turn)
-        kept_s = sum(t.audio.size for t in self._uncommitted) / turns.SAMPLE_RATE
-        while kept_s > MAX_UNCOMMITTED_S and len(self._uncommitted) > 1:
-            dropped = self._uncommitted.pop(0).audio.size / turns.SAMPLE_RATE
-            kept_s -= dropped
-            self.uncommitted_dropped_s += dropped
-            log.warning("session %s: %.1f s of uncommitted speech dropped (more than %.0f s kept)",
-                        self.id, dropped, MAX_UNCOMMITTED_S)
 
     async def clear(self) -> None:
         """Forget the user's speech not committed yet (kept, and the turn in progress)."""
         async with self._lock:
-            self._uncommitted = []
-            for signal in self._detector.flush():
+            self._ears.uncommitted = []
+            for signal in self._ears.detector.flush():
                 if not isinstance(signal, turns.TurnCommitted):
                     await self._on_signal(signal)  # speech.stopped; the turn itself is dropped
-            self._preempt.cancel()
+            self._ears.preempt.cancel()
             await self._drop_pending()
 
     async def reply(self, instructions: str | None = None, *, tools: bool = True) -> str:
@@ -325,7 +293,7 @@ class Session:
                 raise ValueError("nothing to answer: no user turn or tool results pending")
             self.conversation.add_user_text(instructions)
             instructions = None
-        turn_id = self._new_turn_id()
+        turn_id = self.turn_ids.next()
         self.replies.answer(Reply.committed(turn_id, time.monotonic()), instructions, tools=tools)
         return turn_id
 
@@ -333,13 +301,13 @@ class Session:
         """Speak `text` as the agent now (a hook, a tool, a greeting): events and history as if
         the model had said it; the running response, if any, is superseded. Its turn_id."""
         await self._speak_first()
-        turn_id = self._new_turn_id()
+        turn_id = self.turn_ids.next()
         self.replies.answer_directly(Reply.committed(turn_id, time.monotonic()), text)
         return turn_id
 
     async def _speak_first(self) -> None:
         """The agent speaks first: no preemptive answer, the running one is superseded."""
-        self._preempt.cancel()
+        self._ears.preempt.cancel()
         await self.replies.withdraw()
         await self.replies.stop("superseded")
 
@@ -347,11 +315,10 @@ class Session:
         reply = self.replies.matching(turn.end, turn.split)  # the speculative reply is this very turn
         if reply is None:
             await self._drop_pending()
-        turn_id = reply.turn_id if reply is not None else self._new_turn_id()
+        turn_id = reply.turn_id if reply is not None else self.turn_ids.next()
         await self.replies.stop("superseded")
         committed_at = time.monotonic()
-        stamps, self._stamps = self._stamps, TurnStamps()
-        stamps.commit = stamps.commit or committed_at
+        stamps = self._ears.take_stamps(committed_at)
         user = UserTurn(turn_id, turn.audio, turn.start, turn.end, self._take_instruction())
         direct = await self.run_hook("on_user_turn", user)
         if self.closed:
@@ -377,14 +344,7 @@ class Session:
             return
         if not respond:
             return
-        if reply is not None and reply.preemptive:
-            await self.replies.promote(reply, stamps)
-        else:
-            if reply is None:
-                reply = Reply.committed(turn_id, committed_at, stamps, turn.end)
-            else:
-                reply.commit(committed_at, stamps)
-            self.replies.answer(reply)
+        await self.replies.give(reply, turn_id, committed_at, stamps)
         if self._wait:
             await self.wait_idle()
 
@@ -394,19 +354,11 @@ class Session:
             self._next_instruction = None
         return text
 
-    def _new_turn_id(self) -> str:
-        self._turn_n += 1
-        return self._last_turn_id()
-
-    def _last_turn_id(self) -> str:
-        return f"{self.id}-t{self._turn_n}"
-
     async def _drop_pending(self) -> None:
         """Drop the reply to a turn that did not end; its number goes to the next turn, so the
         turn ids users see count 1, 2, 3 (the backend has dropped it before that id is used again)."""
-        dropped = await self.replies.drop()
-        if dropped is not None and dropped.turn_id == self._last_turn_id():
-            self._turn_n -= 1
+        if (dropped := await self.replies.drop()) is not None:
+            self.turn_ids.give_back(dropped.turn_id)
 
     # ---- preemptive answers ----------------------------------------------------------
     def _may_preempt(self) -> bool:
@@ -414,22 +366,6 @@ class Session:
         files fed faster than real time (nothing to gain), nor with offline speech."""
         offline_voice = self.voice is not None and not self.voice.realtime
         return not (self.manual_turns or self._wait or offline_voice or self._agent_busy() or self.closed)
-
-    def _preempted(self, start: Start) -> None:
-        """Silence lasted long enough: the speculative reply to that turn answers now, kept back."""
-        turn_id = self.replies.preemptable(start.end)
-        if turn_id is not None and (request := self._request(turn_id, start.audio)) is not None:
-            self.replies.preempt(self._take_instruction(peek=True), request)
-
-    def _request(self, turn_id: str, audio: np.ndarray) -> GenerationRequest | None:
-        """The request the turn ending now would make (None: it cannot be asked; the commit says why)."""
-        try:
-            self.conversation.add_user(audio, self._take_instruction(peek=True))
-        except ValueError:
-            return None
-        request = self.conversation.request(self.id, turn_id, self.max_new_tokens, self.tools_block())
-        self.conversation.pop_last_user()
-        return request
 
     # ---- commands -----------------------------------------------------------------
     async def handle(self, command: ev.Command) -> None:
@@ -454,7 +390,7 @@ class Session:
                 self.max_new_tokens = command.max_new_tokens
             if command.min_silence_s is not None:
                 try:  # it must stay within [min_silence_s_complete, max_silence_s]
-                    self._detector.reconfigure(min_silence_s=command.min_silence_s)
+                    self._ears.detector.reconfigure(min_silence_s=command.min_silence_s)
                 except ValueError as exc:
                     self.report_error("bad_request", str(exc))
         elif isinstance(command, ev.SessionClose):
@@ -464,8 +400,7 @@ class Session:
 
     async def _feedback(self, command: ev.Feedback) -> None:
         """A rating of one of this session's answers: an event (recorded with `--record`), then the hook."""
-        n = command.turn_id.removeprefix(f"{self.id}-t")
-        if n == command.turn_id or not n.isdigit() or not 0 < int(n) <= self._turn_n:
+        if not self.turn_ids.issued(command.turn_id):
             self.report_error("bad_command", f"feedback: no turn {command.turn_id!r} in this session")
             return
         self.emit(ev.FeedbackReceived(turn_id=command.turn_id, rating=command.rating, correction=command.correction))
@@ -478,7 +413,7 @@ class Session:
         if self.closed:
             return
         self.closed = True  # from here nothing starts: no reply, no task, no backend call
-        self._preempt.cancel()
+        self._ears.preempt.cancel()
         await self.replies.close()
         tasks = [t for t in self._tasks if t is not asyncio.current_task()]
         for task in tasks:
@@ -486,7 +421,7 @@ class Session:
         await asyncio.gather(*tasks, return_exceptions=True)
         if self.voice is not None:
             await self.voice.close()
-        self._vad.close()
+        self._ears.vad.close()
         await self.run_hook("on_session_ended", reason)
         try:
             await self.backend.forget(self.id)
