@@ -81,6 +81,7 @@ class Replies:
         self.current: _Run | None = None
         self.closed = False
         self._backend_open = True  # until the close forgets the conversation
+        self._tasks: set[asyncio.Task[None]] = set()  # every reply's task until it ends (a close ends them)
 
     # ---- events ------------------------------------------------------------------
     def route(self, event: ev._Event) -> bool:
@@ -218,7 +219,8 @@ class Replies:
         if self.closed:
             return
         owner, turn_id = self.owner, reply.turn_id
-        self.current = _Run(reply)
+        if not (self.current is not None and self.current.task is asyncio.current_task()):
+            self.current = _Run(reply)  # (said by a hook or tool of the running answer: that one stays current)
         owner.emit(ev.ResponseStarted(turn_id=turn_id))
         if owner.voice is not None:
             owner.voice.begin(turn_id, withheld=reply.begin_voice())
@@ -262,11 +264,17 @@ class Replies:
         await self.drop()
         if self.current is not None:
             await self._stop(self.current, "session_closed")
+        others = [t for t in self._tasks if t is not asyncio.current_task()]  # superseded from within themselves
+        for task in others:
+            task.cancel("session_closed")
+        await asyncio.gather(*others, return_exceptions=True)
         self._backend_open = False
 
     # ---- internals ---------------------------------------------------------------------
     async def _stop(self, run: _Run, reason: str) -> None:
-        if run.task is not None and not run.task.done():
+        """Cancel its task and wait for it to end (never the running task itself: a hook or tool
+        of the answer that closes the session lets the answer end on its own)."""
+        if run.task is not None and not run.task.done() and run.task is not asyncio.current_task():
             run.reply.cancel(reason)
             run.task.cancel(reason)
             await asyncio.gather(run.task, return_exceptions=True)
@@ -283,8 +291,10 @@ class Replies:
     def _start(self, run: _Run, request: GenerationRequest | None = None, instructions: str | None = None,
                tools: bool = True) -> None:
         turn_id = run.reply.turn_id
-        run.task = asyncio.create_task(self._generate(run, request, instructions, tools),
-                                       name=f"reply-{self.owner.id}-{turn_id}")
+        run.task = task = asyncio.create_task(self._generate(run, request, instructions, tools),
+                                              name=f"reply-{self.owner.id}-{turn_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _generate(self, run: _Run, request: GenerationRequest | None, instructions: str | None,
                         tools: bool) -> None:
