@@ -54,7 +54,7 @@ class TurnSettings(BaseModel):
     complete_threshold: Float = Field(default=0.5, gt=0, lt=1)  # P(complete) ≥ this: complete
     incomplete_threshold: Float = Field(default=0.5, gt=0, lt=1)  # < this: incomplete; between: fixed rule
     # Preemptive answers: the answer (text and speech) starts after preempt_after_s of
-    # silence, held until the turn commits, dropped if speech resumes (agent/preempt.py).
+    # silence, kept back until the turn commits, dropped if speech resumes (agent/reply.py).
     preemptive: bool = True
     preempt_after_s: Float = Field(default=0.16, ge=0.03, le=2)
 

@@ -1,10 +1,10 @@
-"""Preemptive answers, and the stamps of a turn's way from end of speech to first sound.
+"""When to start a preemptive answer: the turn detector's signals and the audio clock in.
 
 `Preemption` is a pure state machine (the turn detector's signals and the audio clock in,
 actions out, no asyncio): once silence has lasted `after_s` (not at the first quiet chunk:
 a breath is no end) it says `Start`; the session then runs the turn's real answer —
-generation and speech — with everything it would emit held back. When the turn commits
-with exactly that audio it says `Promote` (the held answer is released at once and goes
+generation and speech — with everything it would emit kept back. When the turn commits
+with exactly that audio it says `Promote` (the preemptive answer is published at once and goes
 on); when speech resumes, or the commit is another turn, it says `Discard` (the answer is
 cancelled and nothing of it was ever emitted). At most one per session at a time.
 
@@ -12,17 +12,14 @@ cancelled and nothing of it was ever emitted). At most one per session at a time
       ▲                       │                             │
       └──── SpeechResumed ────┴──── SpeechResumed, other commit: Discard ──┘
 
-`Held` is the session's side of one running preemptive answer: the events it buffers and
-the gate its response waits at before anything irreversible (history, tool calls).
+The answer itself — kept back, promoted or dropped — is a `Reply` (agent/reply.py), run by
+`agent/replies.py`; this machine only says when one starts and whether a commit is its turn.
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
 
 import numpy as np
 
@@ -31,7 +28,7 @@ from agent import turns
 
 @dataclass(frozen=True)
 class Start:
-    """Run the answer to the turn that ends at `end` (its audio is `audio`) now, held."""
+    """Run the answer to the turn that ends at `end` (its audio is `audio`) now, kept back."""
 
     end: float
     audio: np.ndarray = field(repr=False)
@@ -39,12 +36,12 @@ class Start:
 
 @dataclass(frozen=True)
 class Promote:
-    """The turn committed as preempted: release the held answer."""
+    """The turn committed as preempted: publish the preemptive answer."""
 
 
 @dataclass(frozen=True)
 class Discard:
-    """Speech resumed (or another turn committed): cancel the held answer, emit nothing of it."""
+    """Speech resumed (or another turn committed): drop the preemptive answer, emit nothing of it."""
 
 
 Action = Start | Promote | Discard
@@ -53,7 +50,7 @@ Action = Start | Promote | Discard
 class _State(Enum):
     IDLE = "idle"
     WAITING = "waiting"  # silence began; not long enough yet
-    RUNNING = "running"  # an answer is held
+    RUNNING = "running"  # a preemptive answer is being made
 
 
 class Preemption:
@@ -107,79 +104,3 @@ class Preemption:
             self.discarded += 1
             return Discard()
         return None
-
-
-class Held:
-    """One preemptive answer being made: its events wait here until `release`."""
-
-    def __init__(self, turn_id: str, instruction: str | None) -> None:
-        self.turn_id = turn_id
-        self.instruction = instruction  # what it was made with: a commit with another one discards it
-        self.events: list[Any] = []
-        self.committed = False
-        self.committed_at = 0.0  # monotonic
-        self.failed = False  # its generation failed before the commit
-        self.task: asyncio.Task[None] | None = None
-        self._open = asyncio.Event()
-
-    def hold(self, event: Any) -> bool:
-        """Keep `event` if it belongs to this answer and the turn has not committed."""
-        if self.committed or getattr(event, "turn_id", None) != self.turn_id:
-            return False
-        if getattr(event, "type", "") == "error" and not str(getattr(event, "code", "")).startswith("tts_"):
-            self.failed = True  # e.g. busy: the commit asks again rather than report it
-        self.events.append(event)
-        return True
-
-    def release(self) -> list[Any]:
-        """The turn committed: the held events, in order; from now on the answer runs as any other."""
-        self.committed, self.committed_at = True, time.monotonic()
-        self._open.set()
-        events, self.events = self.events, []
-        return events
-
-    async def opened(self) -> None:
-        """Wait until the turn commits (a discarded answer is cancelled while waiting)."""
-        await self._open.wait()
-
-
-@dataclass
-class TurnStamps:
-    """Monotonic wall times of one turn's stages; `timings` counts each from the end of speech."""
-
-    speech_end: float | None = None  # the VAD's last speech chunk was processed
-    end_detected: float | None = None  # silence began (the first chunk below neg_threshold)
-    commit: float | None = None  # the turn committed
-    first_token: float | None = None  # the first text delta reached the client
-    first_clause: float | None = None  # the first clause went to the TTS engine
-    first_audio: float | None = None  # the TTS engine gave its first audio
-    first_frame: float | None = None  # the first audio frame went out
-
-    TEXT = ("end_detected", "commit", "first_token")
-    SPEECH = ("first_clause", "first_audio", "first_frame")
-
-    def observe(self, event: Any, speech: Any = None) -> None:
-        """Stamp an answer's event as it goes out: its first `response.delta`, `response.done`
-        (timings of the text stages added), `response.audio.started` (all stages; `speech`:
-        the voice's `SpeechStats`, for the first clause and the engine's first audio)."""
-        kind = getattr(event, "type", "")
-        if kind == "response.delta":
-            self.first_token = self.first_token or time.monotonic()
-        elif kind == "response.done":
-            event.timings.update(self.timings(self.TEXT))
-        elif kind == "response.audio.started":
-            self.first_frame = time.monotonic()
-            if speech is not None:
-                self.first_clause, self.first_audio = speech.first_piece_at, speech.first_audio_at
-            event.timings.update(self.timings())
-
-    def timings(self, stages: tuple[str, ...] = TEXT + SPEECH) -> dict[str, float]:
-        """`speech_end_to_<stage>`: seconds from the end of speech to each stage reached."""
-        if self.speech_end is None:
-            return {}
-        out = {}
-        for stage in stages:
-            t = getattr(self, stage)
-            if t is not None:
-                out[f"speech_end_to_{stage}"] = round(t - self.speech_end, 4)
-        return out

@@ -110,7 +110,7 @@ async def test_resumed_speech_drops_the_held_answer_and_its_voice_without_a_trac
     await _until(lambda: voice.player.queued_s > 0, "held speech synthesized again")
     await _feed(session, speech.samples[int(speech.segments[1][1] * SR) + 6400 :])
     assert np.any(voice.player.next_frame())  # released: its audio goes out from the first frame
-    await _until(lambda: not session._agent_busy() or not voice.player.held, "release")
+    await _until(lambda: not session._agent_busy() or not voice.player.withheld, "release")
     for _ in range(400):
         voice.player.next_frame()
         await asyncio.sleep(0)

@@ -20,7 +20,11 @@ The server's CPU (every process of it) and the peers' own CPU are reported per p
 
 Exit status 1 when a target fails (issues 18 and 23): v2v p95 ≤ 0.8 s and p50 ≤ 0.6 s at 4
 peers, p50 ≥ 1.4× faster than the baseline, no more premature cut-offs than the baseline, and
-2 frontends holding ≥ 1.6× the peers 1 frontend holds at p95 ≤ 0.8 s.
+2 frontends serving ≥ 1.6× the peers 1 frontend serves within p95 ≤ 0.8 s.
+
+JSON: `by_processes[N].peers_within_p95` is the most peers N frontends serve with every turn
+answered and v2v p95 ≤ 0.8 s. `peers_held`, its name before, is still written with the same
+value and is deprecated: read `peers_within_p95`.
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ UTTERANCES: list[list[str | float]] = [  # text, or seconds of a pause inside th
     ["play some music in the living room"],
 ]
 GAP_S = 5.0  # after each utterance: the silence window, the answer and its speech fit in it
-HELD_P95_S = 0.8
+TARGET_P95_S = 0.8
 TARGET_P50_S, TARGET_SPEEDUP, TARGET_PROCESS_GAIN = 0.6, 1.4, 1.6
 
 
@@ -298,9 +302,10 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     by_processes: dict[str, Any] = {}
     for processes in process_counts:
         points = series(processes, {}, peer_counts)
-        held = [n for n, p in points.items() if p["v2v_p95_s"] is not None and p["v2v_p95_s"] <= HELD_P95_S
-                and p["answered"] == p["turns"]]
-        by_processes[str(processes)] = {"peers_held": max(held, default=0),
+        within = [n for n, p in points.items() if p["v2v_p95_s"] is not None and p["v2v_p95_s"] <= TARGET_P95_S
+                  and p["answered"] == p["turns"]]
+        served = max(within, default=0)
+        by_processes[str(processes)] = {"peers_within_p95": served, "peers_held": served,  # peers_held: deprecated
                                         "by_peers": {str(n): p for n, p in points.items()}}
     print("  baseline (today's turn-taking):", file=sys.stderr)
     base = series(process_counts[0], baseline_env(), [headline_peers])[headline_peers]
@@ -318,22 +323,27 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             "by_peers": by_processes[str(process_counts[0])]["by_peers"], "by_processes": by_processes}
 
 
+def _peers_within_p95(entry: dict[str, Any]) -> int:
+    """A `by_processes` entry's figure; results written before the rename have only `peers_held`."""
+    return int(entry["peers_within_p95"] if "peers_within_p95" in entry else entry["peers_held"])
+
+
 def check_targets(result: dict[str, Any]) -> list[str]:
     """The targets that failed, each said in words."""
     failed = []
     if result["peers"] == 4:
         p95, p50 = result["v2v_p95_s"], result["v2v_p50_s"]
-        if p95 is None or p95 > HELD_P95_S or p50 is None or p50 > TARGET_P50_S:
-            failed.append(f"v2v at 4 peers: p50 {p50} (≤ {TARGET_P50_S}), p95 {p95} (≤ {HELD_P95_S})")
+        if p95 is None or p95 > TARGET_P95_S or p50 is None or p50 > TARGET_P50_S:
+            failed.append(f"v2v at 4 peers: p50 {p50} (≤ {TARGET_P50_S}), p95 {p95} (≤ {TARGET_P95_S})")
     if result["speedup_p50_vs_baseline"] is None or result["speedup_p50_vs_baseline"] < TARGET_SPEEDUP:
         failed.append(f"speedup_p50_vs_baseline {result['speedup_p50_vs_baseline']} (≥ {TARGET_SPEEDUP})")
     if result["premature_cutoffs"] > result["baseline_premature_cutoffs"]:
         failed.append(f"premature cut-offs {result['premature_cutoffs']} > baseline "
                       f"{result['baseline_premature_cutoffs']}")
-    held = {int(p): v["peers_held"] for p, v in result["by_processes"].items()}
-    if 1 in held and 2 in held and (held[2] == 0 or held[2] < TARGET_PROCESS_GAIN * held[1]):
-        failed.append(f"peers held at p95 ≤ {HELD_P95_S} s: {held[2]} with 2 frontends, {held[1]} with 1 "
-                      f"(≥ {TARGET_PROCESS_GAIN}×)")
+    served = {int(p): _peers_within_p95(v) for p, v in result["by_processes"].items()}
+    if 1 in served and 2 in served and (served[2] == 0 or served[2] < TARGET_PROCESS_GAIN * served[1]):
+        failed.append(f"peers served within p95 ≤ {TARGET_P95_S} s: {served[2]} with 2 frontends, {served[1]} "
+                      f"with 1 (≥ {TARGET_PROCESS_GAIN}×)")
     return failed
 
 
@@ -365,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{processes:>9} {n:>5} {p['v2v_p50_s']!s:>7} {p['v2v_p95_s']!s:>7} {p['v2v_max_s']!s:>7} "
                   f"{p['answered']:>4}/{p['turns']:<4} {p['premature_cutoffs']:>9} {p['server_cpu_per_peer']:>17} "
                   f"{p['client_cpu_per_peer']:>17}")
-        print(f"{processes:>9} frontend(s) hold {entry['peers_held']} peers at p95 ≤ {HELD_P95_S} s")
+        print(f"{processes:>9} frontend(s) serve {entry['peers_within_p95']} peers within p95 ≤ {TARGET_P95_S} s")
     print(f"baseline (today's turn-taking) at {result['peers']} peers: p50 {result['baseline_v2v_p50_s']} s, "
           f"speedup {result['speedup_p50_vs_baseline']}; premature cut-offs {result['premature_cutoffs']} vs "
           f"{result['baseline_premature_cutoffs']}")

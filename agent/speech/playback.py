@@ -94,11 +94,11 @@ class Player:
         self._ended = False  # its last chunk is fed
         self._started = False  # its first audio frame went out
         self._played = 0
-        self.paused = False  # held: frames are silence, the queue waits (pause, then decide)
+        self.paused = False  # frames are silence, the queue waits (pause, then decide)
         self._last_audible = -1  # index of the last frame that carried audio (the echo tail)
         # the last `echo_s` of output, for an echo gate that needs to know what is playing
         self._recent: deque[np.ndarray] = deque(maxlen=max(1, round(echo_s / self.frame_s)))
-        self.held = False  # a preemptive answer: audio is queued, nothing goes out yet
+        self.withheld = False  # a preemptive answer: audio is queued, nothing goes out yet
         self.frames = 0  # counters for /metrics: frames out, silent frames while speaking, samples flushed
         self.underruns = 0
         self.flushed_samples = 0
@@ -157,7 +157,7 @@ class Player:
         return True
 
     def resume(self) -> bool:
-        """Go on exactly where `pause()` held it. Whether it was paused."""
+        """Go on exactly where `pause()` stopped it. Whether it was paused."""
         if not self.paused:
             return False
         self.paused = False
@@ -176,7 +176,7 @@ class Player:
         """The next frame: queued audio, or silence."""
         out = np.zeros(self.frame_samples, np.int16)
         filled = 0
-        while filled < self.frame_samples and self._queue and not (self.paused or self.held):
+        while filled < self.frame_samples and self._queue and not (self.paused or self.withheld):
             piece, pcm = self._queue[0]
             take = min(self.frame_samples - filled, pcm.size)
             out[filled : filled + take] = pcm[:take]
@@ -194,7 +194,7 @@ class Player:
             self._started = True
             if self.on_started is not None:
                 self.on_started(self.turn_id)
-        if self._active and filled < self.frame_samples and not (self.paused or self.held):
+        if self._active and filled < self.frame_samples and not (self.paused or self.withheld):
             if self._ended and not self._queue:
                 self._finish(interrupted=False, flushed=0)
             elif self._started:

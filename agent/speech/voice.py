@@ -98,19 +98,19 @@ class Voice:
         return not self._idle.is_set()
 
     @property
-    def held(self) -> bool:
+    def withheld(self) -> bool:
         """A preemptive answer is being made and not yet released (no frame goes out)."""
-        return self.player.held
+        return self.player.withheld
 
     @property
     def stage_stats(self) -> SpeechStats | None:
         return self._stage.stats if self._stage is not None else None
 
-    def begin(self, turn_id: str, held: bool = False) -> None:
-        """`held`: synthesize, but send nothing until `release()` (a preemptive answer)."""
+    def begin(self, turn_id: str, withheld: bool = False) -> None:
+        """`withheld`: synthesize, but send nothing until `release()` (a preemptive answer)."""
         self.interrupt()  # a previous answer still speaking is superseded
         self.turn_id = turn_id
-        self.player.held = held
+        self.player.withheld = withheld
         self._queue = queue = asyncio.Queue[str | None]()
         self._idle.clear()
         self._frames = []
@@ -128,11 +128,11 @@ class Voice:
             self._queue = None
 
     def release(self) -> None:
-        """The held answer's turn committed: its audio goes out from the next frame."""
-        self.player.held = False
+        """The withheld answer's turn committed: its audio goes out from the next frame."""
+        self.player.withheld = False
 
     def discard(self) -> None:
-        """Drop a held answer without a trace: no event, no count."""
+        """Drop a withheld answer without a trace: no event, no count."""
         self._quiet = True
         try:
             self.interrupt()
@@ -141,7 +141,7 @@ class Voice:
 
     def interrupt(self) -> PlaybackReport | None:
         """Stop now: queued audio is dropped (the next frame is silence). What was heard, or None."""
-        self.player.held = False
+        self.player.withheld = False
         report = self.player.flush()  # fires response.audio.done (interrupted)
         if self._task is not None and not self._task.done():
             self._task.cancel()
@@ -158,7 +158,7 @@ class Voice:
             await asyncio.gather(self._task, return_exceptions=True)
 
     def pause(self) -> bool:
-        """Hold the answer's voice (speech over it, undecided yet); synthesis goes on into the queue."""
+        """Pause the answer's voice (speech over it, undecided yet); synthesis goes on into the queue."""
         return self.player.pause()
 
     def resume(self) -> bool:
