@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from agent.inference import encoder, memory, prefill, prompts
+from agent.inference import encoder, families, memory, prefill, prompts
 from agent.inference.admission import Admission
 from agent.inference.base import GenerationRequest
 from agent.inference.batch import KV, KVStore
@@ -64,7 +64,7 @@ class Engine(Admission):
         self.audio_token_id = int(self.processor.audio_token_id)
         self.eos_ids = {int(self.tokenizer.convert_tokens_to_ids(t)) for t in self.family.eos_tokens} - {self.tokenizer.unk_token_id}
         self._eos = torch.tensor(sorted(self.eos_ids), device=self.device)
-        self._lm = self.model.model.language_model
+        self._lm = families.text_model(self.model)
         self._embed = self._lm.get_input_embeddings()
         # transformers 5.x renamed `past_key_values` to `cache` (older 5.x releases lack it).
         params = inspect.signature(self._lm.forward).parameters

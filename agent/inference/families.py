@@ -139,3 +139,25 @@ def load_family(family: Family, source: str, dtype: Any, device: str) -> tuple[A
 
         return voxtral_tiny.load(source, dtype, device)
     raise ValueError(f"no loader for {family.name}")
+
+
+class OneMask:
+    """A text model whose forward takes one 4-D mask, not the engine's per-layer-type dict
+    (Llama's, in Voxtral; Qwen2's take the dict as it is). Everything else passes through."""
+
+    def __init__(self, lm: Any) -> None:
+        self._lm = lm
+
+    def __call__(self, *, attention_mask: Any = None, **kwargs: Any) -> Any:
+        if isinstance(attention_mask, dict):
+            attention_mask = attention_mask["full_attention"]
+        return self._lm(attention_mask=attention_mask, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._lm, name)
+
+
+def text_model(model: Any) -> Any:
+    """The language model the engine drives (the model's `model.language_model`)."""
+    lm = model.model.language_model
+    return OneMask(lm) if getattr(model.config, "model_type", "") == "voxtral" else lm

@@ -1,8 +1,12 @@
 """Voxtral (Mistral): its format, as mistral-common's v7 instruct tokenizer encodes a chat.
 
-- prompt: `<s>`, then per message: system `[SYSTEM_PROMPT]…[/SYSTEM_PROMPT]`, user
-  `[INST]…[/INST]` with its parts in order (an audio clip is `[BEGIN_AUDIO]` + its `[AUDIO]`
-  tokens), assistant `text</s>`. No default system prompt;
+- prompt: `<s>`, then per message: user `[INST]…[/INST]` with its parts in order (an audio
+  clip is `[BEGIN_AUDIO]` + its `[AUDIO]` tokens), assistant `text</s>`. No default system
+  prompt, and none at all beside audio: mistral-common refuses system messages in a chat with
+  audio before tokenizer v13, so a system text is put at the start of the first user turn
+  (`fold_system`; the first, not the last as Mistral's v3 tokenizers did, so the history's
+  prefix and its cached KV stay the same from turn to turn). Text-only chats keep
+  `[SYSTEM_PROMPT]…[/SYSTEM_PROMPT]`;
 - audio: 16 kHz, Whisper features (128 mel bins), each clip padded to whole 30 s windows
   (the encoder is trained on those only): 375 `[AUDIO]` tokens per window (12.5 per second);
 - tools: Mistral's `[AVAILABLE_TOOLS][…][/AVAILABLE_TOOLS]` before the last user turn and
@@ -35,10 +39,33 @@ def audio_token_count(n_samples: int) -> int:
     return TOKENS_PER_WINDOW * max(1, -(-n_samples // WINDOW_SAMPLES))
 
 
+def has_audio(messages: list[dict[str, Any]]) -> bool:
+    return any(p.get("type") == "audio" for m in messages if not isinstance(m["content"], str) for p in m["content"])
+
+
+def fold_system(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """System messages of a chat with audio → text at the start of the first user turn."""
+    if not has_audio(messages) or all(m["role"] != "system" for m in messages):
+        return messages
+    system = "\n\n".join(m["content"] if isinstance(m["content"], str) else
+                          "".join(p.get("text", "") for p in m["content"]) for m in messages if m["role"] == "system")
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        if m["role"] == "system":
+            continue
+        if system and m["role"] == "user":
+            parts = [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str) else m["content"]
+            m = {"role": "user", "content": [{"type": "text", "text": f"{system}\n\n"}, *parts]}
+            system = ""
+        out.append(m)
+    return out
+
+
 def render_prompt(messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
     """The chat as mistral-common encodes it; an audio part stands for `[BEGIN_AUDIO][AUDIO]`
     (the `[AUDIO]` expands to `audio_token_count` tokens). `add_generation_prompt` is implied:
     the answer starts right after the last `[/INST]`."""
+    messages = fold_system(messages)
     out = [BOS]
     for message in messages:
         role, content = message["role"], message["content"]
