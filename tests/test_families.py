@@ -87,8 +87,11 @@ def test_family_from_model_type_and_qwen2_audio_unchanged() -> None:
 def test_voxtral_format() -> None:
     text = voxtral.render_prompt([{"role": "system", "content": "Be brief."}, user(0, "Who speaks?"),
                                   {"role": "assistant", "content": "Ann"}, user(1)])
-    assert text == ("<s>[SYSTEM_PROMPT]Be brief.[/SYSTEM_PROMPT][INST][BEGIN_AUDIO][AUDIO]Who speaks?[/INST]"
+    # beside audio, the system text opens the first user turn (mistral-common refuses it otherwise)
+    assert text == ("<s>[INST]Be brief.\n\n[BEGIN_AUDIO][AUDIO]Who speaks?[/INST]"
                     "Ann</s>[INST][BEGIN_AUDIO][AUDIO][/INST]")
+    assert voxtral.render_prompt([{"role": "system", "content": "Be brief."}, user(text="hi")]) == \
+        "<s>[SYSTEM_PROMPT]Be brief.[/SYSTEM_PROMPT][INST]hi[/INST]"
     assert [voxtral.audio_token_count(n) for n in (1, 480000, 480001)] == [375, 375, 750]
 
 
@@ -222,3 +225,8 @@ def test_omni_save_and_load_directory(tmp_path: Path, omni: models.LoadedModel) 
     (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(models.ModelLoadError, match="not a Qwen2-Audio model"):
         models.load(str(tmp_path / "bert"))
+
+
+def test_docs_hold_the_families_table() -> None:
+    docs = Path(__file__).resolve().parent.parent / "docs" / "models.md"
+    assert families.markdown_table() in docs.read_text()

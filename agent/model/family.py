@@ -112,3 +112,15 @@ def by_tiny_name(name: str) -> Family | None:
         if family.tiny == name:
             return family
     return None
+
+
+def markdown_table() -> str:
+    """The families side by side, from their metadata (docs/models.md holds this table)."""
+    rows = ["| family | checkpoints (≈ params loaded, bf16 weights) | licence | modes | tools | audio per clip | encoder | --model offline |",
+            "|---|---|---|---|---|---|---|---|"]
+    for f in all_families():
+        points = "<br>".join(f"`{c.hub_id}` ({c.params_b:g} B, {c.bf16_gb:g} GB)" for c in f.checkpoints)
+        per_clip = f"≤ {f.max_clip_s} s, {f.audio_token_count(f.sample_rate)} tokens for 1 s"
+        rows.append(f"| {f.title} | {points} | {f.licence} | {', '.join(f.modes)} | {f.tools} | {per_clip} | "
+                    f"{f.encoder} | `{f.tiny}` |")
+    return "\n".join(rows)

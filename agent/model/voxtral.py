@@ -87,6 +87,6 @@ FAMILY = Family(
     special_tokens=SPECIAL_TOKENS, eos_tokens=EOS_TOKENS, licence="Apache-2.0",
     checkpoints=(Checkpoint("mistralai/Voxtral-Mini-3B-2507", 4.7, 9.4, "Whisper-style encoder + Ministral 3B"),
                  Checkpoint("mistralai/Voxtral-Small-24B-2507", 24.3, 48.6, "Whisper-style encoder + Mistral Small 3.1")),
-    modes=("chat", "analysis"), tools="mistral ([TOOL_CALLS] JSON list)", encoder="padded-30s",
+    modes=("chat", "analysis"), tools="mistral: `[TOOL_CALLS]` JSON list (in process: not parsed yet)", encoder="padded-30s",
     notes="Chat and audio understanding in one model, plus a transcription request ([TRANSCRIBE]); "
           "every clip costs 375 tokens per started 30 s window; needs mistral-common for its tokenizer.")
