@@ -37,14 +37,16 @@ class TextAudioProcessor:
         self.feature_extractor.save_pretrained(directory)
 
 
-def byte_level_tokenizer(specials: tuple[str, ...], chat_template: str | None) -> Any:
-    """A Qwen2 tokenizer over the 256 byte symbols, no merges, plus the family's specials."""
+def byte_level_tokenizer(specials: tuple[str, ...], chat_template: str | None,
+                         named: dict[str, str] | None = None) -> Any:
+    """A Qwen2 tokenizer over the 256 byte symbols, no merges, plus the family's specials
+    (`named`: the ones a processor reads as attributes, e.g. `tokenizer.audio_token`)."""
     from transformers import Qwen2Tokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, eos_token="<|endoftext|>",  # type: ignore[arg-type]
-                               pad_token="<|endoftext|>")
+                               pad_token="<|endoftext|>", extra_special_tokens=named or {})
     tokenizer.add_special_tokens({"additional_special_tokens": [t for t in specials if t != "<|endoftext|>"]})
     tokenizer.padding_side = "left"
     if chat_template is not None:
@@ -64,7 +66,10 @@ def build_tiny_omni(target: Path) -> None:
     import torch
     from transformers import Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration, WhisperFeatureExtractor
 
-    tokenizer = byte_level_tokenizer(qwen2_5_omni.SPECIAL_TOKENS, qwen2_5_omni.CHAT_TEMPLATE)
+    named = {"image_token": "<|IMAGE|>", "audio_token": "<|AUDIO|>", "video_token": "<|VIDEO|>",
+             "vision_bos_token": "<|vision_bos|>", "vision_eos_token": "<|vision_eos|>",
+             "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>"}  # what its processor reads
+    tokenizer = byte_level_tokenizer(qwen2_5_omni.SPECIAL_TOKENS, qwen2_5_omni.CHAT_TEMPLATE, named)
     ids = {t: int(tokenizer.convert_tokens_to_ids(t)) for t in qwen2_5_omni.SPECIAL_TOKENS}
     text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                 num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=8192,

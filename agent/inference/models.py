@@ -138,7 +138,7 @@ def tiny_family_dir(name: str) -> Path:
     family = families.by_tiny_name(name)
     if family is None:
         raise ModelLoadError(f"no tiny model called {name!r}")
-    target = cache_dir() / f"{name}-v1"
+    target = cache_dir() / f"{name}-v2"  # v2: named special tokens (what processors read)
     if (target / "config.json").exists() or (target / "params.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
