@@ -128,11 +128,12 @@ def build_parser(*, description: str | None = None, prog: str | None = "voice-ag
                    description="Print the JSON Schema of all events and commands.")
 
     model = sub.add_parser("model", help="model checkpoints: save one to a directory",
-                           description="Save a model (tiny-random included) as a checkpoint directory that "
-                           "any Qwen2-Audio server loads, e.g. vLLM: `voice-agent model save tiny-random DIR`.")
+                           description="Save a model (the tiny random ones included) as a checkpoint directory "
+                           "that a server of its family loads, e.g. vLLM: `voice-agent model save tiny-random DIR`.")
     model_sub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
     save = model_sub.add_parser("save", help="write config, weights, tokenizer, processor and chat template to DIR")
-    save.add_argument("name", help="tiny-random | random-7b | HUB_ID | DIRECTORY")
+    save.add_argument("name", help="tiny-random | tiny-random-qwen2.5-omni | tiny-random-voxtral | random-7b | "
+                      "HUB_ID | DIRECTORY")
     save.add_argument("directory", metavar="DIR", help="where to write it (new or empty)")
 
     bench = sub.add_parser("bench", help="benchmarks (ratios measured side by side)",
