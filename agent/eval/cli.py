@@ -1,4 +1,7 @@
-"""`voice-agent eval SUITE.yaml` and `voice-agent eval --compare A.json B.json`.
+"""`voice-agent eval SUITE.yaml [--model A --model B …]` and `voice-agent eval --compare A.json B.json`.
+
+With several `--model`s the suite runs on each in turn (one runtime each) and the reports go
+side by side: the text summary, `--json` ({"models": [report, …]}) and `--html` (one page).
 
 Exit status: 0 every case passed; 1 a case failed (each named with why; with --compare: a
 case that passed in A fails in B); 2 a bad suite, configuration or report, or nothing could start.
@@ -122,6 +125,48 @@ def _compare(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace, load_cli_settings: Callable[[argparse.Namespace, dict[str, Any]], Any], *,
              agent: Any = None) -> int:
+    models = args.model if isinstance(args.model, list) else [args.model]
+    if len(models) > 1 and not args.compare:
+        return _run_models(args, models, load_cli_settings, agent)
+    args = argparse.Namespace(**{**vars(args), "model": models[0]})
+    return _run_one(args, load_cli_settings, agent)
+
+
+def _run_models(args: argparse.Namespace, models: list[str], load_cli_settings: Callable[..., Any],
+                agent: Any) -> int:
+    """The suite on each model in turn; the reports side by side."""
+    from agent.eval.models_report import models_html, models_text
+
+    reports: list[dict[str, Any]] = []
+    audios: dict[str, Any] = {}
+    for model in models:
+        # each run's own summary goes to stderr; the side-by-side one is the result
+        one = argparse.Namespace(**{**vars(args), "model": model, "json": False, "html": None, "junit": None,
+                                    "inner": True})
+        status, report, clips = _evaluate(one, load_cli_settings, agent)
+        if report is None:
+            print(f"voice-agent eval: model {model}: nothing ran", file=sys.stderr)
+            return status
+        report["model_arg"] = model
+        reports.append(report)
+        audios = audios or clips
+    if args.html:
+        _write(args.html, models_html(reports, audios))
+    if args.json:
+        print(json.dumps({"models": reports}))
+    print(models_text(reports), file=sys.stderr if args.json else sys.stdout)
+    return EXIT_FAILED if any(r["failed"] for r in reports) else 0
+
+
+def _run_one(args: argparse.Namespace, load_cli_settings: Callable[..., Any], agent: Any) -> int:
+    if args.compare:
+        return _compare(args)
+    return _evaluate(args, load_cli_settings, agent)[0]
+
+
+def _evaluate(args: argparse.Namespace, load_cli_settings: Callable[..., Any], agent: Any,
+              ) -> tuple[int, dict[str, Any] | None, dict[str, Any]]:
+    """Run the suite once: (exit status, its report or None when nothing ran, case audio)."""
     import asyncio
 
     from agent.config import ConfigError
@@ -129,11 +174,9 @@ def run_eval(args: argparse.Namespace, load_cli_settings: Callable[[argparse.Nam
     from agent.eval.suite import SuiteError, load_suite
     from agent.inference.base import InferenceError
 
-    if args.compare:
-        return _compare(args)
     if not args.suite:
         print("voice-agent eval: give a SUITE.yaml (or --compare A.json B.json)", file=sys.stderr)
-        return EXIT_BAD
+        return EXIT_BAD, None, {}
     try:
         suite = load_suite(args.suite)
         if agent is None and suite.agent:
@@ -142,7 +185,7 @@ def run_eval(args: argparse.Namespace, load_cli_settings: Callable[[argparse.Nam
         settings, scripted = _settings(args, suite, defaults, load_cli_settings)
     except (SuiteError, ValueError, ConfigError) as exc:
         print(f"voice-agent eval: {exc}", file=sys.stderr)
-        return EXIT_BAD
+        return EXIT_BAD, None, {}
     runtime_options = agent.runtime_options() if agent is not None else {}
     try:
         import jiwer  # noqa: F401
@@ -152,22 +195,22 @@ def run_eval(args: argparse.Namespace, load_cli_settings: Callable[[argparse.Nam
         print(f"voice-agent eval: {exc.name} is missing: eval needs the `eval` extra (jiwer, whisper-normalizer, "
               "matplotlib): pip install -e '.[eval]' in a checkout (or pip install 'qwen-voice-agent[eval]')",
               file=sys.stderr)
-        return EXIT_BAD
+        return EXIT_BAD, None, {}
     try:
         report, audios = asyncio.run(_run(args, suite, settings, scripted, runtime_options))
     except (SuiteError, InferenceError, ValueError, OSError) as exc:
         print(f"voice-agent eval: cannot run: {exc}", file=sys.stderr)
-        return EXIT_BAD
+        return EXIT_BAD, None, {}
     if args.junit:
         _write(args.junit, junit_xml(report))
     if args.html:
         _write(args.html, html_report(report, audios))
     if args.json:
         print(json.dumps(report))
-    print(text_report(report), file=sys.stderr if args.json else sys.stdout)
+    print(text_report(report), file=sys.stderr if args.json or getattr(args, "inner", False) else sys.stdout)
     failed = [r for r in report["cases"] if not r["passed"]]
     if failed:
         print(f"voice-agent eval: {len(failed)} of {report['total']} cases failed: "
               + "; ".join(f"{r['id']}: {r['failures'][0]}" for r in failed), file=sys.stderr)
-        return EXIT_FAILED
-    return 0
+        return EXIT_FAILED, report, audios
+    return 0, report, audios

@@ -18,6 +18,11 @@ frames (keys ≥ the clip's length after the stride-2 conv get -inf). A 2 s turn
 So the result equals the padded path up to float rounding (different matmul shapes sum in
 another order); tests/test_encoder.py checks embeddings and greedy tokens on 0.5–30 s clips.
 `padded=True` keeps transformers' own padded call, for comparison.
+
+Other families (`family.encoder`): Qwen2.5-Omni's encoder takes each clip's valid frames
+natively (windowed attention over 2 s chunks), so the same short features go to its own
+`get_audio_features`; Voxtral's encoder is trained on whole 30 s windows only, so its clips are
+always extracted padded to 30 s (375 tokens each) and go through `get_audio_features` as is.
 """
 
 from __future__ import annotations
@@ -81,7 +86,8 @@ class FeatureCache:
         return hit
 
 
-def encode(model: Any, feats: list[torch.Tensor], valid: list[int], padded: bool = False) -> list[torch.Tensor]:
+def encode(model: Any, feats: list[torch.Tensor], valid: list[int], padded: bool = False,
+           encoder: str = "real-length") -> list[torch.Tensor]:
     """Audio embeddings (already projected to the LM's width), one [tokens, hidden] per clip.
 
     Clips go through in groups of at most 30 s of padded frames per call: re-encoding a long
@@ -94,9 +100,25 @@ def encode(model: Any, feats: list[torch.Tensor], valid: list[int], padded: bool
         while end < len(feats) and (end == start or (end + 1 - start) * max(width, feats[end].shape[-1]) <= MAX_MEL_FRAMES):
             width = max(width, feats[end].shape[-1])
             end += 1
-        out += _encode_group(model, feats[start:end], valid[start:end], padded)
+        group = _encode_group if encoder == "real-length" else _encode_family
+        out += group(model, feats[start:end], valid[start:end], padded)
         start = end
     return out
+
+
+def _encode_family(model: Any, feats: list[torch.Tensor], valid: list[int], padded: bool) -> list[torch.Tensor]:
+    """Through the model's own `get_audio_features`: Qwen2.5-Omni's thinker (valid frames,
+    selected by the feature mask) or Voxtral (whole 30 s windows, 375 tokens each)."""
+    device = next(model.parameters()).device
+    dtype = model.get_input_embeddings().weight.dtype
+    width = max(f.shape[-1] for f in feats)
+    batch = torch.stack([torch.nn.functional.pad(f, (0, width - f.shape[-1])) for f in feats]).to(device, dtype)
+    if getattr(model.config, "model_type", "") == "voxtral":
+        embeds = model.get_audio_features(batch).pooler_output
+        return list(embeds.reshape(len(feats), -1, embeds.shape[-1]).unbind(0))
+    mask = (torch.arange(width)[None] < torch.tensor(valid)[:, None]).long().to(device)
+    embeds = model.get_audio_features(batch, feature_attention_mask=mask).last_hidden_state
+    return list(embeds.split([encoder_tokens(v) for v in valid]))
 
 
 def _encode_group(model: Any, feats: list[torch.Tensor], valid: list[int], padded: bool) -> list[torch.Tensor]:

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from agent.inference import encoder, memory, prefill, prompts
+from agent.inference import encoder, families, memory, prefill, prompts
 from agent.inference.admission import Admission
 from agent.inference.base import GenerationRequest
 from agent.inference.batch import KV, KVStore
@@ -37,7 +37,6 @@ from agent.inference.models import LoadedModel
 from agent.inference.prompts import Detokenizer, Prompt, RequestError, build_prompt
 from agent.inference.rows import Rows
 from agent.inference.sequence import COMMITTED, PREEMPTIVE, Output, Seq, SessionCache, error, reusable, session_cache
-from agent.model.qwen2_audio import EOS_TOKENS
 
 __all__ = ["Detokenizer", "Engine", "Output", "RequestError"]
 
@@ -56,15 +55,16 @@ class Engine(Admission):
         self.model = loaded.model
         self.processor = loaded.processor
         self.tokenizer = loaded.processor.tokenizer
-        self._segments = prompts.SegmentTokenizer(self.tokenizer)  # history's prompt pieces memoised
+        self.family = loaded.family  # the model's format: template, audio tokens, encoder kind
+        self._segments = prompts.SegmentTokenizer(self.tokenizer, special_re=self.family.special_re)  # history's pieces memoised
         self.device = torch.device(loaded.device)
         self.max_batch = max_batch
         self.prefill_chunk_tokens = max(1, prefill_chunk_tokens)
-        self.encoder_padded = encoder_padded
+        self.encoder_padded = encoder_padded or self.family.encoder == "padded-30s"
         self.audio_token_id = int(self.processor.audio_token_id)
-        self.eos_ids = {int(self.tokenizer.convert_tokens_to_ids(t)) for t in EOS_TOKENS} - {self.tokenizer.unk_token_id}
+        self.eos_ids = {int(self.tokenizer.convert_tokens_to_ids(t)) for t in self.family.eos_tokens} - {self.tokenizer.unk_token_id}
         self._eos = torch.tensor(sorted(self.eos_ids), device=self.device)
-        self._lm = self.model.model.language_model
+        self._lm = families.text_model(self.model)
         self._embed = self._lm.get_input_embeddings()
         # transformers 5.x renamed `past_key_values` to `cache` (older 5.x releases lack it).
         params = inspect.signature(self._lm.forward).parameters
@@ -91,7 +91,7 @@ class Engine(Admission):
         self._rows = Rows(self._store)  # the store's rows: decoding ones first
         self._held: dict[str, Seq] = {}  # speculative prefills waiting for their commit
         self._sessions: OrderedDict[str, SessionCache] = OrderedDict()  # LRU order
-        self._features = encoder.FeatureCache(self.processor.feature_extractor, encoder_padded, feature_cache_bytes)
+        self._features = encoder.FeatureCache(self.processor.feature_extractor, self.encoder_padded, feature_cache_bytes)
         self._outbox: list[Output] = []
         self.oom_events = 0
         # Test hook: called at every point of a step that allocates device memory (its name);
@@ -221,7 +221,7 @@ class Engine(Admission):
         return out
 
     def build_prompt(self, request: GenerationRequest) -> Prompt:
-        return build_prompt(self._segments, self.audio_token_id, request)
+        return build_prompt(self._segments, self.audio_token_id, request, self.family)
 
     # ---- admission ----------------------------------------------------------------------
 
@@ -331,7 +331,8 @@ class Engine(Admission):
 
     def _encode_audio(self, seq: Seq, budget: int, first: bool) -> int:
         self._checkpoint("encoder")
-        return prefill.encode_audio(seq, self._features, self.model, self.encoder_padded, budget, first)
+        return prefill.encode_audio(seq, self._features, self.model, self.encoder_padded, budget, first,
+                                    self.family.encoder)
 
     def _forward_prefill(self, group: list[tuple[Seq, int]]) -> list[int | None]:
         """One forward over the group's chunks (rows contiguous from `_decoding`); the first

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.model import family as families
+from agent.model.family import Family
 from agent.model.qwen2_audio import SPECIAL_TOKENS
 
 log = logging.getLogger(__name__)
@@ -22,7 +24,10 @@ log = logging.getLogger(__name__)
 REAL_MODEL = "Qwen/Qwen2-Audio-7B-Instruct"
 TINY_RANDOM = "tiny-random"
 RANDOM_7B = "random-7b"
-NAMES = ("auto", TINY_RANDOM, RANDOM_7B)  # the names --model knows besides hub ids and directories
+TINY_OMNI = "tiny-random-qwen2.5-omni"
+TINY_VOXTRAL = "tiny-random-voxtral"
+TINY_FAMILIES = (TINY_OMNI, TINY_VOXTRAL)  # tiny random models of the other families
+NAMES = ("auto", TINY_RANDOM, RANDOM_7B, *TINY_FAMILIES)  # the names --model knows besides hub ids and directories
 TINY_WARNING = "tiny-random model in use: answers are random gibberish (no GPU / no weights)"
 
 
@@ -37,6 +42,7 @@ class LoadedModel:
     processor: Any  # Qwen2AudioProcessor
     device: str
     warning: str | None = None
+    family: Family = field(default_factory=families.default)
 
 
 def cache_dir() -> Path:
@@ -48,7 +54,7 @@ def cache_dir() -> Path:
 def resolve(name: str) -> tuple[str, str | None]:
     """`auto` → the concrete model name, plus the warning to show if any."""
     if name != "auto":
-        return name, TINY_WARNING if name == TINY_RANDOM else None
+        return name, TINY_WARNING if name in (TINY_RANDOM, *TINY_FAMILIES) else None
     import torch
 
     if torch.cuda.is_available():
@@ -122,6 +128,38 @@ def tiny_random_dir() -> Path:
     return target
 
 
+def tiny_family_dir(name: str) -> Path:
+    """Build a family's tiny random model once (atomically, as `tiny_random_dir`)."""
+    import shutil
+    import tempfile
+
+    from agent.inference.families import build_tiny
+
+    family = families.by_tiny_name(name)
+    if family is None:
+        raise ModelLoadError(f"no tiny model called {name!r}")
+    target = cache_dir() / f"{name}-v2"  # v2: named special tokens (what processors read)
+    if (target / "config.json").exists() or (target / "params.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent))
+    try:
+        build_tiny(family, tmp)
+        tmp.rename(target)
+    except OSError:  # someone else finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def source_dir(name: str) -> str:
+    """Where a model name's files are: the tiny models' cache directories, else the name."""
+    if name == TINY_RANDOM:
+        return str(tiny_random_dir())
+    if name in TINY_FAMILIES:
+        return str(tiny_family_dir(name))
+    return name
+
+
 def load_tokenizer(name: str) -> Any | None:
     """The model's text tokenizer, for exact prompt budgets in the agent process (the model
     itself lives in workers or a server). Only files already on disk are read: a worker that
@@ -135,8 +173,12 @@ def load_tokenizer(name: str) -> Any | None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers import AutoTokenizer
 
-    source = str(tiny_random_dir()) if name == TINY_RANDOM else name
+    source = source_dir(name)
     try:
+        if name == TINY_VOXTRAL or (Path(source) / "tekken.json").exists():
+            from agent.inference.voxtral_tiny import load_tokenizer as load_tekken
+
+            return load_tekken(source)
         return AutoTokenizer.from_pretrained(source, local_files_only=True)
     except Exception as exc:
         hint = "" if Path(name).exists() else f" (`hf download {name} --include '*.json' --include '*.txt'` fetches them)"
@@ -148,7 +190,7 @@ def load_tokenizer(name: str) -> Any | None:
 def load(name: str = "auto", device: str | None = None) -> LoadedModel:
     """Load a model by name, hub id or directory. Raises ModelLoadError with a clear reason."""
     import torch
-    from transformers import AutoConfig, AutoProcessor, Qwen2AudioForConditionalGeneration
+    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
     name, warning = resolve(name)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -165,13 +207,18 @@ def load(name: str = "auto", device: str | None = None) -> LoadedModel:
         # The byte-level tokenizer is small; the 7B embedding keeps its 156032 rows so the
         # compute per token is the real model's.
         return LoadedModel(name, model, processor, device, "random-7b: random weights, for benchmarks")
-    source = str(tiny_random_dir()) if name == TINY_RANDOM else name
-    try:
-        config = AutoConfig.from_pretrained(source)
-    except Exception as exc:
-        raise ModelLoadError(f"cannot load model {name!r}: {exc}".splitlines()[0]) from None
-    if getattr(config, "model_type", None) != "qwen2_audio":
-        raise ModelLoadError(f"{name!r} is not a Qwen2-Audio model (model_type={config.model_type!r})")
+    source = source_dir(name)
+    family = family_of(source, name)
+    if family.name != "qwen2-audio":
+        from agent.inference.families import MissingDependency, load_family
+
+        try:
+            model, processor = load_family(family, source, dtype, device)
+        except (MissingDependency, ImportError) as exc:
+            raise ModelLoadError(f"cannot load {family.title} model {name!r}: {exc}") from None
+        except Exception as exc:
+            raise ModelLoadError(f"cannot load model {name!r}: {exc}".splitlines()[0]) from None
+        return LoadedModel(name, model, processor, device, warning, family)
     try:
         processor = AutoProcessor.from_pretrained(source)
         processor.tokenizer.padding_side = "left"
@@ -183,6 +230,26 @@ def load(name: str = "auto", device: str | None = None) -> LoadedModel:
     return LoadedModel(name, model, processor, device, warning)
 
 
+def family_of(source: str, name: str | None = None) -> Family:
+    """The family of a checkpoint directory or hub id, from its `model_type` (a Mistral-format
+    directory, `params.json` + `tekken.json`, is Voxtral). ModelLoadError when unknown."""
+    from transformers import AutoConfig
+
+    path = Path(source)
+    if path.is_dir() and not (path / "config.json").exists() and (path / "params.json").exists():
+        return families.for_model_type("voxtral")
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load model {name or source!r}: {exc}".splitlines()[0]) from None
+    model_type = getattr(config, "model_type", None)
+    try:
+        return families.for_model_type(model_type)
+    except families.UnknownFamily:
+        raise ModelLoadError(f"{name or source!r} is not a Qwen2-Audio model nor one of the other audio families "
+                             f"({', '.join(families.NAMES)}): model_type={model_type!r}") from None
+
+
 def save(name: str, directory: str | Path) -> Path:
     """Write a model as a checkpoint directory any Qwen2-Audio server loads (config, weights,
     tokenizer, processor, chat template): `voice-agent model save tiny-random DIR`, then
@@ -192,8 +259,8 @@ def save(name: str, directory: str | Path) -> Path:
     target = Path(directory).expanduser()
     if target.exists() and any(target.iterdir()):
         raise ModelLoadError(f"{target}: not empty")
-    if resolve(name)[0] == TINY_RANDOM:
-        shutil.copytree(tiny_random_dir(), target, dirs_exist_ok=True)
+    if resolve(name)[0] in (TINY_RANDOM, *TINY_FAMILIES):
+        shutil.copytree(source_dir(resolve(name)[0]), target, dirs_exist_ok=True)
         return target
     loaded = load(name)
     loaded.model.save_pretrained(target)

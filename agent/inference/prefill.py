@@ -13,7 +13,8 @@ from agent.inference.prompts import RequestError
 from agent.inference.sequence import Seq
 
 
-def encode_audio(seq: Seq, features: encoder.FeatureCache, model: Any, padded: bool, budget: int, first: bool) -> int:
+def encode_audio(seq: Seq, features: encoder.FeatureCache, model: Any, padded: bool, budget: int, first: bool,
+                 kind: str = "real-length") -> int:
     """Encode the clips the next chunk reaches while this step's prefill `budget` allows (at
     least one clip when nothing ran yet this step, `first`): a re-prefilled history's audio is
     spread over steps like its tokens. Returns the work done, in audio tokens."""
@@ -32,7 +33,7 @@ def encode_audio(seq: Seq, features: encoder.FeatureCache, model: Any, padded: b
         return 0
     t0 = time.perf_counter()
     feats = [features.get(a, span[2]) for a, span in todo]
-    clips = encoder.encode(model, [f for f, _ in feats], [v for _, v in feats], padded)
+    clips = encoder.encode(model, [f for f, _ in feats], [v for _, v in feats], padded, kind)
     # the spans, not the ids: a spliced answer may hold a generated <|AUDIO|> token, which was
     # fed as a token then and stays one
     for clip, (_, (start, stop, _)) in zip(clips, todo, strict=True):

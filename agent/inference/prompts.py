@@ -5,6 +5,7 @@ Also the engine's text side: incremental detokenizing, audio identity for histor
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -13,7 +14,9 @@ from typing import Any
 import numpy as np
 
 from agent.inference.base import AudioRef, GenerationRequest
-from agent.model.qwen2_audio import SPECIAL_RE, audio_token_count, render_prompt
+from agent.model.family import Family
+from agent.model.qwen2_audio import FAMILY as QWEN2_AUDIO
+from agent.model.qwen2_audio import SPECIAL_RE
 
 
 class RequestError(Exception):
@@ -55,8 +58,9 @@ class SegmentTokenizer:
     turn is tokenized (a 20-turn prompt is otherwise re-tokenized whole at every turn).
     """
 
-    def __init__(self, tokenizer: Any, max_pieces: int = 8192) -> None:
+    def __init__(self, tokenizer: Any, max_pieces: int = 8192, special_re: re.Pattern[str] = SPECIAL_RE) -> None:
         self.tokenizer = tokenizer
+        self.special_re = special_re  # the family's special tokens
         self.max_pieces = max_pieces
         self._memo: OrderedDict[str, list[int]] = OrderedDict()
         self._special: dict[str, int] = {}
@@ -64,7 +68,7 @@ class SegmentTokenizer:
     def __call__(self, text: str) -> list[int]:
         ids: list[int] = []
         pos = 0
-        for match in SPECIAL_RE.finditer(text):
+        for match in self.special_re.finditer(text):
             if match.start() > pos:
                 ids += self._piece(text[pos : match.start()])
             ids.append(self._special_id(match.group()))
@@ -90,8 +94,9 @@ class SegmentTokenizer:
         return ids
 
 
-def build_prompt(tokenizer: Any, audio_token_id: int, request: GenerationRequest) -> Prompt:
-    """Render the template and expand each audio placeholder to its token count (the
+def build_prompt(tokenizer: Any, audio_token_id: int, request: GenerationRequest,
+                 family: Family = QWEN2_AUDIO) -> Prompt:
+    """Render the family's template and expand each audio placeholder to its token count (the
     processor's formula, without running the feature extractor)."""
     messages = request.messages
     if not messages:
@@ -125,7 +130,7 @@ def build_prompt(tokenizer: Any, audio_token_id: int, request: GenerationRequest
             if not np.isfinite(audio).all():
                 raise RequestError(f"audio {index} holds NaN or infinite samples")
             ordered.append(audio)
-    text = render_prompt(messages)
+    text = family.render_prompt(messages, True)
     base = tokenizer(text) if isinstance(tokenizer, SegmentTokenizer) else \
         tokenizer(text, add_special_tokens=False)["input_ids"]
     ids: list[int] = []
@@ -138,7 +143,7 @@ def build_prompt(tokenizer: Any, audio_token_id: int, request: GenerationRequest
             raise RequestError("audio placeholders and audio parts do not match")
         clip = ordered[len(spans)]
         size = clip.samples if isinstance(clip, AudioRef) else clip.size
-        n = audio_token_count(size)
+        n = family.audio_token_count(size)
         if n < 2:  # one token would trip the model's legacy (unexpanded) merge path
             raise RequestError(f"audio {len(spans)} is too short ({size} samples)")
         spans.append((len(ids), len(ids) + n, clip.digest if isinstance(clip, AudioRef) else audio_hash(clip)))

@@ -1,2 +1,3 @@
-"""What the agent knows about the model it talks to: `qwen2_audio` is the only module that
-knows Qwen2-Audio's format (prompt template, audio tokens, tool syntax, OpenAI mapping)."""
+"""What the agent knows about the model it talks to: one module per family knows its format
+(prompt template, audio tokens, tool syntax), behind `family.Family`, chosen from the
+checkpoint's `model_type`: `qwen2_audio` (the default), `qwen2_5_omni`, `voxtral`."""

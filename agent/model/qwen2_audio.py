@@ -196,3 +196,22 @@ def wav_samples(data: bytes) -> tuple[np.ndarray, int, int]:
     else:
         raise ValueError(f"unsupported WAV sample width: {width} bytes")
     return samples, rate, channels
+
+
+# ---- the family, for the registry (agent.model.family) --------------------------------
+def _family() -> Any:
+    from agent.model.family import Checkpoint, Family
+
+    return Family(
+        name="qwen2-audio", title="Qwen2-Audio", model_types=("qwen2_audio",), tiny="tiny-random",
+        render_prompt=render_prompt, audio_token=AUDIO_TOKEN, audio_token_count=audio_token_count,
+        special_tokens=(*SPECIAL_TOKENS, "<|endoftext|>"), eos_tokens=EOS_TOKENS,
+        licence="Apache-2.0",
+        checkpoints=(Checkpoint("Qwen/Qwen2-Audio-7B-Instruct", 8.4, 16.8, "Whisper-large-v3 encoder + Qwen-7B"),),
+        modes=("chat", "analysis"), tools="hermes: `<tool_call>` JSON (Qwen2.5 convention; not trained on it)",
+        encoder="real-length", sample_rate=SAMPLE_RATE, max_clip_s=MAX_CLIP_S, default_system=DEFAULT_SYSTEM,
+        notes="Voice chat when a turn holds audio only, audio analysis when it carries an instruction; "
+              "audios numbered 'Audio N:' across the conversation. 25 audio tokens per second.")
+
+
+FAMILY = _family()
