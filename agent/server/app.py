@@ -8,7 +8,6 @@ Endpoints: `/` playground, `POST /v1/sessions` (WebRTC offer/answer, JSON), `POS
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import signal
 import socket
@@ -24,6 +23,7 @@ from agent.heap import freeze_startup
 from agent.runtime import AgentRuntime
 from agent.server import routes
 from agent.server.metrics import Metrics
+from agent.server.middleware import bearer_auth, json_errors
 from agent.server.routes import MANAGER, SETTINGS, WEBSOCKETS, error
 from agent.transports.webrtc import PeerManager, is_loopback, use_loopback_candidates
 
@@ -33,27 +33,6 @@ STATIC = Path(__file__).parent / "static"
 RUNTIME: web.AppKey[AgentRuntime] = web.AppKey("runtime", AgentRuntime)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-PUBLIC = {"/healthz"}
-QUERY_TOKEN_OK = "GET"  # browsers cannot set headers on page loads and WebSockets
-
-
-@web.middleware
-async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        reasons = {404: f"no such endpoint: {request.path}",
-                   405: f"method {request.method} is not allowed on {request.path}",
-                   413: "request body too large"}
-        reason = reasons.get(exc.status) or exc.text or exc.reason
-        return error(exc.status, reason)
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:  # a bug must answer 500, not drop the connection
-        log.exception("%s %s failed", request.method, request.path)
-        return error(500, f"internal error: {type(exc).__name__}")
 
 
 def cors_middleware(settings: ServerSettings) -> Any:
@@ -86,30 +65,8 @@ def cors_middleware(settings: ServerSettings) -> Any:
     return cors
 
 
-def auth_middleware(token: str | None) -> Any:
-    @web.middleware
-    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if token is None or request.path in PUBLIC or request.method == "OPTIONS":
-            return await handler(request)
-        header = request.headers.get("Authorization", "")
-        given: str | None = header[7:].strip() if header[:7].lower() == "bearer " else None
-        if given is None and request.method == QUERY_TOKEN_OK:
-            given = request.query.get("token")
-        challenge = {"WWW-Authenticate": 'Bearer realm="voice-agent"'}
-        if not given:
-            return error(401, "missing bearer token: send 'Authorization: Bearer <token>'", **challenge)
-        if not hmac.compare_digest(_raw_bytes(given), token.encode()):
-            return error(401, "invalid bearer token", **challenge)
-        return await handler(request)
-
-    return auth
-
-
-def _raw_bytes(text: str) -> bytes:
-    """Bytes to compare, for any header: aiohttp decodes a non-UTF-8 byte as a lone
-    surrogate, which plain `.encode()` refuses (that was a 500 before authentication).
-    Such a value can never equal a UTF-8 token, so `surrogatepass` is enough."""
-    return text.encode("utf-8", "surrogatepass")
+def _render(status: int, reason: str, code: str, headers: dict[str, str]) -> web.Response:
+    return error(status, reason, **headers)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -137,7 +94,9 @@ def create_app(runtime: AgentRuntime, settings: Settings | ServerSettings) -> we
     """The server for a started (or soon started) runtime; closing the runtime is the caller's job."""
     server = settings.server if isinstance(settings, Settings) else settings
     app = web.Application(client_max_size=server.max_body_bytes,
-                          middlewares=[json_errors, cors_middleware(server), auth_middleware(server.token)])
+                          middlewares=[json_errors(_render), cors_middleware(server),
+                                       # GET: browsers cannot set headers on page loads and WebSockets
+                                       bearer_auth(server.token, _render, query_token_methods={"GET"})])
     manager = PeerManager(runtime, server)
     app[RUNTIME] = runtime
     app[SETTINGS] = server
