@@ -134,7 +134,7 @@ class OpenAIBackend:
         self.max_audios = max_audios
         self.max_model_len: int | None = None  # the server's, once known
         self._probe = HealthProbe(lambda: self._http, self.base_url, health_interval_s, connect_timeout,
-                                  self._learn)
+                                  self._learn, self._readiness)
         self._api_key = api_key
         # `connect` covers DNS and the TCP/TLS handshake; no `total`: answers stream for long.
         self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=timeout)
@@ -152,6 +152,14 @@ class OpenAIBackend:
     def healthy(self) -> bool:
         """The server answered the latest probe (or request)."""
         return self._probe.up
+
+    @property
+    def health_reason(self) -> str | None:
+        return None if self._probe.up else self._probe.reason or f"the OpenAI server {self.base_url} does not answer"
+
+    def _readiness(self) -> str | None:
+        """Our serve-model's readiness URL (its model list answers while no worker is up)."""
+        return str(URL(self.base_url).with_path("/readyz")) if self.features else None
 
     async def start(self) -> None:
         """Raises InferenceError when the server is up but does not serve the model asked for;

@@ -112,6 +112,19 @@ class InferencePool:
         return self._started and not self._closing and any(w.live for w in self._workers)
 
     @property
+    def health_reason(self) -> str | None:
+        """Why no answer can be produced now (None: one can)."""
+        if self.healthy:
+            return None
+        if not self._started or self._closing:
+            return "the inference pool is not running"
+        if any(not w.dead and not w.live for w in self._workers):
+            return "no inference worker is running: a replacement is loading the model"
+        waits = [w.restart_at - time.monotonic() for w in self._workers if w.dead]
+        when = f"; next restart in {max(0.0, min(waits)):.1f} s" if waits else ""
+        return f"no inference worker is running{when}"
+
+    @property
     def queue_depth(self) -> int:
         """Requests submitted and not finished (all workers)."""
         return len(self._requests)

@@ -1,8 +1,9 @@
 """`voice-agent serve`: the aiohttp application and its lifecycle.
 
 Endpoints: `/` playground, `POST /v1/sessions` (WebRTC offer/answer, JSON), `POST /whip` +
-`DELETE /whip/{id}` (RFC 9725), `GET /v1/sessions/{id}/events` (WebSocket), `/healthz`,
-`/metrics`. Every error answer is JSON `{"error": reason}` (WHIP bodies are SDP).
+`DELETE /whip/{id}` (RFC 9725), `GET /v1/sessions/{id}/events` (WebSocket), `/healthz` = `/readyz`
+(503 while no answer can be produced), `/livez`, `/metrics`. Every error answer is JSON
+`{"error": reason}` (WHIP bodies are SDP).
 """
 
 from __future__ import annotations
@@ -70,15 +71,31 @@ def _render(status: int, reason: str, code: str, headers: dict[str, str]) -> web
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """Readiness (`/healthz`, `/readyz`): 200 while an answer can be produced, else 503 with the
+    reason — the same body and rule as the aggregated one of `serve --processes N`."""
     runtime = request.app[RUNTIME]
     # A failed plugin does not make the agent unhealthy (it still answers); it is shown here so
     # an operator sees it without reading the log.
     plugins = runtime.plugins.status() if runtime.plugins is not None else {}
-    healthy = getattr(runtime.backend, "healthy", True)  # False: no inference worker is running
-    return web.json_response({"status": "ok" if healthy else "unavailable", "sessions": len(request.app[MANAGER].peers),
-                              "model": getattr(runtime.backend, "model_name", ""),
-                              "warning": getattr(runtime.backend, "warning", None), "plugins": plugins},
-                             status=200 if healthy else 503)
+    reason = unavailable_reason(runtime.backend)
+    body = {"status": "ok" if reason is None else "unavailable", "sessions": len(request.app[MANAGER].peers),
+            "model": getattr(runtime.backend, "model_name", ""),
+            "warning": getattr(runtime.backend, "warning", None), "plugins": plugins}
+    if reason is not None:
+        body["reason"] = reason
+    return web.json_response(body, status=200 if reason is None else 503)
+
+
+def unavailable_reason(backend: Any) -> str | None:
+    """Why `backend` cannot answer now (no worker, server unreachable), None when it can."""
+    if getattr(backend, "healthy", True):
+        return None
+    return getattr(backend, "health_reason", None) or f"the {getattr(backend, 'name', 'inference')} backend is down"
+
+
+async def livez(request: web.Request) -> web.Response:
+    """Liveness: the process serves HTTP (a restart would not help a backend that is down)."""
+    return web.json_response({"status": "alive"})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -108,6 +125,8 @@ def create_app(runtime: AgentRuntime, settings: Settings | ServerSettings) -> we
 
     app.router.add_get("/", index)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", healthz)
+    app.router.add_get("/livez", livez)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/v1/sessions", routes.create_session)
     app.router.add_get("/v1/sessions/{id}/events", routes.session_events)

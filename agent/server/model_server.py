@@ -7,7 +7,8 @@ to vLLM: audio as `input_audio` parts (base64 WAV), `stream: true` as SSE. Many 
 
 Endpoints: `POST /v1/chat/completions`, `GET /v1/models` (with vLLM's `max_model_len`),
 `DELETE /v1/conversations/{key}` (forget), `DELETE /v1/conversations/{key}/turns/{turn}`
-(drop a speculative prefill), `POST …/turns/{turn}/promote`, `/healthz`, `/metrics`.
+(drop a speculative prefill), `POST …/turns/{turn}/promote`, `/healthz` = `/readyz` (503 while
+no worker can answer), `/livez`, `/metrics`.
 
 KV reuse: by an explicit conversation key, the `X-Conversation-Id` header (our client sends
 its session id). The key is the pool's session id, so the pool routes a conversation's
@@ -98,6 +99,8 @@ class ModelServer:
         app.router.add_delete("/v1/conversations/{key}/turns/{turn}", self.drop)
         app.router.add_post("/v1/conversations/{key}/turns/{turn}/promote", self.promote)
         app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.healthz)
+        app.router.add_get("/livez", self.livez)
         app.router.add_get("/metrics", self.render_metrics)
         app.on_response_prepare.append(self._features_header)
         app.on_startup.append(self._start_sweeper)
@@ -139,10 +142,17 @@ class ModelServer:
     # ---- endpoints ------------------------------------------------------------------------
 
     async def healthz(self, request: web.Request) -> web.Response:
-        healthy = bool(getattr(self.pool, "healthy", True))
-        return web.json_response({"status": "ok" if healthy else "unavailable", "model": self.pool.model_name,
-                                  "queue_depth": self.pool.queue_depth, "conversations": len(self.keys)},
-                                 status=200 if healthy else 503)
+        """Readiness (`/healthz`, `/readyz`): 503 with the reason while no worker can answer."""
+        reason = None if getattr(self.pool, "healthy", True) else (
+            getattr(self.pool, "health_reason", None) or "no inference worker is running")
+        body = {"status": "ok" if reason is None else "unavailable", "model": self.pool.model_name,
+                "queue_depth": self.pool.queue_depth, "conversations": len(self.keys)}
+        if reason is not None:
+            body["reason"] = reason
+        return web.json_response(body, status=200 if reason is None else 503)
+
+    async def livez(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive"})
 
     async def render_metrics(self, request: web.Request) -> web.Response:
         body, content_type = self.metrics.render()
