@@ -144,18 +144,15 @@ def create_app(runtime: AgentRuntime, settings: Settings | ServerSettings) -> we
     return app
 
 
-def port_taken(host: str, port: int, reuse_port: bool = False) -> str | None:
+def port_taken(host: str, port: int) -> str | None:
     """Why `host:port` cannot be listened on (in use, no such address), or None: checked before
-    the model loads. A bind with SO_REUSEADDR, as aiohttp's own, released at once; with
-    `reuse_port` (the frontends of `serve --processes N` share the port) SO_REUSEPORT too."""
+    the model loads. A bind with SO_REUSEADDR, as aiohttp's own, released at once."""
     if port == 0:
         return None
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             probe.bind(address)
     except OSError as exc:
         reason = (exc.strerror or str(exc)).lower()
@@ -167,7 +164,8 @@ async def serve(settings: Settings, runtime_options: dict[str, Any] | None = Non
     """Run until SIGINT/SIGTERM; 0 on a clean stop, 2 when something cannot start.
     `frontend`: an `agent.server.router.Router` when this is one of `serve --processes N`."""
     server = settings.server
-    if server.http and (busy := port_taken(server.host, server.port, reuse_port=frontend is not None)):
+    inherited = frontend.info.listen_fd if frontend is not None else None  # the supervisor's socket
+    if server.http and inherited is None and (busy := port_taken(server.host, server.port)):
         print(busy, file=sys.stderr)  # now, not after the model has loaded
         return 2
     try:
@@ -207,7 +205,8 @@ async def serve(settings: Settings, runtime_options: dict[str, Any] | None = Non
         runner = web.AppRunner(app, handle_signals=False)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, server.host, server.port, reuse_port=frontend is not None)
+            site: web.BaseSite = (web.SockSite(runner, socket.socket(fileno=inherited)) if inherited is not None
+                                  else web.TCPSite(runner, server.host, server.port))
             await site.start()
             if frontend is not None:
                 await frontend.site(runner).start()

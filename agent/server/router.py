@@ -1,7 +1,7 @@
 """One frontend of `serve --processes N`: sticky routing by session id, and the whole server's view.
 
-Why: N frontend processes share one TCP port (SO_REUSEPORT: the kernel spreads new connections
-by their address hash), but a session lives in the one process that holds its RTCPeerConnection.
+Why: N frontend processes accept on one TCP socket (the supervisor's, inherited: the kernel hands
+each new connection to one of them), but a session lives in the one process that holds its RTCPeerConnection.
 Its events WebSocket, WHIP DELETE and every later request may land on any frontend, so:
 
 - Session ids carry the index of their frontend: `f<index>-<12 hex>` (`FrontendInfo.holder`).
@@ -65,6 +65,7 @@ class FrontendInfo:
     max_sessions: int  # the whole server's
     port: int  # the shared TCP port
     openai_url: str | None = None  # the supervisor's model server, when it started one
+    listen_fd: int | None = None  # the supervisor's listening socket, inherited (None: bind the port)
 
     @classmethod
     def from_env(cls) -> FrontendInfo | None:
