@@ -288,6 +288,8 @@ class OpenAIBackend:
                             deltas += 1
                             yield text
                     done = True
+                    self._probe.mark(True)  # an answer: up now, not at the next probe
+                    self._probe.reason = None
                 finally:
                     if not done:
                         # Early exit (aclose, cancel, error): drop the connection rather than
