@@ -16,6 +16,7 @@ import pytest
 from tests.test_frontends import ROOT, start_serve, stop_serve
 
 
+@pytest.mark.slow
 @pytest.mark.asyncio(loop_scope="module")
 async def test_a_second_serve_on_a_held_port_is_refused(tmp_path: Path) -> None:
     served = await start_serve(tmp_path)
