@@ -57,8 +57,11 @@ USER agent
 VOLUME ["/cache"]
 EXPOSE 8080 10300
 
-# /healthz answers without the bearer token; it answers once the model is loaded, so the start
-# period covers a first download of the weights. The image has no curl: Python does the request.
+# /healthz (= /readyz) answers without the bearer token: 200 while an answer can be produced, 503
+# with the reason while not (model server or every inference worker down or loading). Docker has
+# one check, so it is the readiness one; /livez (200 while the process serves) is for an
+# orchestrator's liveness probe. The start period covers a first download of the weights.
+# The image has no curl: Python does the request.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=900s --retries=3 \
   CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4).status == 200 else 1)"]
 

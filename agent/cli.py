@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-BENCHMARKS = ("vad", "inference", "webrtc", "livekit", "tts", "mqtt", "soak", "turns", "model_server", "latency", "bargein")
+BENCHMARKS = ("vad", "inference", "webrtc", "livekit", "tts", "mqtt", "soak", "turns", "model_server", "latency", "bargein", "restart")
 DESCRIPTION = "Qwen2-Audio voice agent: audio in, text answers and tool calls out."
 
 

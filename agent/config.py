@@ -138,6 +138,8 @@ class Settings(BaseSettings):
     openai_api_key: str | None = None
     openai_max_audios: Int = Field(default=5, ge=1)  # clips per request: the server's --limit-mm-per-prompt
     workers: Int | None = Field(default=None, ge=1)
+    # A worker with requests in flight and no step done for this long is wedged: restarted.
+    step_timeout_s: Float = Field(default=60.0, gt=0)
     max_batch: Int = Field(default=16, ge=1, le=256)
     max_queue: Int = Field(default=64, ge=1)
     # Inference memory (local backend): the share of each GPU a worker may use, as a fraction

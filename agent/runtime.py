@@ -49,7 +49,8 @@ def create_backend(settings: Settings) -> Backend:
     return InferencePool(model=settings.model, workers=settings.workers, max_batch=settings.max_batch,
                          max_queue=settings.max_queue, kv_budget_tokens=settings.kv_budget_tokens,
                          gpu_memory_utilization=settings.gpu_memory_utilization,
-                         prefill_chunk_tokens=settings.prefill_chunk_tokens, encoder_padded=settings.encoder_padded)
+                         prefill_chunk_tokens=settings.prefill_chunk_tokens, encoder_padded=settings.encoder_padded,
+                         step_timeout_s=settings.step_timeout_s)
 
 
 class AgentRuntime:

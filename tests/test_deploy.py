@@ -367,7 +367,8 @@ def test_healthcheck_targets_the_served_health_route() -> None:
 
 async def test_healthcheck_probe_passes_against_the_real_app(unused_port: int) -> None:
     """Run the Dockerfile's probe, as is, against our app (with a bearer token set: /healthz
-    must stay public), then against a closed port (it must fail)."""
+    must stay public), then with no inference worker (the readiness route answers 503: it must
+    fail), then against a closed port (it must fail)."""
     from aiohttp import web
 
     from agent.inference.scripted import ScriptedBackend
@@ -378,7 +379,8 @@ async def test_healthcheck_probe_passes_against_the_real_app(unused_port: int) -
     port = urlsplit(url).port
     settings = load_settings(None, model="tiny-random")
     settings.server.token = "secret-token"
-    runtime = AgentRuntime(settings, backend=ScriptedBackend([], default="ok"))
+    backend = ScriptedBackend([], default="ok")
+    runtime = AgentRuntime(settings, backend=backend)
     runner = web.AppRunner(create_app(runtime, settings))
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
@@ -386,6 +388,8 @@ async def test_healthcheck_probe_passes_against_the_real_app(unused_port: int) -
     try:
         probe = [sys.executable if a == "python" else a.replace(f":{port}/", f":{live}/") for a in cmd]
         assert await _run(probe) == 0
+        backend.healthy = False  # type: ignore[attr-defined]  # as the pool while no worker is up
+        assert await _run(probe) != 0
         closed = [a.replace(f":{live}/", f":{unused_port}/") for a in probe]
         assert await _run(closed) != 0
     finally:

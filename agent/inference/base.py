@@ -23,6 +23,13 @@ class InferenceError(Exception):
         self.message = message
 
 
+# The codes the local pool gives a failed request. Our model server sends them in its OpenAI-style
+# errors (`error.code`) and our OpenAI client takes them back, so the `error` events and
+# `/metrics{code}` of a frontend are those of one process (`--processes` changes nothing).
+POOL_CODES = frozenset({"busy", "worker_died", "worker_stalled", "out_of_memory", "backend_unavailable",
+                        "model_load", "closed", "bad_request"})
+
+
 @dataclass(frozen=True)
 class AudioRef:
     """An audio clip the inference worker already holds in a session's KV cache, sent by

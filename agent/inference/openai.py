@@ -48,7 +48,7 @@ import aiohttp
 import numpy as np
 from yarl import URL
 
-from agent.inference.base import GenerationRequest, GenerationStats, InferenceError
+from agent.inference.base import POOL_CODES, GenerationRequest, GenerationStats, InferenceError
 from agent.inference.served import HealthProbe, ServedModel, pick
 from agent.model.qwen2_audio import audio_base64, to_openai_messages
 
@@ -134,7 +134,7 @@ class OpenAIBackend:
         self.max_audios = max_audios
         self.max_model_len: int | None = None  # the server's, once known
         self._probe = HealthProbe(lambda: self._http, self.base_url, health_interval_s, connect_timeout,
-                                  self._learn)
+                                  self._learn, self._readiness)
         self._api_key = api_key
         # `connect` covers DNS and the TCP/TLS handshake; no `total`: answers stream for long.
         self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=timeout)
@@ -152,6 +152,14 @@ class OpenAIBackend:
     def healthy(self) -> bool:
         """The server answered the latest probe (or request)."""
         return self._probe.up
+
+    @property
+    def health_reason(self) -> str | None:
+        return None if self._probe.up else self._probe.reason or f"the OpenAI server {self.base_url} does not answer"
+
+    def _readiness(self) -> str | None:
+        """Our serve-model's readiness URL (its model list answers while no worker is up)."""
+        return str(URL(self.base_url).with_path("/readyz")) if self.features else None
 
     async def start(self) -> None:
         """Raises InferenceError when the server is up but does not serve the model asked for;
@@ -265,8 +273,8 @@ class OpenAIBackend:
                     self._note_features(response)
                     if response.status == 404:
                         raise await self._not_found(url, response)
-                    await _check_status(url, response)
-                    async with aclosing(_sse_deltas(url, response)) as events:
+                    await _check_status(url, response, ours=bool(self.features))
+                    async with aclosing(_sse_deltas(url, response, ours=bool(self.features))) as events:
                         async for text, usage in events:
                             if usage:
                                 if stats is not None:
@@ -280,6 +288,8 @@ class OpenAIBackend:
                             deltas += 1
                             yield text
                     done = True
+                    self._probe.mark(True)  # an answer: up now, not at the next probe
+                    self._probe.reason = None
                 finally:
                     if not done:
                         # Early exit (aclose, cancel, error): drop the connection rather than
@@ -349,16 +359,23 @@ class _StreamEnded(Exception):
     """The server ended the stream before its finish_reason (or [DONE])."""
 
 
-async def _check_status(url: str, response: aiohttp.ClientResponse) -> None:
+async def _check_status(url: str, response: aiohttp.ClientResponse, ours: bool = False) -> None:
+    """`ours`: our serve-model, whose `error.code` is the pool's own (`POOL_CODES`): kept."""
     if response.status < 400:
         return
     code = {429: "busy", 503: "backend_unavailable"}.get(response.status, "backend_error")
     retry = response.headers.get("Retry-After")
     after = f" (retry after {retry} s)" if retry else ""
-    raise InferenceError(code, f"{url}: HTTP {response.status}: {await _reason(response)}{after}")
+    reason, given = await _error(response)
+    raise InferenceError(_code(given, ours) or code, f"{url}: HTTP {response.status}: {reason}{after}")
 
 
-async def _sse_deltas(url: str, response: aiohttp.ClientResponse) -> AsyncGenerator[tuple[str, dict[str, Any]]]:
+def _code(given: Any, ours: bool) -> str | None:
+    return given if ours and given in POOL_CODES else None
+
+
+async def _sse_deltas(url: str, response: aiohttp.ClientResponse,
+                      ours: bool = False) -> AsyncGenerator[tuple[str, dict[str, Any]]]:
     """(text, {}) per content delta and ("", usage) for a usage chunk, until [DONE]."""
     finished = False
     async for raw in response.content:
@@ -377,7 +394,8 @@ async def _sse_deltas(url: str, response: aiohttp.ClientResponse) -> AsyncGenera
         if chunk.get("error"):  # vLLM reports failures after the 200 as an error chunk
             error = chunk["error"]
             message = error.get("message", error) if isinstance(error, dict) else error
-            raise InferenceError("backend_error", f"{url}: {message}")
+            given = error.get("code") if isinstance(error, dict) else None
+            raise InferenceError(_code(given, ours) or "backend_error", f"{url}: {message}")
         for choice in chunk.get("choices") or []:
             text = (choice.get("delta") or {}).get("content")
             if text:
@@ -391,12 +409,17 @@ async def _sse_deltas(url: str, response: aiohttp.ClientResponse) -> AsyncGenera
 
 async def _reason(response: aiohttp.ClientResponse) -> str:
     """The server's own error message (OpenAI/vLLM: {"error": {"message": …}})."""
+    return (await _error(response))[0]
+
+
+async def _error(response: aiohttp.ClientResponse) -> tuple[str, Any]:
+    """(message, `error.code` or None) of an error answer."""
     text = (await response.text(errors="replace"))[:500]
     try:
         data = json.loads(text)
     except (ValueError, RecursionError):
-        return text.strip() or response.reason or ""
+        return text.strip() or response.reason or "", None
     error = data.get("error", data) if isinstance(data, dict) else data
     if isinstance(error, dict):
-        return str(error.get("message") or error.get("detail") or error)
-    return str(error)
+        return str(error.get("message") or error.get("detail") or error), error.get("code")
+    return str(error), None

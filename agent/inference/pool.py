@@ -13,7 +13,9 @@ Faults. A worker that dies, live or still loading, is restarted: at once the fir
 then with exponential backoff while replacements keep dying before they load. Its requests
 fail with `worker_died`. New requests go to a live worker, else wait on one that is loading
 (they fail with `worker_died` if it dies too), else fail at once with `backend_unavailable`.
-`healthy` is False while no worker is live. A turn after a single kill waits for the
+`healthy` is False while no worker is live. A worker that is alive but makes no progress (no
+output, no heartbeat) for `step_timeout_s` while it has requests in flight is wedged: its
+requests fail with `worker_stalled` and it is killed, then restarted like a dead one. A turn after a single kill waits for the
 replacement's start: process spawn and imports, then the model load (seconds for
 tiny-random, the weights' read time for a real model).
 """
@@ -64,6 +66,8 @@ class _Worker:
     info: dict[str, Any] = field(default_factory=dict)  # the engine's: KV budget, device
     stats: dict[str, Any] = field(default_factory=dict)  # the latest step's: KV in use
     reader: threading.Thread | None = None
+    progress_at: float = 0.0  # its last message, or when it got work while idle (monotonic)
+    stalled: bool = False  # killed by the step watchdog
 
 
 class InferencePool:
@@ -73,7 +77,7 @@ class InferencePool:
                  max_queue: int = 64, device: str | None = None, kv_budget_tokens: int | None = None,
                  gpu_memory_utilization: float = 0.9, prefill_chunk_tokens: int = 512,
                  encoder_padded: bool = False, start_timeout: float = 600.0,
-                 restart_backoff_s: tuple[float, float] = (1.0, 30.0)) -> None:
+                 restart_backoff_s: tuple[float, float] = (1.0, 30.0), step_timeout_s: float = 60.0) -> None:
         self.model = model
         self.model_name = model
         self.tokenizer: Any = None  # loaded in this process at start(), for exact prompt budgets
@@ -86,6 +90,9 @@ class InferencePool:
             "encoder_padded": encoder_padded}
         self.start_timeout = start_timeout
         self.restart_backoff_s = restart_backoff_s
+        self.step_timeout_s = step_timeout_s
+        self.stalls = 0  # workers killed by the step watchdog
+        self._watchdog: asyncio.TimerHandle | None = None
         self._workers_wanted = workers
         self._device = device
         self._workers: list[_Worker] = []
@@ -110,6 +117,19 @@ class InferencePool:
     def healthy(self) -> bool:
         """At least one worker is loaded and running."""
         return self._started and not self._closing and any(w.live for w in self._workers)
+
+    @property
+    def health_reason(self) -> str | None:
+        """Why no answer can be produced now (None: one can)."""
+        if self.healthy:
+            return None
+        if not self._started or self._closing:
+            return "the inference pool is not running"
+        if any(not w.dead and not w.live for w in self._workers):
+            return "no inference worker is running: a replacement is loading the model"
+        waits = [w.restart_at - time.monotonic() for w in self._workers if w.dead]
+        when = f"; next restart in {max(0.0, min(waits)):.1f} s" if waits else ""
+        return f"no inference worker is running{when}"
 
     @property
     def queue_depth(self) -> int:
@@ -180,6 +200,7 @@ class InferencePool:
             await self.close()
             raise InferenceError("model_load", f"model {self.model!r} did not load in {self.start_timeout:.0f} s") from None
         self._started = True
+        self._watch()
         self.model_name, self.warning = results[0][0], results[0][1]
         from agent.inference.models import load_tokenizer
 
@@ -204,6 +225,8 @@ class InferencePool:
 
     async def close(self) -> None:
         self._closing = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         for timer in self._timers.values():
             timer.cancel()
         workers, self._workers = self._workers, []
@@ -254,6 +277,7 @@ class InferencePool:
 
     def _on_message(self, w: _Worker, msg: tuple[Any, ...]) -> None:
         kind = msg[0]
+        w.progress_at = time.monotonic()  # outputs, or a step's heartbeat ("alive")
         if kind == "out":
             w.stats = msg[2] if len(msg) > 2 else w.stats
             for out in msg[1]:
@@ -278,8 +302,28 @@ class InferencePool:
         elif kind == "exit":
             self._on_exit(w, msg[1])
 
+    def _watch(self) -> None:
+        """The step watchdog: a live worker with requests in flight and nothing from it for
+        `step_timeout_s` is wedged (a hung kernel, a deadlock, SIGSTOP): fail its requests with
+        `worker_stalled` and kill it; the reader then sees it exit and it is restarted."""
+        assert self._loop is not None
+        if self._closing:
+            return
+        now = time.monotonic()
+        for w in self._workers:
+            if w.live and not w.stopping and w.inflight and now - w.progress_at > self.step_timeout_s:
+                self.stalls += 1
+                log.error("inference worker %d made no progress for %.1f s with %d requests in flight: "
+                          "killing it (step_timeout_s=%.1f)", w.index, now - w.progress_at, len(w.inflight),
+                          self.step_timeout_s)
+                w.live, w.stalled = False, True
+                self._fail(w, InferenceError("worker_stalled", f"inference worker {w.index} made no progress "
+                                             f"for {self.step_timeout_s:.0f} s: restarting it"))
+                w.process.kill()
+        self._watchdog = self._loop.call_later(min(1.0, self.step_timeout_s / 4), self._watch)
+
     def _on_exit(self, w: _Worker, code: Any) -> None:
-        was_live, w.live, w.dead = w.live, False, True
+        was_live, w.live, w.dead = w.live or w.stalled, False, True
         if not w.ready.done():
             w.ready.set_exception(InferenceError("model_load", f"worker {w.index} exited while loading (exit {code})"))
         self._fail(w, InferenceError("worker_died", f"inference worker {w.index} died (exit {code})"))
@@ -390,6 +434,8 @@ class InferencePool:
         rid = f"{request.session_id}/{request.turn_id}/{next(self._ids)}"
         q: asyncio.Queue[Output | InferenceError] = asyncio.Queue()
         self._requests[rid] = q
+        if not w.inflight:  # idle until now: the watchdog counts from here
+            w.progress_at = time.monotonic()
         w.inflight.add(rid)
         self._send(w, ("submit", rid, self._by_reference(request, False)))
         done, resent = False, False

@@ -4,7 +4,8 @@
 `max_model_len`, and `root`, the checkpoint it loaded). The backend reads it at start — the
 model's name when exactly one is served, the context length to budget prompts within — and
 a `HealthProbe` asks it again every few seconds, so `/healthz` says 503 while the server is
-down and 200 once it is back, as it does for local workers.
+down and 200 once it is back, as it does for local workers. Our own `serve-model` answers its
+model list while no worker is up, so for it the probe also asks its `/readyz`.
 """
 
 from __future__ import annotations
@@ -73,8 +74,11 @@ class HealthProbe:
     successful answer (the backend learns the model's name and context once the server is up)."""
 
     def __init__(self, http: Callable[[], aiohttp.ClientSession | None], base_url: str, interval_s: float,
-                 timeout_s: float, on_models: Callable[[list[ServedModel]], None]) -> None:
+                 timeout_s: float, on_models: Callable[[list[ServedModel]], None],
+                 readiness: Callable[[], str | None] = lambda: None) -> None:
         self._http = http
+        self._readiness = readiness  # our serve-model's /readyz: its model list answers with no worker up
+        self.reason: str | None = None  # why it is down (the server's own words when it gave them)
         self._base_url = base_url
         self._interval_s = interval_s
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
@@ -89,12 +93,27 @@ class HealthProbe:
             raise InferenceError("backend_unavailable", f"OpenAI backend for {self._base_url} is not started")
         try:
             models = await list_models(http, self._base_url, self._timeout)
-        except InferenceError:
+            self._on_models(models)
+            if (url := self._readiness()) is not None:
+                await self._ready(http, url)
+        except InferenceError as exc:
+            self.reason = exc.message
             self.mark(False)
             raise
+        self.reason = None
         self.mark(True)
-        self._on_models(models)
         return models
+
+    async def _ready(self, http: aiohttp.ClientSession, url: str) -> None:
+        try:
+            async with http.get(url, timeout=self._timeout) as response:
+                if response.status in (200, 404):  # 404: a serve-model older than /readyz
+                    return
+                body = await response.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise InferenceError("backend_unavailable", f"cannot reach {url}: {exc or type(exc).__name__}") from None
+        reason = body.get("reason") if isinstance(body, dict) else None
+        raise InferenceError("backend_unavailable", f"{url}: {reason or 'not ready'}")
 
     def mark(self, up: bool) -> None:
         if up != self.up:

@@ -5,7 +5,9 @@ step, put that step's outputs on `outbox` as one message. Messages in:
 ("submit", request_id, GenerationRequest) · ("cancel", request_id) ·
 ("promote", session_id, turn_id) · ("drop_turn", session_id, turn_id) · ("forget", session_id) · ("stop",).
 Messages out: ("ready", model_name, warning, pid, engine info: KV budget…) ·
-("load_error", message) · ("out", [Output, …], {"kv_tokens": …, "cached_tokens": …}).
+("load_error", message) · ("out", [Output, …], {"kv_tokens": …, "cached_tokens": …}) ·
+("alive",): a heartbeat after HEARTBEAT_S of steps without outputs (a long prefill), so the
+pool's step watchdog tells a slow worker from a wedged one.
 
 Memory: when the engine has been idle for IDLE_POLL_S the worker hands freed heap back to the
 OS (`malloc_trim`, which takes milliseconds: never on the path of a turn). glibc otherwise keeps the high-water mark of large transients (feature and
@@ -18,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import time
 from typing import Any
 
 from agent.heap import trim_heap
@@ -25,6 +28,7 @@ from agent.heap import trim_heap
 log = logging.getLogger(__name__)
 
 IDLE_POLL_S = 0.5  # how often an idle worker checks that its parent still lives
+HEARTBEAT_S = 1.0
 
 
 def _handle(engine: Any, msg: tuple[Any, ...]) -> bool:
@@ -63,6 +67,7 @@ def worker_main(model: str, device: str | None, options: dict[str, Any], inbox: 
     threads = {"torch_threads": torch.get_num_threads()}  # benchmarks check it equals theirs
     outbox.put(("ready", loaded.name, loaded.warning, os.getpid(), {**engine.info(), **threads}))
     running, busy = True, False
+    sent = time.monotonic()
     while running:
         msgs: list[tuple[Any, ...]] = []
         try:
@@ -95,3 +100,7 @@ def worker_main(model: str, device: str | None, options: dict[str, Any], inbox: 
                 outbox.put(("out", outputs, {"kv_tokens": engine.kv_projected(),
                                              "cached_tokens": engine.cached_tokens, "oom_events": engine.oom_events,
                                              "running": engine.running}))
+                sent = time.monotonic()
+            elif time.monotonic() - sent > HEARTBEAT_S:
+                outbox.put(("alive",))
+                sent = time.monotonic()

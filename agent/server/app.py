@@ -1,14 +1,14 @@
 """`voice-agent serve`: the aiohttp application and its lifecycle.
 
 Endpoints: `/` playground, `POST /v1/sessions` (WebRTC offer/answer, JSON), `POST /whip` +
-`DELETE /whip/{id}` (RFC 9725), `GET /v1/sessions/{id}/events` (WebSocket), `/healthz`,
-`/metrics`. Every error answer is JSON `{"error": reason}` (WHIP bodies are SDP).
+`DELETE /whip/{id}` (RFC 9725), `GET /v1/sessions/{id}/events` (WebSocket), `/healthz` = `/readyz`
+(503 while no answer can be produced), `/livez`, `/metrics`. Every error answer is JSON
+`{"error": reason}` (WHIP bodies are SDP).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import signal
 import socket
@@ -24,6 +24,7 @@ from agent.heap import freeze_startup
 from agent.runtime import AgentRuntime
 from agent.server import routes
 from agent.server.metrics import Metrics
+from agent.server.middleware import bearer_auth, json_errors
 from agent.server.routes import MANAGER, SETTINGS, WEBSOCKETS, error
 from agent.transports.webrtc import PeerManager, is_loopback, use_loopback_candidates
 
@@ -33,27 +34,6 @@ STATIC = Path(__file__).parent / "static"
 RUNTIME: web.AppKey[AgentRuntime] = web.AppKey("runtime", AgentRuntime)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-PUBLIC = {"/healthz"}
-QUERY_TOKEN_OK = "GET"  # browsers cannot set headers on page loads and WebSockets
-
-
-@web.middleware
-async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        reasons = {404: f"no such endpoint: {request.path}",
-                   405: f"method {request.method} is not allowed on {request.path}",
-                   413: "request body too large"}
-        reason = reasons.get(exc.status) or exc.text or exc.reason
-        return error(exc.status, reason)
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:  # a bug must answer 500, not drop the connection
-        log.exception("%s %s failed", request.method, request.path)
-        return error(500, f"internal error: {type(exc).__name__}")
 
 
 def cors_middleware(settings: ServerSettings) -> Any:
@@ -86,42 +66,36 @@ def cors_middleware(settings: ServerSettings) -> Any:
     return cors
 
 
-def auth_middleware(token: str | None) -> Any:
-    @web.middleware
-    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if token is None or request.path in PUBLIC or request.method == "OPTIONS":
-            return await handler(request)
-        header = request.headers.get("Authorization", "")
-        given: str | None = header[7:].strip() if header[:7].lower() == "bearer " else None
-        if given is None and request.method == QUERY_TOKEN_OK:
-            given = request.query.get("token")
-        challenge = {"WWW-Authenticate": 'Bearer realm="voice-agent"'}
-        if not given:
-            return error(401, "missing bearer token: send 'Authorization: Bearer <token>'", **challenge)
-        if not hmac.compare_digest(_raw_bytes(given), token.encode()):
-            return error(401, "invalid bearer token", **challenge)
-        return await handler(request)
-
-    return auth
-
-
-def _raw_bytes(text: str) -> bytes:
-    """Bytes to compare, for any header: aiohttp decodes a non-UTF-8 byte as a lone
-    surrogate, which plain `.encode()` refuses (that was a 500 before authentication).
-    Such a value can never equal a UTF-8 token, so `surrogatepass` is enough."""
-    return text.encode("utf-8", "surrogatepass")
+def _render(status: int, reason: str, code: str, headers: dict[str, str]) -> web.Response:
+    return error(status, reason, **headers)
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """Readiness (`/healthz`, `/readyz`): 200 while an answer can be produced, else 503 with the
+    reason — the same body and rule as the aggregated one of `serve --processes N`."""
     runtime = request.app[RUNTIME]
     # A failed plugin does not make the agent unhealthy (it still answers); it is shown here so
     # an operator sees it without reading the log.
     plugins = runtime.plugins.status() if runtime.plugins is not None else {}
-    healthy = getattr(runtime.backend, "healthy", True)  # False: no inference worker is running
-    return web.json_response({"status": "ok" if healthy else "unavailable", "sessions": len(request.app[MANAGER].peers),
-                              "model": getattr(runtime.backend, "model_name", ""),
-                              "warning": getattr(runtime.backend, "warning", None), "plugins": plugins},
-                             status=200 if healthy else 503)
+    reason = unavailable_reason(runtime.backend)
+    body = {"status": "ok" if reason is None else "unavailable", "sessions": len(request.app[MANAGER].peers),
+            "model": getattr(runtime.backend, "model_name", ""),
+            "warning": getattr(runtime.backend, "warning", None), "plugins": plugins}
+    if reason is not None:
+        body["reason"] = reason
+    return web.json_response(body, status=200 if reason is None else 503)
+
+
+def unavailable_reason(backend: Any) -> str | None:
+    """Why `backend` cannot answer now (no worker, server unreachable), None when it can."""
+    if getattr(backend, "healthy", True):
+        return None
+    return getattr(backend, "health_reason", None) or f"the {getattr(backend, 'name', 'inference')} backend is down"
+
+
+async def livez(request: web.Request) -> web.Response:
+    """Liveness: the process serves HTTP (a restart would not help a backend that is down)."""
+    return web.json_response({"status": "alive"})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -137,7 +111,9 @@ def create_app(runtime: AgentRuntime, settings: Settings | ServerSettings) -> we
     """The server for a started (or soon started) runtime; closing the runtime is the caller's job."""
     server = settings.server if isinstance(settings, Settings) else settings
     app = web.Application(client_max_size=server.max_body_bytes,
-                          middlewares=[json_errors, cors_middleware(server), auth_middleware(server.token)])
+                          middlewares=[json_errors(_render), cors_middleware(server),
+                                       # GET: browsers cannot set headers on page loads and WebSockets
+                                       bearer_auth(server.token, _render, query_token_methods={"GET"})])
     manager = PeerManager(runtime, server)
     app[RUNTIME] = runtime
     app[SETTINGS] = server
@@ -149,6 +125,8 @@ def create_app(runtime: AgentRuntime, settings: Settings | ServerSettings) -> we
 
     app.router.add_get("/", index)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", healthz)
+    app.router.add_get("/livez", livez)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/v1/sessions", routes.create_session)
     app.router.add_get("/v1/sessions/{id}/events", routes.session_events)
@@ -166,18 +144,15 @@ def create_app(runtime: AgentRuntime, settings: Settings | ServerSettings) -> we
     return app
 
 
-def port_taken(host: str, port: int, reuse_port: bool = False) -> str | None:
+def port_taken(host: str, port: int) -> str | None:
     """Why `host:port` cannot be listened on (in use, no such address), or None: checked before
-    the model loads. A bind with SO_REUSEADDR, as aiohttp's own, released at once; with
-    `reuse_port` (the frontends of `serve --processes N` share the port) SO_REUSEPORT too."""
+    the model loads. A bind with SO_REUSEADDR, as aiohttp's own, released at once."""
     if port == 0:
         return None
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             probe.bind(address)
     except OSError as exc:
         reason = (exc.strerror or str(exc)).lower()
@@ -189,7 +164,8 @@ async def serve(settings: Settings, runtime_options: dict[str, Any] | None = Non
     """Run until SIGINT/SIGTERM; 0 on a clean stop, 2 when something cannot start.
     `frontend`: an `agent.server.router.Router` when this is one of `serve --processes N`."""
     server = settings.server
-    if server.http and (busy := port_taken(server.host, server.port, reuse_port=frontend is not None)):
+    inherited = frontend.info.listen_fd if frontend is not None else None  # the supervisor's socket
+    if server.http and inherited is None and (busy := port_taken(server.host, server.port)):
         print(busy, file=sys.stderr)  # now, not after the model has loaded
         return 2
     try:
@@ -229,7 +205,8 @@ async def serve(settings: Settings, runtime_options: dict[str, Any] | None = Non
         runner = web.AppRunner(app, handle_signals=False)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, server.host, server.port, reuse_port=frontend is not None)
+            site: web.BaseSite = (web.SockSite(runner, socket.socket(fileno=inherited)) if inherited is not None
+                                  else web.TCPSite(runner, server.host, server.port))
             await site.start()
             if frontend is not None:
                 await frontend.site(runner).start()

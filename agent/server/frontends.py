@@ -5,7 +5,8 @@
                 │                  backend is the local pool (`transformers`)
                 └─ frontend 0..N-1 `serve` itself, re-run with FRONTEND_ENV set: its own event
                                    loop, aiortc, VAD service, turns, TTS, plugins and sessions,
-                                   all on the shared port (SO_REUSEPORT) and a private socket;
+                                   all on the one listening socket the supervisor bound and
+                                   passed down (inherited fd), and a private socket;
                                    backend `openai` at unix://<run_dir>/model.sock
 
 Frontends are the same program started again (`sys.orig_argv`), so an agent script with its own
@@ -102,6 +103,7 @@ class Child:
     env: dict[str, str]
     health: str  # the Unix socket answering /healthz once it is up
     need_ok: bool = False  # ready only at 200 (the model server: loaded); else any answer
+    pass_fds: tuple[int, ...] = ()  # the frontends: the listening socket
     proc: asyncio.subprocess.Process | None = None
     started: float = 0.0
     failures: int = 0
@@ -113,7 +115,7 @@ class Child:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.health)  # a dead process's socket: readiness means the new one's
         self.proc = await asyncio.create_subprocess_exec(*self.argv, env=self.env, stdin=asyncio.subprocess.DEVNULL,
-                                                         preexec_fn=_die_with_parent)
+                                                         preexec_fn=_die_with_parent, pass_fds=self.pass_fds)
         self.started = time.monotonic()
 
 
@@ -135,9 +137,10 @@ class Supervisor:
     async def _run(self) -> int:
         server = self.settings.server
         try:
-            reserved, port = _reserve_port(server.host, server.port)
+            listener, port = listen_once(server.host, server.port)
         except OSError as exc:
-            print(f"voice-agent: cannot listen on {server.host}:{server.port}: {exc.strerror or exc}", file=sys.stderr)
+            print(f"voice-agent: cannot listen on {server.host}:{server.port}: {(exc.strerror or str(exc)).lower()}"
+                  " (another port: --port N)", file=sys.stderr)
             return 2
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -148,9 +151,10 @@ class Supervisor:
             self.children.append(Child("model server", model_cmd, dict(os.environ), model_sock, need_ok=True))
         for i in range(self.processes):
             info = FrontendInfo(i, self.processes, self.run_dir, server.max_sessions, port,
-                                f"unix://{model_sock}" if model_cmd is not None else None)
+                                f"unix://{model_sock}" if model_cmd is not None else None, listener.fileno())
             self.children.append(Child(f"frontend {i}", [sys.executable, *sys.orig_argv[1:]],
-                                       {**os.environ, FRONTEND_ENV: info.to_env()}, info.socket(i)))
+                                       {**os.environ, FRONTEND_ENV: info.to_env()}, info.socket(i),
+                                       pass_fds=(listener.fileno(),)))
         watchers = []
         try:
             if model_cmd is not None:  # first: the frontends' backends then see the model it serves
@@ -158,7 +162,6 @@ class Supervisor:
                 await self._wait_ready(self.children[:1])
             watchers += [asyncio.create_task(self._watch(child)) for child in self.children[len(watchers):]]
             ok = not self.stopping.is_set() and await self._wait_ready(self.children)
-            reserved.close()  # the frontends listen on it now
             if not ok:
                 return 2
             model = self.settings.model if model_cmd is not None else self.settings.backend
@@ -170,8 +173,8 @@ class Supervisor:
             self.stopping.set()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
-            reserved.close()
             await self._stop_all()
+            listener.close()  # kept until now: a restarted frontend inherits it again
             await asyncio.gather(*watchers, return_exceptions=True)
 
     async def _wait_ready(self, children: list[Child]) -> bool:
@@ -257,14 +260,17 @@ def _die_with_parent() -> None:
         pass
 
 
-def _reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
-    """Bind (not listen) with SO_REUSEPORT: fixes the port when 0 is asked for, and fails early
-    when another program holds it; the frontends' listening sockets join it."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+def listen_once(host: str, port: int) -> tuple[socket.socket, int]:
+    """The server's one listening socket, bound before anything loads: every frontend accepts on
+    it (inherited), so nothing else can share the port — no SO_REUSEPORT, which would let a second
+    `serve` of the same user bind it too and take half the connections. OSError when taken."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
     try:
-        sock.bind((host, port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp's own: TIME_WAIT is no owner
+        sock.bind(address)
+        sock.listen(1024)
+        sock.set_inheritable(True)
     except OSError:
         sock.close()
         raise

@@ -7,7 +7,8 @@ to vLLM: audio as `input_audio` parts (base64 WAV), `stream: true` as SSE. Many 
 
 Endpoints: `POST /v1/chat/completions`, `GET /v1/models` (with vLLM's `max_model_len`),
 `DELETE /v1/conversations/{key}` (forget), `DELETE /v1/conversations/{key}/turns/{turn}`
-(drop a speculative prefill), `POST …/turns/{turn}/promote`, `/healthz`, `/metrics`.
+(drop a speculative prefill), `POST …/turns/{turn}/promote`, `/healthz` = `/readyz` (503 while
+no worker can answer), `/livez`, `/metrics`.
 
 KV reuse: by an explicit conversation key, the `X-Conversation-Id` header (our client sends
 its session id). The key is the pool's session id, so the pool routes a conversation's
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import ipaddress
 import json
 import logging
@@ -45,6 +45,7 @@ from agent.config import Settings
 from agent.errors import describe_validation_error
 from agent.inference.base import GenerationRequest, GenerationStats, InferenceError
 from agent.model.qwen2_audio import from_openai_messages
+from agent.server.middleware import bearer_auth, json_errors
 from agent.server.model_metrics import ModelMetrics
 from agent.server.model_wire import (
     CONVERSATION_HEADER,
@@ -62,10 +63,8 @@ from agent.server.model_wire import (
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SWEEP_S = 5.0  # how often idle conversation keys are looked for
 BIG_BODY = 4 * 1024**2  # bytes: a body this large is parsed in a thread (~10 ms of work and more)
-PUBLIC = {"/healthz"}
 
 
 class ModelServer:
@@ -90,13 +89,18 @@ class ModelServer:
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.settings.model_server.max_body_bytes,
-                              middlewares=[self._errors, self._auth])
+                              middlewares=[json_errors(_render, too_large=(
+                                  "request body too large (model_server.max_body_bytes="
+                                  f"{self.settings.model_server.max_body_bytes})"), quiet=(ConnectionResetError,)),
+                                  bearer_auth(self.token, _render)])
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_delete("/v1/conversations/{key}", self.forget)
         app.router.add_delete("/v1/conversations/{key}/turns/{turn}", self.drop)
         app.router.add_post("/v1/conversations/{key}/turns/{turn}/promote", self.promote)
         app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.healthz)
+        app.router.add_get("/livez", self.livez)
         app.router.add_get("/metrics", self.render_metrics)
         app.on_response_prepare.append(self._features_header)
         app.on_startup.append(self._start_sweeper)
@@ -111,36 +115,6 @@ class ModelServer:
     @staticmethod
     async def _features_header(request: web.Request, response: web.StreamResponse) -> None:
         response.headers[FEATURES_HEADER] = ", ".join(FEATURES)  # how our client tells us from vLLM
-
-    @web.middleware
-    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            reasons = {404: f"no such endpoint: {request.path}", 413: "request body too large "
-                       f"(model_server.max_body_bytes={self.settings.model_server.max_body_bytes})",
-                       405: f"method {request.method} is not allowed on {request.path}"}
-            return fail(exc.status, reasons.get(exc.status) or exc.text or exc.reason,
-                        "invalid_request_error", exc.reason.lower().replace(" ", "_"))
-        except (asyncio.CancelledError, ConnectionResetError):
-            raise
-        except Exception as exc:  # a bug answers 500, never a dropped connection
-            log.exception("%s %s failed", request.method, request.path)
-            return fail(500, f"internal error: {type(exc).__name__}", "server_error", "internal_error")
-
-    @web.middleware
-    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if self.token is None or request.path in PUBLIC:
-            return await handler(request)
-        header = request.headers.get("Authorization", "")
-        given = header[7:].strip() if header[:7].lower() == "bearer " else ""
-        if not given or not hmac.compare_digest(given.encode("utf-8", "surrogatepass"), self.token.encode()):
-            return fail(401, "missing bearer token: send 'Authorization: Bearer <token>'" if not given
-                        else "invalid bearer token", "authentication_error", "invalid_api_key",
-                        **{"WWW-Authenticate": 'Bearer realm="voice-agent"'})
-        return await handler(request)
 
     async def _start_sweeper(self, app: web.Application) -> None:
         self._spawn(self._sweep())
@@ -168,10 +142,17 @@ class ModelServer:
     # ---- endpoints ------------------------------------------------------------------------
 
     async def healthz(self, request: web.Request) -> web.Response:
-        healthy = bool(getattr(self.pool, "healthy", True))
-        return web.json_response({"status": "ok" if healthy else "unavailable", "model": self.pool.model_name,
-                                  "queue_depth": self.pool.queue_depth, "conversations": len(self.keys)},
-                                 status=200 if healthy else 503)
+        """Readiness (`/healthz`, `/readyz`): 503 with the reason while no worker can answer."""
+        reason = None if getattr(self.pool, "healthy", True) else (
+            getattr(self.pool, "health_reason", None) or "no inference worker is running")
+        body = {"status": "ok" if reason is None else "unavailable", "model": self.pool.model_name,
+                "queue_depth": self.pool.queue_depth, "conversations": len(self.keys)}
+        if reason is not None:
+            body["reason"] = reason
+        return web.json_response(body, status=200 if reason is None else 503)
+
+    async def livez(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive"})
 
     async def render_metrics(self, request: web.Request) -> web.Response:
         body, content_type = self.metrics.render()
@@ -340,6 +321,11 @@ class ModelServer:
 
 def fail(status: int, message: str, kind: str, code: str, **headers: str) -> web.Response:
     return web.json_response(error_body(message, kind, code), status=status, headers=headers)
+
+
+def _render(status: int, reason: str, code: str, headers: dict[str, str]) -> web.Response:
+    kind = "authentication_error" if status == 401 else "server_error" if status >= 500 else "invalid_request_error"
+    return fail(status, reason, kind, code, **headers)
 
 
 def inference_failure(exc: InferenceError) -> web.Response:

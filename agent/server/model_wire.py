@@ -133,7 +133,7 @@ def _decode_other(raw: bytes, fmt: str) -> np.ndarray:
 
 # ---- errors ---------------------------------------------------------------------------
 STATUS = {"busy": 429, "bad_request": 400, "backend_unavailable": 503, "worker_died": 503, "closed": 503,
-          "model_load": 503, "out_of_memory": 503, "cancelled": 499}
+          "model_load": 503, "out_of_memory": 503, "cancelled": 499, "worker_stalled": 503}
 
 
 def status_of(code: str) -> tuple[int, str]:

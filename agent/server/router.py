@@ -1,7 +1,7 @@
 """One frontend of `serve --processes N`: sticky routing by session id, and the whole server's view.
 
-Why: N frontend processes share one TCP port (SO_REUSEPORT: the kernel spreads new connections
-by their address hash), but a session lives in the one process that holds its RTCPeerConnection.
+Why: N frontend processes accept on one TCP socket (the supervisor's, inherited: the kernel hands
+each new connection to one of them), but a session lives in the one process that holds its RTCPeerConnection.
 Its events WebSocket, WHIP DELETE and every later request may land on any frontend, so:
 
 - Session ids carry the index of their frontend: `f<index>-<12 hex>` (`FrontendInfo.holder`).
@@ -15,7 +15,7 @@ Its events WebSocket, WHIP DELETE and every later request may land on any fronte
 - `max_sessions` is the whole server's: each frontend admits its share (split evenly, the
   first ones take the remainder) and an offer that finds its frontend full is offered to the
   others in turn, so every share is used before anyone answers 503.
-- `/healthz` and `/metrics` asked from outside gather every frontend's (over the sockets):
+- `/healthz` (= `/readyz`) and `/metrics` asked from outside gather every frontend's (over the sockets):
   counters, gauges and histograms are summed; per-process gauges (VAD batch size) and each
   frontend's sessions get a `frontend` label.
 - A frontend that dies takes its sessions with it. A WebSocket proxied through a surviving
@@ -65,6 +65,7 @@ class FrontendInfo:
     max_sessions: int  # the whole server's
     port: int  # the shared TCP port
     openai_url: str | None = None  # the supervisor's model server, when it started one
+    listen_fd: int | None = None  # the supervisor's listening socket, inherited (None: bind the port)
 
     @classmethod
     def from_env(cls) -> FrontendInfo | None:
@@ -168,7 +169,7 @@ class Router:
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.headers.get(FORWARDED) is not None:
             return await handler(request)
-        if request.path == "/healthz" and request.method == "GET":
+        if request.path in ("/healthz", "/readyz") and request.method == "GET":
             return await self.healthz()
         if request.path == "/metrics" and request.method == "GET":
             return await self.metrics(request)
@@ -271,26 +272,46 @@ class Router:
         return list(await asyncio.gather(*(one(i) for i in [*range(self.info.count), *model])))
 
     async def healthz(self) -> web.Response:
+        """The whole server's readiness, by the rule of one process: 503 with the reason whenever
+        no answer can be produced (the model server down or loading, no frontend up), 200
+        "degraded" while some frontends are down but others answer."""
         frontends: list[dict[str, Any]] = []
-        sessions, body0, model_server = 0, dict[str, Any](), None
+        sessions, body0, model_server, model_reason = 0, dict[str, Any](), None, None
         for index, got in await self._gather("/healthz"):
             if isinstance(index, str):  # the model server
-                model_server = "down" if got is None else json.loads(got[1]).get("status", "ok")
+                answer = _json(got[1]) if got is not None else {}
+                model_server = "down" if got is None else answer.get("status", "ok")
+                model_reason = "the model server does not answer" if got is None else answer.get("reason")
                 continue
             if got is None:
-                frontends.append({"index": index, "status": "down"})
+                frontends.append({"index": index, "status": self._absent(index)})
                 continue
-            body = json.loads(got[1])
+            body = _json(got[1])
             body0 = body0 or body
             sessions += int(body.get("sessions", 0))
-            frontends.append({"index": index, "status": body.get("status", "ok"), "sessions": body.get("sessions", 0)})
-        up = sum(f["status"] == "ok" for f in frontends)
-        status = "ok" if up == len(frontends) and model_server in (None, "ok") else "degraded" if up else "unavailable"
+            frontends.append({"index": index, "status": body.get("status", "ok"), "sessions": body.get("sessions", 0),
+                              **({"reason": body["reason"]} if body.get("reason") else {})})
+        up = [f for f in frontends if f["status"] == "ok"]
+        reason = None
+        if model_server not in (None, "ok"):
+            reason = f"model server {model_server}: {model_reason or 'no answer can be produced'}"
+        elif not up:
+            reason = "no frontend can answer: " + ", ".join(
+                f"frontend {f['index']} {f['status']}" + (f" ({f['reason']})" if f.get("reason") else "")
+                for f in frontends)
+        status = "unavailable" if reason else "ok" if len(up) == len(frontends) else "degraded"
         body = {"status": status, "sessions": sessions, "model": body0.get("model", ""),
                 "plugins": body0.get("plugins", {}), "frontends": frontends}
+        if reason is not None:
+            body["reason"] = reason
         if model_server is not None:
             body["model_server"] = model_server
-        return web.json_response(body, status=200 if up else 503)
+        return web.json_response(body, status=503 if reason else 200)
+
+    def _absent(self, index: int) -> str:
+        """A frontend that does not answer: "starting" before its socket exists (the supervisor
+        removes a dead one's socket when it starts the next), else "down"."""
+        return "down" if os.path.exists(self.info.socket(index)) else "starting"
 
     async def metrics(self, request: web.Request) -> web.Response:
         got_all = await self._gather("/metrics", self._headers(request))
@@ -339,6 +360,14 @@ def merge_metrics(texts: dict[int, str], count: int, model_server: str | None = 
             label_text = ",".join(f'{k}="{_escape(v)}"' for k, v in pairs)
             lines.append(f"{sample}{{{label_text}}} {value!r}" if label_text else f"{sample} {value!r}")
     return "\n".join(lines) + "\n"
+
+
+def _json(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
 
 
 def _escape(value: str) -> str:
