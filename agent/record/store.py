@@ -40,6 +40,7 @@ import numpy as np
 from agent.model.qwen2_audio import SAMPLE_RATE, to_wav_bytes
 
 DB_NAME = "recordings.db"
+BUSY_TIMEOUT_S = 10.0  # how long a write waits for another writer's lock (in the writer thread)
 SCHEMA_VERSION = 1
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -178,7 +179,7 @@ class RecordingStore:
         if create:
             _private_dir(root)
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))  # -wal/-shm copy its mode
-        db = sqlite3.connect(path, isolation_level=None, timeout=10, check_same_thread=False)
+        db = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_S, check_same_thread=False)
         db.row_factory = sqlite3.Row
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
