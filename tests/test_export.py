@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from agent.export import export
 from agent.record import RecordingStore, TurnRecord
@@ -110,3 +111,24 @@ def test_targets_are_exactly_the_rated_assistant_turn(tmp_path: Path) -> None:
     assert pair["rejected"] == {"from": "gpt", "value": "The light is on."}
     assert pair["conversations"][1]["value"] == f"Let me check.{call}"  # history: the first turn whole
     assert pair["conversations"][3]["value"] == "The light is on."
+
+
+def test_llamafactory_s_own_converter_reads_the_rows(tmp_path: Path) -> None:
+    """Where LLaMA-Factory is installed (aside: tests/trainer_loaders.py), its parser and
+    converter read both exports: prompts end with the user, targets are the rated turn."""
+    from tests.trainer_loaders import check_llamafactory, llamafactory_modules
+
+    try:
+        found = llamafactory_modules()
+    except ImportError as exc:
+        pytest.skip(f"llamafactory does not import here: {exc}")
+    if found is None:
+        pytest.skip("llamafactory is not installed (VOICE_AGENT_TRAINERS_PATH)")
+    test_targets_are_exactly_the_rated_assistant_turn(tmp_path)  # writes the recording
+    export(tmp_path / "rec", tmp_path / "lf", "sft", "llamafactory")
+    export(tmp_path / "rec", tmp_path / "lf", "dpo", "llamafactory")
+    (row,) = check_llamafactory(tmp_path / "lf", "voice_agent_sft")
+    assert row["_response"] == [{"role": "assistant", "content": "The light is on."}]
+    assert len(row["_prompt"]) == 3 and row["_audios"]
+    (pair,) = check_llamafactory(tmp_path / "lf", "voice_agent_dpo")
+    assert [r["content"] for r in pair["_response"]] == ["It is on, as I said.", "The light is on."]
