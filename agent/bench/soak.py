@@ -249,7 +249,7 @@ class Server:
             return subprocess.Popen([sys.executable, "-m", "agent.bench.soak", "--serve", "--", *self.serve_args],
                                     stdout=log, stderr=subprocess.STDOUT, env=env)
 
-    async def start(self, within_s: float = 180.0) -> None:
+    async def start(self, within_s: float = 600.0) -> None:  # a loaded box: minutes
         self.proc = self._spawn()
         deadline = time.monotonic() + within_s
         while not (m := re.search(r"serving on (http://[\d.]+:\d+)/", self.log.read_text(errors="replace"))):
