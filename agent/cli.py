@@ -164,8 +164,11 @@ def _model_server_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) 
                    help=f"answer length when a request gives no max_tokens (default: {d('max_new_tokens')})")
     p.add_argument("--listen", metavar="URI", help="tcp://HOST:PORT or unix:///PATH "
                    "(default: tcp://127.0.0.1:8000, model_server.listen)")
-    p.add_argument("--token", help="bearer token clients must send; required beyond loopback "
-                   "(default: none, model_server.token)")
+    p.add_argument("--token-file", metavar="FILE", help="bearer tokens clients must send, one per line, each "
+                   "client's conversations its own; required beyond loopback (default: none, model_server.token_file; "
+                   "or VOICE_AGENT_MODEL_SERVER__TOKEN)")
+    p.add_argument("--token", help="deprecated: a token on the command line is visible to every user in `ps`; "
+                   "use --token-file or VOICE_AGENT_MODEL_SERVER__TOKEN")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO (default: warnings only)")
     p.set_defaults(backend=None, script=None, openai_url=None, system_prompt=None)  # not a model server's
 
@@ -301,7 +304,10 @@ def main(argv: Sequence[str] | None = None, *, agent: Any = None) -> int:
     if args.command == "serve-model":
         from agent.server.model_server import run_model_server
 
-        return asyncio.run(run_model_server(settings, args.listen, args.token))
+        if args.token:
+            print("voice-agent: warning: --token is visible to every user of this machine (ps); use --token-file "
+                  "or VOICE_AGENT_MODEL_SERVER__TOKEN", file=sys.stderr)
+        return asyncio.run(run_model_server(settings, args.listen, args.token, token_file=args.token_file))
     missing = _missing_extra(settings)
     if missing:
         print(f"voice-agent: {missing}", file=sys.stderr)

@@ -122,6 +122,8 @@ class ModelServerSettings(BaseModel):
 
     listen: str = Field(default="tcp://127.0.0.1:8000", pattern=r"^(tcp|unix)://.+")
     token: str | None = None  # bearer token; required when listening beyond loopback
+    tokens: list[str] = Field(default_factory=list)  # more clients, each with keys of its own
+    token_file: str | None = None  # tokens, one per line (no token on a command line: `ps` shows it)
     max_conversations: Int = Field(default=1024, ge=1)  # conversation keys (their KV) kept, LRU
     conversation_ttl_s: Float = Field(default=600.0, gt=0)  # a key idle this long is forgotten
     max_body_bytes: Int = Field(default=64 * 1024**2, ge=1024)  # a whole conversation, audio as base64 WAV

@@ -1,8 +1,15 @@
 """`voice-agent export dpo|sft`: a recording (`--record DIR`) as training data for audio LLMs.
 
 Preference pairs (dpo): the rejected answer is one rated down; the chosen one is its correction,
-or an answer rated up to the same audio (same samples and instruction). Supervised rows (sft):
-answers rated up (`with_corrections`: corrections too). The latest rating of a turn counts.
+or an answer rated up to the same prompt: the same system message, the same history (its audio
+by digest, its answers, its tool rounds) and the same audio and instruction, so both answers
+continue one context (another session's answer under another system prompt is no pair).
+Supervised rows (sft): answers rated up (`with_corrections`: corrections too). The latest
+rating of a turn counts.
+
+Targets are exactly the assistant message that was rated: the turn's last round (after its
+tool calls and results, which the prompt holds), never the whole turn's text, which would
+repeat what the prompt already says ("Let me check." in the prompt and again in the target).
 
 Rows carry the whole prompt: the session's earlier turns (their audio too, one `<audio>` tag
 each, in order), this turn's audio and instruction, and its tool rounds (the tool call as the
@@ -23,6 +30,7 @@ and clips agree, roles alternate as each format requires.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -61,9 +69,21 @@ def _latest_feedback(store: RecordingStore) -> dict[str, dict[str, Any]]:
     return latest
 
 
-def _prompt(turn: dict[str, Any], by_id: dict[str, dict[str, Any]]) -> tuple[list[dict[str, str]], list[str]]:
+def rated_answer(turn: dict[str, Any]) -> str | None:
+    """The assistant message that was rated: the turn's last round (None: it has no answer)."""
+    last = turn["messages"][-1] if turn["messages"] else None
+    return last["content"] if last is not None and last["role"] == "assistant" else None
+
+
+def _context(system: str | None, messages: list[dict[str, str]], digests: list[str]) -> str:
+    """What a prompt is, as one key: two answers pair only when they continue the same one."""
+    return hashlib.sha256(json.dumps([system, messages, digests], ensure_ascii=False).encode()).hexdigest()
+
+
+def _prompt(turn: dict[str, Any], by_id: dict[str, dict[str, Any]],
+            digests: list[str] | None = None) -> tuple[list[dict[str, str]], list[str]]:
     """Messages before this turn's final answer: earlier turns whole, then this turn's user
-    message and tool rounds."""
+    message and tool rounds. `digests` gets each clip's audio digest, in order."""
     messages: list[dict[str, str]] = []
     audios: list[str] = []
     # Earlier turns that got no answer (an error) are left out: roles must alternate.
@@ -76,6 +96,8 @@ def _prompt(turn: dict[str, Any], by_id: dict[str, dict[str, Any]]) -> tuple[lis
             if m["role"] == "user" and m.get("audio"):
                 messages.append({"role": "user", "content": AUDIO_TAG + (m["content"] or "")})
                 audios.append(earlier["audio"])
+                if digests is not None:
+                    digests.append(earlier["audio_sha256"])
             elif m["role"] == "assistant":
                 messages.append({"role": "assistant", "content": m["content"]})
             else:  # tool results: the user turn of <tool_response> blocks the model saw
@@ -94,30 +116,36 @@ def samples(store: RecordingStore, kind: Kind, with_corrections: bool = False) -
         return Sample(*_prompt(turn, by_id), chosen=chosen, rejected=rejected, turn_id=turn["turn_id"],
                       system=systems.get(turn["session_id"]))
 
+    def context(turn: dict[str, Any]) -> str:
+        digests: list[str] = []
+        messages, _ = _prompt(turn, by_id, digests)
+        return _context(systems.get(turn["session_id"]), messages, digests)
+
     if kind == "sft":
         for turn in turns:
             fb = rated.get(turn["turn_id"])
             if fb is None:
                 continue
-            target = turn["answer"] if fb["rating"] == "up" else fb["correction"] if with_corrections else None
+            target = rated_answer(turn) if fb["rating"] == "up" else fb["correction"] if with_corrections else None
             if target:
                 out.append(sample(turn, target))
         return out
-    ups: dict[tuple[str, str | None], list[dict[str, Any]]] = {}
+    ups: dict[str, list[str]] = {}  # prompt context → answers rated up in it
     for turn in turns:
         fb = rated.get(turn["turn_id"])
-        if fb is not None and fb["rating"] == "up" and turn["answer"]:
-            ups.setdefault((turn["audio_sha256"], turn["instruction"]), []).append(turn)
+        if fb is not None and fb["rating"] == "up" and (answer := rated_answer(turn)):
+            ups.setdefault(context(turn), []).append(answer)
     for turn in turns:
         fb = rated.get(turn["turn_id"])
-        if fb is None or fb["rating"] != "down":
+        rejected = rated_answer(turn)
+        if fb is None or fb["rating"] != "down" or rejected is None:
             continue
         chosen = fb["correction"]
         if not chosen:
-            liked = ups.get((turn["audio_sha256"], turn["instruction"]), [])
-            chosen = liked[-1]["answer"] if liked else None
-        if chosen and chosen != turn["answer"]:
-            out.append(sample(turn, chosen, turn["answer"]))
+            liked = ups.get(context(turn), [])
+            chosen = liked[-1] if liked else None
+        if chosen and chosen != rejected:
+            out.append(sample(turn, chosen, rejected))
     return out
 
 

@@ -146,7 +146,7 @@ class AgentRuntime:
         if self.tts is not None:
             await self.tts.aclose()
         if self.recorder is not None:
-            self.recorder.close()
+            await self.recorder.aclose()  # the writes handed over finish first
 
     def open_session(self, session_id: str | None = None, *, queue_size: int = 1024,
                      **options: Any) -> tuple[Session, Subscription]:

@@ -1,11 +1,11 @@
 """A livekit-agents worker whose brain is Qwen2-Audio, through our pipeline.
 
-    voice-agent serve-model --model Qwen/Qwen2-Audio-7B-Instruct --listen unix:///tmp/voice-agent-model.sock
+    voice-agent serve-model --model Qwen/Qwen2-Audio-7B-Instruct --listen unix://$XDG_RUNTIME_DIR/voice-agent/model.sock
     export LIVEKIT_URL=wss://… LIVEKIT_API_KEY=… LIVEKIT_API_SECRET=…
     python examples/livekit_agents_realtime.py dev
 
 `QWEN_OPENAI_URL` points the jobs elsewhere: another socket, `http://host:8000/v1` for a
-pool server on another machine (then with `QWEN_OPENAI_API_KEY`, its `--token`), or a vLLM
+pool server on another machine (then with `QWEN_OPENAI_API_KEY`, a token of its `--token-file`), or a vLLM
 server (`vllm serve Qwen/Qwen2-Audio-7B-Instruct --limit-mm-per-prompt '{"audio": 5}'
 --enable-prefix-caching`) — the same wire.
 
@@ -60,7 +60,9 @@ def build_agent() -> Agent:
                  tools=[set_light])
 
 
-MODEL_SERVER = "unix:///tmp/voice-agent-model.sock"  # `voice-agent serve-model --listen` it
+# `voice-agent serve-model --listen` it: a private directory (the server refuses one others can
+# write, such as /tmp itself, since the socket needs no token).
+MODEL_SERVER = f"unix://{os.environ.get('XDG_RUNTIME_DIR') or os.path.expanduser('~/.cache')}/voice-agent/model.sock"
 
 
 def build_model() -> QwenRealtimeModel:

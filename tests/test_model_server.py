@@ -29,6 +29,7 @@ from agent.inference.pool import InferencePool
 from agent.model.qwen2_audio import audio_base64
 from agent.server.model_server import ModelServer, run_model_server
 from agent.server.model_wire import ConversationKeys
+from agent.server.secrets import tenant_of
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -48,6 +49,10 @@ class Served:
         # The client's default model name: our server tells it the one it serves.
         return OpenAIBackend(self.tcp if transport == "tcp" else self.unix, "Qwen/Qwen2-Audio-7B-Instruct",
                              api_key=token)
+
+    def key(self, key: str) -> str:
+        """How the server holds `key` sent with TOKEN (keys are scoped to their credential)."""
+        return self.server.scoped(tenant_of(TOKEN), key)
 
     def metric(self, name: str, **labels: str) -> float:
         body, _ = self.server.metrics.render()
@@ -120,10 +125,10 @@ async def test_two_turns_reuse_the_conversations_kv(served: Served, transport: s
     # The second turn's prompt starts with the first turn and its answer: their KV is reused.
     assert second.prompt_tokens > first.prompt_tokens and second.reused_tokens >= first.prompt_tokens
     assert served.metric("voice_agent_model_tokens_total", kind="reused") - reused_before == second.reused_tokens
-    assert sid in served.server.keys
+    assert served.key(sid) in served.server.keys
     await backend.forget(sid)  # the session ended: its key and KV go
     await backend.close()
-    assert sid not in served.server.keys and served.metric("voice_agent_model_conversations_forgotten_total",
+    assert served.key(sid) not in served.server.keys and served.metric("voice_agent_model_conversations_forgotten_total",
                                                            reason="deleted") >= 1
 
 
@@ -301,11 +306,11 @@ async def test_idle_conversations_are_forgotten_on_the_server(served: Served) ->
     backend = served.client("tcp")
     await backend.start()
     await answer(backend, _request())  # conversation "x"
-    assert "x" in served.server.keys
+    assert served.key("x") in served.server.keys
     ttl = served.server.keys.ttl_s
     served.server.keys.ttl_s = 0.0  # everything idle is due now: the sweeper forgets it
     try:
-        await until(lambda: "x" not in served.server.keys)
+        await until(lambda: served.key("x") not in served.server.keys)
     finally:
         served.server.keys.ttl_s = ttl
     assert served.metric("voice_agent_model_conversations_forgotten_total", reason="idle") >= 1

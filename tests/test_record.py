@@ -165,16 +165,16 @@ async def test_a_full_disk_is_an_error_event_and_the_conversation_goes_on(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, speech_two) -> None:
     import agent.record.store as store_module
 
-    real = store_module._write_private
+    real = store_module._write_temp
     calls = {"n": 0}
 
-    def first_write_fails(path: Path, data: bytes) -> None:
+    def first_write_fails(path: Path, data: bytes) -> Path:
         calls["n"] += 1
         if calls["n"] == 1:
             raise OSError(errno.ENOSPC, "No space left on device")
-        real(path, data)
+        return real(path, data)
 
-    monkeypatch.setattr(store_module, "_write_private", first_write_fails)
+    monkeypatch.setattr(store_module, "_write_temp", first_write_fails)
     rec = tmp_path / "rec"
     runtime = runtime_for(rec)
     await runtime.start()

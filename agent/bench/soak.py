@@ -1,12 +1,17 @@
 """Soak: does a long-running `voice-agent serve` hold its memory, file descriptors, threads and
 asyncio tasks flat under WebRTC churn and an audio flood?
 
-The server is a real `voice-agent serve --model tiny-random --processes 1` subprocess (the CLI's
-own code path; this module only adds a `/_soak/stats` route: the frontend's asyncio tasks,
-glibc's heap, the cycle collector's runs; `?garbage=1` lists what a collection would free now,
-by type, which is how dead WebRTC sessions waiting for the collector were found). RSS, fds and
-threads of the server and every process under it (supervisor, frontend, model server, inference
-workers) are read from /proc by this process, which plays the clients:
+The server is a real `voice-agent serve --model tiny-random --processes N` subprocess (the CLI's
+own code path; default N=2: the multi-process `serve` any box with more than one core runs —
+a supervisor, N frontends sharing the port, and the model server with its inference worker,
+the frontends its clients over a Unix socket; `--processes 1` is the single process). This
+module only adds a `/_soak/stats` route to each frontend: its asyncio tasks, glibc's heap, the
+cycle collector's runs, its clip cache (base64 audio already sent to the model server);
+`?garbage=1` lists what a collection would free now, by type. With N frontends each one is
+asked over its private socket, and the model server's `/healthz` says how many conversation
+keys (each with its decoded clips) it still holds. RSS, fds and threads of every process under
+the server (supervisor, frontends, model server, inference workers; RSS also per role) are
+read from /proc by this process, which plays the clients:
 - churn: N cycles of an aiortc peer that connects over loopback, sends ~1 s of speech, waits
   for its turn to be answered (`response.done`, or an `error`, on the data channel) and
   closes; `--concurrency` of them at once;
@@ -15,7 +20,7 @@ Figures are taken with no session open and the server's own collection run (noth
 against a baseline taken after `--warmup` cycles (model loading, first-use caches and codec
 set-up are not growth); the timeline samples RSS during the churn, sessions open.
 
-    voice-agent bench soak [--cycles 500] [--concurrency 4] [--flood-seconds 20] [--json]
+    voice-agent bench soak [--cycles 500] [--concurrency 4] [--processes 2] [--flood-seconds 20] [--json]
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -98,17 +104,25 @@ def _serve_main(serve_args: list[str]) -> int:
                 gc.set_debug(0)
                 gc.garbage.clear()
                 return web.json_response(dict(kinds.most_common(40)))
-            names = Counter(re.sub(r"[-_:]?[0-9a-f]{8,}.*$", "", t.get_name()) for t in asyncio.all_tasks())
+            # Unnamed tasks by their coroutine; aiohttp's per-connection handlers (keep-alive
+            # connections, e.g. between frontends, close on their own timeout) are not growth.
+            names = Counter(re.sub(r"[-_:]?[0-9a-f]{8,}.*$", "", t.get_name()) if not t.get_name().startswith("Task-")
+                            else getattr(t.get_coro(), "__qualname__", "?") for t in asyncio.all_tasks())
+            connections = names.pop("RequestHandler.start", 0)
             threads = Counter(re.sub(r"[-_ ]?\d+.*$", "", t.name) for t in threading.enumerate())
             heap = heap_figures()
             collector = runtime.collector
+            clips = getattr(runtime.backend, "clips", None)  # the openai backend's (multi-process serve)
             return web.json_response({"tasks": sum(names.values()), "task_names": dict(names),
+                                      "connections": connections,
                                       "heap_mb": round(heap["system_kb"] / 1024, 1),
                                       "heap_free_mb": round(heap["free_kb"] / 1024, 1),
                                       "collections": collector.runs, "frozen_objects": gc.get_freeze_count(),
                                       "collect_ms_mean": round(1000 * collector.seconds / max(1, collector.runs), 1),
                                       "threads": threading.active_count(), "thread_names": dict(threads),
                                       "sessions": len(runtime.sessions),
+                                      "clip_cache_entries": len(clips) if clips is not None else 0,
+                                      "clip_cache_mb": round(clips.size / 2**20, 2) if clips is not None else 0.0,
                                       "subscriptions": len(getattr(runtime.bus, "_subs", ())),
                                       "peers": len(app[app_module.MANAGER].peers)})
 
@@ -180,11 +194,34 @@ def _proc_figures(pid: int) -> dict[str, float] | None:
     return {"rss_mb": int(fields["VmRSS"].split()[0]) / 1024, "threads": int(fields["Threads"]), "fds": fds}
 
 
+def _roles(root: int) -> dict[int, str]:
+    """Each process under `root` by role: the model server's subtree (its inference workers
+    included) is "model", a frontend's subtree "frontends", the rest (the supervisor, or the
+    single process and its workers) "server"."""
+    roles: dict[int, str] = {}
+    for pid in _proc_tree(root):
+        if pid == root:
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            continue
+        role = "model" if b"serve-model" in cmdline else "frontends" if b"VOICE_AGENT_FRONTEND=" in environ else None
+        if role is not None and pid not in roles:
+            roles.update({p: role for p in _proc_tree(pid)})
+    return roles
+
+
 def measure_tree(root: int) -> dict[str, Any]:
     per = {pid: f for pid in _proc_tree(root) if (f := _proc_figures(pid)) is not None}
     workers = [f for pid, f in per.items() if pid != root]
     server = per.get(root, {"rss_mb": 0.0, "threads": 0, "fds": 0})
+    roles = _roles(root)
+    by_role = {role: round(sum(f["rss_mb"] for pid, f in per.items() if roles.get(pid) == role), 1)
+               for role in ("frontends", "model")}
     return {"rss_mb": round(sum(f["rss_mb"] for f in per.values()), 1),
+            "frontends_rss_mb": by_role["frontends"], "model_rss_mb": by_role["model"],
             "server_rss_mb": round(server["rss_mb"], 1),
             "workers_rss_mb": round(sum(f["rss_mb"] for f in workers), 1),
             "fds": int(sum(f["fds"] for f in per.values())),
@@ -198,14 +235,21 @@ class Server:
         self.log = Path(tempfile.mkstemp(prefix="soak-serve-", suffix=".log")[1])
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
+        # The supervisor's private run directory (frontend and model server sockets) goes
+        # under this one: the soak then finds each frontend's socket.
+        self.runtime_dir = tempfile.mkdtemp(prefix="soak-run-")
+
+    def sockets(self, name: str) -> list[str]:
+        return sorted(str(p) for p in Path(self.runtime_dir).glob(f"voice-agent-*/{name}"))
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+               "XDG_RUNTIME_DIR": self.runtime_dir}
         with self.log.open("wb") as log:
             return subprocess.Popen([sys.executable, "-m", "agent.bench.soak", "--serve", "--", *self.serve_args],
                                     stdout=log, stderr=subprocess.STDOUT, env=env)
 
-    async def start(self, within_s: float = 180.0) -> None:
+    async def start(self, within_s: float = 600.0) -> None:  # a loaded box: minutes
         self.proc = self._spawn()
         deadline = time.monotonic() + within_s
         while not (m := re.search(r"serving on (http://[\d.]+:\d+)/", self.log.read_text(errors="replace"))):
@@ -218,6 +262,7 @@ class Server:
         if self.proc is not None:
             stop_process(self.proc)
         self.log.unlink(missing_ok=True)
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
 
 # ---- the clients ---------------------------------------------------------------------------
@@ -306,17 +351,56 @@ class Clients:
 
 
 # ---- the soak --------------------------------------------------------------------------------
-async def _stats(url: str, trim: bool = False) -> dict[str, Any]:
+async def _get(path: str, url: str, params: dict[str, str] | None = None) -> Any:
+    """GET `url` over the Unix socket `path`, answered by that process itself (not routed, so
+    no frontend opens connections to its siblings for it): JSON, or text for /metrics."""
+    import aiohttp
+
+    connector = aiohttp.UnixConnector(path=path)
+    async with aiohttp.ClientSession(connector=connector) as http, \
+            http.get(url, params=params or {}, headers={"X-Voice-Agent-Frontend": "soak"}) as r:
+        return await r.text() if url.endswith("/metrics") else await r.json()
+
+
+def _counters(text: str) -> dict[str, float]:
+    return {m.group(1): float(m.group(2)) for m in re.finditer(
+        r"^(voice_agent_(?:audio_frames_dropped|bus_\w+)_total) (\S+)$", text, re.M)}
+
+
+def combine(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Frontends' stats as one server's: counts and sizes added, names merged, means averaged."""
+    total: dict[str, Any] = {}
+    for key in parts[0]:
+        values = [p[key] for p in parts]
+        if isinstance(values[0], dict):
+            merged: Counter[str] = Counter()
+            for v in values:
+                merged.update(v)
+            total[key] = dict(merged)
+        elif key == "collect_ms_mean":
+            total[key] = round(sum(values) / len(values), 1)
+        else:
+            total[key] = round(sum(values), 2) if isinstance(values[0], float) else sum(values)
+    return total
+
+
+async def _stats(server: Server, trim: bool = False) -> dict[str, Any]:
     import aiohttp
 
     params = {"trim": "1"} if trim else {}
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"{url}/_soak/stats", params=params) as r:
-            stats: dict[str, Any] = await r.json()
-        async with http.get(f"{url}/metrics") as r:
-            text = await r.text()
-    stats["metrics"] = {m.group(1): float(m.group(2)) for m in re.finditer(
-        r"^(voice_agent_(?:audio_frames_dropped|bus_\w+)_total) (\S+)$", text, re.M)}
+    frontends = server.sockets("frontend-*.sock")
+    if frontends:  # each frontend, over its own socket
+        stats = combine([await _get(path, "http://frontend/_soak/stats", params) for path in frontends])
+        stats["metrics"] = combine([_counters(await _get(path, "http://frontend/metrics")) for path in frontends])
+    else:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{server.url}/_soak/stats", params=params) as r:
+                stats = await r.json()
+            async with http.get(f"{server.url}/metrics") as r:
+                stats["metrics"] = _counters(await r.text())
+    stats["frontends"] = max(1, len(frontends))
+    models = server.sockets("model.sock")
+    stats["model_conversations"] = (await _get(models[0], "http://model/healthz"))["conversations"] if models else 0
     return stats
 
 
@@ -324,16 +408,21 @@ async def settled(server: Server, within_s: float = 60.0, trim: bool = False) ->
     """Figures once no session is open any more (closing peers finish), after a gc."""
     assert server.proc is not None
     deadline = time.monotonic() + within_s
-    while (s := await _stats(server.url))["sessions"] or s["peers"]:
+    # Open: sessions, peers, conversation keys on the model server, and connections beyond the
+    # one asking each frontend (keep-alive ones between frontends close after 15 s idle).
+    while (s := await _stats(server))["sessions"] or s["peers"] or s["model_conversations"] \
+            or s["connections"] > s["frontends"]:
         if time.monotonic() > deadline:
             break  # report what is still open rather than hang
         await asyncio.sleep(0.2)
     # Closing tasks finish, workers drop finished sessions' caches, the server's own collection
     # after the last close runs (agent/heap.py): nothing is forced, the figure is what users get.
     await asyncio.sleep(1.0 + COLLECT_DELAY_S + COLLECT_MIN_INTERVAL_S)
-    stats = await _stats(server.url, trim=trim)
+    stats = await _stats(server, trim=trim)
     tree = measure_tree(server.proc.pid)
-    return {**tree, "tasks": stats["tasks"], "task_names": stats["task_names"], "sessions": stats["sessions"],
+    return {**tree, "frontends": stats["frontends"], "model_conversations": stats["model_conversations"],
+            "clip_cache_entries": stats["clip_cache_entries"], "clip_cache_mb": stats["clip_cache_mb"],
+            "tasks": stats["tasks"], "task_names": stats["task_names"], "sessions": stats["sessions"],
             "heap_mb": stats["heap_mb"], "heap_free_mb": stats["heap_free_mb"], "collections": stats["collections"],
             "collect_ms_mean": stats["collect_ms_mean"], "frozen_objects": stats["frozen_objects"],
             "bus_subscriptions": stats["subscriptions"], "py_threads": stats["thread_names"],
@@ -342,15 +431,13 @@ async def settled(server: Server, within_s: float = 60.0, trim: bool = False) ->
 
 async def soak(cycles: int, warmup: int, concurrency: int, flood_peers: int, flood_seconds: float,
                flood_rounds: int, speed: float, max_new_tokens: int, samples: int,
-               trim: bool = False) -> dict[str, Any]:
+               trim: bool = False, processes: int = 2) -> dict[str, Any]:
     from agent.transports.webrtc import use_loopback_candidates
 
     use_loopback_candidates()
     speech, source = speech_clip()
-    # One frontend: its figures are per process (N frontends are N such), and every stats call
-    # reaches the process that holds the sessions.
     server = Server(["--model", "tiny-random", "--max-new-tokens", str(max_new_tokens), "--host", "127.0.0.1",
-                     "--port", "0", "--processes", "1"])
+                     "--port", "0", "--processes", str(processes)])
     t0 = time.monotonic()
     await server.start()
     try:
@@ -385,6 +472,7 @@ async def soak(cycles: int, warmup: int, concurrency: int, flood_peers: int, flo
     failures = sum(n for outcome, n in clients.outcomes.items() if outcome != "answered")
     result: dict[str, Any] = {
         "benchmark": "soak", "cycles": cycles, "warmup_cycles": warmup, "concurrency": concurrency,
+        "processes": processes,
         "speech": source, "max_new_tokens": max_new_tokens, "malloc_trim": trim, "failures": failures,
         "outcomes": dict(clients.outcomes), "warmup_outcomes": warm,
         "cycles_per_s": round(cycles / churn_s, 2) if churn_s else 0.0,
@@ -396,6 +484,10 @@ async def soak(cycles: int, warmup: int, concurrency: int, flood_peers: int, flo
         "rss_growth_churn_mb": round(after_churn["rss_mb"] - base["rss_mb"], 1),
         "rss_growth_flood_mb": round(end["rss_mb"] - after_churn["rss_mb"], 1),
         "workers_rss_growth_mb": round(end["workers_rss_mb"] - base["workers_rss_mb"], 1),
+        "frontends_rss_growth_mb": round(end["frontends_rss_mb"] - base["frontends_rss_mb"], 1),
+        "model_rss_growth_mb": round(end["model_rss_mb"] - base["model_rss_mb"], 1),
+        "clip_cache_growth": end["clip_cache_entries"] - base["clip_cache_entries"],
+        "model_conversations_end": end["model_conversations"],
         "heap_growth_mb": round(end["heap_mb"] - base["heap_mb"], 1),
         "heap_free_growth_mb": round(end["heap_free_mb"] - base["heap_free_mb"], 1),
         "collections": end["collections"] - base["collections"], "collect_ms_mean": end["collect_ms_mean"],
@@ -411,7 +503,8 @@ async def soak(cycles: int, warmup: int, concurrency: int, flood_peers: int, flo
     slope = result["rss_slope_late_kb_per_cycle"]
     result["targets_met"] = (result["rss_growth_mb"] < TARGET_RSS_MB and (slope is None or slope < TARGET_SLOPE_KB)
                              and result["fd_growth"] <= 0 and result["thread_growth"] <= 0
-                             and result["task_growth"] <= 0 and failures == 0)
+                             and result["task_growth"] <= 0 and failures == 0
+                             and result["model_conversations_end"] == 0 and result["clip_cache_growth"] <= 0)
     return result
 
 
@@ -423,6 +516,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cycles", type=int, default=500, help="connect/speak/answer/close cycles (default 500)")
     parser.add_argument("--warmup", type=int, help="cycles before the baseline (default cycles/10, 1–25)")
     parser.add_argument("--concurrency", type=int, default=4, help="sessions at once (default 4)")
+    parser.add_argument("--processes", type=int, default=2, help="serve --processes: frontends around a model "
+                        "server, as `serve` runs on a box with more cores; 1: the single process (default 2)")
     parser.add_argument("--flood-peers", type=int, default=2, help="peers in the flood phase (default 2)")
     parser.add_argument("--flood-seconds", type=float, default=10.0, help="flood round duration (default 10 s)")
     parser.add_argument("--flood-rounds", type=int, default=3,
@@ -434,15 +529,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="diagnosis: malloc_trim(0) in the server before each figure (freed heap is not growth)")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = parser.parse_args(argv)
-    if args.cycles < 1 or args.concurrency < 1 or args.flood_peers < 0 or args.flood_rounds < 0 \
+    if args.cycles < 1 or args.concurrency < 1 or args.processes < 1 or args.flood_peers < 0 or args.flood_rounds < 0 \
             or args.flood_speed <= 0:
         parser.error("--cycles and --concurrency must be ≥ 1, --flood-peers and --flood-rounds ≥ 0, "
                      "--flood-speed > 0")
     warmup = args.warmup if args.warmup is not None else max(1, min(25, args.cycles // 10))
     r = asyncio.run(soak(args.cycles, warmup, args.concurrency, args.flood_peers, args.flood_seconds,
-                         args.flood_rounds, args.flood_speed, args.max_new_tokens, args.samples, args.trim))
+                         args.flood_rounds, args.flood_speed, args.max_new_tokens, args.samples, args.trim,
+                         args.processes))
     b = r["baseline"]
-    print(f"soak: {r['cycles']} WebRTC cycles ({r['concurrency']} at once, {r['speech']}, "
+    print(f"soak: {r['cycles']} WebRTC cycles on serve --processes {r['processes']} ({r['concurrency']} at once, "
+          f"{r['speech']}, "
           f"{r['cycles_per_s']} cycles/s) + {len(r['flood']['rounds'])} flood rounds of {r['flood']['peers']} peers "
           f"× {r['flood']['seconds']:g} s at {r['flood']['speed']:g}× real time; {r['seconds']:g} s"
           + ("; server heap trimmed before each figure" if r["malloc_trim"] else ""))
@@ -459,7 +556,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{r['rss_growth_flood_mb']:+.1f}; workers {r['workers_rss_growth_mb']:+.1f}), fds {r['fd_growth']:+d}, "
           f"threads {r['thread_growth']:+d}, tasks {r['task_growth']:+d}; late slope "
           f"{r['rss_slope_late_kb_per_cycle']} kB/cycle — targets {'met' if r['targets_met'] else 'NOT met'}")
-    print(f"frontend: glibc heap {r['heap_growth_mb']:+.1f} MB (free in it {r['heap_free_growth_mb']:+.1f}); "
+    print(f"by process: frontends {r['frontends_rss_growth_mb']:+.1f} MB, model server and workers "
+          f"{r['model_rss_growth_mb']:+.1f} MB; clip cache entries {r['clip_cache_growth']:+d}; conversation keys "
+          f"the model server still holds: {r['model_conversations_end']}")
+    print(f"frontends: glibc heap {r['heap_growth_mb']:+.1f} MB (free in it {r['heap_free_growth_mb']:+.1f}); "
           f"{r['collections']} collections after sessions closed, {r['collect_ms_mean']} ms each; "
           f"{r['frozen_objects']} start-up objects frozen")
     if args.json:

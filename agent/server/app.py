@@ -26,6 +26,7 @@ from agent.server import routes
 from agent.server.metrics import Metrics
 from agent.server.middleware import bearer_auth, json_errors
 from agent.server.routes import MANAGER, SETTINGS, WEBSOCKETS, error
+from agent.server.secrets import redact_access_log
 from agent.transports.webrtc import PeerManager, is_loopback, use_loopback_candidates
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,7 @@ async def index(request: web.Request) -> web.StreamResponse:
 def create_app(runtime: AgentRuntime, settings: Settings | ServerSettings) -> web.Application:
     """The server for a started (or soon started) runtime; closing the runtime is the caller's job."""
     server = settings.server if isinstance(settings, Settings) else settings
+    redact_access_log()  # `-v` logs request lines: `?token=` is redacted in them
     app = web.Application(client_max_size=server.max_body_bytes,
                           middlewares=[json_errors(_render), cors_middleware(server),
                                        # GET: browsers cannot set headers on page loads and WebSockets

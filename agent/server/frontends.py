@@ -29,7 +29,6 @@ import shutil
 import signal
 import socket
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +36,7 @@ from typing import Any
 import aiohttp
 
 from agent.config import Settings
+from agent.server import secrets
 from agent.server.router import FORWARDED, FRONTEND_ENV, FrontendInfo, Router
 
 log = logging.getLogger(__name__)
@@ -79,8 +79,17 @@ async def run_frontend(settings: Settings, info: FrontendInfo, runtime_options: 
         settings.wyoming = None  # one owner: HA's later connections must reach the same process
     if info.openai_url is not None:  # the supervisor's model server
         settings.backend, settings.openai_url, settings.openai_model = "openai", info.openai_url, settings.model
-        settings.openai_api_key = settings.model_server.token or settings.openai_api_key
+        settings.openai_api_key = _model_server_token(settings) or settings.openai_api_key
     return await serve(settings, runtime_options=runtime_options, frontend=Router(info))
+
+
+def _model_server_token(settings: Settings) -> str | None:
+    """The token the frontends send to the supervisor's model server (the child reads the
+    same settings from the environment or file: no token is ever on its command line)."""
+    ms = settings.model_server
+    if ms.token or ms.tokens or not ms.token_file:
+        return ms.token or (ms.tokens[0] if ms.tokens else None)
+    return secrets.read_token_file(ms.token_file)[0]
 
 
 def model_server_command(settings: Settings, sock: str, config: str | None = None) -> list[str] | None:
@@ -124,7 +133,7 @@ class Supervisor:
         self.settings = settings
         self.processes = processes
         self.config = config
-        self.run_dir = tempfile.mkdtemp(prefix="voice-agent-")
+        self.run_dir = secrets.run_dir()  # 0700, ours: the model server's socket needs no token
         self.children: list[Child] = []
         self.stopping = asyncio.Event()
 

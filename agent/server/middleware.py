@@ -24,6 +24,8 @@ Render = Callable[[int, str, str, dict[str, str]], web.Response]
 # Probes (liveness, readiness, health) answer without a token: orchestrators send none.
 PROBES = frozenset({"/livez", "/readyz", "/healthz"})
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="voice-agent"'}
+Identify = Callable[[str], str | None]  # a presented token → whose it is (None: refused)
+IDENTITY = web.RequestKey("identity", str)  # who the request's token belongs to
 
 
 def json_errors(render: Render, too_large: str = "request body too large",
@@ -53,16 +55,18 @@ def json_errors(render: Render, too_large: str = "request body too large",
     return errors
 
 
-def bearer_auth(token: str | None, render: Render, public: Collection[str] = PROBES,
+def bearer_auth(token: str | Identify | None, render: Render, public: Collection[str] = PROBES,
                 query_token_methods: Collection[str] = ()) -> Any:
     """`Authorization: Bearer <token>` on every path but `public` (and CORS preflights);
     with `query_token_methods` (e.g. GET: browsers cannot set headers on page loads and
-    WebSockets) `?token=` too. No token configured: everything passes."""
-    expected = token.encode() if token else None
+    WebSockets) `?token=` too. No token configured: everything passes. `token` is one token, or
+    a function naming who a presented token belongs to (None: nobody); the name is stored as
+    `request[IDENTITY]` (several clients, each its own, as the model server's tenants)."""
+    identify = token if callable(token) else _one_token(token) if token else None
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if expected is None or request.path in public or request.method == "OPTIONS":
+        if identify is None or request.path in public or request.method == "OPTIONS":
             return await handler(request)
         header = request.headers.get("Authorization", "")
         given: str | None = header[7:].strip() if header[:7].lower() == "bearer " else None
@@ -71,11 +75,18 @@ def bearer_auth(token: str | None, render: Render, public: Collection[str] = PRO
         if not given:
             return render(401, "missing bearer token: send 'Authorization: Bearer <token>'", "invalid_api_key",
                           dict(CHALLENGE))
-        if not hmac.compare_digest(raw_bytes(given), expected):
+        who = identify(given)
+        if who is None:
             return render(401, "invalid bearer token", "invalid_api_key", dict(CHALLENGE))
+        request[IDENTITY] = who
         return await handler(request)
 
     return auth
+
+
+def _one_token(token: str) -> Identify:
+    expected = token.encode()
+    return lambda given: "" if hmac.compare_digest(raw_bytes(given), expected) else None
 
 
 def raw_bytes(text: str) -> bytes:

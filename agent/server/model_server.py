@@ -11,8 +11,12 @@ Endpoints: `POST /v1/chat/completions`, `GET /v1/models` (with vLLM's `max_model
 no worker can answer), `/livez`, `/metrics`.
 
 KV reuse: by an explicit conversation key, the `X-Conversation-Id` header (our client sends
-its session id). The key is the pool's session id, so the pool routes a conversation's
-turns to the worker holding its history, and the engine reuses the longest common prefix.
+its session id). The key, scoped to the credential that sent it (`<tenant>/k/<key>`, the
+tenant a digest of the bearer token), is the pool's session id, so the pool routes a
+conversation's turns to the worker holding its history, and the engine reuses the longest
+common prefix. One client can therefore neither forget, drop nor promote another's key, nor
+learn from `cached_tokens` whether its prompt matches another's conversation; LRU eviction
+takes the keys of the client holding the most first.
 Keys are bounded (`model_server.max_conversations`, LRU) and expire
 (`model_server.conversation_ttl_s` idle); a request without a key is answered and
 forgotten at once. Errors are OpenAI-style JSON; `busy` is 429, no worker 503, both with
@@ -45,7 +49,7 @@ from agent.config import Settings
 from agent.errors import describe_validation_error
 from agent.inference.base import GenerationRequest, GenerationStats, InferenceError
 from agent.model.qwen2_audio import from_openai_messages
-from agent.server.middleware import bearer_auth, json_errors
+from agent.server.middleware import IDENTITY, bearer_auth, json_errors
 from agent.server.model_metrics import ModelMetrics
 from agent.server.model_wire import (
     CONVERSATION_HEADER,
@@ -60,20 +64,33 @@ from agent.server.model_wire import (
     retry_after_s,
     status_of,
 )
+from agent.server.secrets import (
+    LOCAL_TENANT,
+    Credentials,
+    SecretError,
+    bind_private,
+    private_socket,
+    read_token_file,
+    redact_access_log,
+)
 
 log = logging.getLogger(__name__)
 
 SWEEP_S = 5.0  # how often idle conversation keys are looked for
 BIG_BODY = 4 * 1024**2  # bytes: a body this large is parsed in a thread (~10 ms of work and more)
+TENANT = IDENTITY  # the request's client (`agent.server.secrets.Credentials`), set by `bearer_auth`
 
 
 class ModelServer:
     """The pool, its conversation keys and metrics; `app()` is the aiohttp application."""
 
-    def __init__(self, pool: Any, settings: Settings, token: str | None = None) -> None:
+    def __init__(self, pool: Any, settings: Settings, token: str | None = None, tokens: list[str] | None = None) -> None:
+        """`token`/`tokens`: the bearer tokens accepted, each a client whose conversation keys
+        are its own (none: no authentication, one client)."""
         self.pool = pool
         self.settings = settings
         self.token = token
+        self.credentials = Credentials([*([token] if token else []), *(tokens or [])])
         ms = settings.model_server
         self.keys = ConversationKeys(ms.max_conversations, ms.conversation_ttl_s)
         self.metrics = ModelMetrics(self)
@@ -88,11 +105,12 @@ class ModelServer:
     # ---- the application ------------------------------------------------------------------
 
     def app(self) -> web.Application:
+        redact_access_log()  # `-v` logs request lines: never a token in them
         app = web.Application(client_max_size=self.settings.model_server.max_body_bytes,
                               middlewares=[json_errors(_render, too_large=(
                                   "request body too large (model_server.max_body_bytes="
                                   f"{self.settings.model_server.max_body_bytes})"), quiet=(ConnectionResetError,)),
-                                  bearer_auth(self.token, _render)])
+                                  bearer_auth(self.credentials.tenant if self.credentials else None, _render)])
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_delete("/v1/conversations/{key}", self.forget)
@@ -164,25 +182,33 @@ class ModelServer:
                 "voice_agent": {"features": list(FEATURES), "conversation_header": CONVERSATION_HEADER}}
         return web.json_response({"object": "list", "data": [card]})
 
+    @staticmethod
+    def scoped(tenant: str, key: str) -> str:
+        """The pool's session id of `key` sent by `tenant`: one client's key is never another's."""
+        return f"{tenant}/k/{key}"
+
+    def _scoped(self, request: web.Request, key: str) -> str:
+        return self.scoped(request.get(TENANT, LOCAL_TENANT), _key(key))
+
     async def forget(self, request: web.Request) -> web.Response:
-        key = _key(request.match_info["key"])
+        key = self._scoped(request, request.match_info["key"])
         self.keys.remove(key)
         await self.pool.forget(key)
         return web.Response(status=204)
 
     async def drop(self, request: web.Request) -> web.Response:
-        await self.pool.drop(_key(request.match_info["key"]), _key(request.match_info["turn"]))
+        await self.pool.drop(self._scoped(request, request.match_info["key"]), _key(request.match_info["turn"]))
         return web.Response(status=204)
 
     async def promote(self, request: web.Request) -> web.Response:
-        await self.pool.promote(_key(request.match_info["key"]), _key(request.match_info["turn"]))
+        await self.pool.promote(self._scoped(request, request.match_info["key"]), _key(request.match_info["turn"]))
         return web.Response(status=204)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         key = request.headers.get(CONVERSATION_HEADER)
         if key is not None:
-            key = _key(key)
+            key = self._scoped(request, key)
         turn = _key(request.headers.get(TURN_HEADER) or uuid.uuid4().hex)
         raw = await request.read()
         known = self.keys.clips(key) if key is not None else {}
@@ -205,7 +231,7 @@ class ModelServer:
                                                       speculative=True, extra=extra))
             self.metrics.requests.labels("prefill").inc()
             return web.Response(status=204)
-        session = key if key is not None else f"anonymous/{turn}"
+        session = key if key is not None else f"{request.get(TENANT, LOCAL_TENANT)}/a/{uuid.uuid4().hex}"
         if key is not None:
             await self._forget(self.keys.begin(key), "lru")
             self.keys.keep_clips(key, used)
@@ -394,20 +420,27 @@ def is_local(kind: str, host: str) -> bool:
 
 
 async def run_model_server(settings: Settings, listen: str | None = None, token: str | None = None, *,
-                           ready: Callable[[str], None] | None = None, stop: asyncio.Event | None = None) -> int:
+                           ready: Callable[[str], None] | None = None, stop: asyncio.Event | None = None,
+                           token_file: str | None = None) -> int:
     """Start the pool, serve until `stop` (or SIGINT/SIGTERM when none is given). 0 on a clean
     stop, 2 when it cannot start. `ready(url)` is called once it accepts connections (then
-    `/healthz` answers 200); `url` is what `--openai-url` takes."""
+    `/healthz` answers 200); `url` is what `--openai-url` takes. Tokens: `token`, the lines of
+    `token_file` (else `model_server.token_file`), `model_server.token` and `.tokens`."""
     listen = listen or settings.model_server.listen
-    token = token if token is not None else settings.model_server.token
+    ms = settings.model_server
     try:
+        tokens = [*([token] if token else []), *([ms.token] if ms.token else []), *ms.tokens]
+        if token_file or ms.token_file:
+            tokens += read_token_file(token_file or ms.token_file or "")
         kind, host, port = parse_listen(listen)
-    except ValueError as exc:
+        if kind == "unix":
+            private_socket(host)  # before the model loads: refused now, not minutes later
+    except (ValueError, SecretError) as exc:
         print(f"voice-agent: {exc}", file=sys.stderr)
         return 2
-    if not token and not is_local(kind, host):
+    if not tokens and not is_local(kind, host):
         print(f"voice-agent: serve-model on {listen} is reachable from other hosts: set a token "
-              "(--token, model_server.token or VOICE_AGENT_MODEL_SERVER__TOKEN)", file=sys.stderr)
+              "(--token-file, VOICE_AGENT_MODEL_SERVER__TOKEN or model_server.token_file)", file=sys.stderr)
         return 2
     from agent.runtime import create_backend
 
@@ -418,22 +451,24 @@ async def run_model_server(settings: Settings, listen: str | None = None, token:
         print(f"voice-agent: cannot start the inference pool: {exc}", file=sys.stderr)
         await _quietly(pool.close())
         return 2
-    server = ModelServer(pool, settings, token or None)
+    server = ModelServer(pool, settings, tokens=tokens)
     runner = server.runner()
     await runner.setup()
     try:
         if kind == "unix":
+            private_socket(host)  # again: the model took a while to load
             await _remove_stale_socket(host)
             site: web.BaseSite = web.UnixSite(runner, host)
-            await site.start()
+            await bind_private(host, site.start)  # 0600: the socket needs no token, so no one else may connect
             url = f"unix://{host}"
         else:
             site = web.TCPSite(runner, host, port)
             await site.start()
             bound = runner.addresses[0][1] if runner.addresses else port
             url = f"http://{host if ':' not in host else f'[{host}]'}:{bound}/v1"
-    except OSError as exc:
-        print(f"voice-agent: cannot listen on {listen}: {exc.strerror or exc}", file=sys.stderr)
+    except (OSError, SecretError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        print(f"voice-agent: cannot listen on {listen}: {reason}", file=sys.stderr)
         await runner.cleanup()
         await _quietly(pool.close())
         return 2

@@ -162,9 +162,15 @@ class _Key:
     clips: dict[str, np.ndarray] = field(default_factory=dict)  # base64 → decoded, the last request's
 
 
+def owner_of(key: str) -> str:
+    """The owner part of a scoped key (`owner/…`); the whole key when it has none."""
+    return key.split("/", 1)[0]
+
+
 class ConversationKeys:
     """Conversation keys the pool holds KV for. Bounded: at most `max_keys` (the least
-    recently used idle one goes first) and each forgotten `ttl_s` after its last request.
+    recently used idle key of the owner holding the most goes first) and each forgotten
+    `ttl_s` after its last request.
     The caller forgets what `touch` and `expire` return (and counts it)."""
 
     def __init__(self, max_keys: int, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
@@ -189,13 +195,26 @@ class ConversationKeys:
         self._keys.move_to_end(key)
         evicted: list[str] = []
         while len(self._keys) > self.max_keys:
-            idle = next((k for k, e in self._keys.items() if e.active == 0 and k != key), None)
+            idle = self._victim(key)
             if idle is None:  # every key has a request running: over the bound until one ends
                 break
             del self._keys[idle]
             evicted.append(idle)
         self.expired["lru"] += len(evicted)
         return evicted
+
+    def _victim(self, key: str) -> str | None:
+        """The least recently used idle key of the owner holding the most keys: a client that
+        opens many conversations evicts its own, not another's (keys are `owner/…`)."""
+        held: dict[str, int] = {}
+        for k in self._keys:
+            held[owner_of(k)] = held.get(owner_of(k), 0) + 1
+        for owner in sorted(held, key=held.__getitem__, reverse=True):
+            found = next((k for k, e in self._keys.items() if e.active == 0 and k != key and owner_of(k) == owner),
+                         None)
+            if found is not None:
+                return found
+        return None
 
     def begin(self, key: str) -> list[str]:
         evicted = self.touch(key)
