@@ -41,17 +41,26 @@ class EndOfTurnModel(Protocol):
         ...
 
 
+# Ours, also declared as entry points (pyproject.toml): found even where the installed metadata is older.
+BUILTIN = {"smart-turn": "agent.eot.smart_turn:SmartTurn", "smart-turn-prosody": "agent.eot.policy:SmartTurnProsody"}
+
+
+def _entry_points() -> dict[str, str]:
+    found = {ep.name: ep.value for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    return {**BUILTIN, **found}
+
+
 def available_detectors() -> list[str]:
-    return sorted(ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+    return sorted(_entry_points())
 
 
 def detector_factory(name: str) -> Callable[[], EndOfTurnModel]:
     """The class (or factory) an entry point names; ValueError for an unknown name."""
-    eps = {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    eps = _entry_points()
     if name not in eps:
         known = ", ".join([SILENCE, *sorted(eps)])
         raise ValueError(f"unknown end-of-turn detector {name!r}; available: {known}")
-    factory: Callable[[], EndOfTurnModel] = eps[name].load()
+    factory: Callable[[], EndOfTurnModel] = importlib.metadata.EntryPoint(name, eps[name], ENTRY_POINT_GROUP).load()
     return factory
 
 
