@@ -3,7 +3,7 @@ calibration half of the real-speech corpus, and choose Smart Turn's window there
 
 1. Every silence the VAD finds in the calibration cases (the turn state machine run with no
    commit inside a case), labelled finished (the speech is over) or unfinished (more follows).
-2. Smart Turn's P(complete) on windows with 0, 0.1, 0.2, 0.3 s of silence after the speech: the
+2. Smart Turn's P(complete) on windows with 0 and 0.2 s of silence after the speech: the
    window that separates the two best (ROC AUC) is `PAD_S`.
 3. A logistic regression of the label on the policy's features: `WEIGHTS`.
 4. The thresholds (`complete_threshold`, `incomplete_threshold`) that give the shortest mean
@@ -26,7 +26,7 @@ from agent.bench import turns as bench
 from agent.eot import policy
 from agent.turns import SilenceBegan, TurnConfig, TurnDetector
 
-PADS = (0.0, 0.1, 0.2, 0.3)
+PADS = (0.0, 0.2)
 NO_COMMIT = TurnConfig(min_silence_s=3.0, min_silence_s_complete=3.0, max_silence_s=3.0)
 
 
