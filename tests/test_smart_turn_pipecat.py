@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from agent.bench.turns import CHUNK, Utterance, vad_probs
-from agent.eot import policy
 from agent.turns import SilenceBegan, TurnConfig, TurnDetector
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -88,3 +88,21 @@ def test_bench_turns_on_a_recording_reports_finished_and_paused_turns(make_speec
     assert 0.5 <= fixed["mean_wait_complete_s"] < 0.7  # the finished turn's wait, not null
     assert code == 1 and result["targets"] == {"premature_le_fixed": True, "mean_wait_le_0.35s": False,
                                                "waited_max_le_5pct": True}
+
+
+def test_the_default_policy_waits_through_bench_latencys_um(make_speech_fixture) -> None:
+    """`bench latency`'s hesitant utterance, through the turn state machine as a session runs it
+    with the default end-of-turn policy: one turn, not cut after "um"."""
+    from agent.bench.turns import Utterance, run, vad_probs
+    from agent.config import load_settings
+    from agent.eot import detector_factory
+
+    settings = load_settings(None)
+    assert settings.turns.end_of_turn == "smart-turn-prosody"
+    speech = make_speech_fixture([0.5, "set a timer for, um,", 0.7, "ten minutes", 2.5], "latency-um")
+    utterance = Utterance("filler", "", speech.samples, speech.segments)
+    (probs,) = vad_probs([utterance])
+    model = detector_factory(settings.turns.end_of_turn)()
+    commits, _ = run(0, utterance, probs, settings.turns.to_turn_config(),
+                     lambda i, t, audio: (float(model.predict([audio])[0]), 0.0))
+    assert len(commits) == 1 and commits[0] > speech.segments[-1][1], (commits, speech.segments)

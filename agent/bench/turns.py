@@ -251,25 +251,42 @@ def targets(policy: dict[str, Any], fixed: dict[str, Any]) -> dict[str, bool]:
 
 
 class VerdictCache:
-    """One detector's verdicts, reused: the same clip gets the same answer (on disk for the corpus)."""
+    """One detector's verdicts, reused: the same clip gets the same answer. On the real corpus,
+    Smart Turn's scores are kept on disk (shared by `smart-turn` and `smart-turn-prosody`, whose
+    combination is recomputed), so a re-run calls the model only for clips it never saw; those
+    verdicts count no model latency (see `model_ms_p50` for what the calls took)."""
 
-    def __init__(self, name: str, path: Path | None) -> None:
+    def __init__(self, name: str, cached: bool) -> None:
         from agent.eot import detector_factory
 
-        self.name, self.path = name, path
+        self.name = name
         self._model: Any = None
         self._factory = detector_factory(name)
+        self._scores: Any = None
+        if cached and name in ("smart-turn", "smart-turn-prosody"):
+            from agent.bench.turns_calibrate import SmartTurnScores
+
+            self._scores = SmartTurnScores()
         self.latencies: list[float] = []
-        self._disk: dict[str, list[float]] = {}
-        if path is not None and path.exists():
-            self._disk = json.loads(path.read_text())
-        self._dirty = False
+        self._memo: dict[str, tuple[float | None, float]] = {}
 
     def __call__(self, index: int, t: float, audio: np.ndarray) -> tuple[float | None, float]:
-        key = hashlib.sha1(audio.tobytes()).hexdigest()[:20]
-        if key in self._disk:
-            p, took = self._disk[key]
-            return p, took
+        key = hashlib.sha1(audio.tobytes()).hexdigest()
+        if key not in self._memo:
+            self._memo[key] = self._verdict(audio)
+        return self._memo[key]
+
+    def _verdict(self, audio: np.ndarray) -> tuple[float | None, float]:
+        if self._scores is not None:
+            from agent.eot import policy
+
+            t0, calls = time.perf_counter(), self._scores.calls
+            (p,) = self._scores([audio], policy.PAD_S if self.name == "smart-turn-prosody" else 0.0)
+            if self._scores.calls > calls:
+                self.latencies.append(time.perf_counter() - t0)
+            if self.name == "smart-turn-prosody":
+                p = policy.combine(policy.features(audio, float(p)))
+            return float(p), 0.0
         if self._model is None:
             self._model = self._factory()
         t0 = time.perf_counter()
@@ -280,15 +297,7 @@ class VerdictCache:
             prob = None
         took = time.perf_counter() - t0
         self.latencies.append(took)
-        if prob is not None:
-            self._disk[key] = [prob, took]
-            self._dirty = True
         return prob, took
-
-    def save(self) -> None:
-        if self.path is not None and self._dirty:
-            self.path.write_text(json.dumps(self._disk))
-            self._dirty = False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -337,16 +346,16 @@ def main(argv: list[str] | None = None) -> int:
     from agent.eot import SILENCE
 
     torch.set_num_threads(1)
-    cache: Path | None = None
+    cached = False
     if args.wav:
         utterances = recorded(args.wav, args.marks)
         source = f"recording {args.wav}"
     elif args.corpus == "real":
-        from agent.bench.corpus import LICENCES, cache_dir
+        from agent.bench.corpus import LICENCES
 
         utterances = real(args.split)
         source = f"real speech (agent.bench.corpus, split {args.split}; licences: {LICENCES})"
-        cache = cache_dir()
+        cached = True
     else:
         if not (shutil.which("espeak-ng") and shutil.which("sox")):
             print("bench turns needs espeak-ng and sox (apt-get install espeak-ng sox)", file=sys.stderr)
@@ -368,12 +377,11 @@ def main(argv: list[str] | None = None) -> int:
     rules: dict[str, tuple[TurnConfig, VerdictCache | None]] = {f"fixed {args.min_silence} s": (policy, None)}
     for name, config in (("smart-turn", alone), (args.detector, policy)):
         if name != SILENCE and name not in rules:
-            rules[name] = (config, VerdictCache(name, cache / f"verdicts-{name}.json" if cache else None))
+            rules[name] = (config, VerdictCache(name, cached))
     results: dict[str, dict[str, Any]] = {}
     for name, (config, verdict) in rules.items():
         results[name] = summary(score(utterances, probs, config, verdict), counts, config.max_silence_s)
         if verdict is not None:
-            verdict.save()
             lat = verdict.latencies
             results[name]["model_calls"] = len(lat)
             results[name]["model_ms_p50"] = round(1000 * statistics.median(lat), 1) if lat else None

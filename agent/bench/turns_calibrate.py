@@ -6,9 +6,9 @@ calibration half of the real-speech corpus, and choose Smart Turn's window there
 2. Smart Turn's P(complete) on windows with 0 and 0.2 s of silence after the speech: the
    window that separates the two best (ROC AUC) is `PAD_S`.
 3. A logistic regression of the label on the policy's features: `WEIGHTS`.
-4. The thresholds (`complete_threshold`, `incomplete_threshold`) that give the shortest mean
-   wait on finished turns with no more premature cut-offs than the fixed rule and at most 5 %
-   of finished turns waiting out max_silence_s — measured by replaying the calibration cases
+4. The thresholds (`complete_threshold`, `incomplete_threshold`) that give the fewest premature
+   cut-offs with a mean wait on finished turns ≤ 0.33 s (the 0.35 s target less a margin) and at
+   most 5 % of finished turns waiting out max_silence_s — measured by replaying the calibration cases
    through the same state machine as `bench turns`.
 It prints what to put in agent/eot/policy.py and the turn settings; nothing is written.
 """
@@ -27,6 +27,7 @@ from agent.eot import policy
 from agent.turns import SilenceBegan, TurnConfig, TurnDetector
 
 PADS = (0.0, 0.2)
+WAIT_MARGIN_S = 0.02
 NO_COMMIT = TurnConfig(min_silence_s=3.0, min_silence_s_complete=3.0, max_silence_s=3.0)
 
 
@@ -87,12 +88,14 @@ class SmartTurnScores:
         self.cache: dict[str, float] = json.loads(self.path.read_text()) if self.path.exists() else {}
         self._model: SmartTurn | None = None
         self._factory = SmartTurn
+        self.calls = 0  # model calls made (not cached)
 
     def __call__(self, clips: list[np.ndarray], pad: float) -> np.ndarray:
         keys = [f"{pad}:{hashlib.sha1(c.tobytes()).hexdigest()[:20]}" for c in clips]
         todo = [i for i, k in enumerate(keys) if k not in self.cache]
         if todo:
             self._model = self._model or self._factory()
+            self.calls += len(todo)
             for b in range(0, len(todo), 16):
                 batch = todo[b : b + 16]
                 got = self._model.predict([policy.window(clips[i], pad) for i in batch])
@@ -136,7 +139,7 @@ def calibrate() -> dict[str, Any]:
         counts[u.kind] = counts.get(u.kind, 0) + 1
     base = TurnConfig()
     fixed = bench.summary(bench.score(utterances, probs, base, None), counts, base.max_silence_s)
-    best: tuple[float, float, float] | None = None
+    best: tuple[float, float, float, float] | None = None  # (premature, mean wait, hi, lo)
     grid = []
     for hi in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
         for lo in (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5):
@@ -144,17 +147,19 @@ def calibrate() -> dict[str, Any]:
                 continue
             config = replace(base, complete_threshold=hi, incomplete_threshold=lo)
             s = bench.summary(bench.score(utterances, probs, config, verdict), counts, config.max_silence_s)
-            ok = all(bench.targets(s, fixed).values()) or (
-                s["premature_cutoffs"] <= fixed["premature_cutoffs"]
-                and (s["complete_waited_max_share"] or 0) <= bench.MAX_WAITED_SHARE)
+            # the targets, with a margin on the mean wait (the held-out half is another sample)
+            ok = (s["premature_cutoffs"] <= fixed["premature_cutoffs"]
+                  and (s["complete_waited_max_share"] or 0) <= bench.MAX_WAITED_SHARE
+                  and s["mean_wait_complete_s"] <= bench.MAX_MEAN_WAIT_S - WAIT_MARGIN_S)
             grid.append({"hi": hi, "lo": lo, "premature": s["premature_cutoffs"],
                          "mean_wait": s["mean_wait_complete_s"], "waited_max": s["complete_waited_max"], "ok": ok})
-            if ok and (best is None or s["mean_wait_complete_s"] < best[0]):
-                best = (s["mean_wait_complete_s"], hi, lo)
+            rank = (s["premature_cutoffs"], s["mean_wait_complete_s"])
+            if ok and (best is None or rank < best[:2]):
+                best = (*rank, hi, lo)
     result["fixed"] = {k: fixed[k] for k in ("premature_cutoffs", "mean_wait_complete_s")}
     result["grid"] = grid
-    result["thresholds"] = None if best is None else {"complete": best[1], "incomplete": best[2],
-                                                       "mean_wait": best[0]}
+    result["thresholds"] = None if best is None else {"complete": best[2], "incomplete": best[3],
+                                                       "premature": best[0], "mean_wait": best[1]}
     scores.path.write_text(json.dumps(scores.cache))
     return result
 
