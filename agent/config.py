@@ -55,7 +55,7 @@ class TurnSettings(BaseModel):
     max_silence_s: Float = Field(default=2.0, ge=0.1, le=10)
     # The default policy's, from `voice-agent bench turns --calibrate` (Smart Turn alone, as pipecat
     # runs it: 0.5 and 0.5).
-    complete_threshold: Float = Field(default=0.3, gt=0, lt=1)  # P(complete) ≥ this: complete
+    complete_threshold: Float = Field(default=0.6, gt=0, lt=1)  # P(complete) ≥ this: complete
     incomplete_threshold: Float = Field(default=0.2, gt=0, lt=1)  # < this: incomplete; between: fixed rule
     # Preemptive answers: the answer (text and speech) starts after preempt_after_s of
     # silence, held until the turn commits, dropped if speech resumes (agent/preempt.py).

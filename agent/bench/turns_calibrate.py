@@ -90,6 +90,16 @@ class SmartTurnScores:
         self._factory = SmartTurn
         self.calls = 0  # model calls made (not cached)
 
+    def save(self) -> None:
+        """Merge with what is on disk (another run may have added scores) and write atomically."""
+        try:
+            self.cache = {**json.loads(self.path.read_text()), **self.cache}
+        except (OSError, ValueError):
+            pass
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.cache))
+        tmp.replace(self.path)
+
     def __call__(self, clips: list[np.ndarray], pad: float) -> np.ndarray:
         keys = [f"{pad}:{hashlib.sha1(c.tobytes()).hexdigest()[:20]}" for c in clips]
         todo = [i for i, k in enumerate(keys) if k not in self.cache]
@@ -101,7 +111,7 @@ class SmartTurnScores:
                 got = self._model.predict([policy.window(clips[i], pad) for i in batch])
                 for i, p in zip(batch, got, strict=True):
                     self.cache[keys[i]] = float(p)
-            self.path.write_text(json.dumps(self.cache))
+            self.save()
         return np.array([self.cache[k] for k in keys])
 
 
@@ -121,7 +131,7 @@ def calibrate() -> dict[str, Any]:
     result: dict[str, Any] = {
         "events": {"finished": int(labels.sum()), "unfinished": int((~labels).sum())},
         "auc_smart_turn_by_pad_s": aucs, "pad_s": pad, "auc_policy": round(auc(combined, labels), 4),
-        "auc_by_feature": {n: round(auc(x[:, j], labels), 4) for j, n in enumerate(policy.NAMES)},
+        "auc_by_feature": {n: round(auc(x[:, j], labels), 4) for j, n in enumerate(policy.USED)},
         "weights": [round(float(w), 4) for w in weights],
     }
 
@@ -160,7 +170,7 @@ def calibrate() -> dict[str, Any]:
     result["grid"] = grid
     result["thresholds"] = None if best is None else {"complete": best[2], "incomplete": best[3],
                                                        "premature": best[0], "mean_wait": best[1]}
-    scores.path.write_text(json.dumps(scores.cache))
+    scores.save()
     return result
 
 

@@ -44,16 +44,22 @@ class Features:
     lengthening: float  # last voiced stretch / median voiced stretch (1 when too few)
     energy_end_db: float  # last voiced 0.2 s against the turn's median voiced level
 
-    def vector(self) -> np.ndarray:
+    def vector(self, used: tuple[str, ...] | None = None) -> np.ndarray:
         p = min(max(self.p_model, 1e-4), 1 - 1e-4)
-        return np.array([math.log(p / (1 - p)), math.log(max(self.talk_s, 0.1)), self.pitch_end_st,
-                         math.log(max(self.lengthening, 0.1)), self.energy_end_db], np.float64)
+        values = dict(zip(NAMES, (math.log(p / (1 - p)), math.log(max(self.talk_s, 0.1)), self.pitch_end_st,
+                                  math.log(max(self.lengthening, 0.1)), self.energy_end_db), strict=True))
+        return np.array([values[n] for n in (USED if used is None else used)], np.float64)
 
 
 NAMES = ("smart_turn_logit", "log_talk_s", "pitch_end_st", "log_lengthening", "energy_end_db")
+# The features the policy uses. Talk length and the final level are computed and reported by the
+# calibration but left out: on the corpus they mostly tell its construction (an unfinished case is
+# the first half of a sentence, cut where the aligner ends a word), and with them the policy took
+# espeak's quiet "um" for a finished turn (docs/turn-taking.md).
+USED = ("smart_turn_logit", "pitch_end_st", "log_lengthening")
 # Logistic weights over Features.vector() (bias first), fitted by `bench turns --calibrate`
 # on the corpus's calibration half (1017 silences: 543 at a finished turn's end, 474 inside).
-WEIGHTS = (-6.0183, 0.1501, 4.922, -0.044, 0.2723, -0.4486)
+WEIGHTS = (-2.4553, 0.3711, -0.8044, 0.5147)
 
 
 def room_tone(audio: np.ndarray, seconds: float) -> np.ndarray:
