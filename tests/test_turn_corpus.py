@@ -106,3 +106,30 @@ def test_the_default_policy_waits_through_bench_latencys_um(make_speech_fixture)
     commits, _ = run(0, utterance, probs, settings.turns.to_turn_config(),
                      lambda i, t, audio: (float(model.predict([audio])[0]), 0.0))
     assert len(commits) == 1 and commits[0] > speech.segments[-1][1], (commits, speech.segments)
+
+
+def test_the_calibration_fits_a_separable_cue_and_ranks_by_auc() -> None:
+    from agent.bench.turns_calibrate import auc, fit_logistic
+
+    rng = np.random.default_rng(1)
+    y = rng.random(400) < 0.5
+    x = np.stack([np.where(y, 1.0, -1.0) + 0.5 * rng.standard_normal(400), rng.standard_normal(400)], axis=1)
+    w = fit_logistic(x, y.astype(np.float64))
+    assert w[1] > 1 and abs(w[2]) < 0.5  # the informative cue gets the weight, the noise does not
+    assert auc(x[:, 0], y) > 0.95 and 0.4 < auc(x[:, 1], y) < 0.6 and auc(-x[:, 0], y) < 0.05
+
+
+@pytest.mark.slow
+def test_the_corpus_builds_from_the_debian_packages() -> None:
+    """Fetched with apt-get download into the corpus cache (once), aligned by pocketsphinx."""
+    import shutil
+
+    if shutil.which("apt-get") is None:
+        pytest.skip("the real-speech corpus needs apt-get and dpkg")
+    sentences = corpus.sentences()
+    assert len(sentences) >= 200
+    assert {s.split for s in sentences} == {"calibrate", "held_out"}
+    assert "CC-BY-SA-3.0" in (corpus.fetch() / ".done").read_text()
+    for s in sentences:
+        assert [w.text for w in s.words] == corpus.words_of(s.text)
+        assert all(-1e-6 <= a < b <= s.audio.size / SR + 0.05 for a, b in ((w.start, w.end) for w in s.words)), s
