@@ -17,6 +17,10 @@ VENV_VLLM = .venv-vllm
 VLLM_VERSION = 0.32.0
 # the torchvision of torch 2.13 (its Python files only: see the vllm target)
 TORCHVISION_VERSION = 0.28.0
+# Smart Turn as its authors run it (pipecat's VAD analyzer and LocalSmartTurnAnalyzerV3), in a venv
+# of its own: the parity test of our feeding against it (tests/test_smart_turn_pipecat.py).
+VENV_PIPECAT = .venv-pipecat
+PIPECAT_VERSION = 1.14.0
 APT_PACKAGES = espeak-ng sox mosquitto chromium chromium-driver ffmpeg docker-compose python3-venv
 DEMO_APT_PACKAGES = espeak-ng python3-venv
 # apt as root, or through sudo for a normal user; nothing else runs as root.
@@ -24,7 +28,7 @@ SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 LOG = $(VENV)/install.log
 QUIET = >>$(LOG) 2>&1 || { tail -n 30 $(LOG); echo "make: that failed; the full log is $(LOG)"; exit 1; }
 
-.PHONY: setup demo test test-fast lint bench vllm
+.PHONY: setup demo test test-fast lint bench vllm pipecat
 
 # $(call apt,PACKAGES): install those of PACKAGES that are missing, then stamp the target.
 define apt
@@ -91,6 +95,15 @@ $(VENV_VLLM)/.stamp: Makefile | $(VENV)/.apt-stamp
 
 vllm: $(VENV_VLLM)/.stamp
 
+$(VENV_PIPECAT)/.stamp: Makefile | $(VENV)/.apt-stamp
+	@echo "pip: installing pipecat-ai $(PIPECAT_VERSION) into $(VENV_PIPECAT) for the Smart Turn parity test (log: $(LOG))"
+	@$(PYTHON) -m venv $(VENV_PIPECAT) $(QUIET)
+	@$(VENV_PIPECAT)/bin/python -m pip install --upgrade pip $(QUIET)
+	@$(VENV_PIPECAT)/bin/python -m pip install "pipecat-ai[silero,local-smart-turn-v3]==$(PIPECAT_VERSION)" $(QUIET)
+	@touch $@
+
+pipecat: $(VENV_PIPECAT)/.stamp
+
 demo: $(VENV)/.pip-stamp
 	$(VENV)/bin/voice-agent serve --model auto --host 127.0.0.1 --port 8080 --processes 1
 
@@ -98,7 +111,7 @@ lint: setup
 	$(VENV)/bin/ruff check agent plugins examples tests
 	$(VENV)/bin/mypy
 
-test: lint $(VENV_VLLM)/.stamp
+test: lint $(VENV_VLLM)/.stamp $(VENV_PIPECAT)/.stamp
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test-fast: setup

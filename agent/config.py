@@ -45,14 +45,18 @@ class TurnSettings(BaseModel):
     # Speech while the agent speaks interrupts it only once it lasted this long: a shorter
     # backchannel ("mm-hm") neither stops the voice nor becomes a turn.
     interrupt_min_speech_s: Float = Field(default=0.3, ge=0, le=5)
-    # End of turn: `silence` (the fixed min_silence_s) or an audio model (`smart-turn`, any
+    # End of turn: `silence` (the fixed min_silence_s) or an audio model (`smart-turn-prosody`:
+    # Smart Turn combined with pitch, lengthening, energy and turn length, calibrated on real
+    # speech (agent/eot/policy.py, docs/turn-taking.md); `smart-turn`; any
     # `voice_agent.turn_detectors` entry point): complete → commit after
-    # min_silence_s_complete, incomplete → wait up to max_silence_s (agent/eot).
-    end_of_turn: str = "silence"
+    # min_silence_s_complete, incomplete → wait up to max_silence_s, unsure → min_silence_s.
+    end_of_turn: str = "smart-turn-prosody"
     min_silence_s_complete: Float = Field(default=0.2, ge=0.05, le=5)
     max_silence_s: Float = Field(default=2.0, ge=0.1, le=10)
-    complete_threshold: Float = Field(default=0.5, gt=0, lt=1)  # P(complete) ≥ this: complete
-    incomplete_threshold: Float = Field(default=0.5, gt=0, lt=1)  # < this: incomplete; between: fixed rule
+    # The default policy's, from `voice-agent bench turns --calibrate` (Smart Turn alone, as pipecat
+    # runs it: 0.5 and 0.5).
+    complete_threshold: Float = Field(default=0.6, gt=0, lt=1)  # P(complete) ≥ this: complete
+    incomplete_threshold: Float = Field(default=0.2, gt=0, lt=1)  # < this: incomplete; between: fixed rule
     # Preemptive answers: the answer (text and speech) starts after preempt_after_s of
     # silence, kept back until the turn commits, dropped if speech resumes (agent/reply.py).
     preemptive: bool = True

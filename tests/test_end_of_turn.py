@@ -135,12 +135,14 @@ def test_bench_turns_reports_both_rules_side_by_side(capsys) -> None:
 
     from agent.bench.turns import main
 
-    code = main(["--pauses", "0.8", "--json"])
+    code = main(["--corpus", "espeak", "--pauses", "0.8", "--json"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["utterances"] == {"complete": 16, "filler": 6, "mid_sentence": 6}
-    assert result["baseline_premature_by_kind"]["filler"] == "6/6"  # 0.8 s > 0.5 s: the fixed rule cuts in
-    assert result["premature_by_kind"]["filler"] == "0/6"  # the model hears the "um"
-    assert result["model_calls"] > 0 and result["baseline_mean_wait_complete_s"] > 0.5
+    fixed, alone = result["rules"]["fixed 0.5 s"], result["rules"]["smart-turn"]
+    assert fixed["premature_by_kind"]["filler"] == "6/6"  # 0.8 s > 0.5 s: the fixed rule cuts in
+    assert alone["premature_by_kind"]["filler"] == "0/6"  # the model hears the "um"
+    assert alone["model_calls"] > 0 and fixed["mean_wait_complete_s"] > 0.5
+    assert result["detector"] == "smart-turn-prosody" and "smart-turn-prosody" in result["rules"]
     assert code == (0 if result["targets_met"] else 1)
 
 

@@ -55,7 +55,9 @@ def test_state_machine_discards_on_another_commit_and_stays_off_when_told() -> N
 
 
 async def _runtime(backend: ScriptedBackend, preemptive: bool = True, tts: bool = False) -> AgentRuntime:
-    settings = load_settings(None, model="tiny-random", turns={"preemptive": preemptive},
+    # The fixed silence rule: these pauses are timed against it (the default end-of-turn policy
+    # judges espeak's flat "turn on the" on its own; tests/test_end_of_turn.py covers that).
+    settings = load_settings(None, model="tiny-random", turns={"preemptive": preemptive, "end_of_turn": "silence"},
                              tts=TTSSettings(engine="espeak") if tts else None)
     runtime = AgentRuntime(settings, backend=backend)
     await runtime.start()

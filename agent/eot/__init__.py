@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import logging
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
@@ -41,18 +42,40 @@ class EndOfTurnModel(Protocol):
         ...
 
 
+# Ours, also declared as entry points (pyproject.toml): found even where the installed metadata is older.
+BUILTIN = {"smart-turn": "agent.eot.smart_turn:SmartTurn", "smart-turn-prosody": "agent.eot.policy:SmartTurnProsody"}
+
+
+def _entry_points() -> dict[str, str]:
+    found = {ep.name: ep.value for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    return {**BUILTIN, **found}
+
+
 def available_detectors() -> list[str]:
-    return sorted(ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+    return sorted(_entry_points())
 
 
 def detector_factory(name: str) -> Callable[[], EndOfTurnModel]:
     """The class (or factory) an entry point names; ValueError for an unknown name."""
-    eps = {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    eps = _entry_points()
     if name not in eps:
         known = ", ".join([SILENCE, *sorted(eps)])
         raise ValueError(f"unknown end-of-turn detector {name!r}; available: {known}")
-    factory: Callable[[], EndOfTurnModel] = eps[name].load()
+    factory: Callable[[], EndOfTurnModel] = importlib.metadata.EntryPoint(name, eps[name], ENTRY_POINT_GROUP).load()
     return factory
+
+
+_loaded: dict[Callable[[], EndOfTurnModel], EndOfTurnModel] = {}
+_loading = threading.Lock()
+
+
+def load_shared(factory: Callable[[], EndOfTurnModel]) -> EndOfTurnModel:
+    """One model per factory per process: runtimes (and the tests' many) share a loaded model;
+    models are pure (`predict` keeps no state between calls) and ONNX sessions run concurrently."""
+    with _loading:
+        if factory not in _loaded:
+            _loaded[factory] = factory()
+        return _loaded[factory]
 
 
 class PendingVerdict:
@@ -104,7 +127,7 @@ class EndOfTurnService:
         if self._task is not None:
             return
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="end-of-turn")
-        self._model = await asyncio.get_running_loop().run_in_executor(self._executor, self._factory)
+        self._model = await asyncio.get_running_loop().run_in_executor(self._executor, load_shared, self._factory)
         self._wakeup = asyncio.Event()
         self._task = asyncio.create_task(self._run(), name="end-of-turn")
 
