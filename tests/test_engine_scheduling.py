@@ -41,19 +41,19 @@ def speculative(req: GenerationRequest, **changes: Any) -> GenerationRequest:
 def test_history_survives_a_dropped_or_replaced_speculation(loaded: models.LoadedModel) -> None:
     """Regression: a speculative prefill used to take the session's history and lose it when
     dropped; the committed turn then re-prefilled everything (reused 0 of 124 tokens)."""
-    for how in ("none", "dropped-held", "dropped-mid-prefill", "replaced"):
+    for how in ("none", "dropped-prefilled", "dropped-mid-prefill", "replaced"):
         engine = Engine(loaded, prefill_chunk_tokens=16 if how == "dropped-mid-prefill" else 512)
         turn2, history = second_turn(engine)
         assert history > 100
-        if how == "dropped-held":
+        if how == "dropped-prefilled":
             run(engine, {0: [("spec", speculative(turn2))]})
-            assert engine.held == 1
+            assert engine.stats()["prefilled"] == 1
             engine.drop_turn("s", "2")
         elif how == "dropped-mid-prefill":
             engine.submit("spec", speculative(turn2))
             engine.step()
             engine.step()
-            assert engine.pending == 1 and engine.held == 0  # chunks of it ran, not all
+            assert engine.stats()["pending"] == 1 and engine.stats()["prefilled"] == 0  # chunks of it ran, not all
             engine.drop_turn("s", "2")
         elif how == "replaced":  # speech resumed: a newer speculation, then a different commit
             run(engine, {0: [("spec", speculative(turn2))]})
@@ -151,9 +151,9 @@ def test_preemptive_and_speculative_work_never_evict_other_sessions(loaded: mode
     for _ in range(5):
         engine.step()
     assert engine.cached_tokens == cached and list(engine._sessions) == ["x"]  # x keeps its history
-    assert engine.pending == 2  # they wait
+    assert engine.stats()["pending"] == 2  # they wait
     engine.promote("y", "1")  # committed now: it may evict
-    engine.drop("spec")  # its turn never committed
+    engine.drop_turn("z", "1")  # its turn never committed
     outs = run(engine, {0: []})
     assert list(engine._sessions) == ["y"] and outs["pre"][-1].error is None
 
@@ -163,7 +163,7 @@ def test_speculative_prefills_count_against_max_batch(loaded: models.LoadedModel
     for i in range(3):
         engine.submit(f"spec{i}", speculative(request([user(0)], [noise(1.0, 40 + i)], 4, session=f"s{i}")))
     engine.step()
-    assert len(engine._prefilling) == 2 and engine.pending == 3  # two rows; the third waits
+    assert len(engine._prefilling) == 2 and engine.stats()["pending"] == 3  # two rows; the third waits
 
 
 def test_a_step_writes_in_place(loaded: models.LoadedModel) -> None:

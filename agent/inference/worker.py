@@ -5,7 +5,7 @@ step, put that step's outputs on `outbox` as one message. Messages in:
 ("submit", request_id, GenerationRequest) · ("cancel", request_id) ·
 ("promote", session_id, turn_id) · ("drop_turn", session_id, turn_id) · ("forget", session_id) · ("stop",).
 Messages out: ("ready", model_name, warning, pid, engine info: KV budget…) ·
-("load_error", message) · ("out", [Output, …], {"kv_tokens": …, "cached_tokens": …}).
+("load_error", message) · ("out", [Output, …], `Engine.stats()`).
 
 Memory: when the engine has been idle for IDLE_POLL_S the worker hands freed heap back to the
 OS (`malloc_trim`, which takes milliseconds: never on the path of a turn). glibc otherwise keeps the high-water mark of large transients (feature and
@@ -92,6 +92,4 @@ def worker_main(model: str, device: str | None, options: dict[str, Any], inbox: 
                 log.exception("inference worker: step failed")
                 continue
             if outputs:
-                outbox.put(("out", outputs, {"kv_tokens": engine.kv_projected(),
-                                             "cached_tokens": engine.cached_tokens, "oom_events": engine.oom_events,
-                                             "running": engine.running}))
+                outbox.put(("out", outputs, engine.stats()))
