@@ -183,6 +183,28 @@ def test_a_step_writes_in_place(loaded: models.LoadedModel) -> None:
     assert engine._store.lengths == [n + 5 for n in lengths]
 
 
+def test_the_store_keeps_its_capacity_between_turns_unless_history_needs_the_room(loaded: models.LoadedModel) -> None:
+    """A conversation's next turn reuses the store (no allocation and no zeroing of its width
+    per turn); an empty store is given back before any session's history is evicted."""
+    engine = Engine(loaded)
+    first = request([user(0)], [noise(2.0, 90)], 8, session="a", turn="1")
+    run(engine, {0: [("a1", first)]})
+    ptrs = [t.data_ptr() for t in engine._store.k]
+    assert ptrs and engine._store.lengths == []  # empty, capacity kept
+    shorter = request([user(0)], [noise(1.0, 91)], 8, session="b", turn="1")
+    out = run(engine, {0: [("b1", shorter)]})["b1"]
+    assert [t.data_ptr() for t in engine._store.k] == ptrs  # the next turn allocated nothing
+    assert tokens(out) == reference(loaded, shorter, sorted(engine.eos_ids))  # stale rows hide nothing wrong
+
+    probe = Engine(loaded)
+    n = len(probe.build_prompt(first).ids)
+    # room for one request (its row, n + 8, and a growth copy of one of two layers), and for a's
+    # history (n + 7) alone, not for that history beside the empty store
+    tight = Engine(loaded, kv_budget_tokens=n + 7 + (n + 8) // 2 + 8)
+    run(tight, {0: [("a1", first)]})
+    assert list(tight._sessions) == ["a"] and not tight._store.k  # the store went, the history stayed
+
+
 def test_prefills_of_one_step_share_a_forward(loaded: models.LoadedModel) -> None:
     engine = Engine(loaded)
     groups: list[int] = []
