@@ -481,8 +481,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare_vllm:
         try:
             wire = compare.like_for_like(args, sessions, one)
-        except (OSError, RuntimeError, TimeoutError) as exc:  # our figures still print; like_for_like stays null
-            print(f"bench inference: like-for-like comparison failed: {str(exc)[:300]}", file=sys.stderr)
+        except Exception as exc:  # our figures still print; like_for_like stays null
+            print(f"bench inference: like-for-like comparison failed: {type(exc).__name__}: {str(exc)[:300]}",
+                  file=sys.stderr)
     loaded = models.load(args.model)
     enc_real, enc_padded, feat_ms = encoder_ms(loaded, 3 if args.quick else 7)
     seq = static = None

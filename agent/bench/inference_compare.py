@@ -200,7 +200,13 @@ def like_for_like(args: Any, sessions: list[Any], one: list[Any]) -> dict[str, A
                 VLLMServer(checkpoint, max_audios=clips, threads=None if gpu else args.threads,
                            log_path=f"{tmp}/vllm.log", device="cuda" if gpu else "cpu",
                            gpu_memory_utilization=share) as vllm:
-            runs = asyncio.run(measure_wire({"serve_model": ours.url, "vllm": vllm.url}, args, sessions, one))
+            try:
+                runs = asyncio.run(measure_wire({"serve_model": ours.url, "vllm": vllm.url}, args, sessions, one))
+            except Exception:
+                for name in ("serve-model", "vllm"):  # the servers' last words, before their logs go
+                    text = Path(f"{tmp}/{name}.log").read_text(errors="replace")[-1500:]
+                    print(f"--- {name} log, last lines:\n{text}", file=sys.stderr)
+                raise
             worker_threads = ours.worker_threads()
     points = []
     for n, key in ((1, "one"), (args.sessions, "load")):
