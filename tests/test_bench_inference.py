@@ -31,7 +31,7 @@ def sane_row(row: dict) -> None:
 
 @pytest.mark.timeout(900)  # the pool four times (ablations) and both baselines, on a shared machine
 def test_bench_inference_quick_figures_are_sane_and_the_exit_status_is_the_targets(tmp_path: Path) -> None:
-    rc, lines, result = bench()
+    rc, lines, result = bench("--output", str(tmp_path / "written.json"))
     assert tuple(result) == KEYS  # exactly these keys, in this order, whatever the options
     w = result["workload"]
     assert w["sessions"] == 4 and w["quick"] is True and w["spec_lead_s"] > 0  # speculative prefill in the workload
@@ -67,6 +67,9 @@ def test_bench_inference_quick_figures_are_sane_and_the_exit_status_is_the_targe
     assert table.returncode == 0 and table.stdout.strip() == markdown(result)
     assert f"| pool (delivered) | {result['tokens_per_s']:.1f} (" in table.stdout
     assert table.stdout.strip() in "\n".join(lines)
+    written = subprocess.run([sys.executable, "-m", "agent.bench.inference", "--markdown", str(tmp_path / "written.json")],
+                             capture_output=True, text=True, timeout=60, env=ENV)
+    assert written.returncode == 0 and written.stdout == table.stdout  # --output wrote the same result
 
 
 def test_bench_inference_without_baselines_or_ablations_keeps_every_key() -> None:

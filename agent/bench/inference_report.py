@@ -124,7 +124,10 @@ def markdown(result: dict[str, Any]) -> str:
 def load(path: str | Path) -> dict[str, Any]:
     """A result from a file holding the JSON object, or a whole run's output (its last line)."""
     text = Path(path).read_text().strip()
-    result = json.loads(text.splitlines()[-1])
+    try:
+        result = json.loads(text)  # a file `--output` wrote
+    except json.JSONDecodeError:
+        result = json.loads(text.splitlines()[-1])  # a run's output: its last line
     if not isinstance(result, dict) or "workload" not in result:
         raise ValueError(f"{path}: not a `bench inference --json` result")
     return result
