@@ -28,7 +28,7 @@ SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 LOG = $(VENV)/install.log
 QUIET = >>$(LOG) 2>&1 || { tail -n 30 $(LOG); echo "make: that failed; the full log is $(LOG)"; exit 1; }
 
-.PHONY: setup demo test test-fast lint bench vllm pipecat
+.PHONY: setup demo test test-fast lint bench bench-gpu vllm pipecat
 
 # $(call apt,PACKAGES): install those of PACKAGES that are missing, then stamp the target.
 define apt
@@ -120,3 +120,23 @@ test-fast: setup
 bench: setup
 	$(VENV)/bin/voice-agent bench vad
 	$(VENV)/bin/voice-agent bench inference
+
+# The GPU comparison (docs/engine.md): random-7b saved once, then at 16 and 64 sessions the
+# in-process pool, and serve-model against vLLM on the same GPU (both up at once, each
+# GPU_SHARE of its memory), JSON in bench-results/. ~30 min on one H100. VLLM_PYTHON: the
+# python of a venv with a CUDA build of vLLM (the CPU-only .venv-vllm cannot use the GPU).
+# A dry run on the CPU: make bench-gpu GPU_MODEL=tiny-random GPU_SESSIONS="2 4" GPU_FLAGS=--quick
+GPU_MODEL ?= random-7b
+GPU_SESSIONS ?= 16 64
+GPU_SHARE ?= 0.45
+GPU_FLAGS ?=
+GPU_CHECKPOINT ?= $(or $(TMPDIR),/tmp)/voice-agent-$(GPU_MODEL)
+bench-gpu: setup
+	@test -d $(GPU_CHECKPOINT) || $(VENV)/bin/voice-agent model save $(GPU_MODEL) $(GPU_CHECKPOINT)
+	@mkdir -p bench-results
+	@for n in $(GPU_SESSIONS); do \
+	  $(VENV)/bin/voice-agent bench inference --model $(GPU_CHECKPOINT) --sessions $$n --compare-vllm \
+	    --gpu-share $(GPU_SHARE) --repeats 3 $(GPU_FLAGS) \
+	    --output bench-results/inference-$(GPU_MODEL)-$$n-sessions.json; \
+	  test $$? -le 1 || exit 1; \
+	done

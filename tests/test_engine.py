@@ -235,11 +235,11 @@ def test_speculative_prefill_then_commit(loaded: models.LoadedModel) -> None:
     final = request([user(0)], [audio], 12, session="sp", turn="7")
     spec = request([user(0)], [audio], 12, session="sp", turn="7")
     spec.speculative = True
-    held = run(engine, {0: [("spec", spec)]})["spec"]
-    assert len(held) == 1 and held[0].finished and held[0].error is None and not held[0].token_ids
-    assert engine.held == 1 and engine.running == 0  # prefilled, not decoding
+    done = run(engine, {0: [("spec", spec)]})["spec"]
+    assert len(done) == 1 and done[0].finished and done[0].error is None and not done[0].token_ids
+    assert engine.stats()["prefilled"] == 1 and engine.running == 0  # prefilled, not decoding
     out = run(engine, {0: [("final", final)]})["final"]
-    assert engine.held == 0
+    assert engine.stats()["prefilled"] == 0
     assert out[-1].stats is not None and out[-1].stats.reused_tokens == out[-1].stats.prompt_tokens
     plain = run(Engine(loaded), {0: [("p", final)]})["p"]
     assert tokens(out) == tokens(plain)
@@ -250,8 +250,8 @@ def test_speculative_prefill_then_commit(loaded: models.LoadedModel) -> None:
     spec3 = request([user(0)], [noise(1.0, 16)], 12, session="q2", turn="1")
     spec3.speculative = True
     run(engine, {0: [("spec3", spec3)]})
-    engine.drop("spec3")
-    assert engine.held == 0
+    engine.drop_turn("q2", "1")
+    assert engine.stats()["prefilled"] == 0
 
 
 def test_bad_requests_leave_engine_working(loaded: models.LoadedModel) -> None:

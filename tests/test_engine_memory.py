@@ -67,7 +67,7 @@ def test_no_room_fails_with_figures() -> None:
 
 # ---- what the budget counts ------------------------------------------------------------
 
-def test_held_speculative_caches_count_and_give_way(loaded: models.LoadedModel) -> None:
+def test_speculative_prefill_caches_count_and_give_way(loaded: models.LoadedModel) -> None:
     probe = Engine(loaded)
     a = request([user(0)], [noise(1.0, 1)], 6, session="a", turn="1")
     n = len(probe.build_prompt(a).ids)
@@ -75,10 +75,11 @@ def test_held_speculative_caches_count_and_give_way(loaded: models.LoadedModel) 
     spec = request([user(0)], [noise(1.0, 2)], 6, session="b", turn="1")
     spec.speculative = True
     run(engine, {0: [("spec", spec)]})
-    assert engine.held == 1 and engine.kv_projected() == n  # the held prefill is counted
+    # the speculative prefill is counted, beside the capacity the empty store keeps for the next turn
+    assert engine.stats()["prefilled"] == 1 and engine.kv_projected() == n + engine._store.allocated_tokens
     out = run(engine, {0: [("a", a)]})
     assert out["a"][-1].error is None and tokens(out["a"]) == reference(loaded, a, sorted(engine.eos_ids))
-    assert engine.held == 0  # it gave way to the committed turn
+    assert engine.stats()["prefilled"] == 0  # it gave way to the committed turn
 
 
 def test_a_request_that_cannot_fit_fails_alone(loaded: models.LoadedModel) -> None:
@@ -155,7 +156,7 @@ def test_oom_in_a_prefill_fails_only_that_request(loaded: models.LoadedModel, mo
     err = outs["long"][-1].exception()
     assert err is not None and err.code == "out_of_memory" and "prefill" in err.message
     assert tokens(outs["short"]) == reference(loaded, short, sorted(engine.eos_ids))
-    assert engine.pending == 0 and engine.running == 0
+    assert engine.stats()["pending"] == 0 and engine.running == 0
 
 
 # ---- scheduling ------------------------------------------------------------------------
@@ -205,10 +206,10 @@ def test_one_speculative_prefill_per_session(loaded: models.LoadedModel) -> None
     newer = request([user(0)], [audio], 8, session="s", turn="t2")
     first.speculative = newer.speculative = True
     run(engine, {0: [("spec1", first)]})
-    engine.submit("spec2", newer)  # replaces the held one at once
-    assert engine.held == 0
+    engine.submit("spec2", newer)  # replaces the prefilled one at once
+    assert engine.stats()["prefilled"] == 0
     run(engine, {0: []})
-    assert list(engine._held) == ["spec2"]
+    assert list(engine._prefilled) == ["spec2"]
     final = request([user(0)], [audio], 8, session="s", turn="t2")
     out = run(engine, {0: [("final", final)]})["final"]
     assert out[-1].stats is not None and out[-1].stats.reused_tokens == out[-1].stats.prompt_tokens
@@ -225,7 +226,7 @@ def test_commit_takes_over_a_speculative_prefill_in_progress(loaded: models.Load
     engine.submit("spec", spec)
     engine.step()
     engine.step()
-    assert engine.held == 0 and engine.pending == 1  # still prefilling
+    assert engine.stats()["prefilled"] == 0 and engine.stats()["pending"] == 1  # still prefilling
     final = request([user(0)], [audio], 8, session="s", turn="t1")
     out = run(engine, {0: [("final", final)]})
     assert "spec" not in out and sum(chunks) == len(engine.build_prompt(final).ids)  # prefilled once

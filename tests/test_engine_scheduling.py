@@ -41,19 +41,19 @@ def speculative(req: GenerationRequest, **changes: Any) -> GenerationRequest:
 def test_history_survives_a_dropped_or_replaced_speculation(loaded: models.LoadedModel) -> None:
     """Regression: a speculative prefill used to take the session's history and lose it when
     dropped; the committed turn then re-prefilled everything (reused 0 of 124 tokens)."""
-    for how in ("none", "dropped-held", "dropped-mid-prefill", "replaced"):
+    for how in ("none", "dropped-prefilled", "dropped-mid-prefill", "replaced"):
         engine = Engine(loaded, prefill_chunk_tokens=16 if how == "dropped-mid-prefill" else 512)
         turn2, history = second_turn(engine)
         assert history > 100
-        if how == "dropped-held":
+        if how == "dropped-prefilled":
             run(engine, {0: [("spec", speculative(turn2))]})
-            assert engine.held == 1
+            assert engine.stats()["prefilled"] == 1
             engine.drop_turn("s", "2")
         elif how == "dropped-mid-prefill":
             engine.submit("spec", speculative(turn2))
             engine.step()
             engine.step()
-            assert engine.pending == 1 and engine.held == 0  # chunks of it ran, not all
+            assert engine.stats()["pending"] == 1 and engine.stats()["prefilled"] == 0  # chunks of it ran, not all
             engine.drop_turn("s", "2")
         elif how == "replaced":  # speech resumed: a newer speculation, then a different commit
             run(engine, {0: [("spec", speculative(turn2))]})
@@ -151,9 +151,9 @@ def test_preemptive_and_speculative_work_never_evict_other_sessions(loaded: mode
     for _ in range(5):
         engine.step()
     assert engine.cached_tokens == cached and list(engine._sessions) == ["x"]  # x keeps its history
-    assert engine.pending == 2  # they wait
+    assert engine.stats()["pending"] == 2  # they wait
     engine.promote("y", "1")  # committed now: it may evict
-    engine.drop("spec")  # its turn never committed
+    engine.drop_turn("z", "1")  # its turn never committed
     outs = run(engine, {0: []})
     assert list(engine._sessions) == ["y"] and outs["pre"][-1].error is None
 
@@ -163,7 +163,7 @@ def test_speculative_prefills_count_against_max_batch(loaded: models.LoadedModel
     for i in range(3):
         engine.submit(f"spec{i}", speculative(request([user(0)], [noise(1.0, 40 + i)], 4, session=f"s{i}")))
     engine.step()
-    assert len(engine._prefilling) == 2 and engine.pending == 3  # two rows; the third waits
+    assert len(engine._prefilling) == 2 and engine.stats()["pending"] == 3  # two rows; the third waits
 
 
 def test_a_step_writes_in_place(loaded: models.LoadedModel) -> None:
@@ -181,6 +181,28 @@ def test_a_step_writes_in_place(loaded: models.LoadedModel) -> None:
         engine.step()
     assert [t.data_ptr() for t in engine._store.k] == ptrs
     assert engine._store.lengths == [n + 5 for n in lengths]
+
+
+def test_the_store_keeps_its_capacity_between_turns_unless_history_needs_the_room(loaded: models.LoadedModel) -> None:
+    """A conversation's next turn reuses the store (no allocation and no zeroing of its width
+    per turn); an empty store is given back before any session's history is evicted."""
+    engine = Engine(loaded)
+    first = request([user(0)], [noise(2.0, 90)], 8, session="a", turn="1")
+    run(engine, {0: [("a1", first)]})
+    ptrs = [t.data_ptr() for t in engine._store.k]
+    assert ptrs and engine._store.lengths == []  # empty, capacity kept
+    shorter = request([user(0)], [noise(1.0, 91)], 8, session="b", turn="1")
+    out = run(engine, {0: [("b1", shorter)]})["b1"]
+    assert [t.data_ptr() for t in engine._store.k] == ptrs  # the next turn allocated nothing
+    assert tokens(out) == reference(loaded, shorter, sorted(engine.eos_ids))  # stale rows hide nothing wrong
+
+    probe = Engine(loaded)
+    n = len(probe.build_prompt(first).ids)
+    # room for one request (its row, n + 8, and a growth copy of one of two layers), and for a's
+    # history (n + 7) alone, not for that history beside the empty store
+    tight = Engine(loaded, kv_budget_tokens=n + 7 + (n + 8) // 2 + 8)
+    run(tight, {0: [("a1", first)]})
+    assert list(tight._sessions) == ["a"] and not tight._store.k  # the store went, the history stayed
 
 
 def test_prefills_of_one_step_share_a_forward(loaded: models.LoadedModel) -> None:

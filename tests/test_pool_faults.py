@@ -40,7 +40,7 @@ async def test_double_fault_restarts_with_backoff_and_reports_health() -> None:
         async with aiohttp.ClientSession() as http:
             assert await _health(http, server.url) == (200, "ok")
             assert pool.healthy and pool.kv_budget_tokens and pool.kv_budget_tokens > 0
-            os.kill(pool.pids[0], signal.SIGKILL)
+            os.kill(pool._workers[0].process.pid, signal.SIGKILL)
             await until(lambda: pool.restarts == 1)  # the first replacement starts at once
             assert not pool.healthy and await _health(http, server.url) == (503, "unavailable")
             loading = pool._workers[0]
@@ -77,17 +77,17 @@ async def pool() -> AsyncIterator[InferencePool]:
 async def test_speculative_prefills_are_bounded_like_requests(pool: InferencePool) -> None:
     await pool.prefill(req("s", 1.0, 10, 8, turn="1"))
     await pool.prefill(req("s", 1.2, 11, 8, turn="2"))  # the newer replaces the older
-    assert pool.speculative_in_flight == 1
+    assert len(pool._specs) == 1
     final = "".join(await collect(pool.generate(req("s", 1.2, 11, 8, turn="2"))))
-    assert final and pool.speculative_in_flight == 0
+    assert final and len(pool._specs) == 0
     long = [pool.generate(req(f"o{i}", 0.6, 20 + i, 200, min_new_tokens=200)) for i in range(2)]
     assert [await it.__anext__() for it in long] and pool.queue_depth == 2  # = max_queue
     await pool.prefill(req("t", 1.0, 12, 8, turn="1"))  # no room: skipped, and counted
-    assert pool.speculative_skipped == 1 and pool.speculative_in_flight == 0
+    assert pool.speculative_skipped == 1 and len(pool._specs) == 0
     for it in long:
         await it.aclose()
     await pool.prefill(req("t", 1.0, 12, 8, turn="1"))
-    assert pool.speculative_in_flight == 1
+    assert len(pool._specs) == 1
 
 
 async def test_kv_budget_comes_from_the_worker(pool: InferencePool) -> None:

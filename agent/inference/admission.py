@@ -2,7 +2,8 @@
 
 Committed requests first, then preemptive answers, then speculative prefills (oldest first
 within each); lower priorities wait while a committed request waits. Only committed work may
-evict: other sessions' history (LRU), held speculative prefills, its own history last, or park
+evict: other sessions' history (LRU), speculative prefills waiting for their commit, its own
+history last, or park
 a decoding preemptive answer (its cache copied out; it resumes where it stopped). A committed
 request continues its own speculative prefill when the prompts match.
 
@@ -36,7 +37,7 @@ class Admission:
     _prefilling: list[Seq]
     _rows: Rows
     _store: KVStore
-    _held: dict[str, Seq]
+    _prefilled: dict[str, Seq]
     _sessions: OrderedDict[str, SessionCache]
 
     def _admit(self, out: list[Output]) -> None:
@@ -86,7 +87,6 @@ class Admission:
         for seq in sorted(self._rows.running, key=lambda s: -s.t_admit):
             if seq.rank == PREEMPTIVE:
                 try:
-                    self._checkpoint("park")
                     seq.kv = self._store.row_kv(seq.row)  # type: ignore[arg-type]
                 except OOM:
                     return False
@@ -97,7 +97,7 @@ class Admission:
 
     def _resume(self, seq: Seq, out: list[Output]) -> None:
         try:
-            self._with_oom_retry(lambda: self._row_add(seq, seq.kv, seq.held_tokens()))
+            self._with_oom_retry(lambda: self._row_add(seq, seq.kv, seq.own_tokens()))
         except OOM as exc:
             out.append(error(seq, "out_of_memory", f"out of device memory resuming: {exc}", time.perf_counter()))
             return
@@ -106,7 +106,7 @@ class Admission:
 
     def _adopt_speculative(self, seq: Seq, out: list[Output]) -> bool:
         """The committed turn continues its own speculative prefill when the prompts match
-        (held: first token ready; still prefilling: takes over its progress). Any other
+        (prefilled: first token ready; still prefilling: takes over its progress). Any other
         speculation of the session is stale now; the session's history stays cached."""
         prompt = seq.prompt
         assert prompt is not None
@@ -116,23 +116,23 @@ class Admission:
             return spec.key == seq.key and spec.prompt is not None and spec.prompt.ids == prompt.ids \
                 and spec.prompt.spans == prompt.spans
 
-        for rid, held in list(self._held.items()):
-            if held.req.session_id != sid:
+        for rid, done in list(self._prefilled.items()):
+            if done.req.session_id != sid:
                 continue
-            del self._held[rid]
-            if same(held) and held.kv is not None and self._make_room(seq):
+            del self._prefilled[rid]
+            if same(done) and done.kv is not None and self._make_room(seq):
                 self._queue.remove(seq)
                 seq.t_admit = time.perf_counter()
                 seq.stats.timings["queue"] = seq.t_admit - seq.t_submit
                 seq.stats.reused_tokens = len(prompt.ids)
-                seq.stats.timings["speculative_prefill"] = held.stats.timings.get("prefill", 0.0)
+                seq.stats.timings["speculative_prefill"] = done.stats.timings.get("prefill", 0.0)
                 try:
-                    self._with_oom_retry(partial(self._row_add, seq, held.kv, len(prompt.ids)))
+                    self._with_oom_retry(partial(self._row_add, seq, done.kv, len(prompt.ids)))
                 except OOM as exc:
                     out.append(error(seq, "out_of_memory", f"out of device memory: {exc}", time.perf_counter()))
                     return True
                 self._sessions.pop(sid, None)  # superseded by the prefill's own copy
-                self._ready(seq, held.generated[0], out)
+                self._ready(seq, done.generated[0], out)
                 return True
         for i, spec in enumerate(self._prefilling):
             if spec.req.speculative and spec.req.session_id == sid:
@@ -159,28 +159,29 @@ class Admission:
         entry = self._sessions.get(session_id)
         if entry is not None:
             return entry.answers
-        for seq in (*self._held.values(), *self._prefilling):
+        for seq in (*self._prefilled.values(), *self._prefilling):
             if seq.req.session_id == session_id:
                 return seq.answers
         return []
 
     def _make_room(self, seq: Seq) -> bool:
         """Fit `seq` in the KV budget. Committed work may evict other sessions' history (LRU),
-        then held speculative prefills (oldest first), then its own history; other work waits."""
+        then speculative prefills waiting for their commit (oldest first), then its own history;
+        other work waits."""
         budget = self.budget.tokens
+        if self.kv_projected(seq) > budget:
+            self._fit_store()  # capacity nobody needs goes first, for any request: it evicts nothing
         if seq.rank != COMMITTED:
             return self.kv_projected(seq) <= budget
         own = seq.req.session_id
-        if self.kv_projected(seq) > budget:
-            self._fit_store()
         while self.kv_projected(seq) > budget:
             victim = next((sid for sid in self._sessions if sid != own), None)
             if victim is not None:
                 del self._sessions[victim]
                 continue
-            held = next((rid for rid, h in self._held.items() if h.key != seq.key), None)
-            if held is not None:
-                del self._held[held]
+            spec = next((rid for rid, s in self._prefilled.items() if s.key != seq.key), None)
+            if spec is not None:
+                del self._prefilled[spec]
                 continue
             if own in self._sessions:  # its own history too, as a last resort
                 del self._sessions[own]
@@ -194,9 +195,6 @@ class Admission:
         raise NotImplementedError
 
     def kv_projected(self, extra: Seq | None = None) -> int:
-        raise NotImplementedError
-
-    def _checkpoint(self, where: str) -> None:
         raise NotImplementedError
 
     def _with_oom_retry(self, run: Callable[[], Any]) -> Any:

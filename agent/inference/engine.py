@@ -3,15 +3,15 @@
 Pure and single-threaded: a worker process drives it with `submit` / `cancel` / `promote` /
 `step`. Each `step` (1) admits queued requests by priority, committed, then preemptive answers,
 then speculative prefills, while batch slots and the KV budget allow (only committed work
-evicts other sessions' history or held prefills, or parks a preemptive answer); (2) runs at
+evicts other sessions' history or speculative prefills, or parks a preemptive answer); (2) runs at
 most `prefill_chunk_tokens` of prefill (encoder included) by priority, the chunks of several
 requests in one forward; (3) runs ONE batched greedy decode step.
 
 All KV in flight lives in one preallocated store (`batch.KVStore`, rows in `rows.Rows`); a step
 writes only its new tokens. A session's history is copied out when its answer ends and into a
 new row at its next turn; speculative and preemptive work only read it, so it stays cached
-until a committed request takes it. KV accounting (`kv_projected`): session histories, held
-prefills, parked answers, and the store at the shape it grows to for every admitted request
+until a committed request takes it. KV accounting (`kv_projected`): session histories,
+speculative prefills waiting for their commit, parked answers, and the store at the shape it grows to for every admitted request
 (prompt + max_new_tokens) plus one layer of growth copy. Out of memory: a step commits nothing
 before its allocations succeeded, so it is retried as is after freeing cached history; a
 request that still cannot fit fails alone (`out_of_memory`).
@@ -89,14 +89,11 @@ class Engine(Admission):
         self._queue: list[Seq] = []  # submitted, not admitted (and parked preemptive answers)
         self._prefilling: list[Seq] = []  # admitted, in priority order
         self._rows = Rows(self._store)  # the store's rows: decoding ones first
-        self._held: dict[str, Seq] = {}  # speculative prefills waiting for their commit
+        self._prefilled: dict[str, Seq] = {}  # speculative prefills done, waiting for their commit
         self._sessions: OrderedDict[str, SessionCache] = OrderedDict()  # LRU order
         self._features = encoder.FeatureCache(self.processor.feature_extractor, self.encoder_padded, feature_cache_bytes)
         self._outbox: list[Output] = []
         self.oom_events = 0
-        # Test hook: called at every point of a step that allocates device memory (its name);
-        # raising torch.OutOfMemoryError there simulates the device running out.
-        self.inject: Callable[[str], None] | None = None
 
     # ---- public API -------------------------------------------------------------------
 
@@ -109,14 +106,6 @@ class Engine(Admission):
         return self._rows.decoding
 
     @property
-    def pending(self) -> int:
-        return len(self._queue) + len(self._prefilling)
-
-    @property
-    def held(self) -> int:
-        return len(self._held)
-
-    @property
     def cached_tokens(self) -> int:
         return sum(len(c.ids) for c in self._sessions.values())
 
@@ -124,13 +113,22 @@ class Engine(Admission):
     def has_work(self) -> bool:
         return bool(self._queue or self._prefilling or self._rows.decoding or self._outbox)
 
+    def stats(self) -> dict[str, int]:
+        """What the worker reports after each step: KV in use and reserved (`kv_tokens`), held
+        as session histories (`cached_tokens`), requests decoding (`running`), waiting or
+        prefilling (`pending`), speculative prefills done and waiting for their commit
+        (`prefilled`), out-of-memory events so far."""
+        return {"kv_tokens": self.kv_projected(), "cached_tokens": self.cached_tokens, "oom_events": self.oom_events,
+                "running": self.running, "pending": len(self._queue) + len(self._prefilling),
+                "prefilled": len(self._prefilled)}
+
     def info(self) -> dict[str, Any]:
         return {"kv_budget_tokens": self.budget.tokens, "kv_budget_bytes": self.budget.bytes,
                 "kv_bytes_per_token": self.budget.bytes_per_token, "device": self.budget.device}
 
     def _own_tokens(self) -> int:
-        """Held prefills and parked answers: caches outside the store and the session LRU."""
-        return sum(s.held_tokens() for s in self._held.values()) + sum(s.held_tokens() for s in self._queue)
+        """Speculative prefills and parked answers: caches outside the store and the session LRU."""
+        return sum(s.own_tokens() for s in self._prefilled.values()) + sum(s.own_tokens() for s in self._queue)
 
     def _store_plan(self, extra: Seq | None = None) -> tuple[tuple[int, int], int]:
         """The store's shape once every admitted request (+ `extra`) has its row, and the
@@ -146,15 +144,16 @@ class Engine(Admission):
 
     def _fit_store(self) -> None:
         """Over budget: first give back store capacity that no admitted request needs (it only
-        grows while requests run: a long prompt widens every row until the store empties)."""
+        grows: a long prompt widens every row, and an empty store keeps its capacity for the
+        next turn). An empty store is given back whole: that frees memory and copies nothing."""
         rows = self._rows.seqs + [s for s in self._prefilling if s.row is None]
         if not self._rows.seqs:
+            self._store.clear()
             return
         need = (len(rows), max(max(s.final_tokens() for s in rows), *self._store.lengths))
         have = self._store.shape
         if have[0] * have[1] >= 2 * need[0] * need[1]:  # not for a little: growth would follow
             try:
-                self._checkpoint("shrink")
                 self._store.shrink(*need)
             except OOM:
                 pass
@@ -180,7 +179,7 @@ class Engine(Admission):
         """Drop a request wherever it is; a running one leaves the batch right now."""
         for seq in [s for s in self._everywhere() if s.rid == request_id]:
             self._fail(seq, "cancelled", "request cancelled")
-        self._held.pop(request_id, None)
+        self._prefilled.pop(request_id, None)
 
     @torch.inference_mode()
     def promote(self, session_id: str, turn_id: str) -> None:
@@ -191,12 +190,8 @@ class Engine(Admission):
         self._prefilling.sort(key=lambda s: s.rank)  # stable: oldest first within a priority
 
     @torch.inference_mode()
-    def drop(self, request_id: str) -> None:
-        """Discard a speculative prefill (held, queued or prefilling)."""
-        self._drop_speculative(lambda s: s.rid == request_id)
-
-    @torch.inference_mode()
     def drop_turn(self, session_id: str, turn_id: str) -> None:
+        """Discard the turn's speculative prefill (done, queued or prefilling)."""
         self._drop_speculative(lambda s: s.key == (session_id, turn_id))
 
     @torch.inference_mode()
@@ -237,23 +232,16 @@ class Engine(Admission):
 
     # ---- the store's rows ---------------------------------------------------------------
 
-    def _checkpoint(self, where: str) -> None:
-        if self.inject is not None:
-            self.inject(where)
-
     def _row_add(self, seq: Seq, kv: KV | None, n: int) -> None:
         """A row for `seq`, holding `n` tokens of `kv`; the store grown for every admitted request."""
         shape, _ = self._store_plan(seq if seq.row is None and seq not in self._prefilling else None)
-        self._checkpoint("grow")
         self._rows.add(seq, kv, n, shape)
 
     def _grow(self) -> None:
-        self._checkpoint("grow")
         self._store.ensure(*self._store_plan()[0])
 
     def _row_copy(self, seq: Seq, n: int) -> KV:
         assert seq.row is not None
-        self._checkpoint("history")
         return self._store.row_kv(seq.row, n)
 
     # ---- prefill ------------------------------------------------------------------------
@@ -320,7 +308,6 @@ class Engine(Admission):
         prompt = seq.prompt
         assert prompt is not None
         reuse, past = self._history(seq)
-        self._checkpoint("embed")
         embeds = self._embed(torch.tensor([prompt.ids[past:]], device=self.device))
         seq.todo = [(a, span) for a, span in zip(prompt.audios, prompt.spans, strict=True) if span[0] >= past]
         self._row_add(seq, reuse.kv if reuse is not None else None, past)
@@ -330,7 +317,6 @@ class Engine(Admission):
             seq.reuse, seq.took = self._sessions.pop(seq.req.session_id), True
 
     def _encode_audio(self, seq: Seq, budget: int, first: bool) -> int:
-        self._checkpoint("encoder")
         return prefill.encode_audio(seq, self._features, self.model, self.encoder_padded, budget, first,
                                     self.family.encoder)
 
@@ -338,7 +324,6 @@ class Engine(Admission):
         """One forward over the group's chunks (rows contiguous from `_decoding`); the first
         token of each request whose prompt this completes. Writes only past the rows' lengths:
         nothing to undo if it fails."""
-        self._checkpoint("prefill")
         start = group[0][0].row
         assert start is not None
         pasts, news = [s.past for s, _ in group], [n for _, n in group]
@@ -355,17 +340,17 @@ class Engine(Admission):
         return firsts
 
     def _ready(self, seq: Seq, first: int, out: list[Output]) -> None:
-        """The prefill is done and gave `first`: hold it, finish it, or let it decode."""
+        """The prefill is done and gave `first`: keep it for its commit (speculative), finish
+        it, or let it decode."""
         t1 = time.perf_counter()
         seq.stats.timings["prefill"] = t1 - seq.t_admit
         seq.generated = [first]
-        if seq.req.speculative:  # hold: no decoding until the final request commits
+        if seq.req.speculative:  # no decoding until the final request commits
             try:
-                self._checkpoint("hold")
                 seq.kv = self._store.row_kv(seq.row)  # type: ignore[arg-type]
-                self._held[seq.rid] = seq
+                self._prefilled[seq.rid] = seq
             except OOM:
-                pass  # not held: the commit prefills again
+                pass  # not kept: the commit prefills again
             self._rows.drop(seq)
             seq.stats.timings["total"] = t1 - seq.t_submit
             out.append(Output(seq.rid, "", True, seq.stats))
@@ -419,9 +404,9 @@ class Engine(Admission):
         seq.clear()
 
     def _drop_speculative(self, match: Callable[[Seq], bool]) -> None:
-        for rid, seq in list(self._held.items()):
+        for rid, seq in list(self._prefilled.items()):
             if match(seq):
-                del self._held[rid]
+                del self._prefilled[rid]
         for seq in [s for s in (*self._queue, *self._prefilling) if s.req.speculative and match(s)]:
             self._discard(seq)
 
@@ -439,14 +424,14 @@ class Engine(Admission):
                     raise
 
     def _relieve(self) -> bool:
-        """Free the LRU half of the session caches, else all held prefills; False: nothing left."""
+        """Free the LRU half of the session caches, else all speculative prefills; False: nothing left."""
         freed = False
         if self._sessions:
             for _ in range(max(1, len(self._sessions) // 2)):
                 self._sessions.popitem(last=False)
             freed = True
-        elif self._held:
-            self._held.clear()
+        elif self._prefilled:
+            self._prefilled.clear()
             freed = True
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -470,7 +455,6 @@ class Engine(Admission):
         b = self._rows.decoding
         seqs = self._rows.seqs[:b]
         lengths = self._store.lengths[:b]
-        self._checkpoint("decode")
         ids = torch.tensor([[s.generated[-1]] for s in seqs], device=self.device)
         writes, mask, pos = self._store.forward_args(0, lengths, [1] * b)
         res = self._lm(inputs_embeds=self._embed(ids), attention_mask=mask, position_ids=pos,

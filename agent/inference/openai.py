@@ -60,6 +60,7 @@ CONVERSATION_HEADER = "X-Conversation-Id"
 TURN_HEADER = "X-Turn-Id"
 
 log = logging.getLogger(__name__)
+KEEPALIVE_S = 4.0  # seconds an idle connection is kept: under uvicorn's 5 s
 
 
 class ClipCache:
@@ -167,9 +168,12 @@ class OpenAIBackend:
         if self._http is None:
             headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
             # No client-side connection cap: the server queues, a cap would only hide waiting
-            # (and count against `connect_timeout`).
-            connector = (aiohttp.UnixConnector(self._socket, limit=0) if self._socket is not None
-                         else aiohttp.TCPConnector(limit=0))
+            # (and count against `connect_timeout`). Idle connections are dropped before vLLM's
+            # server (uvicorn, 5 s) closes them: a request sent on a connection the server is
+            # closing fails with "Server disconnected" (seen when `bench inference --compare-vllm`
+            # left vLLM idle while serve-model ran).
+            connector = (aiohttp.UnixConnector(self._socket, limit=0, keepalive_timeout=KEEPALIVE_S)
+                         if self._socket is not None else aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S))
             self._http = aiohttp.ClientSession(headers=headers, timeout=self._timeout, connector=connector)
             await self._discover()
             if self.features:  # our serve-model: its one model, as `_discover` chose

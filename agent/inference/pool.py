@@ -136,14 +136,6 @@ class InferencePool:
         """Requests submitted and not finished (all workers)."""
         return len(self._requests)
 
-    @property
-    def speculative_in_flight(self) -> int:
-        return len(self._specs)
-
-    @property
-    def pids(self) -> list[int]:
-        return [w.process.pid for w in self._workers if not w.dead]
-
     def _live_info(self, key: str, source: str = "info") -> int | None:
         values = [getattr(w, source).get(key) for w in self._workers if w.live]
         return sum(v for v in values if v is not None) if values else None
@@ -285,7 +277,7 @@ class InferencePool:
                 if q is not None:
                     q.put_nowait(out)
                 elif out.finished:
-                    self._specs.pop(out.request_id, None)  # held (or refused): no longer queued
+                    self._specs.pop(out.request_id, None)  # prefilled (or refused): no longer queued
         elif kind == "ready":
             w.live, w.live_since = True, time.monotonic()
             w.info = msg[4] if len(msg) > 4 else {}
@@ -472,7 +464,7 @@ class InferencePool:
                 self._send(w, ("cancel", rid))
 
     async def prefill(self, request: GenerationRequest) -> None:
-        """Speculative prefill: the worker prefills and holds; fire and forget. One per
+        """Speculative prefill: the worker prefills and keeps it for the commit; fire and forget. One per
         session (a newer one replaces the older), and within `max_queue` with the requests."""
         if self._loop is None or self._closing:
             return

@@ -46,7 +46,7 @@ class Seq:
     stats: GenerationStats = field(default_factory=GenerationStats)
     prompt: Prompt | None = None
     generated: list[int] = field(default_factory=list)
-    kv: KV | None = None  # own cache: a held speculative prefill, a parked preemptive answer
+    kv: KV | None = None  # own cache: a speculative prefill waiting for its commit, a parked preemptive answer
     t_first: float | None = None
     min_new_tokens: int = 0
     answers: list[Answer] = field(default_factory=list)  # earlier answers spliced into `prompt`
@@ -81,7 +81,8 @@ class Seq:
         assert self.prompt is not None
         return len(self.prompt.ids) + (0 if self.req.speculative else self.req.max_new_tokens)
 
-    def held_tokens(self) -> int:
+    def own_tokens(self) -> int:
+        """Tokens of its own cache (`kv`)."""
         return 0 if self.kv is None else int(self.kv[0][0].shape[2])
 
     def clear(self) -> None:

@@ -5,7 +5,7 @@ step, put that step's outputs on `outbox` as one message. Messages in:
 ("submit", request_id, GenerationRequest) · ("cancel", request_id) ·
 ("promote", session_id, turn_id) · ("drop_turn", session_id, turn_id) · ("forget", session_id) · ("stop",).
 Messages out: ("ready", model_name, warning, pid, engine info: KV budget…) ·
-("load_error", message) · ("out", [Output, …], {"kv_tokens": …, "cached_tokens": …}) ·
+("load_error", message) · ("out", [Output, …], `Engine.stats()`) ·
 ("alive",): a heartbeat after HEARTBEAT_S of steps without outputs (a long prefill), so the
 pool's step watchdog tells a slow worker from a wedged one.
 
@@ -97,9 +97,7 @@ def worker_main(model: str, device: str | None, options: dict[str, Any], inbox: 
                 log.exception("inference worker: step failed")
                 continue
             if outputs:
-                outbox.put(("out", outputs, {"kv_tokens": engine.kv_projected(),
-                                             "cached_tokens": engine.cached_tokens, "oom_events": engine.oom_events,
-                                             "running": engine.running}))
+                outbox.put(("out", outputs, engine.stats()))
                 sent = time.monotonic()
             elif time.monotonic() - sent > HEARTBEAT_S:
                 outbox.put(("alive",))
