@@ -10,15 +10,20 @@ the peer, from the audio it receives and the events on its data channel:
 - interruptions that did not stop the voice: not quiet from 0.6 s after their onset on (share;
   and those never stopped: the answer was not cancelled), and the time from the interruption's
   first sample leaving the peer to the voice going quiet there (p50 / p95);
-- the gap a resumed answer left in the voice around a backchannel.
+- the gap a resumed answer left in the voice around a backchannel;
+- short commands ("stop", "wait", "hold on", "no", "cancel", "pause", "be quiet", said alone),
+  apart: those that did not cancel the answer, and the time to quiet, as for interruptions.
+  Real recordings where the registries have them (Debian `asterisk-core-sounds-en-wav`: "no" and
+  "pause", one professional voice at 8 kHz, CC-BY-SA-3.0; fetched with `apt-get download` at
+  bench time, never vendored), espeak for the rest; each trial says which.
 
-Side by side in the same run: pause-then-decide with the feature detector (the default) and
-the duration-only rule it replaced (0.3 s, no pause).
+Side by side in the same run: pause-then-decide with the command detector (the default), with
+the feature detector alone (before commands), and the duration-only rule (0.3 s, no pause).
 
     voice-agent bench bargein [--peers 2] [--cycles 4] [--quick] [--json]
 
-Exit code 0 when the targets held for pause-then-decide: ≤ 5 % of backchannels cancel or
-become a turn, every interruption stops the voice, quiet within 0.35 s at p95.
+Exit code 0 when the targets held for the default: ≤ 5 % of backchannels cancel or become a
+turn, every interruption and every command stops the voice, quiet within 0.35 s at p95.
 """
 
 from __future__ import annotations
@@ -46,6 +51,10 @@ BACKCHANNELS = ["yeah", "mhm", "uh huh", "okay", "right"]
 INTERRUPTIONS = ["wait, stop, I have another question for you", "hold on, what time is it in Tokyo?",
                  "stop talking please", "can you tell me about the weather instead?",
                  "no no, the other light", "what about tomorrow?"]
+COMMANDS = ["stop", "wait", "hold on", "no", "cancel", "pause", "be quiet", "stop stop"]
+# Real recordings of command words: (Debian package, file in it, what is said).
+REAL_COMMANDS = [("asterisk-core-sounds-en-wav", "usr/share/asterisk/sounds/en_US_f_Allison/vm-no.wav", "no"),
+                 ("asterisk-core-sounds-en-wav", "usr/share/asterisk/sounds/en_US_f_Allison/dictate/pause.wav", "pause")]
 VOICES = ["en-us", "en-gb", "en-us+f3", "en-gb-scotland", "en-029"]
 SPEEDS = [140, 160, 180, 200, 230]
 QUESTION = "tell me a long story about the house"
@@ -57,12 +66,13 @@ ANSWER = " ".join([
     "When the evening comes, the lamps in the study glow, and someone reads a book by the fire.",
     "At night every light goes out, one room after another, until only the porch light is left on.",
 ] * 2)
-TARGETS = {"backchannel_cancel_share": 0.05, "interruption_miss_share": 0.0, "quiet_p95_s": 0.35}
+TARGETS = {"backchannel_cancel_share": 0.05, "interruption_miss_share": 0.0, "quiet_p95_s": 0.35,
+           "command_miss_share": 0.0, "command_quiet_p95_s": 0.35}
 
 
 @dataclass
 class Clip:
-    kind: str  # backchannel | interruption | question
+    kind: str  # backchannel | interruption | command | question
     text: str
     voice: str
     speed: int
@@ -74,7 +84,12 @@ class Clip:
 
     @property
     def label(self) -> str:
-        return f"{self.text!r} {self.voice} {self.speed} wpm {self.duration_s:.2f} s"
+        how = f"{self.speed} wpm" if self.speed else "recorded"
+        return f"{self.text!r} {self.voice} {how} {self.duration_s:.2f} s"
+
+    @property
+    def source(self) -> str:
+        return "espeak" if self.speed else "real"
 
 
 def _say(text: str, voice: str, speed: int, tmp: Path) -> np.ndarray:
@@ -108,8 +123,47 @@ def make_clips(quick: bool) -> dict[str, list[Clip]]:
                 clip = Clip("interruption", text, voice, speed, _say(text, voice, speed, tmp))
                 if clip.duration_s >= 1.0:
                     clips["interruption"].append(clip)
+        clips["command"] = []
+        for text in COMMANDS:
+            for voice in voices:
+                for speed in SPEEDS[1:4] if not quick else [160]:
+                    clip = Clip("command", text, voice, speed, _say(text, voice, speed, tmp))
+                    if 0.2 <= clip.duration_s <= 0.9:
+                        clips["command"].append(clip)
         clips["question"] = [Clip("question", QUESTION, "en-us", 160, _say(QUESTION, "en-us", 160, tmp))]
     return clips
+
+
+def real_commands() -> list[Clip]:
+    """Recordings of people saying command words, from Debian packages fetched now (`apt-get
+    download` + `dpkg -x`, nothing installed); [] where apt is not there or the fetch fails."""
+    if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
+        return []
+    from agent.audio import read_file
+
+    out: list[Clip] = []
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        for package in sorted({p for p, _, _ in REAL_COMMANDS}):
+            got = subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True)
+            debs = list(tmp.glob(f"{package}_*.deb"))
+            if got.returncode != 0 or not debs:
+                print(f"bench bargein: apt-get download {package} failed; espeak commands only")
+                return []
+            subprocess.run(["dpkg", "-x", str(debs[0]), str(tmp / "x")], check=True, capture_output=True)
+        for package, path, text in REAL_COMMANDS:
+            wav = tmp / "x" / path
+            if not wav.exists():
+                continue
+            out16 = tmp / "c16.wav"
+            subprocess.run(["sox", str(wav), "-r", str(RATE), "-c", "1", "-b", "16", str(out16)], check=True,
+                           capture_output=True)
+            audio = read_file(out16)
+            voiced = np.flatnonzero(np.abs(audio) > 0.01)  # the recording's own room tone is not silence
+            if voiced.size:
+                audio = audio[max(voiced[0] - 160, 0) : voiced[-1] + 161]
+            out.append(Clip("command", text, f"{package}:{Path(path).name}", 0, audio))
+    return out
 
 
 # ---- the peers' process ----------------------------------------------------------------
@@ -130,6 +184,7 @@ async def _peers(url: str, peers: int, cycles: int, clips: dict[str, list[Clip]]
         plan = []
         for _ in range(cycles):
             plan += [rng.choice(clips["backchannel"]) for _ in range(3)] + [rng.choice(clips["interruption"])]
+            plan.append(rng.choice(clips["command"]))
         plans.append(plan)
     results = await asyncio.gather(*(_peer(url, clips["question"][0], plan, i) for i, plan in enumerate(plans)))
     return [trial for trials in results for trial in trials]
@@ -226,14 +281,22 @@ async def _peer(url: str, question: Clip, plan: list[Clip], index: int) -> list[
     trials: list[dict[str, Any]] = []
     started, ended = mic.play(question.samples)
     await ended
+    previous = ""
     for clip in plan:
+        if previous == "command" and not await voice_on(1.0, timeout=4.0):
+            # the command stopped the answer and has no answer of its own: ask again
+            started, ended = mic.play(question.samples)
+            await ended
         if not await voice_on(1.0):
             trials.append({"kind": clip.kind, "clip": clip.label, "skipped": "the agent was not speaking"})
             continue
         started, ended = mic.play(clip.samples)
         onset, end = await started, await ended
         await asyncio.sleep(2.5 if clip.kind == "backchannel" else 3.0)
+        if clip.kind == "command":
+            await asyncio.sleep(1.0)  # an answer a command wrongly resumed would be heard by now
         trials.append(_judge(clip, onset, end, events, heard))
+        previous = clip.kind
     await pc.close()
     for task in listeners:
         task.cancel()
@@ -243,7 +306,8 @@ async def _peer(url: str, question: Clip, plan: list[Clip], index: int) -> list[
 def _judge(clip: Clip, onset: float, end: float, events: list[tuple[float, dict[str, Any]]],
            heard: list[tuple[float, bool]]) -> dict[str, Any]:
     """One trial, from what the peer received."""
-    trial: dict[str, Any] = {"kind": clip.kind, "clip": clip.label, "duration_s": round(clip.duration_s, 3)}
+    trial: dict[str, Any] = {"kind": clip.kind, "clip": clip.label, "duration_s": round(clip.duration_s, 3),
+                             "source": clip.source}
     after = [(t, e["type"]) for t, e in events if t >= onset]
     if clip.kind == "backchannel":
         window = [k for t, k in after if t <= end + 1.5]
@@ -265,7 +329,7 @@ def _judge(clip: Clip, onset: float, end: float, events: list[tuple[float, dict[
             if before and later:
                 trial["gap_s"] = round(later[0] - before[-1], 3)
         return trial
-    # interruption: from its onset to the next answer's voice, was the agent quiet, and from when?
+    # interruption, command: from its onset to the next answer's voice, was the agent quiet, and from when?
     nxt = [t for t, k in after if k == "response.audio.started"]
     until = min(nxt[0] if nxt else onset + 6.0, onset + 6.0)
     audible = [t for t, a in heard if a and onset <= t < until]
@@ -279,13 +343,20 @@ def _judge(clip: Clip, onset: float, end: float, events: list[tuple[float, dict[
         trial["audible_late_s"] = [round(late[0] - onset, 3), round(late[-1] - onset, 3), len(late)]
     if trial["stopped"]:
         trial["quiet_s"] = round((audible[-1] + 0.02 if audible else onset) - onset, 3)
-    trial["cancelled"] = any(k == "response.cancelled" for t, k in after if t <= until + 0.5)
+    reasons = [e.get("reason") for t, e in events if t >= onset and t <= until + 0.5 and e["type"] == "response.cancelled"]
+    trial["cancelled"] = bool(reasons)
+    if reasons:
+        trial["reason"] = reasons[0]
+    if clip.kind == "command":
+        trial["resumed"] = any(k == "response.resumed" for t, k in after if t <= until)
+        trial["answered"] = any(k == "turn.committed" for t, k in after if t <= until)  # became a turn
     return trial
 
 
 # ---- the server side ---------------------------------------------------------------------
 CONFIGS: dict[str, dict[str, Any]] = {
-    "pause_features": {},  # the defaults: pause at once, the feature detector decides
+    "pause_commands": {},  # the defaults: pause at once, the command detector (features + spotter) decides
+    "pause_features": {"backchannel": "features"},  # before commands: the feature detector alone
     "duration_0.3": {"backchannel": "duration", "pause_on_speech": False, "interrupt_min_speech_s": 0.3},
 }
 
@@ -336,6 +407,8 @@ def _pct(values: list[float], q: float) -> float | None:
 def summarise(trials: list[dict[str, Any]]) -> dict[str, Any]:
     bcs = [t for t in trials if t["kind"] == "backchannel" and "skipped" not in t]
     ints = [t for t in trials if t["kind"] == "interruption" and "skipped" not in t]
+    cmds = [t for t in trials if t["kind"] == "command" and "skipped" not in t]
+    cmd_quiet = [t["quiet_s"] for t in cmds if t["stopped"]]
     bad = [t for t in bcs if t["cancelled"] or t["turn"]]
     quiet = [t["quiet_s"] for t in ints if t["stopped"]]
     gaps = [t["gap_s"] for t in bcs if "gap_s" in t]
@@ -353,13 +426,45 @@ def summarise(trials: list[dict[str, Any]]) -> dict[str, Any]:
         "resume_gap_p50_s": _pct(gaps, 50), "resume_gap_p95_s": _pct(gaps, 95),
         "resume_after_end_p50_s": _pct(waits, 50), "paused_p50_s": _pct(held, 50),
         "pause_event_p50_s": _pct(detect, 50), "pause_event_p95_s": _pct(detect, 95),
+        "commands": len(cmds), "commands_real": sum(t["source"] == "real" for t in cmds),
+        # not quiet from 0.6 s after the onset on, or never cancelled (resumed: taken for a backchannel)
+        "command_miss_share": round(sum(not (t["stopped"] and t["cancelled"]) for t in cmds) / len(cmds), 3) if cmds else None,
+        "command_real_miss_share": _share([not (t["stopped"] and t["cancelled"]) for t in cmds if t["source"] == "real"]),
+        "command_turn_share": _share([t["answered"] for t in cmds]),
+        "command_quiet_p50_s": _pct(cmd_quiet, 50), "command_quiet_p95_s": _pct(cmd_quiet, 95),
     }
+
+
+def _share(flags: list[bool]) -> float | None:
+    return round(sum(flags) / len(flags), 3) if flags else None
 
 
 def targets_held(run: dict[str, Any]) -> bool:
     share, miss, p95 = run["backchannel_cancel_share"], run["interruption_miss_share"], run["quiet_p95_s"]
-    return (share is not None and share <= TARGETS["backchannel_cancel_share"] and miss is not None
+    cmiss, cp95 = run["command_miss_share"], run["command_quiet_p95_s"]
+    commands = (cmiss is not None and cmiss <= TARGETS["command_miss_share"] and cp95 is not None
+                and cp95 <= TARGETS["command_quiet_p95_s"])
+    return commands and (share is not None and share <= TARGETS["backchannel_cancel_share"] and miss is not None
             and miss <= TARGETS["interruption_miss_share"] and p95 is not None and p95 <= TARGETS["quiet_p95_s"])
+
+
+def markdown(runs: list[dict[str, Any]]) -> str:
+    """Backchannels, interruptions and commands apart, one row per configuration."""
+
+    def pct(v: float | None) -> str:
+        return "–" if v is None else f"{100 * v:.0f} %"
+
+    def s(v: float | None) -> str:
+        return "–" if v is None else f"{v:.2f}"
+
+    rows = ["| config | backchannels | cut in (cancel/turn) | interruptions | missed | quiet p50 / p95 s "
+            "| commands (real) | missed (real) | quiet p50 / p95 s |", "|" + "---|" * 9]
+    for r in runs:
+        rows.append(f"| {r['config']} | {r['backchannels']} | {pct(r['backchannel_cancel_share'])} | "
+                    f"{r['interruptions']} | {pct(r['interruption_miss_share'])} | {s(r['quiet_p50_s'])} / "
+                    f"{s(r['quiet_p95_s'])} | {r['commands']} ({r['commands_real']}) | {pct(r['command_miss_share'])} "
+                    f"({pct(r['command_real_miss_share'])}) | {s(r['command_quiet_p50_s'])} / {s(r['command_quiet_p95_s'])} |")
+    return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -370,7 +475,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="1 peer, 1 cycle, 2 voices: a sanity run")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    parser.add_argument("--markdown", action="store_true", help="also print the tables as markdown")
+    parser.add_argument("--from-json", metavar="FILE", help="print the markdown tables of an earlier --json run")
     args = parser.parse_args(argv)
+    if args.from_json:
+        lines = Path(args.from_json).read_text().strip().splitlines()
+        print(markdown(json.loads(lines[-1])["runs"]))
+        return 0
     if args.peers < 1 or args.cycles < 1:
         parser.error("--peers and --cycles must be ≥ 1")
     if shutil.which("espeak-ng") is None or shutil.which("sox") is None:
@@ -378,10 +489,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     peers, cycles = (1, 1) if args.quick else (args.peers, args.cycles)
     clips = make_clips(args.quick)
+    real = real_commands()
+    clips["command"] += real
     print(f"clips: {len(clips['backchannel'])} backchannels "
           f"({min(c.duration_s for c in clips['backchannel']):.2f}–{max(c.duration_s for c in clips['backchannel']):.2f} s), "
           f"{len(clips['interruption'])} interruptions "
-          f"({min(c.duration_s for c in clips['interruption']):.2f}–{max(c.duration_s for c in clips['interruption']):.2f} s); "
+          f"({min(c.duration_s for c in clips['interruption']):.2f}–{max(c.duration_s for c in clips['interruption']):.2f} s), "
+          f"{len(clips['command'])} commands ({len(real)} real recordings, the rest espeak); "
           f"{peers} peer(s) × {cycles} cycle(s) per configuration")
     try:
         runs = [asyncio.run(_run_config(name, peers, cycles, clips, args.seed)) for name in CONFIGS]
@@ -398,13 +512,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['config']:>15} {r['backchannels']:7d} {fmt(r['backchannel_cancel_share'], True):>11} "
               f"{r['interruptions']:7d} {fmt(r['interruption_miss_share'], True):>7} {fmt(r['quiet_p50_s']):>9} "
               f"{fmt(r['quiet_p95_s']):>6} {fmt(r['resume_gap_p50_s']):>14} {fmt(r['resume_gap_p95_s']):>6}")
-    new, old = runs
+    print(f"{'commands':>15} {'n (real)':>9} {'missed':>7} {'real missed':>11} {'quiet p50':>9} {'p95':>6} "
+          f"{'became a turn':>13}")
+    for r in runs:
+        print(f"{r['config']:>15} {r['commands']:>4} ({r['commands_real']:>2}) {fmt(r['command_miss_share'], True):>7} "
+              f"{fmt(r['command_real_miss_share'], True):>11} {fmt(r['command_quiet_p50_s']):>9} "
+              f"{fmt(r['command_quiet_p95_s']):>6} {fmt(r['command_turn_share'], True):>13}")
+    new, before, old = runs
     held = targets_held(new)
-    print(f"targets (pause_features): backchannels cancel ≤ 5 %, every interruption stops, quiet p95 ≤ 0.35 s: "
-          f"{'held' if held else 'MISSED'}")
+    print(f"targets ({new['config']}): backchannels cancel ≤ 5 %, every interruption and command stops, "
+          f"quiet p95 ≤ 0.35 s: {'held' if held else 'MISSED'}")
+    if args.markdown:
+        print(markdown(runs))
     if args.json:
         result = {"benchmark": "bargein", "peers": peers, "cycles": cycles, "targets": TARGETS,
                   "targets_held": held, **{k: v for k, v in new.items() if k != "trials"},
+                  "before_commands": {k: v for k, v in before.items() if k != "trials"},
                   "baseline": {k: v for k, v in old.items() if k != "trials"},
                   "runs": runs}
         print(json.dumps(result))
