@@ -120,6 +120,10 @@ class ServerSettings(BaseModel):
     max_body_bytes: Int = Field(default=64 * 1024, ge=1024)
     idle_timeout_s: Float = Field(default=3600.0, gt=0)  # session with no activity at all
     no_audio_timeout_s: Float = Field(default=30.0, gt=0)  # connected but no audio frames
+    # Incoming audio waits for this many later frames before it goes on (aiortc's audio jitter
+    # buffer holds 4: ~80 ms more before the VAD hears the end of speech). The VAD is no playout:
+    # a late packet is better dropped than waited for (agent/transports/webrtc.py).
+    receive_jitter_frames: Int = Field(default=1, ge=0, le=16)
     ice_servers: list[str] = Field(default_factory=list)  # none by default: nothing leaves the host
     http: bool = True  # False: `serve` runs only the Wyoming server
     processes: Int | None = Field(default=None, ge=1)  # serve: frontend processes; None: the cores, at most 8

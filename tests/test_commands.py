@@ -152,6 +152,14 @@ async def test_stop_over_the_answer_cancels_it_with_no_turn_and_yeah_still_resum
         assert "speech.backchannel" not in kinds
         assert len({r.turn_id for r in backend.requests if not r.speculative}) == 1  # "stop" is not answered
         assert not session.voice.active
+        # and the agent listens on: the next question is answered, aloud
+        await mic.feed(make_speech(["turn off the light"]).samples)
+        await mic.silence(1.0)
+        await until(lambda: len({r.turn_id for r in backend.requests if not r.speculative}) == 2)
+        await until(lambda: session.voice.player.queued_s > 1.0, timeout=10)
+        await mic.silence(0.5)
+        heard = np.concatenate(mic.heard[-25:])
+        assert float(np.abs(heard).max()) > 0.05  # its voice is heard, not held paused
     finally:
         await session.close()
         await runtime.close()

@@ -167,14 +167,16 @@ def real_commands() -> list[Clip]:
 
 
 # ---- the peers' process ----------------------------------------------------------------
-def _peers_main(url: str, peers: int, cycles: int, clips: dict[str, list[Clip]], seed: int, out: Any) -> None:
+def _peers_main(url: str, peers: int, cycles: int, clips: dict[str, list[Clip]], seed: int, out: Any,
+                jitter_frames: int = 1) -> None:
     try:
-        out.put(asyncio.run(_peers(url, peers, cycles, clips, seed)))
+        out.put(asyncio.run(_peers(url, peers, cycles, clips, seed, jitter_frames)))
     except BaseException as exc:  # the parent reports it
         out.put({"error": f"{type(exc).__name__}: {exc}"})
 
 
-async def _peers(url: str, peers: int, cycles: int, clips: dict[str, list[Clip]], seed: int) -> list[dict[str, Any]]:
+async def _peers(url: str, peers: int, cycles: int, clips: dict[str, list[Clip]], seed: int,
+                 jitter_frames: int = 1) -> list[dict[str, Any]]:
     from agent.transports.webrtc import use_loopback_candidates
 
     use_loopback_candidates()
@@ -186,11 +188,12 @@ async def _peers(url: str, peers: int, cycles: int, clips: dict[str, list[Clip]]
             plan += [rng.choice(clips["backchannel"]) for _ in range(3)] + [rng.choice(clips["interruption"])]
             plan.append(rng.choice(clips["command"]))
         plans.append(plan)
-    results = await asyncio.gather(*(_peer(url, clips["question"][0], plan, i) for i, plan in enumerate(plans)))
+    results = await asyncio.gather(*(_peer(url, clips["question"][0], plan, i, jitter_frames)
+                                     for i, plan in enumerate(plans)))
     return [trial for trials in results for trial in trials]
 
 
-async def _peer(url: str, question: Clip, plan: list[Clip], index: int) -> list[dict[str, Any]]:
+async def _peer(url: str, question: Clip, plan: list[Clip], index: int, jitter_frames: int = 1) -> list[dict[str, Any]]:
     import aiohttp
     import av
     from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
@@ -265,6 +268,9 @@ async def _peer(url: str, question: Clip, plan: list[Clip], index: int) -> list[
         if r.status != 200:
             raise RuntimeError(f"POST /v1/sessions: {r.status} {answer}")
     await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type="answer"))
+    from agent.transports.webrtc import set_receive_jitter
+
+    set_receive_jitter(pc, jitter_frames)  # the test peer's playout buffer (aiortc's own: 4 frames)
     await asyncio.sleep(1.0 + 0.37 * index)  # connected; peers out of phase
 
     async def voice_on(for_s: float, timeout: float = 30.0) -> bool:
@@ -361,7 +367,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-async def _run_config(name: str, peers: int, cycles: int, clips: dict[str, list[Clip]], seed: int) -> dict[str, Any]:
+async def _run_config(name: str, peers: int, cycles: int, clips: dict[str, list[Clip]], seed: int,
+                      jitter_frames: int = 1) -> dict[str, Any]:
     from aiohttp import web
 
     from agent.config import load_settings
@@ -380,7 +387,7 @@ async def _run_config(name: str, peers: int, cycles: int, clips: dict[str, list[
     url = f"http://127.0.0.1:{runner.addresses[0][1]}"
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
-    proc = ctx.Process(target=_peers_main, args=(url, peers, cycles, clips, seed, out), daemon=True)
+    proc = ctx.Process(target=_peers_main, args=(url, peers, cycles, clips, seed, out, jitter_frames), daemon=True)
     started = time.monotonic()
     proc.start()
     limit = 120 + cycles * 120.0  # a cycle takes ~20 s; a loaded machine is slower
@@ -475,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="1 peer, 1 cycle, 2 voices: a sanity run")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    parser.add_argument("--peer-jitter-frames", type=int, default=1,
+                        help="frames the test peers hold received audio (aiortc's default: 4)")
     parser.add_argument("--markdown", action="store_true", help="also print the tables as markdown")
     parser.add_argument("--from-json", metavar="FILE", help="print the markdown tables of an earlier --json run")
     args = parser.parse_args(argv)
@@ -498,7 +507,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(clips['command'])} commands ({len(real)} real recordings, the rest espeak); "
           f"{peers} peer(s) × {cycles} cycle(s) per configuration")
     try:
-        runs = [asyncio.run(_run_config(name, peers, cycles, clips, args.seed)) for name in CONFIGS]
+        runs = [asyncio.run(_run_config(name, peers, cycles, clips, args.seed, args.peer_jitter_frames))
+                for name in CONFIGS]
     except RuntimeError as exc:
         print(f"bench bargein: {exc}")
         return 1
