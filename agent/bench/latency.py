@@ -432,6 +432,75 @@ def check_targets(result: dict[str, Any]) -> list[str]:
     return failed
 
 
+async def jitter_probe(frames_list: list[int], seconds: float = 8.0) -> list[dict[str, Any]]:
+    """The receive hop alone: one aiortc peer sends 20 ms frames to another over loopback; each
+    frame's delay from `recv()` handing it to the sender to `recv()` giving it out at the far end,
+    with the far end's jitter buffer holding each of `frames_list` frames (the same run, in turn)."""
+    from agent.transports.webrtc import use_loopback_candidates
+
+    use_loopback_candidates()
+    out = []
+    for frames in frames_list:
+        kept = (await _probe_once(frames, seconds))[int(seconds * 50) // 4 :]  # past the connection's start
+        out.append({"jitter_frames": frames, "frames": len(kept),
+                    "p50_ms": round(1000 * float(np.percentile(kept, 50)), 1) if kept else None,
+                    "p95_ms": round(1000 * float(np.percentile(kept, 95)), 1) if kept else None})
+    return out
+
+
+async def _probe_once(frames: int, seconds: float) -> list[float]:
+    import av
+    from aiortc import RTCConfiguration, RTCPeerConnection
+    from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+    from agent.transports.webrtc import set_receive_jitter
+
+    sent: dict[int, float] = {}
+    delays: list[float] = []
+
+    class Tone(MediaStreamTrack):
+        kind = "audio"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.n, self.t0 = 0, time.monotonic()
+
+        async def recv(self) -> Any:
+            await asyncio.sleep(max(0.0, self.t0 + self.n * 0.02 - time.monotonic()))
+            pcm = (np.sin(np.arange(FRAME) / 5.0) * 8000).astype(np.int16)
+            frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
+            frame.sample_rate, frame.pts = RATE, self.n * FRAME
+            frame.time_base = fractions.Fraction(1, RATE)
+            sent[self.n * FRAME * 3] = time.monotonic()  # Opus runs at 48 kHz: pts × 3 at the far end
+            self.n += 1
+            return frame
+
+    async def listen(track: Any) -> None:
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            if (t := sent.get(int(frame.pts))) is not None:
+                delays.append(time.monotonic() - t)
+
+    a, b = RTCPeerConnection(RTCConfiguration(iceServers=[])), RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    tasks: list[asyncio.Task[None]] = []
+    b.on("track", lambda track: tasks.append(asyncio.ensure_future(listen(track))))
+    a.addTrack(Tone())
+    await a.setLocalDescription(await a.createOffer())
+    await b.setRemoteDescription(a.localDescription)
+    set_receive_jitter(b, frames)
+    await b.setLocalDescription(await b.createAnswer())
+    await a.setRemoteDescription(b.localDescription)
+    await asyncio.sleep(seconds)
+    await a.close()
+    await b.close()
+    for task in tasks:
+        task.cancel()
+    return delays
+
+
 def hops_markdown(results: list[dict[str, Any]]) -> str:
     """p50 / p95 of every hop (ms), one column per run (e.g. before and after)."""
     names = [n for n, _ in HOPS] + ["peer_playout"]
@@ -466,7 +535,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     parser.add_argument("--hops-markdown", nargs="+", metavar="JSON",
                         help="print the hop table of earlier --json runs (each a column) and exit")
+    parser.add_argument("--jitter-probe", action="store_true",
+                        help="measure only the receive hop (aiortc's 4-frame jitter buffer against 1) and exit")
     args = parser.parse_args(argv)
+    if args.jitter_probe:
+        probe = asyncio.run(jitter_probe([4, 1, 4, 1]))
+        print("| receive jitter buffer | frames | send → recv p50 ms | p95 ms |\n|---|---|---|---|")
+        for v in probe:
+            print(f"| {v['jitter_frames']} frames | {v['frames']} | {v['p50_ms']} | {v['p95_ms']} |")
+        if args.json:
+            print(json.dumps({"benchmark": "latency-jitter-probe", "probe": probe}))
+        return 0
     if args.hops_markdown:
         print(hops_markdown([json.loads(Path(p).read_text().strip().splitlines()[-1]) for p in args.hops_markdown]))
         return 0
