@@ -47,7 +47,7 @@ import numpy as np
 RATE = 16000
 FRAME = 320  # 20 ms sent per frame, as a browser does
 AUDIBLE = 0.02  # received frame RMS above this is the agent's voice (Opus silence decodes near zero)
-BACKCHANNELS = ["yeah", "mhm", "uh huh", "okay", "right"]
+BACKCHANNELS = ["yeah", "mhm", "uh huh", "okay", "right", "sure", "I see"]
 INTERRUPTIONS = ["wait, stop, I have another question for you", "hold on, what time is it in Tokyo?",
                  "stop talking please", "can you tell me about the weather instead?",
                  "no no, the other light", "what about tomorrow?"]
@@ -455,6 +455,32 @@ def targets_held(run: dict[str, Any]) -> bool:
             and miss <= TARGETS["interruption_miss_share"] and p95 is not None and p95 <= TARGETS["quiet_p95_s"])
 
 
+def spotter_table(clips: dict[str, list[Clip]], backchannel: str = "commands") -> dict[str, Any]:
+    """The detector alone, offline (no peers, no clock): each clip whole, then 0.2 s of silence,
+    judged once as ended speech. Per phrase and source: the share judged a command or an
+    interruption (what cancels the answer)."""
+    from agent.speech.backchannel import CHUNK, BargeInConfig, OverlapSpeech, load_detector
+    from agent.speech.overlap import Verdict
+
+    detector = load_detector(BargeInConfig(backchannel=backchannel))
+    rows: dict[tuple[str, str, str], list[bool]] = {}
+    for kind in ("command", "backchannel"):
+        for clip in clips[kind]:
+            n, quiet = -(-clip.samples.size // CHUNK), 6
+            audio = np.pad(clip.samples, (0, (n + quiet) * CHUNK - clip.samples.size))
+            probs = np.r_[np.ones(n), np.zeros(quiet)].astype(np.float32)
+            preroll = np.zeros(3200, np.float32)
+            verdict = detector.judge(OverlapSpeech(audio, probs, True, None, 0.5, preroll))
+            rows.setdefault((kind, clip.text, clip.source), []).append(verdict in (Verdict.COMMAND, Verdict.INTERRUPTION))
+    table = [{"kind": k, "text": t, "source": src, "clips": len(v), "cancels_share": round(sum(v) / len(v), 3)}
+             for (k, t, src), v in sorted(rows.items())]
+    share = {k: round(sum(sum(v) for (kk, _, _), v in rows.items() if kk == k)
+                      / max(1, sum(len(v) for (kk, _, _), v in rows.items() if kk == k)), 3)
+             for k in ("command", "backchannel")}
+    return {"detector": backchannel, "rows": table, "command_cancels_share": share["command"],
+            "backchannel_cancels_share": share["backchannel"]}
+
+
 def markdown(runs: list[dict[str, Any]]) -> str:
     """Backchannels, interruptions and commands apart, one row per configuration."""
 
@@ -486,7 +512,24 @@ def main(argv: list[str] | None = None) -> int:
                         help="frames the test peers hold received audio (aiortc's default: 4)")
     parser.add_argument("--markdown", action="store_true", help="also print the tables as markdown")
     parser.add_argument("--from-json", metavar="FILE", help="print the markdown tables of an earlier --json run")
+    parser.add_argument("--spotter", action="store_true",
+                        help="only the detectors on every clip, offline (commands and backchannels per phrase)")
     args = parser.parse_args(argv)
+    if args.spotter:
+        clips = make_clips(False)
+        clips["command"] += real_commands()
+        tables = [spotter_table(clips, name) for name in ("commands", "features")]
+        print("| kind | phrase | source | clips | cancels: commands | features |\n|---|---|---|---|---|---|")
+        for row, old_row in zip(tables[0]["rows"], tables[1]["rows"], strict=True):
+            print(f"| {row['kind']} | {row['text']} | {row['source']} | {row['clips']} | "
+                  f"{100 * row['cancels_share']:.0f} % | {100 * old_row['cancels_share']:.0f} % |")
+        print(f"| **all commands** | | | | {100 * tables[0]['command_cancels_share']:.0f} % | "
+              f"{100 * tables[1]['command_cancels_share']:.0f} % |")
+        print(f"| **all backchannels** | | | | {100 * tables[0]['backchannel_cancels_share']:.0f} % | "
+              f"{100 * tables[1]['backchannel_cancels_share']:.0f} % |")
+        if args.json:
+            print(json.dumps({"benchmark": "bargein-spotter", "tables": tables}))
+        return 0
     if args.from_json:
         lines = Path(args.from_json).read_text().strip().splitlines()
         print(markdown(json.loads(lines[-1])["runs"]))
