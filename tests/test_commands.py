@@ -16,7 +16,7 @@ from agent.config import load_settings
 from agent.inference.scripted import ScriptedBackend
 from agent.runtime import AgentRuntime
 from agent.speech.backchannel import BargeInConfig, OverlapSpeech, load_detector
-from agent.speech.commands import CommandDetector, normalise
+from agent.speech.commands import CommandDetector, normalise, preload
 from agent.speech.overlap import Action, Kind, Overlap, Verdict
 from agent.vad import CHUNK
 from tests.speech import make_speech
@@ -112,7 +112,8 @@ def test_the_detector_asks_its_spotter_once_per_speech_and_only_short_ended_spee
 def test_pocketsphinx_tells_spoken_commands_from_backchannels() -> None:
     pytest.importorskip("pocketsphinx")
     detector = load_detector(BargeInConfig())
-    assert isinstance(detector, CommandDetector) and detector.spotter is not None
+    assert isinstance(detector, CommandDetector) and detector.wait_ready() and detector.spotter is not None
+    assert detector.spotter is CommandDetector(BargeInConfig()).spotter  # loaded once, shared
     said = {text: detector.judge(speech(text)) for text in
             ("stop", "cancel", "hold on", "be quiet", "wait", "yeah", "okay", "right", "sure", "I see")}
     commands = [t for t, v in said.items() if v is Verdict.COMMAND]
@@ -124,6 +125,9 @@ def test_pocketsphinx_tells_spoken_commands_from_backchannels() -> None:
 async def test_stop_over_the_answer_cancels_it_with_no_turn_and_yeah_still_resumes() -> None:
     pytest.importorskip("pocketsphinx")
     settings = load_settings(None, model="tiny-random", tts={"engine": "espeak"})
+    spotter = preload(settings.turns.to_bargein_config())
+    assert spotter is not None
+    spotter.result(60)  # loaded in a thread when the first session starts; here before it
     backend = ScriptedBackend([LONG, LONG], delay=0.005)
     runtime = AgentRuntime(settings, backend=backend)
     await runtime.start()

@@ -463,6 +463,9 @@ def spotter_table(clips: dict[str, list[Clip]], backchannel: str = "commands") -
     from agent.speech.overlap import Verdict
 
     detector = load_detector(BargeInConfig(backchannel=backchannel))
+    wait_ready = getattr(detector, "wait_ready", None)
+    if wait_ready is not None:
+        wait_ready()  # the spotter loads in a thread
     rows: dict[tuple[str, str, str], list[bool]] = {}
     for kind in ("command", "backchannel"):
         for clip in clips[kind]:

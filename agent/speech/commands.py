@@ -12,15 +12,20 @@ detector (`turns.backchannel: commands`, the default) therefore listens to the w
 
 The spotter is PocketSphinx (PyPI `pocketsphinx`, the `commands` extra), whose wheel ships a
 US English acoustic model and dictionary: offline, no download, ~50 ms for a one-word clip on
-one core, run once per overlap. Without it the detector logs a warning and is the feature
-detector. Any other spotter (e.g. one asking the running model to transcribe the overlap)
+one core, run once per overlap. Loading it takes 1–4 s, so it is loaded once per process and set
+of phrases, in a thread, when the first session starts (`preload`); until it is there, short
+speech is judged as by the feature detector. Without the package the detector logs a warning
+and is the feature detector. Any other spotter (e.g. one asking the running model to transcribe the overlap)
 plugs in as `CommandDetector(config, spotter=...)` with `spot(audio) -> phrase | None`.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import re
+import threading
+from concurrent.futures import Future
 from typing import Protocol
 
 import numpy as np
@@ -83,6 +88,31 @@ class PocketSphinxSpotter:
         return same_start[0] if len(same_start) == 1 else heard
 
 
+_LOADED: dict[tuple[str, ...], Future[Spotter]] = {}
+_LOCK = threading.Lock()
+
+
+def preload(config: BargeInConfig) -> Future[Spotter] | None:
+    """The shared spotter for `config`'s phrases, loading in a thread (None: no pocketsphinx)."""
+    if importlib.util.find_spec("pocketsphinx") is None:
+        return None
+    phrases = tuple(sorted({normalise(p) for p in (*config.commands, *config.backchannel_words) if normalise(p)}))
+    with _LOCK:
+        if phrases not in _LOADED:
+            future: Future[Spotter] = Future()
+
+            def load() -> None:
+                try:
+                    future.set_result(PocketSphinxSpotter(list(phrases)))
+                except BaseException as exc:
+                    log.exception("command spotter failed to load")
+                    future.set_exception(exc)
+
+            threading.Thread(target=load, name="command-spotter-load", daemon=True).start()
+            _LOADED[phrases] = future
+        return _LOADED[phrases]
+
+
 class CommandDetector:
     """The feature detector, plus a keyword spotter for short commands (module doc)."""
 
@@ -90,19 +120,36 @@ class CommandDetector:
         self.config = config
         self.features = FeatureDetector(config)
         self.commands = {normalise(c) for c in config.commands if normalise(c)}
-        self.spotter = spotter if spotter is not None else self._default_spotter()
+        self._loading: Future[Spotter] | None = None
+        self.spotter: Spotter | None = spotter
+        if spotter is None:
+            self.spotter = self._default_spotter()
         self._key: tuple[int, int] | None = None  # the speech last spotted (its length, its first sample)
         self._heard: str | None = None
         self.heard: str | None = None  # what the spotter heard in the latest overlap (for the event)
 
     def _default_spotter(self) -> Spotter | None:
-        phrases = [*self.config.commands, *self.config.backchannel_words]
-        try:
-            return PocketSphinxSpotter(phrases)
-        except ImportError:
+        self._loading = preload(self.config)
+        if self._loading is None:
             log.warning("turns.backchannel=commands needs pocketsphinx (pip install 'qwen-voice-agent[commands]'); "
                         "short commands are taken for backchannels")
             return None
+        return self._loaded(0.0)
+
+    def _loaded(self, timeout: float | None) -> Spotter | None:
+        """The shared spotter once loaded (waiting up to `timeout` s; None: wait for ever)."""
+        if self.spotter is None and self._loading is not None:
+            try:
+                self.spotter = self._loading.result(timeout)
+            except TimeoutError:
+                return None
+            except Exception:
+                self._loading = None  # logged where it failed: the feature detector decides
+        return self.spotter
+
+    def wait_ready(self, timeout: float = 60.0) -> bool:
+        """Block until the spotter is loaded (tests, start-up); whether there is one."""
+        return self._loaded(timeout) is not None
 
     @property
     def last(self) -> Features | None:
@@ -110,7 +157,7 @@ class CommandDetector:
 
     def judge(self, speech: OverlapSpeech) -> Verdict:
         verdict = self.features.judge(speech)
-        if verdict is Verdict.INTERRUPTION or self.spotter is None or not speech.ended \
+        if verdict is Verdict.INTERRUPTION or self._loaded(0.0) is None or not speech.ended \
                 or speech.audio.size - speech.speech_part().size < COMMAND_SILENCE_S * SAMPLE_RATE:
             return verdict  # a dip inside a word is no end of it: the spotter waits for a little silence
         heard = self._spot(speech)
