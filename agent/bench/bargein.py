@@ -390,7 +390,7 @@ async def _run_config(name: str, peers: int, cycles: int, clips: dict[str, list[
     proc = ctx.Process(target=_peers_main, args=(url, peers, cycles, clips, seed, out, jitter_frames), daemon=True)
     started = time.monotonic()
     proc.start()
-    limit = 120 + cycles * 120.0  # a cycle takes ~20 s; a loaded machine is slower
+    limit = 120 + cycles * 240.0  # a cycle takes ~40 s; a loaded machine is much slower
     try:
         result = await asyncio.to_thread(out.get, True, limit)
     except queue.Empty:
