@@ -64,13 +64,20 @@ class TurnSettings(BaseModel):
 
     # Speech over the agent's voice (agent/speech/bargein.py): the voice pauses at once and the
     # detector decides — a backchannel resumes it (no turn), an interruption cancels it.
-    backchannel: str = "features"  # duration (interrupt_min_speech_s) | features | an entry point
+    backchannel: str = "commands"  # duration (interrupt_min_speech_s) | features | commands | an entry point
     pause_on_speech: bool = True  # False: the answer plays on until the detector says interruption
     backchannel_max_s: Float = Field(default=0.9, gt=0, le=5)  # features: longer speech interrupts
     backchannel_max_syllables: Int = Field(default=3, ge=1, le=20)  # features: more is content
     backchannel_louder_db: Float = Field(default=6.0, ge=0, le=40)  # features: louder than the user's own speech
     resume_after_s: Float = Field(default=0.5, ge=0, le=2)  # silence after a backchannel before resuming
     echo_playout_s: Float = Field(default=0.3, ge=0, le=2)  # echo gate kept after the last audible frame
+    # commands (agent/speech/commands.py): these phrases said alone over the answer cancel it; the
+    # spotter tells them from `backchannel_words`. `command_turn`: the command also becomes a turn.
+    commands: list[str] = Field(default_factory=lambda: ["stop", "wait", "hold on", "no", "cancel", "pause",
+                                                         "be quiet"])
+    backchannel_words: list[str] = Field(default_factory=lambda: ["yeah", "uh huh", "mm hm", "right", "okay",
+                                                                  "sure", "i see"])
+    command_turn: bool = False
 
     @field_validator("end_of_turn")
     @classmethod
@@ -94,11 +101,14 @@ class TurnSettings(BaseModel):
 
     def to_bargein_config(self) -> BargeInConfig:
         return BargeInConfig(pause=self.pause_on_speech, threshold=self.threshold, neg_threshold=self.neg_threshold,
-                             **self.model_dump(include={"interrupt_min_speech_s", *_BARGEIN_KEYS} - {"pause_on_speech"}))
+                             commands=tuple(self.commands), backchannel_words=tuple(self.backchannel_words),
+                             **self.model_dump(include={"interrupt_min_speech_s", *_BARGEIN_KEYS}
+                                               - {"pause_on_speech", "commands", "backchannel_words"}))
 
 
 _BARGEIN_KEYS = {"backchannel", "pause_on_speech", "backchannel_max_s", "backchannel_max_syllables",
-                 "backchannel_louder_db", "resume_after_s", "echo_playout_s"}
+                 "backchannel_louder_db", "resume_after_s", "echo_playout_s", "commands", "backchannel_words",
+                 "command_turn"}
 
 
 class ServerSettings(BaseModel):
@@ -114,6 +124,10 @@ class ServerSettings(BaseModel):
     max_body_bytes: Int = Field(default=64 * 1024, ge=1024)
     idle_timeout_s: Float = Field(default=3600.0, gt=0)  # session with no activity at all
     no_audio_timeout_s: Float = Field(default=30.0, gt=0)  # connected but no audio frames
+    # Incoming audio waits for this many later frames before it goes on (aiortc's audio jitter
+    # buffer holds 4: ~80 ms more before the VAD hears the end of speech). The VAD is no playout:
+    # a late packet is better dropped than waited for (agent/transports/webrtc.py).
+    receive_jitter_frames: Int = Field(default=1, ge=0, le=16)
     ice_servers: list[str] = Field(default_factory=list)  # none by default: nothing leaves the host
     http: bool = True  # False: `serve` runs only the Wyoming server
     processes: Int | None = Field(default=None, ge=1)  # serve: frontend processes; None: the cores, at most 8

@@ -91,7 +91,7 @@ class TurnStamps:
         """`speech_end_to_<stage>`: seconds from the end of speech to each stage reached."""
         if self.speech_end is None:
             return {}
-        out = {}
+        out = {"speech_end_at": round(self.speech_end, 4)}  # this host's monotonic clock (hop tables)
         for stage in stages:
             t = getattr(self, stage)
             if t is not None:

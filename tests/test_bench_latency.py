@@ -34,6 +34,11 @@ def test_bench_latency_quick_reports_sane_figures() -> None:
     entry = result["by_processes"]["1"]
     assert isinstance(entry["peers_within_p95"], int)
     assert entry["peers_held"] == entry["peers_within_p95"]  # the deprecated name, same figure
+    # every hop stamped, and together they are voice to voice (p50s of hops need not add up exactly)
+    hops = result["hops"]
+    assert hops["turns"]["p50"] >= 1 and all(hops[n]["p50"] is not None for n in ("send_to_vad", "decision",
+                                                                                  "first_frame_out", "peer_playout"))
+    assert 0 < hops["send_to_vad"]["p50"] < 1 and 0 < hops["peer_playout"]["p50"] < 1
 
 
 def test_scripts_know_where_each_utterance_ends() -> None:
@@ -62,3 +67,44 @@ def test_targets_fail_loudly() -> None:
     old = {**good, "by_processes": {"1": {"peers_held": 4}, "2": {"peers_held": 8}}}  # written before the rename
     assert check_targets(old) == []
     assert baseline_env()["VOICE_AGENT_TURNS__MIN_SILENCE_S"] == "0.5"
+
+
+def test_the_hops_of_a_turn_add_up_to_voice_to_voice() -> None:
+    from agent.bench.latency import _hops
+
+    timings = {"speech_end_at": 100.15, "speech_end_to_end_detected": 0.03, "speech_end_to_commit": 0.53,
+               "speech_end_to_first_token": 0.54, "speech_end_to_first_clause": 0.45,
+               "speech_end_to_first_audio": 0.47, "speech_end_to_first_frame": 0.55}
+    events = [{"type": "response.done", "timings": {}},
+              {"type": "response.audio.started", "timings": {**timings, "speech_end_at": 90.0}},  # an earlier turn
+              {"type": "response.audio.started", "timings": timings}]
+    hops = _hops(100.0, 100.78, events)
+    assert hops is not None
+    assert hops["send_to_vad"] == 0.15 and hops["decision"] == 0.5 and hops["first_clause"] == -0.09  # preemptive
+    assert abs(hops["peer_playout"] - 0.08) < 1e-9
+    assert abs(sum(hops.values()) - 0.78) < 1e-9
+    assert _hops(100.0, 100.1, events) is None  # heard before the server's stamps: not this answer
+
+
+async def test_incoming_audio_waits_one_frame_not_aiortcs_four(monkeypatch: pytest.MonkeyPatch) -> None:
+    from aiortc import RTCConfiguration, RTCPeerConnection
+    from aiortc.jitterbuffer import JitterBuffer
+
+    from agent.transports.webrtc import set_receive_jitter
+    from tests.rtc_util import loopback_only
+
+    loopback_only(monkeypatch)
+    a, b = RTCPeerConnection(RTCConfiguration(iceServers=[])), RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    try:
+        a.addTransceiver("audio", direction="sendrecv")
+        await a.setLocalDescription(await a.createOffer())
+        await b.setRemoteDescription(a.localDescription)
+        (transceiver,) = b.getTransceivers()
+        name = "_RTCRtpReceiver__jitter_buffer"
+        assert getattr(transceiver.receiver, name)._prefetch == 4  # aiortc's own
+        assert set_receive_jitter(b, 1) == 1
+        buffer = getattr(transceiver.receiver, name)
+        assert isinstance(buffer, JitterBuffer) and buffer._prefetch == 1
+    finally:
+        await a.close()
+        await b.close()

@@ -12,6 +12,15 @@ bounds; such an utterance counts as cut, not in the latency figures, whose `turn
 utterances left whole). Answers are scripted, paced like a 7B on a GPU (`--token-ms` per 4-character chunk,
 ≈ one token) or come from `--backend tiny-random`; speech out is espeak.
 
+Every hop of a turn is stamped on this host's monotonic clock (peers and server share it):
+the peer handing over its last speech frame → the server's VAD processing the last speech chunk
+(network, the server's receive jitter buffer, resampling, the VAD's tick) → silence detected →
+the commit (the decision) → first token → first clause to the TTS → its first audio → the first
+frame out → the first audible frame at the peer (network, the peer's jitter buffer, the voice's
+fade-in). `hops` gives each hop's p50/p95 at the headline point; they add up to voice to voice.
+The test peers hold received audio for `--peer-jitter-frames` frames (aiortc's default is 4; a
+browser's adaptive buffer sits at ~40–80 ms on a LAN).
+
 A baseline runs in the same invocation with today's turn-taking (`turns.min_silence_s=0.5`,
 and `turns.end_of_turn=silence`, `turns.preemptive=false` where the settings have them).
 The server's CPU (every process of it) and the peers' own CPU are reported per peer.
@@ -31,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fractions
 import json
 import multiprocessing
 import os
@@ -92,21 +102,25 @@ def build_script(index: int, count: int, clips: dict[str, np.ndarray], lead_s: f
 
 
 # ---- one client process -------------------------------------------------------------------
-def _client_main(url: str, scripts: list[Script], out: Any) -> None:
+def _client_main(url: str, scripts: list[Script], out: Any, jitter_frames: int = 4) -> None:
     import aiortc  # noqa: F401 - imported before the clock starts: the peers' CPU is what they spend
 
     cpu0 = time.process_time()
-    results = asyncio.run(_clients(url, scripts))
+    try:
+        results = asyncio.run(_clients(url, scripts, jitter_frames))
+    except BaseException as exc:  # the parent reports it rather than waiting out its timeout
+        out.put({"error": f"{type(exc).__name__}: {exc}"})
+        raise
     out.put({"peers": results, "cpu_s": time.process_time() - cpu0})
 
 
-async def _clients(url: str, scripts: list[Script]) -> list[dict[str, Any]]:
+async def _clients(url: str, scripts: list[Script], jitter_frames: int = 4) -> list[dict[str, Any]]:
     import aiohttp
     from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
     from aiortc.mediastreams import MediaStreamError
 
     from agent.bench.track import PacedTrack
-    from agent.transports.webrtc import use_loopback_candidates
+    from agent.transports.webrtc import set_receive_jitter, use_loopback_candidates
 
     use_loopback_candidates()
 
@@ -141,6 +155,7 @@ async def _clients(url: str, scripts: list[Script]) -> list[dict[str, Any]]:
             if r.status != 200:
                 raise RuntimeError(f"POST /v1/sessions: {r.status} {answer}")
         await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type="answer"))
+        set_receive_jitter(pc, jitter_frames)
         end = script.samples.size / RATE + 1.0
         await asyncio.wait_for(mic.first_frame.wait(), 60)  # connected: the first frame went out
         await asyncio.sleep((mic.t0 or 0.0) + end - time.monotonic())
@@ -152,8 +167,9 @@ async def _clients(url: str, scripts: list[Script]) -> list[dict[str, Any]]:
             last = (stop - 1) // FRAME  # the frame that carries the last speech sample
             sent = mic.sent[last] if last < len(mic.sent) else None
             heard = next((t for t in onsets if sent is not None and t > sent), None)
-            turns.append({"start_s": start / RATE, "end_s": stop / RATE,
-                          "v2v_s": None if heard is None or sent is None or heard - sent > GAP_S else heard - sent})
+            v2v = None if heard is None or sent is None or heard - sent > GAP_S else heard - sent
+            turns.append({"start_s": start / RATE, "end_s": stop / RATE, "v2v_s": v2v,
+                          "hops": None if v2v is None or sent is None or heard is None else _hops(sent, heard, events)})
         return {"session_id": answer.get("session_id", ""), "turns": turns,
                 "committed": [e for e in events if e["type"] == "turn.committed"],
                 # response.done: from the commit; response.audio.started: every stage from the end of speech
@@ -216,15 +232,17 @@ class Server:
         stop_process(self.proc)
 
 
-def run_point(server: Server, peers: int, scripts: list[Script], client_procs: int) -> dict[str, Any]:
+def run_point(server: Server, peers: int, scripts: list[Script], client_procs: int, jitter_frames: int = 4) -> dict[str, Any]:
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
     groups = [scripts[i::client_procs] for i in range(min(client_procs, peers))]
-    procs = [ctx.Process(target=_client_main, args=(server.url, g, out), daemon=True) for g in groups]
+    procs = [ctx.Process(target=_client_main, args=(server.url, g, out, jitter_frames), daemon=True) for g in groups]
     cpu0, wall0 = server.cpu_s(), time.monotonic()
     for p in procs:
         p.start()
     results = [out.get(timeout=300) for _ in procs]
+    if errors := [r["error"] for r in results if "error" in r]:
+        raise RuntimeError(f"the peers failed: {errors[0]}")
     wall, server_cpu = time.monotonic() - wall0, server.cpu_s() - cpu0
     for p in procs:
         p.join(10)
@@ -238,14 +256,47 @@ def run_point(server: Server, peers: int, scripts: list[Script], client_procs: i
     for r in peer_results:
         for timing in r["timings"]:
             for key, value in timing.items():
-                if isinstance(value, (int, float)):
+                if isinstance(value, (int, float)) and key != "speech_end_at":
                     stages.setdefault(key, []).append(float(value))
     return {"peers": peers, "turns": turns, "answered": len(v2v), **_percentiles(v2v),
-            "premature_cutoffs": premature,
+            "premature_cutoffs": premature, "hops": hop_table([[t for t in r["turns"] if not _cut(r, t)] for r in peer_results]),
             "stages": {k: round(statistics.median(v), 4) for k, v in sorted(stages.items())},
             "server_cpu_cores": round(server_cpu / wall, 3), "server_cpu_per_peer": round(server_cpu / wall / peers, 4),
             "client_cpu_cores": round(sum(r["cpu_s"] for r in results) / wall, 3),
             "client_cpu_per_peer": round(sum(r["cpu_s"] for r in results) / wall / peers, 4)}
+
+
+HOPS = [("send_to_vad", "speech_end"), ("silence_detected", "end_detected"), ("decision", "commit"),
+        ("first_token", "first_token"), ("first_clause", "first_clause"), ("tts_first_audio", "first_audio"),
+        ("first_frame_out", "first_frame")]
+
+
+def _hops(sent: float, heard: float, events: list[dict[str, Any]]) -> dict[str, float] | None:
+    """One turn's hops (seconds each), from the server's stamps of the answer first heard after
+    `sent` (the peer's last speech frame) and `heard` (its first audible frame of the answer)."""
+    for e in events:
+        t = e.get("timings", {}) if e["type"] == "response.audio.started" else {}
+        at = t.get("speech_end_at")
+        if at is None or not sent - 0.5 < at < heard:
+            continue
+        stamps = [sent] + [at + (t.get(f"speech_end_to_{k}", 0.0) if k != "speech_end" else 0.0) for _, k in HOPS]
+        stamps.append(heard)
+        names = [n for n, _ in HOPS] + ["peer_playout"]
+        return {n: round(b - a, 4) for n, a, b in zip(names, stamps[:-1], stamps[1:], strict=True)}
+    return None
+
+
+def hop_table(turns: list[list[dict[str, Any]]]) -> dict[str, dict[str, float | None]]:
+    """Each hop's p50 / p95 over every peer's (whole) turns."""
+    hops: list[dict[str, float]] = [t["hops"] for peer in turns for t in peer if t.get("hops")]
+    names = [n for n, _ in HOPS] + ["peer_playout"]
+    out: dict[str, dict[str, float | None]] = {}
+    for n in names:
+        v = [h[n] for h in hops]
+        out[n] = {"p50": round(float(np.percentile(v, 50)), 3) if v else None,
+                  "p95": round(float(np.percentile(v, 95)), 3) if v else None}
+    out["turns"] = {"p50": float(len(hops)), "p95": None}
+    return out
 
 
 def _cut(peer: dict[str, Any], turn: dict[str, Any]) -> bool:
@@ -291,7 +342,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             server.wait_ready()
             out = {}
             for n in counts:
-                out[n] = run_point(server, n, scripts[:n], min(client_procs, n))
+                out[n] = run_point(server, n, scripts[:n], min(client_procs, n), args.peer_jitter_frames)
                 print(f"  processes {processes} peers {n:3d}: v2v p50 {out[n]['v2v_p50_s']} p95 {out[n]['v2v_p95_s']} "
                       f"max {out[n]['v2v_max_s']} answered {out[n]['answered']}/{out[n]['turns']} "
                       f"server {out[n]['server_cpu_cores']} cores", file=sys.stderr, flush=True)
@@ -318,7 +369,10 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             "baseline_v2v_p50_s": base["v2v_p50_s"], "baseline_v2v_p95_s": base["v2v_p95_s"],
             "speedup_p50_vs_baseline": speedup, "premature_cutoffs": head["premature_cutoffs"],
             "baseline_premature_cutoffs": base["premature_cutoffs"], "stages": head["stages"],
-            "baseline_stages": base["stages"], "server_cpu_per_peer": head["server_cpu_per_peer"],
+            "baseline_stages": base["stages"], "hops": head["hops"], "baseline_hops": base["hops"],
+            "peer_jitter_frames": args.peer_jitter_frames,
+            "server_receive_jitter_frames": os.environ.get("VOICE_AGENT_SERVER__RECEIVE_JITTER_FRAMES", "default"),
+            "server_cpu_per_peer": head["server_cpu_per_peer"],
             "client_cpu_per_peer": head["client_cpu_per_peer"], "baseline_env": baseline_env(),
             "by_peers": by_processes[str(process_counts[0])]["by_peers"], "by_processes": by_processes}
 
@@ -347,6 +401,93 @@ def check_targets(result: dict[str, Any]) -> list[str]:
     return failed
 
 
+async def jitter_probe(frames_list: list[int], seconds: float = 8.0) -> list[dict[str, Any]]:
+    """The receive hop alone: one aiortc peer sends 20 ms frames to another over loopback; each
+    frame's delay from `recv()` handing it to the sender to `recv()` giving it out at the far end,
+    with the far end's jitter buffer holding each of `frames_list` frames (the same run, in turn)."""
+    from agent.transports.webrtc import use_loopback_candidates
+
+    use_loopback_candidates()
+    out = []
+    for frames in frames_list:
+        kept = (await _probe_once(frames, seconds))[int(seconds * 50) // 4 :]  # past the connection's start
+        out.append({"jitter_frames": frames, "frames": len(kept),
+                    "p50_ms": round(1000 * float(np.percentile(kept, 50)), 1) if kept else None,
+                    "p95_ms": round(1000 * float(np.percentile(kept, 95)), 1) if kept else None})
+    return out
+
+
+async def _probe_once(frames: int, seconds: float) -> list[float]:
+    import av
+    from aiortc import RTCConfiguration, RTCPeerConnection
+    from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+    from agent.transports.webrtc import set_receive_jitter
+
+    sent: dict[int, float] = {}
+    delays: list[float] = []
+
+    class Tone(MediaStreamTrack):
+        kind = "audio"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.n, self.t0 = 0, time.monotonic()
+
+        async def recv(self) -> Any:
+            await asyncio.sleep(max(0.0, self.t0 + self.n * 0.02 - time.monotonic()))
+            pcm = (np.sin(np.arange(FRAME) / 5.0) * 8000).astype(np.int16)
+            frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
+            frame.sample_rate, frame.pts = RATE, self.n * FRAME
+            frame.time_base = fractions.Fraction(1, RATE)
+            sent[self.n * FRAME * 3] = time.monotonic()  # Opus runs at 48 kHz: pts × 3 at the far end
+            self.n += 1
+            return frame
+
+    async def listen(track: Any) -> None:
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            if (t := sent.get(int(frame.pts))) is not None:
+                delays.append(time.monotonic() - t)
+
+    a, b = RTCPeerConnection(RTCConfiguration(iceServers=[])), RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    tasks: list[asyncio.Task[None]] = []
+    b.on("track", lambda track: tasks.append(asyncio.ensure_future(listen(track))))
+    a.addTrack(Tone())
+    await a.setLocalDescription(await a.createOffer())
+    await b.setRemoteDescription(a.localDescription)
+    set_receive_jitter(b, frames)
+    await b.setLocalDescription(await b.createAnswer())
+    await a.setRemoteDescription(b.localDescription)
+    await asyncio.sleep(seconds)
+    await a.close()
+    await b.close()
+    for task in tasks:
+        task.cancel()
+    return delays
+
+
+def hops_markdown(results: list[dict[str, Any]]) -> str:
+    """p50 / p95 of every hop (ms), one column per run (e.g. before and after)."""
+    names = [n for n, _ in HOPS] + ["peer_playout"]
+    head = "| hop (ms, p50 / p95) | " + " | ".join(
+        f"{r['peers']} peers, jitter server {r.get('server_receive_jitter_frames')} peer {r.get('peer_jitter_frames')}"
+        for r in results) + " |"
+    rows = [head, "|---|" + "---|" * len(results)]
+
+    def ms(v: float | None) -> str:
+        return "–" if v is None else f"{1000 * v:.0f}"
+
+    for n in names:
+        rows.append(f"| {n} | " + " | ".join(f"{ms(r['hops'][n]['p50'])} / {ms(r['hops'][n]['p95'])}" for r in results) + " |")
+    rows.append("| **voice to voice** | " + " | ".join(f"{ms(r['v2v_p50_s'])} / {ms(r['v2v_p95_s'])}" for r in results) + " |")
+    rows.append("| premature cut-offs | " + " | ".join(str(r["premature_cutoffs"]) for r in results) + " |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="voice-agent bench latency", description=__doc__.split("\n\n")[0])
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
@@ -358,8 +499,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--utterances", type=int, default=4, help="utterances per peer (default 4)")
     parser.add_argument("--client-processes", type=int, help="processes the peers are spread over (default: cores, ≤ 4)")
     parser.add_argument("--quick", action="store_true", help="2 peers, 1 process, 2 utterances; targets not checked")
+    parser.add_argument("--peer-jitter-frames", type=int, default=1,
+                        help="frames the test peers hold received audio (aiortc's default: 4)")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    parser.add_argument("--hops-markdown", nargs="+", metavar="JSON",
+                        help="print the hop table of earlier --json runs (each a column) and exit")
+    parser.add_argument("--jitter-probe", action="store_true",
+                        help="measure only the receive hop (aiortc's 4-frame jitter buffer against 1) and exit")
     args = parser.parse_args(argv)
+    if args.jitter_probe:
+        probe = asyncio.run(jitter_probe([4, 1, 4, 1]))
+        print("| receive jitter buffer | frames | send → recv p50 ms | p95 ms |\n|---|---|---|---|")
+        for v in probe:
+            print(f"| {v['jitter_frames']} frames | {v['frames']} | {v['p50_ms']} | {v['p95_ms']} |")
+        if args.json:
+            print(json.dumps({"benchmark": "latency-jitter-probe", "probe": probe}))
+        return 0
+    if args.hops_markdown:
+        print(hops_markdown([json.loads(Path(p).read_text().strip().splitlines()[-1]) for p in args.hops_markdown]))
+        return 0
     if args.quick:
         args.peers, args.processes, args.utterances = [2], [1], 2
     if min(args.peers) < 1 or min(args.processes) < 1 or not 1 <= args.utterances <= len(UTTERANCES) * 4:
@@ -379,6 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"baseline (today's turn-taking) at {result['peers']} peers: p50 {result['baseline_v2v_p50_s']} s, "
           f"speedup {result['speedup_p50_vs_baseline']}; premature cut-offs {result['premature_cutoffs']} vs "
           f"{result['baseline_premature_cutoffs']}")
+    print(hops_markdown([result]))
     for line in failed:
         print(f"target missed: {line}")
     if args.json:

@@ -5,6 +5,8 @@ onset, the VAD's per-chunk probabilities, whether it has stopped, the user's own
 level). Built in, chosen by `turns.backchannel`:
 
 - `duration` — the old rule: speech lasting `interrupt_min_speech_s` interrupts.
+- `commands` (the default) — `features`, plus a keyword spotter that tells short commands
+  ("stop", "wait", "hold on") from backchannels (agent/speech/commands.py).
 - `features` — cheap acoustic cues (about a millisecond of numpy per 32 ms chunk of
   overlapping speech): an interruption goes on (`backchannel_max_s`), carries content
   (more syllables than `backchannel_max_syllables`: "what time is it" has 4+, "uh-huh" 2),
@@ -36,7 +38,7 @@ CHUNK = 512  # one VAD probability per 32 ms chunk
 class BargeInConfig:
     """The `turns.*` settings of speech over the agent's voice (see agent.config.TurnSettings)."""
 
-    backchannel: str = "features"  # the detector: duration | features | an entry point
+    backchannel: str = "commands"  # the detector: duration | features | commands | an entry point
     pause: bool = True  # pause the voice at once on speech over it, then decide
     interrupt_min_speech_s: float = 0.3  # duration: speech this long interrupts
     backchannel_max_s: float = 0.9  # features: longer speech always interrupts
@@ -46,6 +48,10 @@ class BargeInConfig:
     echo_playout_s: float = 0.3  # the echo gate stays on this long after the last audible frame
     threshold: float = 0.5  # the VAD probability that counts as speech …
     neg_threshold: float = 0.35  # … and below which it stopped
+    # commands: short phrases that cancel the answer, and the backchannels the spotter tells them from
+    commands: tuple[str, ...] = ("stop", "wait", "hold on", "no", "cancel", "pause", "be quiet")
+    backchannel_words: tuple[str, ...] = ("yeah", "uh huh", "mm hm", "right", "okay", "sure", "i see")
+    command_turn: bool = False  # a command alone also becomes a user turn (else: the agent just stops)
 
 
 @dataclass
@@ -55,6 +61,7 @@ class OverlapSpeech:
     ended: bool  # its speech has stopped (trailing silence), else it goes on
     user_level_db: float | None = None  # the user's voiced level in earlier turns (dBFS)
     threshold: float = 0.5
+    preroll: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # ~0.2 s before the onset
 
     @property
     def duration_s(self) -> float:
@@ -192,7 +199,7 @@ class FeatureDetector:
 
 
 def available_detectors() -> list[str]:
-    return sorted({"duration", "features"} | {ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)})
+    return sorted({"duration", "features", "commands"} | {ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)})
 
 
 def load_detector(config: BargeInConfig) -> InterruptionDetector:
@@ -201,6 +208,10 @@ def load_detector(config: BargeInConfig) -> InterruptionDetector:
     name = config.backchannel
     builtin: dict[str, Any] = {"duration": DurationDetector, "features": FeatureDetector}
     eps = {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    if name == "commands":
+        from agent.speech.commands import CommandDetector
+
+        builtin["commands"] = CommandDetector
     if name in eps:
         factory = eps[name].load()
     elif name in builtin:

@@ -20,7 +20,7 @@ from agent import events as ev
 from agent.speech.backchannel import (
     SAMPLE_RATE,
     BargeInConfig,
-    FeatureDetector,
+    Features,
     InterruptionDetector,
     OverlapSpeech,
     level_db,
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 RECENT_CHUNKS = 32  # ~1 s of input kept: the onset is reported 0.15 s late, the echo gate looks back 0.5 s
 ECHO_CHUNKS = 16  # ~0.5 s of microphone compared with the agent's output
 MAX_OVERLAP_S = 4.0  # audio kept of one overlap: far past any backchannel's length
+PREROLL_S = 0.2  # audio before the onset handed to detectors (a word's first consonant is often below the VAD)
 USER_LEVEL_WEIGHT = 0.3  # the user's level follows their latest turns (an exponential average)
 
 
@@ -73,7 +74,8 @@ class BargeIn:
         self.detector = detector or load_detector(config)
         # Only a live voice can be paused (an offline one is rendered at once).
         live = voice is not None and voice.realtime
-        self.overlap = Overlap(pause=config.pause and live, resume_after_s=config.resume_after_s)
+        self.overlap = Overlap(pause=config.pause and live, resume_after_s=config.resume_after_s,
+                               command_turn=config.command_turn)
         self._recent: deque[tuple[float, np.ndarray, float]] = deque(maxlen=RECENT_CHUNKS)  # (start, chunk, p)
         self._audio: list[np.ndarray] = []  # the overlapping speech from its onset
         self._probs: list[float] = []
@@ -128,7 +130,7 @@ class BargeIn:
         if o.start is None or o.kind in (Kind.BARGE, Kind.TURN):
             return False
         if len(self._probs) * chunk.size < MAX_OVERLAP_S * SAMPLE_RATE:
-            self._audio.append(chunk)
+            self._audio.append(chunk)  # after a command too: its turn is judged again, whole, at its end
             self._probs.append(prob)
         return self._apply(o.step(now, busy, self._is_echo, self._judge), now)
 
@@ -142,6 +144,8 @@ class BargeIn:
             self._backchannel(start)
         elif ignored is Kind.ECHO:
             log.info("speech at %.2f s taken for the agent's own voice", start)
+        elif ignored is Kind.COMMAND:
+            log.info("a command at %.2f s stopped the answer; no turn of its own", start)
         elif ignored is None and not split:
             # the user's own level, for "louder than usual" (their real turns, not backchannels)
             level = level_db(audio)
@@ -161,8 +165,11 @@ class BargeIn:
 
     def _speech(self, ended: bool) -> OverlapSpeech:
         audio = np.concatenate(self._audio) if self._audio else np.zeros(0, np.float32)
+        start = self.overlap.start
+        before = [c for s, c, _ in self._recent if start is not None and start - PREROLL_S - 1e-6 <= s < start - 1e-6]
+        preroll = np.concatenate(before) if before else np.zeros(0, np.float32)
         return OverlapSpeech(audio, np.asarray(self._probs, np.float32), ended, self.user_level_db,
-                             self.config.threshold)
+                             self.config.threshold, preroll)
 
     def _judge(self, ended: bool) -> Verdict:
         if self._tentative:
@@ -202,8 +209,8 @@ class BargeIn:
 
     def _backchannel(self, start: float) -> None:
         speech = self._speech(True)
-        features = self.detector.last.as_dict() if isinstance(self.detector, FeatureDetector) \
-            and self.detector.last is not None else {"duration_s": round(speech.duration_s, 3)}
+        last = getattr(self.detector, "last", None)  # the feature detector's, or the command detector's
+        features = last.as_dict() if isinstance(last, Features) else {"duration_s": round(speech.duration_s, 3)}
         pitch_range, voiced = pitch(speech.speech_part())  # reported, not decided on: once, here
         features.update(pitch_range_st=round(pitch_range, 1), voiced=round(voiced, 2))
         if self.voice is not None:

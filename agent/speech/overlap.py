@@ -6,6 +6,9 @@ seconds of session audio, and carries out the actions it returns.
 
     speech over the answer ──not echo──▶ PAUSED (voice paused at once, the answer kept)
         │ judge: interruption (too long, too much content, …) ─▶ BARGE: cancel the answer
+        │ judge: a command ("stop", "wait") ─▶ COMMAND: cancel the answer; no turn of its own
+        │        (unless `command_turn`: then a real turn, as BARGE; speech that goes on after
+        │        it is judged again, whole, when its turn ends: a turn unless still a command)
         │ speech ended, judge: backchannel, `resume_after_s` of silence ─▶ RESUMED: voice goes on
         │        (speech again ─▶ PAUSED; the turn commits ─▶ a backchannel: no turn at all)
     speech that is the agent's own voice coming back ─▶ ECHO (re-checked: the user may join in)
@@ -27,12 +30,14 @@ class Kind(Enum):
     PAUSED = "paused"  # the user's speech over the answer: voice paused, waiting for the judge
     RESUMED = "resumed"  # judged a backchannel: the voice goes on; final when the turn commits
     BARGE = "barge"  # interrupts the answer
+    COMMAND = "command"  # a short command ("stop"): the answer is cancelled, nothing more to answer
     TURN = "turn"  # nothing to interrupt (the answer ended meanwhile): an ordinary turn
 
 
 class Verdict(Enum):
     BACKCHANNEL = "backchannel"
     INTERRUPTION = "interruption"
+    COMMAND = "command"  # a short command ("stop", "wait"): cancel; not a turn unless `command_turn`
     UNDECIDED = "undecided"  # not yet (the speech goes on, or the detector waits for more)
 
 
@@ -49,19 +54,21 @@ Judge = Callable[[bool], Verdict]
 
 
 class Overlap:
-    def __init__(self, *, pause: bool = True, resume_after_s: float = 0.2) -> None:
+    def __init__(self, *, pause: bool = True, resume_after_s: float = 0.2, command_turn: bool = False) -> None:
         self.pause = pause
+        self.command_turn = command_turn
         self.resume_after_s = resume_after_s
         self.start: float | None = None  # when the overlapping speech began (None: no overlap)
         self.kind = Kind.UNDECIDED
         self.talking = False  # the user's voice is on now (speech, not its trailing silence)
         self.silent_since: float | None = None  # when its speech last stopped
         self.paused_at: float | None = None  # when the voice was paused (None: not paused by us)
+        self.recheck = False  # a command's speech went on after it was carried out
 
     # ---- the turn detector's signals ---------------------------------------------------
     def speech_started(self, t: float, agent_busy: bool) -> None:
         """`agent_busy`: an answer is running or playing, or its echo may still come back."""
-        self.talking, self.silent_since = True, None
+        self.talking, self.silent_since, self.recheck = True, None, False
         self.start, self.kind = (t, Kind.UNDECIDED) if agent_busy else (None, Kind.UNDECIDED)
 
     def speech_paused(self, t: float) -> None:
@@ -70,6 +77,8 @@ class Overlap:
 
     def speech_resumed(self) -> None:
         self.talking, self.silent_since = True, None
+        if self.kind is Kind.COMMAND:
+            self.recheck = True  # "wait, … I have a question": judged again, whole, when the turn ends
 
     def dismiss(self) -> list[Action]:
         """The speech never was (a blip the turn detector dropped before calling it speech):
@@ -83,7 +92,7 @@ class Overlap:
         """`agent_busy`: an answer is running or playing (something to pause or cancel);
         `is_echo()`: the speech may be the agent's own voice (its playout margin included)."""
         kind = self.kind
-        if self.start is None or kind in (Kind.BARGE, Kind.TURN):
+        if self.start is None or kind in (Kind.BARGE, Kind.TURN, Kind.COMMAND):
             return []
         if kind in (Kind.UNDECIDED, Kind.ECHO):
             if not self.talking:
@@ -97,8 +106,8 @@ class Overlap:
             if self.pause:
                 self.kind, self.paused_at = Kind.PAUSED, now
                 return [Action.PAUSE, *self._judge(now, judge)]
-            if judge(False) is Verdict.INTERRUPTION:
-                self.kind = Kind.BARGE
+            if (verdict := judge(False)) in (Verdict.INTERRUPTION, Verdict.COMMAND):
+                self.kind = self._cancelled(verdict)
                 return [Action.CANCEL]
             self.kind = Kind.UNDECIDED
             return []
@@ -114,8 +123,8 @@ class Overlap:
 
     def _judge(self, now: float, judge: Judge) -> list[Action]:
         verdict = judge(not self.talking)
-        if verdict is Verdict.INTERRUPTION:
-            self.kind, self.paused_at = Kind.BARGE, None
+        if verdict in (Verdict.INTERRUPTION, Verdict.COMMAND):
+            self.kind, self.paused_at = self._cancelled(verdict), None
             return [Action.CANCEL]
         if verdict is Verdict.BACKCHANNEL and not self.talking and self.silent_since is not None \
                 and now - self.silent_since >= self.resume_after_s:
@@ -125,23 +134,31 @@ class Overlap:
 
     def turn_committed(self, split: bool, judge: Judge) -> tuple[Kind | None, list[Action]]:
         """A turn ends. Returns (what to ignore it as, actions): (RESUMED, …) for a backchannel
-        — no turn at all — (ECHO, []) for the agent's own voice, (None, …) for a real turn.
+        — no turn at all — (ECHO, []) for the agent's own voice, (COMMAND, …) for a command
+        alone (its answer cancelled, no turn), (None, …) for a real turn.
         A speech still PAUSED is judged now, once and for all (undecided: an interruption).
         A split turn (over 30 s) keeps the overlap for its next part."""
         actions: list[Action] = []
         if self.kind is Kind.PAUSED:
-            if judge(True) is Verdict.BACKCHANNEL:
+            verdict = judge(True)
+            if verdict is Verdict.BACKCHANNEL:
                 self.kind, actions = Kind.RESUMED, [Action.RESUME]
             else:
-                self.kind, actions = Kind.BARGE, [Action.CANCEL]
+                self.kind, actions = self._cancelled(verdict), [Action.CANCEL]
             self.paused_at = None
+        if self.kind is Kind.COMMAND and self.recheck:
+            self.kind = self._cancelled(judge(True))  # the answer is cancelled already: a turn or not
         start, kind = self.start, self.kind
         if not split:
+            self.recheck = False
             self.start, self.kind, self.paused_at = None, Kind.UNDECIDED, None
         if start is None:
             return None, actions
         if kind in (Kind.UNDECIDED, Kind.RESUMED):  # without pause, UNDECIDED is a short backchannel
             return Kind.RESUMED, actions
-        if kind is Kind.ECHO:
-            return Kind.ECHO, actions
+        if kind in (Kind.ECHO, Kind.COMMAND):
+            return kind, actions  # the command was carried out: nothing to answer
         return None, actions
+
+    def _cancelled(self, verdict: Verdict) -> Kind:
+        return Kind.COMMAND if verdict is Verdict.COMMAND and not self.command_turn else Kind.BARGE

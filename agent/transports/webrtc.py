@@ -65,6 +65,22 @@ def rtc_configuration(settings: ServerSettings) -> RTCConfiguration:
     return RTCConfiguration(iceServers=[RTCIceServer(urls=url) for url in settings.ice_servers])
 
 
+def set_receive_jitter(pc: RTCPeerConnection, frames: int) -> int:
+    """Hold incoming audio for `frames` later frames (aiortc holds 4, ~80 ms, and has no setting
+    for it) before decoding; packets later than that are dropped. Call after the remote
+    description is set (the receivers exist then). Returns the receivers changed."""
+    from aiortc.jitterbuffer import JitterBuffer
+
+    changed = 0
+    for transceiver in pc.getTransceivers():
+        receiver = transceiver.receiver
+        name = "_RTCRtpReceiver__jitter_buffer"
+        if transceiver.kind == "audio" and isinstance(getattr(receiver, name, None), JitterBuffer):
+            setattr(receiver, name, JitterBuffer(capacity=16, prefetch=frames))
+            changed += 1
+    return changed
+
+
 def use_loopback_candidates() -> None:
     """Offer only 127.0.0.1 host candidates (process-wide): nothing leaves the machine."""
     import aioice.ice
@@ -290,6 +306,7 @@ class PeerManager:
         peer.attach()
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+            set_receive_jitter(pc, self.settings.receive_jitter_frames)
             if speak and session.voice is not None:
                 from agent.speech.track import AgentAudioTrack
 
