@@ -127,7 +127,7 @@ def build_parser(*, description: str | None = None, prog: str | None = "voice-ag
     sub.add_parser("schema", help="print the JSON Schema of all events and commands",
                    description="Print the JSON Schema of all events and commands.")
 
-    model = sub.add_parser("model", help="model checkpoints: save one to a directory",
+    model = sub.add_parser("model", help="model checkpoints: save one to a directory; the families",
                            description="Save a model (the tiny random ones included) as a checkpoint directory "
                            "that a server of its family loads, e.g. vLLM: `voice-agent model save tiny-random DIR`.")
     model_sub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
@@ -135,6 +135,7 @@ def build_parser(*, description: str | None = None, prog: str | None = "voice-ag
     save.add_argument("name", help="tiny-random | tiny-random-qwen2.5-omni | tiny-random-voxtral | random-7b | "
                       "HUB_ID | DIRECTORY")
     save.add_argument("directory", metavar="DIR", help="where to write it (new or empty)")
+    model_sub.add_parser("families", help="the supported model families side by side (a markdown table)")
 
     bench = sub.add_parser("bench", help="benchmarks (ratios measured side by side)",
                            description="Benchmarks that print side-by-side ratios; --json for one JSON line.")
@@ -261,6 +262,11 @@ def main(argv: Sequence[str] | None = None, *, agent: Any = None) -> int:
     if args.command == "model":
         from agent.inference.models import ModelLoadError, save
 
+        if args.model_command == "families":
+            from agent.model.family import markdown_table
+
+            print(markdown_table())
+            return 0
         try:
             print(save(args.name, args.directory))
         except ModelLoadError as exc:

@@ -4,9 +4,9 @@
   section, the bundled plugins' configs): key, environment variable, type, default, limits, and
   the comment the source gives it.
 - `docs/events.md`: every event and command, from the schema `voice-agent schema` prints.
-- `docs/benchmarks.md`: the text between `<!-- generated: COMMAND -->` and `<!-- end generated -->`
-  is what COMMAND prints (today `voice-agent bench inference --markdown bench-results/….json`),
-  so a table comes from a saved result, never typed by hand.
+- the README and every page of `docs/`: the text between `<!-- generated: COMMAND -->` and
+  `<!-- end generated -->` is what COMMAND prints (e.g. `voice-agent bench inference --markdown
+  bench-results/….json`), so a table comes from a saved result, never typed by hand.
 
 A test (`tests/test_docs.py`) fails when a committed file differs from what this writes.
 """
@@ -290,9 +290,9 @@ def fill_generated(text: str) -> str:
 def expected() -> Iterator[tuple[Path, str]]:
     yield DOCS / "configuration.md", configuration_md()
     yield DOCS / "events.md", events_md()
-    bench = DOCS / "benchmarks.md"
-    if bench.exists():
-        yield bench, fill_generated(bench.read_text())
+    for page in (ROOT / "README.md", *sorted(DOCS.glob("*.md"))):  # pages with generated blocks
+        if page.exists() and GENERATED.search(text := page.read_text()):
+            yield page, fill_generated(text)
 
 
 def stale() -> list[Path]:
