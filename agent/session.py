@@ -62,6 +62,7 @@ class SessionDeps:
     tts: SpeechEngine | None = None  # speech out, started and shared (None: text only)
     voice_counters: VoiceCounters | None = None  # the process's speech-out totals (for /metrics)
     end_of_turn: EndOfTurnService | None = None  # the process's end-of-turn model (None: fixed silence rule)
+    totals: dict[str, int] = field(default_factory=dict)  # the process's counts, added up (events_dropped)
 
 
 async def _call(result: Any) -> Any:
@@ -132,6 +133,7 @@ class Session:
     def emit(self, event: ev._Event) -> None:
         if self.ended:
             self.events_dropped += 1
+            self.deps.totals["events_dropped"] = self.deps.totals.get("events_dropped", 0) + 1
             log.warning("session %s: %s after session.ended dropped (%d so far)", self.id, getattr(event, "type", "?"),
                         self.events_dropped)
             return
