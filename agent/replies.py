@@ -30,7 +30,7 @@ from agent.config import Settings
 from agent.context import RunContext
 from agent.conversation import Conversation
 from agent.inference.base import Backend, GenerationRequest, GenerationStats, InferenceError
-from agent.reply import Reply, Stage, TurnStamps
+from agent.reply import Reply, Stage, TurnIds, TurnStamps
 from agent.speech.playback import PlaybackReport
 from agent.speech.voice import Voice
 from agent.tools import ParsedToolCall, TextPiece, ToolCallParser, ToolOutcome, ToolRegistry, format_tool_responses
@@ -47,9 +47,12 @@ class ReplyOwner(Protocol):
     conversation: Conversation
     tools: ToolRegistry
     defer_tool_calls: bool
-    max_new_tokens: int
     voice: Voice | None
     context: RunContext
+    turn_ids: TurnIds
+
+    @property
+    def max_new_tokens(self) -> int: ...
 
     def emit(self, event: ev._Event) -> None: ...
 
@@ -57,7 +60,6 @@ class ReplyOwner(Protocol):
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any] | None: ...
 
-    def tools_block(self) -> str | None: ...
 
 
 @dataclass(eq=False)
@@ -135,7 +137,7 @@ class Replies:
             conversation.add_user(audio, instruction)
         except ValueError:
             return None
-        request = conversation.request(owner.id, turn_id, owner.max_new_tokens, owner.tools_block())
+        request = conversation.request(owner.id, turn_id, owner.max_new_tokens, self._tools_block())
         conversation.pop_last_user()
         return request
 
@@ -155,6 +157,12 @@ class Replies:
         await self._backend(lambda b: b.drop(self.owner.id, run.reply.turn_id))
         return run.reply
 
+    async def drop_pending(self) -> None:
+        """Drop the reply to a turn that did not end; its number goes to the next turn, so the
+        turn ids users see count 1, 2, 3 (the backend has dropped it before that id is used again)."""
+        if (dropped := await self.drop()) is not None:
+            self.owner.turn_ids.give_back(dropped.turn_id)
+
     async def discard(self, turn_id: str) -> None:
         """A committed turn gets no answer from the model (skipped, answered by a hook): its
         prefill is freed."""
@@ -173,6 +181,32 @@ class Replies:
         run.reply.withdraw()
         run.task, run.gate = None, asyncio.Event()
         await self._backend(lambda b: b.drop(self.owner.id, run.reply.turn_id))
+
+    # ---- answers the owner asks for (Session.reply, Session.say) ------------------------
+    async def reply(self, instructions: str | None, tools: bool) -> str:
+        """Answer the pending user turn or tool results, else `instructions` as a typed turn."""
+        await self._speak_first()
+        conversation = self.owner.conversation
+        if not conversation.awaiting_reply:
+            if not instructions:
+                raise ValueError("nothing to answer: no user turn or tool results pending")
+            conversation.add_user_text(instructions)
+            instructions = None
+        turn_id = self.owner.turn_ids.next()
+        self.answer(Reply.committed(turn_id, time.monotonic()), instructions, tools=tools)
+        return turn_id
+
+    async def say(self, text: str) -> str:
+        """Speak `text` as the agent's answer now."""
+        await self._speak_first()
+        turn_id = self.owner.turn_ids.next()
+        self.answer_directly(Reply.committed(turn_id, time.monotonic()), text)
+        return turn_id
+
+    async def _speak_first(self) -> None:
+        """The agent speaks first: no preemptive answer, the running one is superseded."""
+        await self.withdraw()
+        await self.stop("superseded")
 
     # ---- committed answers -------------------------------------------------------------
     async def give(self, reply: Reply | None, turn_id: str, committed_at: float, stamps: TurnStamps) -> None:
@@ -279,6 +313,10 @@ class Replies:
             run.task.cancel(reason)
             await asyncio.gather(run.task, return_exceptions=True)
 
+    def _tools_block(self) -> str | None:
+        tools = self.owner.tools
+        return tools.system_block() if len(tools) else None
+
     async def _backend(self, call: Callable[[Backend], Awaitable[None]]) -> None:
         """Speculative work is an optimisation: its failure must not affect the turn."""
         if not self._backend_open:
@@ -316,7 +354,7 @@ class Replies:
                 parser = ToolCallParser(calls=tools)
                 if request is None or round_n > 0:
                     request = owner.conversation.request(owner.id, turn_id, owner.max_new_tokens,
-                                                         owner.tools_block() if tools else None, instructions)
+                                                         self._tools_block() if tools else None, instructions)
                 round_stats = GenerationStats()
                 try:
                     # aclosing: a cancelled turn closes the stream, which frees the slot.
