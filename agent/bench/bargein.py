@@ -17,7 +17,7 @@ the duration-only rule it replaced (0.3 s, no pause).
 
     voice-agent bench bargein [--peers 2] [--cycles 4] [--quick] [--json]
 
-Exit code 0 when the targets held for pause-then-decide: ≤ 5 % of backchannels cancel or
+Exit code 0 when the targets are met for pause-then-decide: ≤ 5 % of backchannels cancel or
 become a turn, every interruption stops the voice, quiet within 0.35 s at p95.
 """
 
@@ -298,7 +298,7 @@ def summarise(trials: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def targets_held(run: dict[str, Any]) -> bool:
+def targets_met(run: dict[str, Any]) -> bool:
     share, miss, p95 = run["backchannel_cancel_share"], run["interruption_miss_share"], run["quiet_p95_s"]
     return (share is not None and share <= TARGETS["backchannel_cancel_share"] and miss is not None
             and miss <= TARGETS["interruption_miss_share"] and p95 is not None and p95 <= TARGETS["quiet_p95_s"])
@@ -341,16 +341,17 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['interruptions']:7d} {fmt(r['interruption_miss_share'], True):>7} {fmt(r['quiet_p50_s']):>9} "
               f"{fmt(r['quiet_p95_s']):>6} {fmt(r['resume_gap_p50_s']):>14} {fmt(r['resume_gap_p95_s']):>6}")
     new, old = runs
-    held = targets_held(new)
+    met = targets_met(new)
     print(f"targets (pause_features): backchannels cancel ≤ 5 %, every interruption stops, quiet p95 ≤ 0.35 s: "
-          f"{'held' if held else 'MISSED'}")
+          f"{'met' if met else 'MISSED'}")
     if args.json:
+        # targets_held: the deprecated name of targets_met (same value), kept for readers of older results
         result = {"benchmark": "bargein", "peers": peers, "cycles": cycles, "targets": TARGETS,
-                  "targets_held": held, **{k: v for k, v in new.items() if k != "trials"},
+                  "targets_met": met, "targets_held": met, **{k: v for k, v in new.items() if k != "trials"},
                   "baseline": {k: v for k, v in old.items() if k != "trials"},
                   "runs": runs}
         print(json.dumps(result))
-    return 0 if held else 1
+    return 0 if met else 1
 
 
 if __name__ == "__main__":

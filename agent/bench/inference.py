@@ -501,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
           f" features {feat_ms:.1f} ms; kv budget {result['kv_budget_tokens']} tokens")
     if args.json:
         print(json.dumps(result))
-    return 0 if all(t["held"] for t in result["targets"].values()) else 1
+    return 0 if all(t["met"] for t in result["targets"].values()) else 1
 
 
 if __name__ == "__main__":

@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     for pair, s in sweep.items():
         print(f"thresholds {pair:9}: premature {s['premature_cutoffs']} {s['premature_by_kind']}, "
               f"mean wait on complete turns {s['mean_wait_complete_s']} s")
-    print(f"model: {len(latencies)} calls, p50 {result['model_ms_p50']} ms; targets {'held' if held else 'MISSED'}")
+    print(f"model: {len(latencies)} calls, p50 {result['model_ms_p50']} ms; targets {'met' if held else 'MISSED'}")
     if args.json:
         print(json.dumps(result))
     return 0 if held else 1
