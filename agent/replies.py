@@ -18,14 +18,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from agent import events as ev
+from agent.commands import HookRunner
 from agent.config import Settings
 from agent.context import RunContext
 from agent.conversation import Conversation
@@ -50,15 +51,12 @@ class ReplyOwner(Protocol):
     voice: Voice | None
     context: RunContext
     turn_ids: TurnIds
+    hook_runner: HookRunner  # the agent's hooks, and tasks the session's close ends
 
     @property
     def max_new_tokens(self) -> int: ...
 
     def emit(self, event: ev._Event) -> None: ...
-
-    async def run_hook(self, name: str, *args: Any) -> Any: ...
-
-    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any] | None: ...
 
 
 
@@ -265,7 +263,7 @@ class Replies:
         owner.conversation.add_assistant(text)
         owner.emit(ev.ResponseDone(turn_id=turn_id, text=text, tokens=0, timings={"total": 0.0}))
         reply.finish()
-        owner.spawn(owner.run_hook("on_response", text), "on-response")
+        owner.hook_runner.spawn(owner.hook_runner.run("on_response", text), "on-response")
 
     async def stop(self, reason: str) -> None:
         """Stop the committed answer and wait for it (its partial answer lands in the history
@@ -418,10 +416,10 @@ class Replies:
             timings["first_token"] = max(first_token - committed_at, 0.0)
         text = "".join(said)
         owner.emit(ev.ResponseDone(turn_id=turn_id, text=text, tokens=stats.tokens, timings=timings))
-        owner.spawn(owner.run_hook("on_response", text), "on-response")
+        owner.hook_runner.spawn(owner.hook_runner.run("on_response", text), "on-response")
 
     async def _tool_result(self, call: ParsedToolCall, outcome: ToolOutcome) -> ToolOutcome:
-        replaced = await self.owner.run_hook("on_tool_result", call, outcome)
+        replaced = await self.owner.hook_runner.run("on_tool_result", call, outcome)
         return replaced if isinstance(replaced, ToolOutcome) else outcome
 
     def _show(self, turn_id: str, pieces: list[TextPiece | ParsedToolCall], said: list[str]) -> list[ParsedToolCall]:

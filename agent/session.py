@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,7 +92,7 @@ class Session:
         # livekit-agents, adds the results to `conversation` and calls `reply()`).
         self.tools = deps.tools
         self.defer_tool_calls = False
-        self._hooks = HookRunner(deps.hooks, self.context, self.id, self.emit)  # its tasks (answers': `replies`)
+        self.hook_runner = HookRunner(deps.hooks, self.context, self.id, self.emit)  # its tasks (answers': `replies`)
         self._lock = asyncio.Lock()  # audio is processed in order, one push at a time
         self.closed = False
         self.ended = False  # session.ended went out: nothing else does
@@ -109,8 +109,8 @@ class Session:
         # The user's turn in progress: VAD, detector, end-of-turn verdict, when to preempt, stamps.
         self._ears = Listener(deps.vad, turns.TurnDetector(s.turns.to_turn_config()),
                               Preemption(s.turns.preempt_after_s, s.turns.preemptive), deps.end_of_turn,
-                              self.spawn, self.id)
-        self.commands = Commands(self.conversation, self._ears.detector, self.turn_ids, self._hooks,
+                              self.hook_runner.spawn, self.id)
+        self.commands = Commands(self.conversation, self._ears.detector, self.turn_ids, self.hook_runner,
                                  s.max_new_tokens, instruction)
 
     @property
@@ -141,15 +141,7 @@ class Session:
     def start(self) -> None:
         b = self.backend
         self.emit(ev.SessionStarted(model=b.model_name, warning=b.warning))
-        self.spawn(self.run_hook("on_session_started"), "started")
-
-    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any] | None:
-        """A task the close ends; none once closed."""
-        return self._hooks.spawn(coro, name)
-
-    async def run_hook(self, name: str, *args: Any) -> Any:
-        """A failing hook is this session's error event, never its end."""
-        return await self._hooks.run(name, *args)
+        self.hook_runner.spawn(self.hook_runner.run("on_session_started"), "started")
 
     def set_tools(self, tools: Sequence[Any]) -> None:
         """This session's tools from its next response on."""
@@ -291,7 +283,7 @@ class Session:
         committed_at = time.monotonic()
         stamps = self._ears.take_stamps(committed_at)
         user = UserTurn(turn_id, turn.audio, turn.start, turn.end, self.commands.take_instruction())
-        direct = await self.run_hook("on_user_turn", user)
+        direct = await self.hook_runner.run("on_user_turn", user)
         if self.closed:
             return  # closed meanwhile: nothing of this turn goes out, nothing reaches the backend
         instruction = user.instruction or None
@@ -346,14 +338,14 @@ class Session:
     async def close(self, reason: str = "closed") -> None:
         if self.closed:
             return
-        self.closed = self._hooks.closed = True  # from here nothing starts: no reply, no task, no backend call
+        self.closed = self.hook_runner.closed = True  # from here nothing starts: no reply, no task, no backend call
         self._ears.preempt.cancel()
         await self.replies.close()
-        await self._hooks.close()
+        await self.hook_runner.close()
         if self.voice is not None:
             await self.voice.close()
         self._ears.vad.close()
-        await self.run_hook("on_session_ended", reason)
+        await self.hook_runner.run("on_session_ended", reason)
         try:
             await self.backend.forget(self.id)
         except Exception as exc:
