@@ -153,7 +153,7 @@ class ResponseResumed(_Event):
     type: Literal["response.resumed"] = "response.resumed"
     turn_id: str
     t: float
-    paused_s: float  # how long the voice held
+    paused_s: float  # how long the voice was paused
 
 
 class SpeechBackchannel(_Event):

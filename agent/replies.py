@@ -18,19 +18,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from agent import events as ev
+from agent.commands import HookRunner
 from agent.config import Settings
 from agent.context import RunContext
 from agent.conversation import Conversation
 from agent.inference.base import Backend, GenerationRequest, GenerationStats, InferenceError
-from agent.reply import Reply, Stage, TurnStamps
+from agent.reply import Reply, Stage, TurnIds, TurnStamps
 from agent.speech.playback import PlaybackReport
 from agent.speech.voice import Voice
 from agent.tools import ParsedToolCall, TextPiece, ToolCallParser, ToolOutcome, ToolRegistry, format_tool_responses
@@ -47,17 +48,16 @@ class ReplyOwner(Protocol):
     conversation: Conversation
     tools: ToolRegistry
     defer_tool_calls: bool
-    max_new_tokens: int
     voice: Voice | None
     context: RunContext
+    turn_ids: TurnIds
+    hook_runner: HookRunner  # the agent's hooks, and tasks the session's close ends
+
+    @property
+    def max_new_tokens(self) -> int: ...
 
     def emit(self, event: ev._Event) -> None: ...
 
-    async def run_hook(self, name: str, *args: Any) -> Any: ...
-
-    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any] | None: ...
-
-    def tools_block(self) -> str | None: ...
 
 
 @dataclass(eq=False)
@@ -135,7 +135,7 @@ class Replies:
             conversation.add_user(audio, instruction)
         except ValueError:
             return None
-        request = conversation.request(owner.id, turn_id, owner.max_new_tokens, owner.tools_block())
+        request = conversation.request(owner.id, turn_id, owner.max_new_tokens, self._tools_block())
         conversation.pop_last_user()
         return request
 
@@ -155,6 +155,12 @@ class Replies:
         await self._backend(lambda b: b.drop(self.owner.id, run.reply.turn_id))
         return run.reply
 
+    async def drop_pending(self) -> None:
+        """Drop the reply to a turn that did not end; its number goes to the next turn, so the
+        turn ids users see count 1, 2, 3 (the backend has dropped it before that id is used again)."""
+        if (dropped := await self.drop()) is not None:
+            self.owner.turn_ids.give_back(dropped.turn_id)
+
     async def discard(self, turn_id: str) -> None:
         """A committed turn gets no answer from the model (skipped, answered by a hook): its
         prefill is freed."""
@@ -173,6 +179,32 @@ class Replies:
         run.reply.withdraw()
         run.task, run.gate = None, asyncio.Event()
         await self._backend(lambda b: b.drop(self.owner.id, run.reply.turn_id))
+
+    # ---- answers the owner asks for (Session.reply, Session.say) ------------------------
+    async def reply(self, instructions: str | None, tools: bool) -> str:
+        """Answer the pending user turn or tool results, else `instructions` as a typed turn."""
+        await self._speak_first()
+        conversation = self.owner.conversation
+        if not conversation.awaiting_reply:
+            if not instructions:
+                raise ValueError("nothing to answer: no user turn or tool results pending")
+            conversation.add_user_text(instructions)
+            instructions = None
+        turn_id = self.owner.turn_ids.next()
+        self.answer(Reply.committed(turn_id, time.monotonic()), instructions, tools=tools)
+        return turn_id
+
+    async def say(self, text: str) -> str:
+        """Speak `text` as the agent's answer now."""
+        await self._speak_first()
+        turn_id = self.owner.turn_ids.next()
+        self.answer_directly(Reply.committed(turn_id, time.monotonic()), text)
+        return turn_id
+
+    async def _speak_first(self) -> None:
+        """The agent speaks first: no preemptive answer, the running one is superseded."""
+        await self.withdraw()
+        await self.stop("superseded")
 
     # ---- committed answers -------------------------------------------------------------
     async def give(self, reply: Reply | None, turn_id: str, committed_at: float, stamps: TurnStamps) -> None:
@@ -231,7 +263,7 @@ class Replies:
         owner.conversation.add_assistant(text)
         owner.emit(ev.ResponseDone(turn_id=turn_id, text=text, tokens=0, timings={"total": 0.0}))
         reply.finish()
-        owner.spawn(owner.run_hook("on_response", text), "on-response")
+        owner.hook_runner.spawn(owner.hook_runner.run("on_response", text), "on-response")
 
     async def stop(self, reason: str) -> None:
         """Stop the committed answer and wait for it (its partial answer lands in the history
@@ -279,6 +311,10 @@ class Replies:
             run.task.cancel(reason)
             await asyncio.gather(run.task, return_exceptions=True)
 
+    def _tools_block(self) -> str | None:
+        tools = self.owner.tools
+        return tools.system_block() if len(tools) else None
+
     async def _backend(self, call: Callable[[Backend], Awaitable[None]]) -> None:
         """Speculative work is an optimisation: its failure must not affect the turn."""
         if not self._backend_open:
@@ -316,7 +352,7 @@ class Replies:
                 parser = ToolCallParser(calls=tools)
                 if request is None or round_n > 0:
                     request = owner.conversation.request(owner.id, turn_id, owner.max_new_tokens,
-                                                         owner.tools_block() if tools else None, instructions)
+                                                         self._tools_block() if tools else None, instructions)
                 round_stats = GenerationStats()
                 try:
                     # aclosing: a cancelled turn closes the stream, which frees the slot.
@@ -380,10 +416,10 @@ class Replies:
             timings["first_token"] = max(first_token - committed_at, 0.0)
         text = "".join(said)
         owner.emit(ev.ResponseDone(turn_id=turn_id, text=text, tokens=stats.tokens, timings=timings))
-        owner.spawn(owner.run_hook("on_response", text), "on-response")
+        owner.hook_runner.spawn(owner.hook_runner.run("on_response", text), "on-response")
 
     async def _tool_result(self, call: ParsedToolCall, outcome: ToolOutcome) -> ToolOutcome:
-        replaced = await self.owner.run_hook("on_tool_result", call, outcome)
+        replaced = await self.owner.hook_runner.run("on_tool_result", call, outcome)
         return replaced if isinstance(replaced, ToolOutcome) else outcome
 
     def _show(self, turn_id: str, pieces: list[TextPiece | ParsedToolCall], said: list[str]) -> list[ParsedToolCall]:

@@ -74,6 +74,7 @@ class AgentRuntime:
         self.plugins: PluginHost | None = None
         self.tts: SpeechEngine | None = None  # started once, shared by every session (speech out)
         self.voice_counters = VoiceCounters()  # every session's speech out, added up (for /metrics)
+        self.session_totals: dict[str, int] = {"events_dropped": 0}  # every session's drops, added up (/metrics)
         # serve --processes N (agent.server.router): ids carry the frontend; others hold some sessions.
         self.new_session_id: Callable[[], str] = lambda: uuid.uuid4().hex[:12]
         self.owns: Callable[[str | None], bool] = lambda session_id: True
@@ -161,7 +162,8 @@ class AgentRuntime:
         deps = SessionDeps(settings=self.settings, vad=self.vad.open_stream(), backend=self.backend,
                            tools=self.tools.copy(), publish=self._publish(), system_prompt=self.system_prompt(),
                            hooks=self.hooks, on_closed=self._closed, tts=self.tts,
-                           voice_counters=self.voice_counters, end_of_turn=self.end_of_turn)
+                           voice_counters=self.voice_counters, end_of_turn=self.end_of_turn,
+                           totals=self.session_totals)
         session = Session(deps, session_id, **options)
         self.sessions[session.id] = session
         session.start()

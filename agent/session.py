@@ -15,11 +15,10 @@ every answer's task: a close reaches them all, and nothing is emitted after `ses
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +26,7 @@ import numpy as np
 
 from agent import events as ev
 from agent import turns
+from agent.commands import Commands, HookRunner
 from agent.config import Settings
 from agent.context import AgentHooks, RunContext, UserTurn
 from agent.conversation import Conversation
@@ -62,11 +62,7 @@ class SessionDeps:
     tts: SpeechEngine | None = None  # speech out, started and shared (None: text only)
     voice_counters: VoiceCounters | None = None  # the process's speech-out totals (for /metrics)
     end_of_turn: EndOfTurnService | None = None  # the process's end-of-turn model (None: fixed silence rule)
-
-
-async def _call(result: Any) -> Any:
-    """Hooks may be plain or async methods."""
-    return await result if inspect.isawaitable(result) else result
+    totals: dict[str, int] = field(default_factory=dict)  # the process's counts, added up (events_dropped)
 
 
 class Session:
@@ -88,9 +84,6 @@ class Session:
         self.conversation = Conversation.for_backend(deps.system_prompt, s.context_tokens, deps.backend)
         self.hooks = deps.hooks
         self.context = RunContext(self, deps.hooks.create_userdata())
-        self.max_new_tokens = s.max_new_tokens
-        self._instruction = instruction
-        self._next_instruction: str | None = None
         self._wait = wait_for_responses
         self.turn_ids = TurnIds(self.id)
         self.manual_turns = manual_turns
@@ -99,7 +92,7 @@ class Session:
         # livekit-agents, adds the results to `conversation` and calls `reply()`).
         self.tools = deps.tools
         self.defer_tool_calls = False
-        self._tasks: set[asyncio.Task[Any]] = set()  # hooks and end-of-turn calls (answers: `replies`)
+        self.hook_runner = HookRunner(deps.hooks, self.context, self.id, self.emit)  # its tasks (answers': `replies`)
         self._lock = asyncio.Lock()  # audio is processed in order, one push at a time
         self.closed = False
         self.ended = False  # session.ended went out: nothing else does
@@ -116,7 +109,13 @@ class Session:
         # The user's turn in progress: VAD, detector, end-of-turn verdict, when to preempt, stamps.
         self._ears = Listener(deps.vad, turns.TurnDetector(s.turns.to_turn_config()),
                               Preemption(s.turns.preempt_after_s, s.turns.preemptive), deps.end_of_turn,
-                              self.spawn, self.id)
+                              self.hook_runner.spawn, self.id)
+        self.commands = Commands(self.conversation, self._ears.detector, self.turn_ids, self.hook_runner,
+                                 s.max_new_tokens, instruction)
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.commands.max_new_tokens
 
     @property
     def uncommitted_dropped_s(self) -> float:
@@ -132,6 +131,7 @@ class Session:
     def emit(self, event: ev._Event) -> None:
         if self.ended:
             self.events_dropped += 1
+            self.deps.totals["events_dropped"] = self.deps.totals.get("events_dropped", 0) + 1
             log.warning("session %s: %s after session.ended dropped (%d so far)", self.id, getattr(event, "type", "?"),
                         self.events_dropped)
             return
@@ -141,35 +141,13 @@ class Session:
     def start(self) -> None:
         b = self.backend
         self.emit(ev.SessionStarted(model=b.model_name, warning=b.warning))
-        self.spawn(self.run_hook("on_session_started"), "started")
-
-    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any] | None:
-        """A task the close ends; none once closed."""
-        if self.closed:
-            coro.close()
-            return None
-        task = asyncio.create_task(coro, name=f"session-{name}-{self.id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
-    async def run_hook(self, name: str, *args: Any) -> Any:
-        """A failing hook is this session's error event, never its end."""
-        try:
-            return await _call(getattr(self.hooks, name)(self.context, *args))
-        except Exception as exc:
-            log.exception("session %s: hook failed", self.id)
-            self.emit(ev.Error(code="hook_failed", message=f"{type(exc).__name__}: {exc}"))
-            return None
+        self.hook_runner.spawn(self.hook_runner.run("on_session_started"), "started")
 
     def set_tools(self, tools: Sequence[Any]) -> None:
         """This session's tools from its next response on."""
         registry = ToolRegistry()
         registry.extend(tools)
         self.tools = registry
-
-    def tools_block(self) -> str | None:
-        return self.tools.system_block() if len(self.tools) else None
 
     # ---- audio --------------------------------------------------------------------
     async def push_audio(self, samples: np.ndarray) -> None:
@@ -185,7 +163,7 @@ class Session:
                 for signal in await ears.feed(chunk, p):
                     await self._on_signal(signal)
                 if (start := ears.tick()) is not None:
-                    self.replies.preempt(start.end, start.audio, self._take_instruction(peek=True))
+                    self.replies.preempt(start.end, start.audio, self.commands.take_instruction(peek=True))
                 if self._overlap.voice is not None and not self.closed:
                     if self._overlap.step(chunk, p, ears.now, self._agent_busy()):
                         await self._interrupt("barge_in")
@@ -235,12 +213,12 @@ class Session:
             self._ears.silence_began(signal, self._may_preempt())
             if self.manual_turns:
                 return  # the committed turn will join kept parts: no prefill can match it
-            await self._drop_pending()  # (none: speech resumed or the turn committed since the last silence)
-            await self.replies.speculate(self.turn_ids.next(), signal.t, signal.audio, self._take_instruction(peek=True))
+            await self.replies.drop_pending()  # (none: speech resumed or the turn committed since the last silence)
+            await self.replies.speculate(self.turn_ids.next(), signal.t, signal.audio, self.commands.take_instruction(peek=True))
         elif isinstance(signal, turns.SpeechResumed):
             self._overlap.speech_resumed()
             self._ears.preempt.on_signal(signal)
-            await self._drop_pending()
+            await self.replies.drop_pending()
         elif isinstance(signal, turns.TurnCommitted):
             self._ears.turn_committed(signal)
             ignored, cancel = self._overlap.turn_committed(signal.audio, signal.split, self._ears.now)
@@ -249,7 +227,7 @@ class Session:
             if ignored is not None:
                 # A backchannel ("mm-hm") or our own voice: the agent goes on speaking and
                 # this is no user turn (bargein.py reports it).
-                await self._drop_pending()
+                await self.replies.drop_pending()
             elif self.manual_turns:
                 self._ears.keep(signal)
             else:
@@ -279,7 +257,7 @@ class Session:
                 if not isinstance(signal, turns.TurnCommitted):
                     await self._on_signal(signal)  # speech.stopped; the turn itself is dropped
             self._ears.preempt.cancel()
-            await self._drop_pending()
+            await self.replies.drop_pending()
 
     async def reply(self, instructions: str | None = None, *, tools: bool = True) -> str:
         """Answer now rather than on a committed turn: the pending user turn (audio, typed)
@@ -287,40 +265,25 @@ class Session:
         `instructions` join the system prompt of this response only; `tools=False`: no tool
         is offered and nothing the model writes runs (a transcription). Returns its turn_id;
         raises ValueError when there is nothing to answer."""
-        await self._speak_first()
-        if not self.conversation.awaiting_reply:
-            if not instructions:
-                raise ValueError("nothing to answer: no user turn or tool results pending")
-            self.conversation.add_user_text(instructions)
-            instructions = None
-        turn_id = self.turn_ids.next()
-        self.replies.answer(Reply.committed(turn_id, time.monotonic()), instructions, tools=tools)
-        return turn_id
+        self._ears.preempt.cancel()  # the agent speaks first: no preemptive answer
+        return await self.replies.reply(instructions, tools)
 
     async def say(self, text: str) -> str:
         """Speak `text` as the agent now (a hook, a tool, a greeting): events and history as if
         the model had said it; the running response, if any, is superseded. Its turn_id."""
-        await self._speak_first()
-        turn_id = self.turn_ids.next()
-        self.replies.answer_directly(Reply.committed(turn_id, time.monotonic()), text)
-        return turn_id
-
-    async def _speak_first(self) -> None:
-        """The agent speaks first: no preemptive answer, the running one is superseded."""
-        self._ears.preempt.cancel()
-        await self.replies.withdraw()
-        await self.replies.stop("superseded")
+        self._ears.preempt.cancel()  # the agent speaks first: no preemptive answer
+        return await self.replies.say(text)
 
     async def _commit(self, turn: turns.TurnCommitted, respond: bool = True) -> None:
         reply = self.replies.matching(turn.end, turn.split)  # the speculative reply is this very turn
         if reply is None:
-            await self._drop_pending()
+            await self.replies.drop_pending()
         turn_id = reply.turn_id if reply is not None else self.turn_ids.next()
         await self.replies.stop("superseded")
         committed_at = time.monotonic()
         stamps = self._ears.take_stamps(committed_at)
-        user = UserTurn(turn_id, turn.audio, turn.start, turn.end, self._take_instruction())
-        direct = await self.run_hook("on_user_turn", user)
+        user = UserTurn(turn_id, turn.audio, turn.start, turn.end, self.commands.take_instruction())
+        direct = await self.hook_runner.run("on_user_turn", user)
         if self.closed:
             return  # closed meanwhile: nothing of this turn goes out, nothing reaches the backend
         instruction = user.instruction or None
@@ -348,18 +311,6 @@ class Session:
         if self._wait:
             await self.wait_idle()
 
-    def _take_instruction(self, peek: bool = False) -> str | None:
-        text = self._next_instruction or self._instruction
-        if not peek:
-            self._next_instruction = None
-        return text
-
-    async def _drop_pending(self) -> None:
-        """Drop the reply to a turn that did not end; its number goes to the next turn, so the
-        turn ids users see count 1, 2, 3 (the backend has dropped it before that id is used again)."""
-        if (dropped := await self.replies.drop()) is not None:
-            self.turn_ids.give_back(dropped.turn_id)
-
     # ---- preemptive answers ----------------------------------------------------------
     def _may_preempt(self) -> bool:
         """Not while the agent speaks (overlap rules), nor for turns the owner ends, nor for
@@ -369,42 +320,17 @@ class Session:
 
     # ---- commands -----------------------------------------------------------------
     async def handle(self, command: ev.Command) -> None:
+        """Routed: a cancel to the answer, a close to `close`, the rest to `commands`."""
         self.last_activity = time.monotonic()
-        if isinstance(command, ev.InstructionSet):
-            self._next_instruction = command.text or None
-        elif isinstance(command, ev.ResponseCancel):
+        if isinstance(command, ev.ResponseCancel):
             if self.voice is not None and self._agent_busy():
                 await self._interrupt("client")  # the text, or only its speech still playing
             else:
                 self.replies.cancel("client")
-        elif isinstance(command, ev.SessionUpdate):
-            try:  # instruction.set's rule (half the context); refused, nothing of the update applies
-                if command.system_prompt:
-                    self.conversation.check_text(command.system_prompt, "system prompt")
-            except ValueError as exc:
-                self.report_error("bad_request", str(exc))
-                return
-            if command.system_prompt is not None:
-                self.conversation.system_prompt = command.system_prompt or None
-            if command.max_new_tokens is not None:
-                self.max_new_tokens = command.max_new_tokens
-            if command.min_silence_s is not None:
-                try:  # it must stay within [min_silence_s_complete, max_silence_s]
-                    self._ears.detector.reconfigure(min_silence_s=command.min_silence_s)
-                except ValueError as exc:
-                    self.report_error("bad_request", str(exc))
         elif isinstance(command, ev.SessionClose):
             await self.close("client")
-        elif isinstance(command, ev.Feedback):
-            await self._feedback(command)
-
-    async def _feedback(self, command: ev.Feedback) -> None:
-        """A rating of one of this session's answers: an event (recorded with `--record`), then the hook."""
-        if not self.turn_ids.issued(command.turn_id):
-            self.report_error("bad_command", f"feedback: no turn {command.turn_id!r} in this session")
-            return
-        self.emit(ev.FeedbackReceived(turn_id=command.turn_id, rating=command.rating, correction=command.correction))
-        await self.run_hook("on_feedback", command)
+        else:
+            await self.commands.handle(command)
 
     def report_error(self, code: str, message: str) -> None:
         self.emit(ev.Error(code=code, message=message))
@@ -412,17 +338,14 @@ class Session:
     async def close(self, reason: str = "closed") -> None:
         if self.closed:
             return
-        self.closed = True  # from here nothing starts: no reply, no task, no backend call
+        self.closed = self.hook_runner.closed = True  # from here nothing starts: no reply, no task, no backend call
         self._ears.preempt.cancel()
         await self.replies.close()
-        tasks = [t for t in self._tasks if t is not asyncio.current_task()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.hook_runner.close()
         if self.voice is not None:
             await self.voice.close()
         self._ears.vad.close()
-        await self.run_hook("on_session_ended", reason)
+        await self.hook_runner.run("on_session_ended", reason)
         try:
             await self.backend.forget(self.id)
         except Exception as exc:

@@ -18,6 +18,7 @@ def test_bench_bargein_quick_json(capsys: pytest.CaptureFixture[str]) -> None:
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["benchmark"] == "bargein" and result["backchannels"] == 3 and result["interruptions"] == 1
     assert result["commands"] == 1 and result["before_commands"]["config"] == "pause_features"
+    assert result["targets_held"] is result["targets_met"]  # the deprecated name, same value
     base = result["baseline"]
     assert base["config"] == "duration_0.3" and base["backchannels"] == 3
     for key in ("backchannel_cancel_share", "interruption_miss_share", "quiet_p95_s", "resume_gap_p50_s"):

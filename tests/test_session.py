@@ -232,3 +232,17 @@ async def test_a_system_prompt_that_crowds_out_history_is_reported(caplog):
     await runtime.close()
     (taken,) = re.findall(r"take (\d+) of the 1000 context tokens", caplog.text)
     assert int(taken) > 1000
+
+
+async def test_events_after_session_ended_are_counted_on_metrics():
+    from agent.server.metrics import Metrics
+
+    runtime = await make_runtime(ScriptedBackend(["Hi."]))
+    session = runtime.create_session()
+    await session.close("test")
+    session.emit(ev.Error(code="late", message="after the end"))  # e.g. a task that outlived the close
+    session.emit(ev.Error(code="late", message="again"))
+    assert session.events_dropped == 2 and runtime.session_totals["events_dropped"] == 2
+    text = Metrics(runtime, lambda: 0).render()[0].decode()
+    await runtime.close()
+    assert "voice_agent_session_events_dropped_total 2.0" in text

@@ -556,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
 
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
-    return 0 if all(t["held"] for t in result["targets"].values()) else 1
+    return 0 if all(t["met"] for t in result["targets"].values()) else 1
 
 
 if __name__ == "__main__":

@@ -25,25 +25,35 @@ def _get(result: dict[str, Any], path: tuple[str, ...]) -> Any:
 
 
 def targets(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Each target with its value and whether it held (a figure not measured does not hold)."""
+    """Each target with its value and whether it was met (a figure not measured is not met).
+    Each also carries `held`, the deprecated name of `met` (same value; results written
+    before the rename have only `held`: read them with `met()`)."""
     out: dict[str, dict[str, Any]] = {}
     for name, (path, bound, kind) in TARGETS.items():
         value = _get(result, path)
-        held = value is not None and (value <= bound if kind == "max" else value >= bound)
-        out[name] = {"value": value, kind: bound, "held": bool(held)}
+        out[name] = {"value": value, kind: bound, "met": value is not None and (value <= bound if kind == "max"
+                                                                                 else value >= bound)}
     if result.get("threads_equal") is not None:  # null: a server given by URL, its threads its own
-        out["threads_equal"] = {"value": result["threads_equal"], "held": result["threads_equal"] is True}
+        out["threads_equal"] = {"value": result["threads_equal"], "met": result["threads_equal"] is True}
     wire = result.get("like_for_like")
-    if result["workload"].get("compare_vllm") and not wire:  # asked for, not measured: not held
-        out["ttft_p95_vs_vllm"] = {"value": None, "max": None, "held": False}
+    if result["workload"].get("compare_vllm") and not wire:  # asked for, not measured: not met
+        out["ttft_p95_vs_vllm"] = {"value": None, "max": None, "met": False}
     if wire:  # like for like: serve-model's delivered TTFT p95 at the full load no worse than vLLM's
         point = wire["points"][-1]
         ours, theirs = point["serve_model"]["ttft_p95_s"], point["vllm"]["ttft_p95_s"]
-        out["ttft_p95_vs_vllm"] = {"value": ours, "max": theirs, "held": ours is not None and theirs is not None
+        out["ttft_p95_vs_vllm"] = {"value": ours, "max": theirs, "met": ours is not None and theirs is not None
                                    and ours <= theirs}
         if wire.get("threads_equal") is not None:
-            out["threads_equal_like_for_like"] = {"value": wire["threads_equal"], "held": wire["threads_equal"] is True}
+            out["threads_equal_like_for_like"] = {"value": wire["threads_equal"], "met": wire["threads_equal"] is True}
+    for target in out.values():
+        target["met"] = bool(target["met"])
+        target["held"] = target["met"]  # deprecated name of `met`
     return out
+
+
+def met(target: dict[str, Any]) -> bool:
+    """Whether a target of a result was met (results written before the rename: `held`)."""
+    return bool(target["met"] if "met" in target else target["held"])
 
 
 def _ms(value: float | None) -> str:
@@ -114,10 +124,10 @@ def markdown(result: dict[str, Any]) -> str:
                 lines.append(f"| {name}, {part} | {x['requests']} | {_ms(x['ttft_s'])} | {_ms(x['queue_s'])} | "
                              f"{_ms(x['prefill_s'])} | {_ms(x['outside_engine_s'])} | {_num(x['prompt_tokens'], '{:.0f}')}"
                              f" / {_num(x['reused_tokens'], '{:.0f}')} | {x['continued_speculation']:.0%} |")
-    lines += ["", "| target | value | bound | held |", "| --- | ---: | ---: | --- |"]
+    lines += ["", "| target | value | bound | met |", "| --- | ---: | ---: | --- |"]
     for name, t in result["targets"].items():
         bound = t.get("max", t.get("min", "true"))
-        lines.append(f"| {name} | {t['value']} | {bound} | {'yes' if t['held'] else '**no**'} |")
+        lines.append(f"| {name} | {t['value']} | {bound} | {'yes' if met(t) else '**no**'} |")
     return "\n".join(lines)
 
 

@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"{len(utterances)} utterances ({source})")
     print(table(result))
-    print(f"targets for {args.detector}: " + ", ".join(f"{k} {'held' if v else 'MISSED'}" for k, v in met.items()))
+    print(f"targets for {args.detector}: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in met.items()))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

@@ -231,7 +231,7 @@ class QwenRealtimeSession(llm.RealtimeSession):
         self._latest_called_tools = False  # and not when it called tools
         self._resampler_rate = 0
         self._voice: _AgentVoice | None = None  # with model.follow(): the AgentSession's voice
-        self._held: list[str] = []  # speech events kept from livekit while barge-in decides
+        self._kept_back: list[str] = []  # speech events kept from livekit while barge-in decides
         self._main = asyncio.create_task(self._run(), name="QwenRealtimeSession")
 
     # ---- state -----------------------------------------------------------------------
@@ -379,9 +379,9 @@ class QwenRealtimeSession(llm.RealtimeSession):
         self._enqueue(attach)
 
     def _release_speech(self) -> None:
-        """Speech held while it was judged is an interruption (or a turn): livekit hears of it."""
-        held, self._held = self._held, []
-        for kind in held:
+        """Speech kept back while it was judged is an interruption (or a turn): livekit hears of it."""
+        kept, self._kept_back = self._kept_back, []
+        for kind in kept:
             if kind == "started":
                 self.emit("input_speech_started", llm.InputSpeechStartedEvent())
             else:
@@ -460,16 +460,16 @@ class QwenRealtimeSession(llm.RealtimeSession):
                 self._first_event_type = event.type  # session.started, by open_session (tests check)
             if isinstance(event, ev.SpeechStarted) and not self._manual:
                 if self._voice is not None and self._voice.active:
-                    self._held = ["started"]  # over the agent's voice: livekit hears of it if it interrupts
+                    self._kept_back = ["started"]  # over the agent's voice: livekit hears of it if it interrupts
                 else:
                     self.emit("input_speech_started", llm.InputSpeechStartedEvent())
             elif isinstance(event, ev.SpeechStopped) and not self._manual:
-                if self._held:
-                    self._held.append("stopped")
+                if self._kept_back:
+                    self._kept_back.append("stopped")
                 else:
                     self.emit("input_speech_stopped", llm.InputSpeechStoppedEvent(user_transcription_enabled=False))
             elif isinstance(event, ev.SpeechBackchannel):
-                self._held = []  # a backchannel: livekit never hears of it, no turn, no generation
+                self._kept_back = []  # a backchannel: livekit never hears of it, no turn, no generation
             elif isinstance(event, ev.TurnCommitted):
                 self._release_speech()  # a turn after all (the agent stopped meanwhile)
             elif isinstance(event, ev.ResponseStarted):

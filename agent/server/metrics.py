@@ -22,10 +22,15 @@ BUS_COUNTERS = {  # EventBus.stats key → (metric, help)
     "subscribers_disconnected": ("voice_agent_bus_subscribers_disconnected",
                                  "Event subscribers disconnected because they could not keep up"),
 }
+SESSION_COUNTERS = {  # Runtime.session_totals key → (metric, help)
+    "events_dropped": ("voice_agent_session_events_dropped",
+                       "Events a session made after its session.ended, dropped (each logged)"),
+}
 
 
 class _StatsCollector:
-    """Counters another object keeps in a `stats` dict (the bus, the VAD), read at scrape time."""
+    """Counters another object keeps in a `stats` dict (the bus, the VAD), read at scrape time;
+    `part`: the runtime's attribute whose `stats` they are, or ".name" for a dict the runtime holds."""
 
     def __init__(self, runtime: Any, part: str, counters: dict[str, tuple[str, str]]) -> None:
         self.runtime = runtime
@@ -33,7 +38,10 @@ class _StatsCollector:
         self.counters = counters
 
     def collect(self) -> Any:
-        stats = getattr(getattr(self.runtime, self.part, None), "stats", None) or {}
+        if self.part.startswith("."):
+            stats = getattr(self.runtime, self.part[1:], None) or {}
+        else:
+            stats = getattr(getattr(self.runtime, self.part, None), "stats", None) or {}
         for key, (name, doc) in self.counters.items():
             family = CounterMetricFamily(name, doc)
             family.add_metric([], float(stats.get(key, 0)))
@@ -73,6 +81,7 @@ class Metrics:
         r.register(VoiceCollector(runtime))  # TTS failures are voice_agent_errors{code="tts_…"}
         r.register(_StatsCollector(runtime, "bus", BUS_COUNTERS))  # type: ignore[arg-type]
         r.register(_StatsCollector(runtime, "vad", VAD_COUNTERS))  # type: ignore[arg-type]
+        r.register(_StatsCollector(runtime, ".session_totals", SESSION_COUNTERS))  # type: ignore[arg-type]
 
     def on_event(self, event: ev.Event) -> None:
         """Bus listener: synchronous and cheap."""
