@@ -50,6 +50,7 @@ class Family:
     sample_rate: int = 16000
     max_clip_s: int = 30
     default_system: str | None = None  # inserted by the template when the first turn is not system
+    audio_numbered: bool = False  # the template writes "Audio N:" before each clip (Qwen2-Audio)
     notes: str = ""
     special_re: re.Pattern[str] = field(init=False, repr=False, compare=False)
 

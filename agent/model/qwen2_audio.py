@@ -210,7 +210,7 @@ def _family() -> Any:
         checkpoints=(Checkpoint("Qwen/Qwen2-Audio-7B-Instruct", 8.4, 16.8, "Whisper-large-v3 encoder + Qwen-7B"),),
         modes=("chat", "analysis"), tools="hermes: `<tool_call>` JSON (Qwen2.5 convention; not trained on it)",
         encoder="real-length", sample_rate=SAMPLE_RATE, max_clip_s=MAX_CLIP_S, default_system=DEFAULT_SYSTEM,
-        notes="Voice chat when a turn holds audio only, audio analysis when it carries an instruction; "
+        audio_numbered=True, notes="Voice chat when a turn holds audio only, audio analysis when it carries an instruction; "
               "audios numbered 'Audio N:' across the conversation. 25 audio tokens per second.")
 
 
