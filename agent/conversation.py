@@ -307,6 +307,8 @@ class Conversation:
                 messages.append({"role": "user", "content": parts})
             elif entry[0] == "assistant":
                 messages.append({"role": "assistant", "content": entry[1]})
+            elif self.family.tool_syntax.results_role == "tool":  # Mistral: results follow the answer
+                messages.append({"role": "tool", "content": entry[1]})
             else:
                 messages.append({"role": "user", "content": [{"type": "text", "text": entry[1]}]})
         return messages, audios

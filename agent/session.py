@@ -169,7 +169,7 @@ class Session:
         self.tools = registry
 
     def tools_block(self) -> str | None:
-        return self.tools.system_block() if len(self.tools) else None
+        return self.tools.system_block(self.conversation.family.tool_syntax) if len(self.tools) else None
 
     # ---- audio --------------------------------------------------------------------
     async def push_audio(self, samples: np.ndarray) -> None:
