@@ -232,8 +232,7 @@ class ToolCallParser:
         if not text:
             return None
         if text[0] not in "[{":
-            raw, self._buf, self._inside = text, "", False  # no JSON follows: a malformed call, all of it
-            return [ParsedToolCall(raw, error="tool call is not a JSON list of calls", call_id=self._new_id())]
+            return None  # no JSON follows: the rest of the answer is a malformed call (`flush`)
         try:
             data, end = _json.raw_decode(text)
         except (ValueError, RecursionError):
@@ -254,6 +253,8 @@ class ToolCallParser:
         if inside:  # the stream ended inside a call: report it, never show it
             if self._syntax.close:
                 return [ParsedToolCall(buf, error=f"tool call was not closed with {self._syntax.close}")]
+            if not buf.lstrip().startswith(("[", "{")):
+                return [ParsedToolCall(buf, error="tool call is not a JSON list of calls", call_id=self._new_id())]
             try:
                 json.loads(buf)
             except (ValueError, RecursionError) as exc:
