@@ -217,3 +217,14 @@ async def test_a_voxtral_session_runs_its_tool_calls(speech_two: Any) -> None:
     assert prompt.count("[AVAILABLE_TOOLS]") == 1 and "<tools>" not in prompt
     assert second.messages[-1] == {"role": "tool",
                                    "content": "[TOOL_RESULTS]k1t2c3h4n[TOOL_CONTENT]kitchen light on[/TOOL_RESULTS]"}
+
+
+def test_voxtral_results_go_on_the_openai_wire_as_a_user_turn() -> None:
+    from agent.model.qwen2_audio import to_openai_messages
+
+    conv = Conversation(None, 10**6, family=VOXTRAL)
+    conv.add_user_text("lights?")
+    conv.add_assistant('[TOOL_CALLS][{"name": "x", "arguments": {}, "id": "abcdefghi"}]')
+    conv.add_tool_results(format_tool_responses([ToolOutcome("abcdefghi", "x", True, result=1)], MISTRAL))
+    wire = to_openai_messages(conv.request("s", "t").messages, [])
+    assert wire[-1] == {"role": "user", "content": "[TOOL_RESULTS]abcdefghi[TOOL_CONTENT]1[/TOOL_RESULTS]"}

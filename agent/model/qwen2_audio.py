@@ -134,6 +134,9 @@ def to_openai_messages(messages: list[dict[str, Any]], audios: Sequence[np.ndarr
     out: list[dict[str, Any]] = []
     for message in messages:
         content = message["content"]
+        if message["role"] == "tool":  # a family's tool results (Voxtral's): text in a user turn on the wire
+            out.append({"role": "user", "content": content})
+            continue
         if isinstance(content, str):
             out.append({"role": message["role"], "content": content})
             continue
