@@ -228,3 +228,12 @@ def test_voxtral_results_go_on_the_openai_wire_as_a_user_turn() -> None:
     conv.add_tool_results(format_tool_responses([ToolOutcome("abcdefghi", "x", True, result=1)], MISTRAL))
     wire = to_openai_messages(conv.request("s", "t").messages, [])
     assert wire[-1] == {"role": "user", "content": "[TOOL_RESULTS]abcdefghi[TOOL_CONTENT]1[/TOOL_RESULTS]"}
+
+
+def test_voxtral_tools_block_leaves_the_system_text_around_it() -> None:
+    block = voxtral.tools_block([get_weather.schema()])
+    for system, left in ((block, None), (f"Be brief.\n\n{block}", "Be brief."), (f"{block}\n\nSay hi.", "Say hi."),
+                         (f"Be brief.\n\n{block}\n\nSay hi.", "Be brief.\n\nSay hi.")):
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": "hi"}]
+        expected = "<s>" + ("" if left is None else f"[SYSTEM_PROMPT]{left}[/SYSTEM_PROMPT]") + f"{block}[INST]hi[/INST]"
+        assert voxtral.render_prompt(messages) == expected

@@ -35,7 +35,7 @@ AUDIO_TOKEN, BEGIN_AUDIO = "[AUDIO]", "[BEGIN_AUDIO]"
 TOOL_CALLS = "[TOOL_CALLS]"
 AVAILABLE_TOOLS, END_AVAILABLE_TOOLS = "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]"
 TOOL_RESULTS, TOOL_CONTENT, END_TOOL_RESULTS = "[TOOL_RESULTS]", "[TOOL_CONTENT]", "[/TOOL_RESULTS]"
-_TOOLS_RE = re.compile(r"(?:\n\n)?" + re.escape(AVAILABLE_TOOLS) + r".*?" + re.escape(END_AVAILABLE_TOOLS), re.S)
+_TOOLS_RE = re.compile(re.escape(AVAILABLE_TOOLS) + r".*?" + re.escape(END_AVAILABLE_TOOLS), re.S)
 SPECIAL_TOKENS = (BOS, EOS, INST, END_INST, SYSTEM, END_SYSTEM, AUDIO_TOKEN, BEGIN_AUDIO, TOOL_CALLS,
                   AVAILABLE_TOOLS, END_AVAILABLE_TOOLS, TOOL_RESULTS, TOOL_CONTENT, END_TOOL_RESULTS, "[TRANSCRIBE]")
 EOS_TOKENS = (EOS,)
@@ -84,9 +84,10 @@ def _take_tools(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], s
     for m in messages:
         if m["role"] == "system" and isinstance(m["content"], str) and AVAILABLE_TOOLS in m["content"]:
             found = _TOOLS_RE.search(m["content"])
-            if found:
-                block = found.group().lstrip("\n")
-                rest = m["content"][: found.start()] + m["content"][found.end():]
+            if found:  # the text around it was joined to it with blank lines
+                block = found.group()
+                around = (m["content"][: found.start()].removesuffix("\n\n"), m["content"][found.end():].removeprefix("\n\n"))
+                rest = "\n\n".join(part for part in around if part)
                 if not rest:
                     continue
                 m = {"role": "system", "content": rest}
