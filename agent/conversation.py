@@ -66,8 +66,10 @@ class Conversation:
 
     A user turn with an instruction is audio analysis; without one, voice chat (there is no
     system-prompt switch). Audio over 30 s is split into several audio parts (the processor
-    would silently truncate it). The assistant's raw text, `<tool_call>` blocks included,
-    stays in its message; tool results are a user turn of `<tool_response>` blocks.
+    would silently truncate it). The assistant's raw text, its tool calls included (`<tool_call>`
+    blocks; Voxtral's `[TOOL_CALLS]` list), stays in its message; tool results are the text
+    `agent.tools.format_tool_responses` gives, sent as the family's `tool_syntax.results_role`
+    (a user turn of `<tool_response>` blocks; Voxtral: a "tool" message of `[TOOL_RESULTS]`).
 
     `request()` keeps prompt + `max_new_tokens` within `context_tokens` by dropping the
     oldest whole turns (a user turn with its replies and tool rounds), never the current one.
