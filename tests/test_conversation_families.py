@@ -9,6 +9,7 @@ import pytest
 
 from agent.conversation import Conversation
 from agent.inference import models
+from agent.inference.base import GenerationStats
 from agent.model import family as families
 
 SR = 16000
@@ -140,3 +141,25 @@ def test_voxtral_counts_with_its_tekken_tokenizer(tmp_path: Path) -> None:
     assert len(prompt.spans) == len(req.audios) >= 2
     assert conv.token_count(req.messages, req.audios) == len(prompt.ids)
     assert conv.token_count(req.messages, req.audios) + 50 <= 1500
+
+
+async def test_a_voxtral_pool_budgets_in_voxtrals_format() -> None:
+    """The in-process pool learns its family from the worker that loaded the model."""
+    pytest.importorskip("mistral_common")
+    from agent.inference.pool import InferencePool
+
+    pool = InferencePool(models.TINY_VOXTRAL, workers=1, max_batch=2, max_queue=4)
+    await pool.start()
+    try:
+        assert pool.family is VOXTRAL
+        conv = Conversation.for_backend(None, 1500, pool)
+        assert conv.family is VOXTRAL and conv.tokenizer is pool.tokenizer is not None
+        chat(conv, 4)
+        conv.add_user(tone(1.0))
+        req = conv.request("s", "t", max_new_tokens=8)
+        assert len(req.audios) == 3  # 375 tokens a clip: two older turns dropped (Qwen2-Audio's rule kept all 5)
+        stats = GenerationStats()
+        _ = [d async for d in pool.generate(req, stats)]
+        assert stats.prompt_tokens == conv.token_count(req.messages, req.audios) <= 1500 - 8  # the engine's own count
+    finally:
+        await pool.close()

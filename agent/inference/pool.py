@@ -40,7 +40,7 @@ from agent.inference.base import AudioRef, GenerationRequest, GenerationStats, I
 from agent.inference.engine import Output
 from agent.inference.prompts import audio_hash
 from agent.inference.worker import worker_main
-from agent.model.family import Family
+from agent.model.family import Family, all_families
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,9 @@ class InferencePool:
         from agent.inference.models import known_family, load_tokenizer
 
         self.tokenizer = await asyncio.to_thread(load_tokenizer, self.model_name)
-        self.family = await asyncio.to_thread(known_family, self.model_name)
+        told = results[0][3].get("family") if len(results[0]) > 3 else None  # what the worker loaded
+        self.family = next((f for f in all_families() if f.name == told), None) or \
+            await asyncio.to_thread(known_family, self.model_name)
 
     def _spawn(self, index: int, device: str | None) -> _Worker:
         assert self._loop is not None
