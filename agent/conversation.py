@@ -1,12 +1,12 @@
-"""A session's history and the prompts it renders for Qwen2-Audio.
+"""A session's history and the prompts it renders for the backend's model family.
 
 Messages use the chat-template shape; an audio part is {"type": "audio", "audio": i} with
-`i` an index into the request's audio list. The format itself (template, audio tokens) lives in
-`agent.model.qwen2_audio`.
+`i` an index into the request's audio list. The format itself (template, audio tokens) is the
+model's family (`agent.model.family`: Qwen2-Audio by default, Qwen2.5-Omni's thinker, Voxtral).
 
 Token counts. `Conversation.token_count` counts a prompt without running the processor on
-audio: each `<|AUDIO|>` expands to `audio_token_count(samples)` tokens (the processor's own
-formula), text is counted with the model's tokenizer when one is given, else as UTF-8 bytes
+audio: each audio placeholder expands to the family's `audio_token_count(samples)` (Qwen: 25
+per second; Voxtral: 375 per started 30 s window), text is counted with the model's tokenizer when one is given, else as UTF-8 bytes
 after NFC (one token per byte, one per special token). The byte count is exact for the
 byte-level tiny-random tokenizer and an upper bound for any byte-level BPE (Qwen's), so a
 conversation without a tokenizer stays within budget, just conservatively.
@@ -14,7 +14,7 @@ conversation without a tokenizer stays within budget, just conservatively.
 Counting is incremental: a prompt's tokens are the sum of its messages' (the template puts
 special tokens between messages, where tokenizers split), so each history entry is counted
 once and `request()` only adds numbers. The one part that depends on the window is the
-"Audio N:" numbering: an entry is counted as if its audios were numbered from 1, and each
+"Audio N:" numbering (Qwen2-Audio's alone): an entry is counted as if its audios were numbered from 1, and each
 extra digit of the real numbers adds one token (Qwen splits digits one by one; checked
 against the tokenizer once, else every count renders the whole prompt).
 
@@ -38,14 +38,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from agent.model.qwen2_audio import (
-    DEFAULT_SYSTEM,
-    SAMPLE_RATE,
-    SPECIAL_RE,
-    audio_token_count,
-    render_prompt,
-    split_clips,
-)
+from agent.model import family as families
+from agent.model.family import Family
 
 if TYPE_CHECKING:
     from agent.inference.base import GenerationRequest
@@ -72,8 +66,10 @@ class Conversation:
 
     A user turn with an instruction is audio analysis; without one, voice chat (there is no
     system-prompt switch). Audio over 30 s is split into several audio parts (the processor
-    would silently truncate it). The assistant's raw text, `<tool_call>` blocks included,
-    stays in its message; tool results are a user turn of `<tool_response>` blocks.
+    would silently truncate it). The assistant's raw text, its tool calls included (`<tool_call>`
+    blocks; Voxtral's `[TOOL_CALLS]` list), stays in its message; tool results are the text
+    `agent.tools.format_tool_responses` gives, sent as the family's `tool_syntax.results_role`
+    (a user turn of `<tool_response>` blocks; Voxtral: a "tool" message of `[TOOL_RESULTS]`).
 
     `request()` keeps prompt + `max_new_tokens` within `context_tokens` by dropping the
     oldest whole turns (a user turn with its replies and tool rounds), never the current one.
@@ -82,7 +78,8 @@ class Conversation:
     """
 
     def __init__(self, system_prompt: str | None = None, context_tokens: int = 6000,
-                 tokenizer: Any = None, max_audios: int | None = None) -> None:
+                 tokenizer: Any = None, max_audios: int | None = None, family: Family | None = None) -> None:
+        self.family = family or families.default()  # the model's format: template, audio tokens
         self.system_prompt = system_prompt
         self.context_tokens = context_tokens
         self.tokenizer = tokenizer
@@ -91,16 +88,19 @@ class Conversation:
         self._entries: list[tuple[Any, ...]] = []
         self._costs: list[dict[bool, int]] = []  # per entry, with/without its audio (`_entry_cost`)
         self._text_costs: dict[str, int] = {}  # system messages and template pieces
-        self._digits_split: bool | None = None  # the tokenizer gives each digit its own token
+        self._digits_split: bool | None = None
+        self._specials_split: bool | None = None  # the tokenizer reads "[AUDIO]" etc. as one token  # the tokenizer gives each digit its own token
         self._last_audios: list[np.ndarray] = []
 
     @classmethod
     def for_backend(cls, system_prompt: str | None, context_tokens: int, backend: Any) -> Conversation:
         """A conversation within what `backend` takes: its server's context length
-        (`max_model_len`) and clips per request (`max_audios`), counted with its tokenizer."""
+        (`max_model_len`) and clips per request (`max_audios`), counted with its tokenizer in
+        its model's family's format (`family`; none known: Qwen2-Audio's)."""
         limit = getattr(backend, "max_model_len", None)
         return cls(system_prompt, min(context_tokens, limit) if limit else context_tokens,
-                   tokenizer=getattr(backend, "tokenizer", None), max_audios=getattr(backend, "max_audios", None))
+                   tokenizer=getattr(backend, "tokenizer", None), max_audios=getattr(backend, "max_audios", None),
+                   family=getattr(backend, "family", None))
 
     # ---- history --------------------------------------------------------------------
     def add_user(self, audio: np.ndarray, instruction: str | None = None) -> None:
@@ -114,9 +114,10 @@ class Conversation:
             raise ValueError("a turn's audio holds NaN or infinite samples")
         if instruction:
             self.check_text(instruction)
-        clips = split_clips(clip)
+        clips = self.family.split_clips(clip)
         if self.max_audios is not None and len(clips) > self.max_audios:
-            raise ValueError(f"a turn of {clip.size / SAMPLE_RATE:.0f} s is {len(clips)} clips of at most 30 s, "
+            raise ValueError(f"a turn of {clip.size / self.family.sample_rate:.0f} s is {len(clips)} clips of at most "
+                             f"{self.family.max_clip_s} s, "
                              f"over the limit of {self.max_audios} per request (the server's --limit-mm-per-prompt)")
         self._append(("user", clips, instruction or None))
 
@@ -167,7 +168,7 @@ class Conversation:
     def system_message(self, tools_block: str | None = None) -> str | None:
         """The system text, or None to let the template insert its default."""
         if tools_block:
-            base = self.system_prompt if self.system_prompt is not None else DEFAULT_SYSTEM
+            base = self.system_prompt if self.system_prompt is not None else self.family.default_system
             return f"{base}\n\n{tools_block}" if base else tools_block
         return self.system_prompt
 
@@ -187,7 +188,8 @@ class Conversation:
             raise ValueError("no user turn to answer")
         system = self.system_message(tools_block)
         if instructions:
-            system = f"{DEFAULT_SYSTEM if system is None else system}\n\n{instructions}"
+            base = self.family.default_system if system is None else system
+            system = f"{base}\n\n{instructions}" if base else instructions
         budget = self.context_tokens - max_new_tokens
         self._free_audio(self._audio_from(starts[-1]))  # no later request can carry it
         audio_from = self._audio_from(len(self._entries))
@@ -218,7 +220,7 @@ class Conversation:
         audios of this conversation's latest `request()`.
         """
         audios = self._last_audios if audios is None else audios
-        n = self._text_tokens(render_prompt(messages))
+        n = self._text_tokens(self.family.render_prompt(messages, True))
         for message in messages:
             if isinstance(message["content"], str):
                 continue
@@ -227,7 +229,7 @@ class Conversation:
                     index = part["audio"]
                     if not 0 <= index < len(audios):
                         raise ValueError(f"audio part refers to missing audio {index}")
-                    n += audio_token_count(len(audios[index])) - 1  # the placeholder expands
+                    n += self.family.audio_token_count(len(audios[index])) - 1  # the placeholder expands
         return n
 
     # ---- internals ------------------------------------------------------------------
@@ -242,12 +244,26 @@ class Conversation:
 
     def _text_tokens(self, text: str) -> int:
         if self.tokenizer is not None:
-            return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            if not self._tokenizer_splits_specials():  # mistral-common's: specials are split out first
+                pieces = self.family.special_re.split(text)
+                return len(pieces) - 1 + sum(self._tokenize(p) for p in pieces if p)
+            return self._tokenize(text)
         n, pos = 0, 0
-        for match in SPECIAL_RE.finditer(text):
+        for match in self.family.special_re.finditer(text):
             n += len(unicodedata.normalize("NFC", text[pos : match.start()]).encode()) + 1
             pos = match.end()
         return n + len(unicodedata.normalize("NFC", text[pos:]).encode())
+
+    def _tokenize(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _tokenizer_splits_specials(self) -> bool:
+        """The tokenizer reads the family's special tokens written in text as one id each
+        (Hugging Face's added tokens do; mistral-common's tekken does not: the engine splits
+        them out before BPE, and so does this count)."""
+        if self._specials_split is None:
+            self._specials_split = self._tokenize(self.family.audio_token) == 1
+        return self._specials_split
 
     def _turn_starts(self) -> list[int]:
         """Where each whole turn begins: every user audio turn (and any leading replies)."""
@@ -293,6 +309,8 @@ class Conversation:
                 messages.append({"role": "user", "content": parts})
             elif entry[0] == "assistant":
                 messages.append({"role": "assistant", "content": entry[1]})
+            elif self.family.tool_syntax.results_role == "tool":  # Mistral: results follow the answer
+                messages.append({"role": "tool", "content": entry[1]})
             else:
                 messages.append({"role": "user", "content": [{"type": "text", "text": entry[1]}]})
         return messages, audios
@@ -303,8 +321,8 @@ class Conversation:
 
         bare = starts[-1] if self.max_audios is not None else 0  # a later request may carry none of it
 
-        def unreachable(j: int) -> bool:  # "": the smallest system message
-            return self._window_cost("", starts[j], starts[-1], bare) >= self.context_tokens
+        def unreachable(j: int) -> bool:  # the smallest system message ("", or none where no default)
+            return self._window_cost(self._base(), starts[j], starts[-1], bare) >= self.context_tokens
 
         lo, hi = -1, k - 1  # the newest unreachable turn, if any, is in [0, k-1]
         while lo < hi:
@@ -325,30 +343,52 @@ class Conversation:
     def _window_cost(self, system: str | None, first: int, end: int, audio_from: int = 0) -> int:
         """`token_count` of the prompt of entries [first, end) under `system`, entries before
         `audio_from` without their audio, from counts kept per entry."""
-        if not self._splits_digits():
+        numbered = self.family.audio_numbered
+        if numbered and not self._splits_digits():
             return self.token_count(*self._render(system, first, end, audio_from))
-        n = self._cached_text(render_prompt([_system(DEFAULT_SYSTEM if system is None else system)], False))
-        n += self._generation_prompt_cost()
+        n = self._header_cost(system) + self._generation_prompt_cost()
         for i in range(first, end):
             n += self._entry_cost(i, i < audio_from)
+        if not numbered:
+            return n
         return n + _extra_digits(sum(_clips(e) for e in self._entries[max(first, audio_from):end]))
+
+    def _base(self) -> str | None:
+        """The system message entries are counted after: an empty one where the template
+        would insert its default without one (Qwen's), else none."""
+        return "" if self.family.default_system is not None else None
+
+    def _header_cost(self, system: str | None) -> int:
+        """What a prompt costs before its first entry: the template's start and the system
+        message (None: the template's default, if it has one). A family that moves the system
+        text into the first user turn beside audio (Voxtral) is counted with its text-only
+        form, which costs at least as much."""
+        if system is None:
+            system = self.family.default_system
+        render = self.family.render_prompt
+        return self._cached_text(render([] if system is None else [_system(system)], False))
 
     def _entry_cost(self, i: int, bare: bool = False) -> int:
         """Tokens of entry i's message (`bare`: without its audio), audio placeholders expanded,
         with its audios numbered as if from 1 and one digit each."""
         cost = self._costs[i].get(bare)
         if cost is None:
-            # the empty system message, then entry i
-            messages, audios = self._render("", i, i + 1, i + 1 if bare else 0)
-            empty = self._cached_text(render_prompt([_system("")], False))
-            cost = self._text_tokens(render_prompt(messages, False)) - empty - _extra_digits(len(audios))
-            cost += sum(audio_token_count(len(a)) - 1 for a in audios)
+            base = self._base()
+            messages, audios = self._render(base, i, i + 1, i + 1 if bare else 0)
+            render = self.family.render_prompt
+            empty = self._cached_text(render([] if base is None else [_system(base)], False))
+            cost = self._text_tokens(render(messages, False)) - empty
+            if self.family.audio_numbered:
+                cost -= _extra_digits(len(audios))
+            cost += sum(self.family.audio_token_count(len(a)) - 1 for a in audios)
             self._costs[i][bare] = cost
         return cost
 
     def _generation_prompt_cost(self) -> int:
-        base = render_prompt([_system("")], False)
-        return self._cached_text(render_prompt([_system("")], True)) - self._cached_text(base)
+        base = self._base()
+        render = self.family.render_prompt
+        messages = [] if base is None else [_system(base)]
+        return self._cached_text(render(messages, True)) - self._cached_text(render(messages, False))
 
     def _cached_text(self, text: str) -> int:
         n = self._text_costs.get(text)

@@ -313,7 +313,7 @@ class Replies:
 
     def _tools_block(self) -> str | None:
         tools = self.owner.tools
-        return tools.system_block() if len(tools) else None
+        return tools.system_block(self.owner.conversation.family.tool_syntax) if len(tools) else None
 
     async def _backend(self, call: Callable[[Backend], Awaitable[None]]) -> None:
         """Speculative work is an optimisation: its failure must not affect the turn."""
@@ -349,7 +349,7 @@ class Replies:
             for round_n in range(settings.max_tool_rounds + 1):
                 raw: list[str] = []
                 calls: list[ParsedToolCall] = []
-                parser = ToolCallParser(calls=tools)
+                parser = ToolCallParser(calls=tools, syntax=owner.conversation.family.tool_syntax)
                 if request is None or round_n > 0:
                     request = owner.conversation.request(owner.id, turn_id, owner.max_new_tokens,
                                                          self._tools_block() if tools else None, instructions)
@@ -379,7 +379,7 @@ class Replies:
                 for outcome in outcomes:
                     owner.emit(ev.ToolResult(call_id=outcome.call_id, ok=outcome.ok,
                                              result=outcome.result, error=outcome.error))
-                owner.conversation.add_tool_results(format_tool_responses(outcomes))
+                owner.conversation.add_tool_results(format_tool_responses(outcomes, owner.conversation.family.tool_syntax))
         except asyncio.CancelledError as exc:
             if not reply.writes_history:  # speech resumed: it never was
                 if voice is not None:

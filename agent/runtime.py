@@ -119,7 +119,7 @@ class AgentRuntime:
         """Say so when the system prompt and tool schemas (e.g. many Home Assistant entities)
         leave little room for history: the oldest turns are then dropped almost at once."""
         probe = Conversation.for_backend(self.system_prompt(), self.settings.context_tokens, self.backend)
-        n = probe.system_tokens(self.tools.system_block() if len(self.tools) else None)
+        n = probe.system_tokens(self.tools.system_block(probe.family.tool_syntax) if len(self.tools) else None)
         if n > probe.context_tokens // 2:  # the server's max_model_len may be the smaller
             log.warning("the system prompt and tool schemas take %d of the %d context tokens: little "
                         "conversation history will fit; raise context_tokens or trim the prompt, tools "

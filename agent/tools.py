@@ -1,9 +1,11 @@
-"""Tools the model can call, Qwen2.5 (Hermes) style.
+"""Tools the model can call, in its family's syntax (`agent.model.family.ToolSyntax`).
 
-The tool schemas go into the system prompt inside `<tools>…</tools>`; the model answers
-`<tool_call>{"name": …, "arguments": {…}}</tool_call>`; results go back as
-`<tool_response>…</tool_response>` in the next user turn. `ToolCallParser` takes the calls
-out of the streamed text so they never reach `response.delta`.
+Hermes (the Qwen families, the default): the tool schemas go into the system prompt inside
+`<tools>…</tools>`; the model answers `<tool_call>{"name": …, "arguments": {…}}</tool_call>`;
+results go back as `<tool_response>…</tool_response>` in the next user turn. Mistral (Voxtral):
+`[AVAILABLE_TOOLS]…[/AVAILABLE_TOOLS]`, answers `[TOOL_CALLS][{"name": …, "arguments": …,
+"id": …}, …]`, results as `[TOOL_RESULTS]id[TOOL_CONTENT]…[/TOOL_RESULTS]` right after it.
+`ToolCallParser` takes the calls out of the streamed text so they never reach `response.delta`.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ from pydantic import BaseModel, Field, ValidationError, create_model
 
 from agent.context import RunContext
 from agent.errors import describe_validation_error
-from agent.model.qwen2_audio import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, tool_responses_text, tools_system_block
+from agent.model.family import ToolSyntax
+from agent.model.qwen2_audio import HERMES, TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
 OPEN, CLOSE = TOOL_CALL_OPEN, TOOL_CALL_CLOSE
+_json = json.JSONDecoder()
 _ids = itertools.count(1)
 
 
@@ -144,6 +148,21 @@ class ParsedToolCall:
             data = json.loads(raw)
         except (ValueError, RecursionError) as exc:  # bad JSON, nesting too deep, an integer too long
             return cls(raw, error=f"tool call is not valid JSON: {exc}")
+        return cls._from_json(raw, data)
+
+    @classmethod
+    def from_json(cls, raw: str, data: Any, new_id: Callable[[], str] | None = None) -> ParsedToolCall:
+        """A call from its decoded JSON; its "id" when it has one (Mistral's), else `new_id()`."""
+        call = cls._from_json(raw, data)
+        given = data.get("id") if isinstance(data, dict) else None
+        if isinstance(given, str) and given:
+            call.call_id = given
+        elif new_id is not None:
+            call.call_id = new_id()
+        return call
+
+    @classmethod
+    def _from_json(cls, raw: str, data: Any) -> ParsedToolCall:
         if not isinstance(data, dict) or not isinstance(data.get("name"), str):
             return cls(raw, error='tool call needs {"name": str, "arguments": object}')
         arguments = data.get("arguments") or {}
@@ -160,46 +179,87 @@ class ParsedToolCall:
 class ToolCallParser:
     """Streaming: feed text deltas, get text pieces and complete tool calls back.
 
-    Only a possible prefix of `<tool_call>` is held back between deltas; everything else
-    is passed on as soon as it arrives. With `calls=False` (a response offered no tools, e.g. a
-    transcription) everything is text: nothing the model writes can become a call.
+    Only a possible prefix of the family's call marker (`syntax.open`: `<tool_call>`,
+    `[TOOL_CALLS]`) is held back between deltas; everything else is passed on as soon as it
+    arrives. Hermes: each call runs to `</tool_call>`. Mistral: the marker is followed by one JSON
+    list of calls (or one call), complete when its brackets close. With `calls=False` (a response
+    offered no tools, e.g. a transcription) everything is text: nothing the model writes can
+    become a call.
     """
 
-    def __init__(self, calls: bool = True) -> None:
+    def __init__(self, calls: bool = True, syntax: ToolSyntax = HERMES) -> None:
         self._buf = ""
         self._inside = False
         self._calls = calls
+        self._syntax = syntax
 
     def feed(self, delta: str) -> list[TextPiece | ParsedToolCall]:
         if not self._calls:
             return [TextPiece(delta)] if delta else []
         self._buf += delta
         out: list[TextPiece | ParsedToolCall] = []
+        opening = self._syntax.open
         while True:
             if self._inside:
-                end = self._buf.find(CLOSE)
-                if end < 0:
+                calls = self._close()
+                if calls is None:
                     return out
-                out.append(ParsedToolCall.parse(self._buf[:end].strip()))
-                self._buf, self._inside = self._buf[end + len(CLOSE):], False
+                out += calls
                 continue
-            start = self._buf.find(OPEN)
+            start = self._buf.find(opening)
             if start >= 0:
                 if start:
                     out.append(TextPiece(self._buf[:start]))
-                self._buf, self._inside = self._buf[start + len(OPEN):], True
+                self._buf, self._inside = self._buf[start + len(opening):], True
                 continue
-            keep = _partial_suffix(self._buf, OPEN)
+            keep = _partial_suffix(self._buf, opening)
             if len(self._buf) > keep:
                 out.append(TextPiece(self._buf[: len(self._buf) - keep]))
                 self._buf = self._buf[len(self._buf) - keep:]
             return out
 
+    def _close(self) -> list[ParsedToolCall] | None:
+        """The calls that end in the buffer (after the marker), the buffer moved past them;
+        None while they are not complete."""
+        if self._syntax.close:
+            end = self._buf.find(self._syntax.close)
+            if end < 0:
+                return None
+            raw = self._buf[:end].strip()
+            self._buf, self._inside = self._buf[end + len(self._syntax.close):], False
+            return [ParsedToolCall.parse(raw)]
+        text = self._buf.lstrip()
+        if not text:
+            return None
+        if text[0] not in "[{":
+            return None  # no JSON follows: the rest of the answer is a malformed call (`flush`)
+        try:
+            data, end = _json.raw_decode(text)
+        except (ValueError, RecursionError):
+            return None  # not complete yet (or never: `flush` reports it)
+        raw = text[:end]
+        self._buf, self._inside = text[end:], False
+        items = data if isinstance(data, list) else [data]
+        if not items:
+            return [ParsedToolCall(raw, error="tool call list is empty", call_id=self._new_id())]
+        return [ParsedToolCall.from_json(raw, item, self._syntax.new_call_id) for item in items]
+
+    def _new_id(self) -> str:
+        return self._syntax.new_call_id() if self._syntax.new_call_id else f"call_{next(_ids)}"
+
     def flush(self) -> list[TextPiece | ParsedToolCall]:
         buf, inside = self._buf, self._inside
         self._buf, self._inside = "", False
         if inside:  # the stream ended inside a call: report it, never show it
-            return [ParsedToolCall(buf, error="tool call was not closed with </tool_call>")]
+            if self._syntax.close:
+                return [ParsedToolCall(buf, error=f"tool call was not closed with {self._syntax.close}")]
+            if not buf.lstrip().startswith(("[", "{")):
+                return [ParsedToolCall(buf, error="tool call is not a JSON list of calls", call_id=self._new_id())]
+            try:
+                json.loads(buf)
+            except (ValueError, RecursionError) as exc:
+                return [ParsedToolCall(buf, error=f"tool call is not valid JSON: {exc}", call_id=self._new_id())]
+            return [ParsedToolCall(buf, error="tool call is not a JSON list of calls", call_id=self._new_id())]
         return [TextPiece(buf)] if buf else []
 
 
@@ -241,9 +301,9 @@ class ToolRegistry:
     def __len__(self) -> int:
         return len(self._tools)
 
-    def system_block(self) -> str:
-        """The `<tools>` section of the system message."""
-        return tools_system_block([t.schema() for t in self._tools.values()])
+    def system_block(self, syntax: ToolSyntax = HERMES) -> str:
+        """The tools' declaration in the system message (Hermes: the `<tools>` section)."""
+        return syntax.tools_block([t.schema() for t in self._tools.values()])
 
     def copy(self) -> ToolRegistry:
         """A registry of its own with the same tools (a session's view, changeable alone)."""
@@ -300,7 +360,8 @@ def _jsonable(value: Any) -> Any:
         return str(value)
 
 
-def format_tool_responses(outcomes: list[ToolOutcome]) -> str:
-    """The next user turn: one <tool_response> per call, in call order."""
-    return tool_responses_text([{"name": o.name, "result": o.result} if o.ok else {"name": o.name, "error": o.error}
-                                for o in outcomes])
+def format_tool_responses(outcomes: list[ToolOutcome], syntax: ToolSyntax = HERMES) -> str:
+    """The history entry that returns a round's results, in call order, in the family's syntax
+    (Hermes: a user turn of <tool_response> blocks; Mistral: `[TOOL_RESULTS]` blocks)."""
+    return syntax.results_text([{"call_id": o.call_id, "name": o.name, "result": o.result} if o.ok else
+                                {"call_id": o.call_id, "name": o.name, "error": o.error} for o in outcomes])

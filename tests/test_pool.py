@@ -81,6 +81,8 @@ async def test_the_agent_process_counts_with_the_model_tokenizer(pool: Inference
     reference = models.load(models.TINY_RANDOM).processor.tokenizer
     assert pool.tokenizer is not None
     assert pool.tokenizer(text)["input_ids"] == reference(text)["input_ids"]
+    assert pool.family is not None and pool.family.name == "qwen2-audio"  # as its workers report it
+    assert all(w.info["family"] == "qwen2-audio" for w in pool._workers)
     # No tokenizer files: bytes are counted (a safe over-estimate), and the log says why.
     assert models.load_tokenizer(str(tmp_path)) is None
     assert models.load_tokenizer("Qwen/Qwen2-Audio-7B-Instruct" + "-not-downloaded") is None

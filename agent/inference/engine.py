@@ -64,6 +64,7 @@ class Engine(Admission):
         self.audio_token_id = int(self.processor.audio_token_id)
         self.eos_ids = {int(self.tokenizer.convert_tokens_to_ids(t)) for t in self.family.eos_tokens} - {self.tokenizer.unk_token_id}
         self._eos = torch.tensor(sorted(self.eos_ids), device=self.device)
+        self._kept = prompts.kept_specials(self.tokenizer, self.family)  # decoded, not skipped: [TOOL_CALLS]
         self._lm = families.text_model(self.model)
         self._embed = self._lm.get_input_embeddings()
         # transformers 5.x renamed `past_key_values` to `cache` (older 5.x releases lack it).
@@ -164,7 +165,7 @@ class Engine(Admission):
 
     @torch.inference_mode()
     def submit(self, request_id: str, request: GenerationRequest) -> None:
-        seq = Seq(request_id, request, Detokenizer(self.tokenizer), time.perf_counter())
+        seq = Seq(request_id, request, Detokenizer(self.tokenizer, self._kept), time.perf_counter())
         seq.min_new_tokens = int(request.extra.get("min_new_tokens", 0))
         sid = request.session_id
         if request.speculative:  # at most one per session: the newer replaces the older

@@ -187,6 +187,34 @@ def load_tokenizer(name: str) -> Any | None:
         return None
 
 
+def known_family(name: str | None) -> Family:
+    """The family of a served or loaded model, for prompt budgets in the agent process, from
+    what is on this machine only: a tiny model's name, a checkpoint directory, the local hub
+    cache (`model_type`), else the name itself ("…Voxtral…", "…Qwen2.5-Omni…"); Qwen2-Audio's
+    when none of them tells."""
+    if not name or name in (TINY_RANDOM, RANDOM_7B):
+        return families.default()
+    family = families.by_tiny_name(name)
+    if family is not None:
+        return family
+    path = Path(name)
+    if path.is_dir() and not (path / "config.json").exists() and (path / "params.json").exists():
+        return families.for_model_type("voxtral")
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(name, local_files_only=True)
+        return families.for_model_type(getattr(config, "model_type", None))
+    except Exception:
+        pass
+    lowered = name.lower()
+    if "voxtral" in lowered:
+        return families.for_model_type("voxtral")
+    if "qwen2.5-omni" in lowered or "qwen2_5_omni" in lowered:
+        return families.for_model_type("qwen2_5_omni")
+    return families.default()
+
+
 def load(name: str = "auto", device: str | None = None) -> LoadedModel:
     """Load a model by name, hub id or directory. Raises ModelLoadError with a clear reason."""
     import torch

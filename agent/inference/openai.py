@@ -50,6 +50,7 @@ from yarl import URL
 
 from agent.inference.base import POOL_CODES, GenerationRequest, GenerationStats, InferenceError
 from agent.inference.served import HealthProbe, ServedModel, pick
+from agent.model.family import Family
 from agent.model.qwen2_audio import audio_base64, to_openai_messages
 
 CLIP_CACHE_BYTES = 128 * 1024 * 1024
@@ -132,6 +133,7 @@ class OpenAIBackend:
         self._requested = model  # None: the one model the server serves
         self.model_name = model or ""
         self.tokenizer: Any = None
+        self.family: Family | None = None  # the served model's format (prompt budgets), once known
         self.max_audios = max_audios
         self.max_model_len: int | None = None  # the server's, once known
         self._probe = HealthProbe(lambda: self._http, self.base_url, health_interval_s, connect_timeout,
@@ -191,9 +193,11 @@ class OpenAIBackend:
     async def _load_tokenizer(self) -> None:
         """From the local HF cache or the checkpoint's directory, if there (exact budgets)."""
         if self.tokenizer is None and self.model_name:
-            from agent.inference.models import load_tokenizer
+            from agent.inference.models import known_family, load_tokenizer
 
-            self.tokenizer = await asyncio.to_thread(load_tokenizer, self._tokenizer_source or self.model_name)
+            source = self._tokenizer_source or self.model_name
+            self.tokenizer = await asyncio.to_thread(load_tokenizer, source)
+            self.family = await asyncio.to_thread(known_family, source)
 
     def _learn(self, served: list[ServedModel]) -> None:
         """What the server serves (each probe): the model's name and context length."""

@@ -40,6 +40,7 @@ from agent.inference.base import AudioRef, GenerationRequest, GenerationStats, I
 from agent.inference.engine import Output
 from agent.inference.prompts import audio_hash
 from agent.inference.worker import worker_main
+from agent.model.family import Family, all_families
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class InferencePool:
         self.model = model
         self.model_name = model
         self.tokenizer: Any = None  # loaded in this process at start(), for exact prompt budgets
+        self.family: Family | None = None  # the model's format, known at start() (prompt budgets)
         self.warning: str | None = None
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -194,9 +196,12 @@ class InferencePool:
         self._started = True
         self._watch()
         self.model_name, self.warning = results[0][0], results[0][1]
-        from agent.inference.models import load_tokenizer
+        from agent.inference.models import known_family, load_tokenizer
 
         self.tokenizer = await asyncio.to_thread(load_tokenizer, self.model_name)
+        told = results[0][3].get("family") if len(results[0]) > 3 else None  # what the worker loaded
+        self.family = next((f for f in all_families() if f.name == told), None) or \
+            await asyncio.to_thread(known_family, self.model_name)
 
     def _spawn(self, index: int, device: str | None) -> _Worker:
         assert self._loop is not None

@@ -106,7 +106,7 @@ def build_prompt(tokenizer: Any, audio_token_id: int, request: GenerationRequest
     empty = (not content.strip()) if isinstance(content, str) else not any(
         p.get("type") == "audio" or (p.get("type") == "text" and p.get("text", "").strip())
         for p in (content or []))
-    if last.get("role") != "user" or empty:
+    if last.get("role") not in ("user", "tool") or empty:
         raise RequestError("the last turn is empty: nothing to answer")
     ordered: list[np.ndarray | AudioRef] = []
     for message in messages:
@@ -153,6 +153,16 @@ def build_prompt(tokenizer: Any, audio_token_id: int, request: GenerationRequest
     return Prompt(ids, spans, ordered)
 
 
+def kept_specials(tokenizer: Any, family: Family) -> dict[int, str]:
+    """The family's tool-call marker when the tokenizer has it as a special token (Voxtral's
+    `[TOOL_CALLS]`): decoding skips special tokens, and the tool parser needs this one."""
+    marker = family.tool_syntax.open
+    if not family.special_re.fullmatch(marker):
+        return {}  # plain text (Hermes' <tool_call>): decoded as it is
+    token_id = tokenizer.convert_tokens_to_ids(marker)
+    return {} if token_id is None or token_id == tokenizer.unk_token_id else {int(token_id): marker}
+
+
 class Detokenizer:
     """Incremental decoding that never emits half a multi-byte character.
 
@@ -161,8 +171,9 @@ class Detokenizer:
     is the previous delta. Byte-level BPE decoding is prefix-stable, so the window's new text is
     what decoding everything would add."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, kept: dict[int, str] | None = None) -> None:
         self.tokenizer = tokenizer
+        self.kept = kept or {}  # special tokens decoded as their text (a family's tool-call marker)
         self.ids: list[int] = []
         self.text = ""  # emitted so far
         self.prefix = 0  # window start: ids already emitted, kept as context
@@ -177,6 +188,21 @@ class Detokenizer:
         return self._emit(final=True)
 
     def _decode(self, ids: list[int]) -> str:
+        if self.kept and any(i in self.kept for i in ids):
+            out: list[str] = []
+            run: list[int] = []
+            for i in ids:
+                if i in self.kept:
+                    out += [self._plain(run), self.kept[i]]
+                    run = []
+                else:
+                    run.append(i)
+            return "".join([*out, self._plain(run)])
+        return self._plain(ids)
+
+    def _plain(self, ids: list[int]) -> str:
+        if not ids:
+            return ""
         return str(self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
 
     def _emit(self, final: bool) -> str:

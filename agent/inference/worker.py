@@ -65,7 +65,8 @@ def worker_main(model: str, device: str | None, options: dict[str, Any], inbox: 
         outbox.put(("load_error", str(exc) or type(exc).__name__))
         return
     threads = {"torch_threads": torch.get_num_threads()}  # benchmarks check it equals theirs
-    outbox.put(("ready", loaded.name, loaded.warning, os.getpid(), {**engine.info(), **threads}))
+    info = {**engine.info(), **threads, "family": loaded.family.name}  # the agent counts prompts in its format
+    outbox.put(("ready", loaded.name, loaded.warning, os.getpid(), info))
     running, busy = True, False
     sent = time.monotonic()
     while running:

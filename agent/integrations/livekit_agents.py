@@ -267,7 +267,7 @@ class QwenRealtimeSession(llm.RealtimeSession):
             if outputs:  # one <tool_response> turn per tool round, in call order
                 conv.add_tool_results(format_tool_responses([
                     ToolOutcome(o.call_id, o.name, not o.is_error, result=o.output,
-                                error=o.output if o.is_error else None) for o in outputs]))
+                                error=o.output if o.is_error else None) for o in outputs], conv.family.tool_syntax))
 
         if added:
             self._enqueue(apply)

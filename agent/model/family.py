@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import importlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,30 @@ class Checkpoint:
     params_b: float  # billions of parameters of what the agent loads (the thinker, for Omni)
     bf16_gb: float  # weights in bf16, GB
     note: str = ""
+
+
+@dataclass(frozen=True)
+class ToolSyntax:
+    """How a family writes tool calls and takes their results back.
+
+    - `open`: what starts the calls in an answer; `close`: what ends each one (Hermes'
+      `</tool_call>`), or "" when `open` is followed by one JSON list of calls (Mistral's
+      `[TOOL_CALLS][{"name": …, "arguments": …}, …]`);
+    - `results_text(results)`: the history entry that returns results, one per call in call
+      order, each {"call_id", "name", and "result" or "error"}; `results_role` is the role it is
+      sent as ("user" for Hermes' `<tool_response>` blocks, "tool" for Mistral's
+      `[TOOL_RESULTS]` blocks, which follow the answer with no user turn between);
+    - `tools_block(schemas)`: the tools' declaration, given as (part of) the system text;
+    - `new_call_id()`: an id for a call the model wrote none for.
+    """
+
+    name: str  # "hermes" | "mistral"
+    open: str
+    close: str
+    results_text: Callable[[list[dict[str, Any]]], str]
+    tools_block: Callable[[Sequence[dict[str, Any]]], str]  # the tools' declaration, in the system text
+    results_role: str = "user"
+    new_call_id: Callable[[], str] | None = None
 
 
 @dataclass(frozen=True)
@@ -46,10 +70,12 @@ class Family:
     checkpoints: tuple[Checkpoint, ...]
     modes: tuple[str, ...]  # "chat" (audio only) and/or "analysis" (audio + instruction)
     tools: str  # the tool-call syntax it was trained on ("" when none)
+    tool_syntax: ToolSyntax  # how its answers' tool calls are read and results written back
     encoder: str  # "real-length" | "native-real-length" | "padded-30s"
     sample_rate: int = 16000
     max_clip_s: int = 30
     default_system: str | None = None  # inserted by the template when the first turn is not system
+    audio_numbered: bool = False  # the template writes "Audio N:" before each clip (Qwen2-Audio)
     notes: str = ""
     special_re: re.Pattern[str] = field(init=False, repr=False, compare=False)
 

@@ -79,7 +79,7 @@ FAMILY = Family(
     licence="Apache-2.0 (7B); Qwen Research License (3B)",
     checkpoints=(Checkpoint("Qwen/Qwen2.5-Omni-7B", 8.9, 17.8, "thinker only; the talker is not loaded"),
                  Checkpoint("Qwen/Qwen2.5-Omni-3B", 4.4, 8.8, "thinker only; research licence")),
-    modes=("chat", "analysis"), tools="hermes: `<tool_call>` JSON (Qwen2.5 convention)",
+    modes=("chat", "analysis"), tools="hermes: `<tool_call>` JSON (Qwen2.5 convention)", tool_syntax=qwen2_audio.HERMES,
     encoder="native-real-length", default_system=DEFAULT_SYSTEM,
     notes="Answers spoken questions and follows instructions about audio; audio placeholders are not "
           "numbered; the thinker also reads images and video, which this agent does not send.")

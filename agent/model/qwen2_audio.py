@@ -120,6 +120,11 @@ def tool_responses_text(bodies: Sequence[dict[str, Any]]) -> str:
     return "\n".join(f"<tool_response>\n{json.dumps(b, ensure_ascii=False)}\n</tool_response>" for b in bodies)
 
 
+def hermes_results_text(results: list[dict[str, Any]]) -> str:
+    """`ToolSyntax.results_text` of the Hermes convention: {"name", "result" | "error"} each."""
+    return tool_responses_text([{k: r[k] for k in ("name", "result", "error") if k in r} for r in results])
+
+
 # ---- OpenAI-compatible servers (vLLM) -------------------------------------------------
 def to_openai_messages(messages: list[dict[str, Any]], audios: Sequence[np.ndarray],
                        encode: Callable[[np.ndarray], str] | None = None) -> list[dict[str, Any]]:
@@ -129,6 +134,9 @@ def to_openai_messages(messages: list[dict[str, Any]], audios: Sequence[np.ndarr
     out: list[dict[str, Any]] = []
     for message in messages:
         content = message["content"]
+        if message["role"] == "tool":  # a family's tool results (Voxtral's): text in a user turn on the wire
+            out.append({"role": "user", "content": content})
+            continue
         if isinstance(content, str):
             out.append({"role": message["role"], "content": content})
             continue
@@ -209,9 +217,17 @@ def _family() -> Any:
         licence="Apache-2.0",
         checkpoints=(Checkpoint("Qwen/Qwen2-Audio-7B-Instruct", 8.4, 16.8, "Whisper-large-v3 encoder + Qwen-7B"),),
         modes=("chat", "analysis"), tools="hermes: `<tool_call>` JSON (Qwen2.5 convention; not trained on it)",
+        tool_syntax=HERMES,
         encoder="real-length", sample_rate=SAMPLE_RATE, max_clip_s=MAX_CLIP_S, default_system=DEFAULT_SYSTEM,
-        notes="Voice chat when a turn holds audio only, audio analysis when it carries an instruction; "
+        audio_numbered=True, notes="Voice chat when a turn holds audio only, audio analysis when it carries an instruction; "
               "audios numbered 'Audio N:' across the conversation. 25 audio tokens per second.")
 
 
+def _hermes() -> Any:
+    from agent.model.family import ToolSyntax
+
+    return ToolSyntax("hermes", TOOL_CALL_OPEN, TOOL_CALL_CLOSE, hermes_results_text, tools_system_block)
+
+
+HERMES = _hermes()
 FAMILY = _family()
