@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent.bench.inference import KEYS
-from agent.bench.inference_report import markdown, met
+from agent.bench.inference_report import markdown
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
