@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent.bench.inference import KEYS
-from agent.bench.inference_report import markdown
+from agent.bench.inference_report import markdown, met
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -78,6 +78,14 @@ def test_bench_inference_without_baselines_or_ablations_keeps_every_key() -> Non
     assert tuple(bare) == KEYS and bare["speedup_vs_sequential"] is None and bare["speedup_vs_static_batch"] is None
     assert bare["equal_batch"] is None and bare["ablations"] is None and list(bare["rows"]) == ["pool (delivered)"]
     sane_row(bare["rows"]["pool (delivered)"])
+
+
+def test_results_saved_before_the_rename_still_read() -> None:
+    assert met({"value": 1.0, "max": 2.0, "held": True}) and not met({"value": 3.0, "max": 2.0, "held": False})
+    assert met({"value": 1.0, "max": 2.0, "met": True, "held": True})
+    saved = json.loads((Path(__file__).parent.parent / "bench-results" / "inference-16-sessions.json").read_text())
+    table = markdown(saved)
+    assert "| target | value | bound | met |" in table and "| threads_equal | True | true | yes |" in table
 
 
 def test_spread_tails_and_the_like_for_like_table() -> None:
