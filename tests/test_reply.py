@@ -91,8 +91,8 @@ def test_stamps_count_from_the_end_of_speech() -> None:
     reply.observe(ev.ResponseDelta(turn_id="s-t4", text=" there"), 10.7)  # only the first counts
     done = ev.ResponseDone(turn_id="s-t4", text="Hi there", tokens=2, timings={"total": 0.2})
     reply.observe(done, 10.8)
-    assert done.timings == {"total": 0.2, "speech_end_to_end_detected": 0.05, "speech_end_to_commit": 0.5,
-                            "speech_end_to_first_token": 0.6}
+    assert done.timings == {"total": 0.2, "speech_end_at": 10.0, "speech_end_to_end_detected": 0.05,
+                            "speech_end_to_commit": 0.5, "speech_end_to_first_token": 0.6}
     audio = ev.ResponseAudioStarted(turn_id="s-t4")
     reply.observe(audio, 11.0)
     assert audio.timings["speech_end_to_first_frame"] == 1.0

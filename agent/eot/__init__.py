@@ -94,6 +94,11 @@ class PendingVerdict:
     async def result(self) -> float | None:
         try:
             return await self.call
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the waiter itself is cancelled
+            return None  # the question was withdrawn (its session closed): no verdict
         except Exception as exc:  # the fixed rule decides
             log.warning("end-of-turn model failed (%s): fixed silence rule", exc)
             return None
