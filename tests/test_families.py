@@ -17,21 +17,9 @@ from agent.inference.base import GenerationRequest
 from agent.inference.engine import Engine, Output
 from agent.model import family as families
 from agent.model import qwen2_5_omni, qwen2_audio, voxtral
+from tests.test_engine import noise, user
 
 torch.set_num_threads(1)
-
-
-def noise(seconds: float, seed: int) -> np.ndarray:
-    return (np.random.RandomState(seed).randn(int(16000 * seconds)) * 0.1).astype(np.float32)
-
-
-def user(audio: int | None = None, text: str | None = None) -> dict[str, Any]:
-    parts: list[dict[str, Any]] = []
-    if audio is not None:
-        parts.append({"type": "audio", "audio": audio})
-    if text is not None:
-        parts.append({"type": "text", "text": text})
-    return {"role": "user", "content": parts}
 
 
 def request(messages: list[dict[str, Any]], audios: list[np.ndarray], max_new_tokens: int = 10,
