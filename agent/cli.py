@@ -169,7 +169,7 @@ def _model_server_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) 
                    "client's conversations its own; required beyond loopback (default: none, model_server.token_file; "
                    "or VOICE_AGENT_MODEL_SERVER__TOKEN)")
     p.add_argument("--token", help="deprecated: a token on the command line is visible to every user in `ps`; "
-                   "use --token-file or VOICE_AGENT_MODEL_SERVER__TOKEN")
+                   "use --token-file or VOICE_AGENT_MODEL_SERVER__TOKEN (default: none)")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO (default: warnings only)")
     p.set_defaults(backend=None, script=None, openai_url=None, system_prompt=None)  # not a model server's
 

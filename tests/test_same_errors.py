@@ -129,12 +129,12 @@ async def test_a_worker_fault_gives_one_code_in_both_modes(real: tuple[Inference
     for mode, backend in (("one process", pool), ("model server", wire.client)):
         await _healthy(pool)
         restarts, stalls = pool.restarts, pool.stalls
-        pid = pool.pids[0]
+        pid = pool._workers[0].process.pid
         codes[mode] = await asyncio.wait_for(_code(backend.generate(_long(f"{mode[0]}{sig}")),
                                                    lambda: os.kill(pid, sig)), 120)  # noqa: B023
         assert codes[mode] == expected, codes
         await _healthy(pool)  # replaced, and answering again
-        assert pool.restarts == restarts + 1 and pool.pids[0] != pid
+        assert pool.restarts == restarts + 1 and pool._workers[0].process.pid != pid
         assert pool.stalls == stalls + (sig == signal.SIGSTOP)
         assert "".join([d async for d in backend.generate(req(f"{mode[0]}-after", 0.3, 2, max_new_tokens=4))])
     assert codes == {"one process": expected, "model server": expected}

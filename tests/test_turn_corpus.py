@@ -90,13 +90,14 @@ def test_bench_turns_on_a_recording_reports_finished_and_paused_turns(make_speec
                                                "waited_max_le_5pct": True}
 
 
-def test_the_default_policy_waits_through_bench_latencys_um(make_speech_fixture) -> None:
+def test_the_default_policy_waits_through_bench_latencys_um(make_speech_fixture, monkeypatch) -> None:
     """`bench latency`'s hesitant utterance, through the turn state machine as a session runs it
     with the default end-of-turn policy: one turn, not cut after "um"."""
     from agent.bench.turns import Utterance, run, vad_probs
     from agent.config import load_settings
     from agent.eot import detector_factory
 
+    monkeypatch.delenv("VOICE_AGENT_TURNS__END_OF_TURN", raising=False)  # the shipped default (conftest pins the rule)
     settings = load_settings(None)
     assert settings.turns.end_of_turn == "smart-turn-prosody"
     speech = make_speech_fixture([0.5, "set a timer for, um,", 0.7, "ten minutes", 2.5], "latency-um")
