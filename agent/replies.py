@@ -135,7 +135,7 @@ class Replies:
             conversation.add_user(audio, instruction)
         except ValueError:
             return None
-        request = conversation.request(owner.id, turn_id, owner.max_new_tokens, self._tools_block())
+        request = conversation.request(owner.id, turn_id, owner.max_new_tokens, self.tools_block())
         conversation.pop_last_user()
         return request
 
@@ -311,7 +311,8 @@ class Replies:
             run.task.cancel(reason)
             await asyncio.gather(run.task, return_exceptions=True)
 
-    def _tools_block(self) -> str | None:
+    def tools_block(self) -> str | None:
+        """The tools' declaration the model sees (in its family's syntax); None without tools."""
         tools = self.owner.tools
         return tools.system_block(self.owner.conversation.family.tool_syntax) if len(tools) else None
 
@@ -352,7 +353,7 @@ class Replies:
                 parser = ToolCallParser(calls=tools, syntax=owner.conversation.family.tool_syntax)
                 if request is None or round_n > 0:
                     request = owner.conversation.request(owner.id, turn_id, owner.max_new_tokens,
-                                                         self._tools_block() if tools else None, instructions)
+                                                         self.tools_block() if tools else None, instructions)
                 round_stats = GenerationStats()
                 try:
                     # aclosing: a cancelled turn closes the stream, which frees the slot.

@@ -167,7 +167,7 @@ class Recorder:
             session = self._lookup(sid)
             prompt = None  # the system message the model sees, tool schemas included (None: the template's)
             if session is not None:
-                prompt = session.conversation.system_message(session.tools_block())
+                prompt = session.conversation.system_message(session.replies.tools_block())
             self._sessions[sid] = _SessionState()
             model = event.model
             self._write(sid, lambda store: store.add_session(sid, model, prompt))
