@@ -117,6 +117,10 @@ class Session:
     def max_new_tokens(self) -> int:
         return self.commands.max_new_tokens
 
+    @max_new_tokens.setter
+    def max_new_tokens(self, value: int) -> None:  # as session.update's max_new_tokens
+        self.commands.max_new_tokens = value
+
     @property
     def uncommitted_dropped_s(self) -> float:
         """manual_turns: seconds of uncommitted speech dropped beyond MAX_UNCOMMITTED_S."""

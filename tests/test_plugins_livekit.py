@@ -214,7 +214,7 @@ async def test_commands_and_bad_command_packets(room, runtime) -> None:
     errors = out.of("carol", "error")
     assert all(e["code"] == "bad_command" for e in errors)
     assert "text" in errors[2]["message"] and "UTF-8" in errors[3]["message"]
-    await until(lambda: session._next_instruction == "What emotion?", what="the instruction")
+    await until(lambda: session.commands.next_instruction == "What emotion?", what="the instruction")
     assert not session.closed
 
     session.report_error("internal", "x" * 20_000)  # too big for one data packet: a text stream
