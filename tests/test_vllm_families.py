@@ -16,8 +16,10 @@ import pytest
 
 from agent import events as ev
 from agent.bench.vllm_server import VLLMServer, vllm_python
-from tests.speech import make_speech
+from tests import test_vllm_real
 from tests.test_vllm_real import WORDS, session_run
+
+many_turns = test_vllm_real.many_turns  # the same seven-turn speech fixture
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -36,14 +38,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMServer]:
     with VLLMServer(model_dir, max_model_len=2048, max_audios=MAX_AUDIOS, threads=1, torchvision=True,
                     log_path=model_dir.parent / "vllm.log") as srv:
         yield srv
-
-
-@pytest.fixture(scope="module")
-def many_turns() -> np.ndarray:
-    parts: list[str | float] = [0.5]
-    for words in WORDS:
-        parts += [words, 1.2]
-    return make_speech(parts, "seven").samples
 
 
 async def test_omni_two_turns_with_history(server: VLLMServer, speech_two: Any) -> None:
